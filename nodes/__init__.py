@@ -1,0 +1,1 @@
+"""Thin V3 nodes: widgets -> config, ComfyUI objects -> trainer_core calls, results -> UI."""

@@ -1,0 +1,77 @@
+"""Registry of FLUX.2 [klein] variants and the course's block groups, computed from real block counts.
+
+The course's block map (Klein 4B: 5 double + 20 single blocks):
+double 0–4 = text↔image binding; single 0–5 = texture/colour/low-level style; single 6–13 = parts/identity/
+structure; single 14–19 = composition/layout. Other sizes keep the same four groups with the single-stream
+boundaries scaled proportionally (6/20 and 14/20 of the single blocks), so presets are never tied to one size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .klein import KleinShape
+
+GROUPS = ("binding", "texture", "identity", "composition")
+GROUP_HELP = {
+    "binding": "double-stream blocks: text↔image binding (trigger ↔ concept)",
+    "texture": "early single-stream blocks: texture, colour, low-level style",
+    "identity": "middle single-stream blocks: parts, identity, structure",
+    "composition": "late single-stream blocks: composition and layout",
+}
+
+
+@dataclass(frozen=True)
+class KleinVariant:
+    name: str
+    double_blocks: int
+    single_blocks: int
+    hidden: int
+    context_dim: int
+    text_encoder: str
+    license: str
+
+
+VARIANTS: dict[str, KleinVariant] = {
+    "klein-4b": KleinVariant("klein-4b", 5, 20, 3072, 7680, "Qwen3-4B", "Apache-2.0"),
+    "klein-9b": KleinVariant("klein-9b", 8, 24, 4096, 12288, "Qwen3-8B", "FLUX non-commercial"),
+}
+
+
+def detect_variant(shape: KleinShape) -> KleinVariant:
+    """The registered variant with these dimensions, or a 'custom' entry describing the shape (tiny models)."""
+    for variant in VARIANTS.values():
+        if (variant.double_blocks, variant.single_blocks, variant.hidden, variant.context_dim) == (
+            shape.double_blocks,
+            shape.single_blocks,
+            shape.hidden,
+            shape.context_dim,
+        ):
+            return variant
+    name = f"klein-custom-{shape.double_blocks}d{shape.single_blocks}s-h{shape.hidden}"
+    return KleinVariant(name, shape.double_blocks, shape.single_blocks, shape.hidden, shape.context_dim, "?", "?")
+
+
+def block_names(shape: KleinShape) -> list[str]:
+    """All block prefixes in model order: double_blocks.0 … then single_blocks.0 …"""
+    return [f"double_blocks.{i}" for i in range(shape.double_blocks)] + [
+        f"single_blocks.{i}" for i in range(shape.single_blocks)
+    ]
+
+
+def single_group_bounds(single_blocks: int) -> tuple[int, int]:
+    """Start of the identity group and of the composition group among single blocks (4B: 6 and 14)."""
+    texture_end = max(1, round(single_blocks * 6 / 20))
+    identity_end = max(texture_end + 1, round(single_blocks * 14 / 20))
+    return texture_end, min(identity_end, single_blocks)
+
+
+def block_groups(shape: KleinShape) -> dict[str, list[str]]:
+    """The course's four groups as lists of block prefixes, from the model's real block counts."""
+    t_end, i_end = single_group_bounds(shape.single_blocks)
+    return {
+        "binding": [f"double_blocks.{i}" for i in range(shape.double_blocks)],
+        "texture": [f"single_blocks.{i}" for i in range(0, t_end)],
+        "identity": [f"single_blocks.{i}" for i in range(t_end, i_end)],
+        "composition": [f"single_blocks.{i}" for i in range(i_end, shape.single_blocks)],
+    }
