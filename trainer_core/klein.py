@@ -97,9 +97,7 @@ def _rope_axis(pos: Tensor, dim: int, theta: int) -> Tensor:
 
 def rope_table(ids: Tensor) -> Tensor:
     """ids [b, n, 4] -> pe [b, 1, n, 64, 2, 2]."""
-    return torch.cat([_rope_axis(ids[..., i], AXES_DIM[i], ROPE_THETA) for i in range(len(AXES_DIM))], dim=-3)[
-        :, None
-    ]
+    return torch.cat([_rope_axis(ids[..., i], AXES_DIM[i], ROPE_THETA) for i in range(len(AXES_DIM))], dim=-3)[:, None]
 
 
 def apply_rope(x: Tensor, pe: Tensor) -> Tensor:
@@ -261,7 +259,9 @@ def klein_forward(
     # The caller picks the compute dtype through x (or autocast); ComfyUI's Linear casts its weights to it.
     img = lin(model.img_in, "img_in", img)
     temb = timestep_embedding(sigma.to(x.device)).to(img.dtype)
-    vec = lin(model.time_in.out_layer, "time_in.out_layer", F.silu(lin(model.time_in.in_layer, "time_in.in_layer", temb)))
+    vec = lin(
+        model.time_in.out_layer, "time_in.out_layer", F.silu(lin(model.time_in.in_layer, "time_in.in_layer", temb))
+    )
     txt = lin(model.txt_in, "txt_in", context.to(img.dtype))
     pe = rope_table(torch.cat((text_ids(b, txt.shape[1], x.device), ids), dim=1))
 

@@ -112,9 +112,7 @@ class TinyKlein(nn.Module):
         self.double_stream_modulation_txt = _Modulation(h, 6)
         self.single_stream_modulation = _Modulation(h, 3)
 
-    def forward(
-        self, x: Tensor, sigma: Tensor, context: Tensor, ref_latents: list[Tensor] | None = None
-    ) -> Tensor:
+    def forward(self, x: Tensor, sigma: Tensor, context: Tensor, ref_latents: list[Tensor] | None = None) -> Tensor:
         return klein_forward(self, x, sigma, context, ref_latents)
 
 
