@@ -1,0 +1,330 @@
+"""Training albums: folder scanning, captions, trigger words, aspect buckets and image-to-image pairs.
+
+An album is a folder of images (`png/jpg/jpeg/webp`) with same-name `.txt` captions. An image-to-image album
+is two folders matched by file stem (`pimpmyride_control/001.png` → `pimpmyride/001.png`): the reference
+folder holds the inputs, the target folder the images the LoRA learns to produce (and their captions).
+
+Every image gets an aspect bucket: a (width, height) pair, both multiples of 16 (one FLUX.2 latent cell),
+with an area no larger than base², whose aspect ratio is the nearest to the image's. Images are resized to
+cover their bucket and centre-cropped, so a bucket's images stack into one batch. Pure python/PIL/torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch import Tensor
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
+BUCKET_MULTIPLE = 16  # one FLUX.2 latent cell is 16×16 pixels (VAE 1/8, then 2×2 patchified)
+MAX_ASPECT = 4.0  # buckets span aspect ratios 1:4 … 4:1
+TRIGGER_PLACEHOLDER = "[trigger]"
+TRIGGER_MODES = ("prepend", "append", "none")
+
+
+class DatasetError(ValueError):
+    """An album that cannot be used as it is; the message names the files and the fix."""
+
+
+@dataclass(frozen=True)
+class DatasetItem:
+    """One training example: the target image, its caption, its bucket and (image-to-image) its reference."""
+
+    image: Path
+    caption: str
+    bucket: tuple[int, int]  # (width, height) in pixels, multiples of 16
+    reference: Path | None = None
+    caption_source: str = "file"  # "file" (its .txt) or "default" (no caption file: default caption / trigger)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A scanned album: items in file-name order, the settings that produced them, and scan warnings."""
+
+    items: tuple[DatasetItem, ...]
+    resolution: int
+    trigger: str
+    kind: str  # "images" or "pairs"
+    root: Path
+    warnings: tuple[str, ...] = field(default=())
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def captions(self) -> list[str]:
+        return [item.caption for item in self.items]
+
+    def buckets(self) -> Counter[tuple[int, int]]:
+        return Counter(item.bucket for item in self.items)
+
+    def summary(self) -> str:
+        return summarize(self)
+
+
+# ---------------------------------------------------------------------------------------------------- buckets
+
+
+def bucket_sizes(
+    resolution: int, multiple: int = BUCKET_MULTIPLE, max_aspect: float = MAX_ASPECT
+) -> list[tuple[int, int]]:
+    """All (width, height) buckets at this base resolution: multiples of `multiple`, area ≤ resolution².
+
+    For each width the tallest height that keeps the area within budget is taken (and symmetrically for each
+    height), so every bucket uses about the same pixel budget as a resolution² square.
+    """
+    if resolution < multiple or resolution % multiple != 0:
+        raise DatasetError(f"resolution={resolution}: must be a multiple of {multiple} and at least {multiple}.")
+    area = resolution * resolution
+    sizes: set[tuple[int, int]] = set()
+    for side in range(multiple, int(resolution * math.sqrt(max_aspect)) + 1, multiple):
+        other = (area // side) // multiple * multiple
+        if other < multiple:
+            continue
+        for w, h in ((side, other), (other, side)):
+            if max(w / h, h / w) <= max_aspect + 1e-9:
+                sizes.add((w, h))
+    return sorted(sizes)
+
+
+def choose_bucket(width: int, height: int, sizes: Sequence[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is nearest (in log space) to width/height; ties go to the larger area."""
+    if width <= 0 or height <= 0:
+        raise DatasetError(f"image size {width}×{height}: both sides must be positive.")
+    target = math.log(width / height)
+    return min(sizes, key=lambda s: (abs(math.log(s[0] / s[1]) - target), -s[0] * s[1]))
+
+
+def load_image(path: Path) -> Image.Image:
+    """An RGB image with its EXIF orientation applied (phones store portrait photos rotated)."""
+    with Image.open(path) as img:
+        img = ImageOps.exif_transpose(img)
+        if img.mode != "RGB":
+            # Transparent pixels become white rather than whatever colour the file stored under alpha 0.
+            if "A" in img.getbands() or img.mode == "P":
+                rgba = img.convert("RGBA")
+                background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+                img = Image.alpha_composite(background, rgba)
+            img = img.convert("RGB")
+        return img.copy()
+
+
+def fit_to_bucket(img: Image.Image, bucket: tuple[int, int]) -> Image.Image:
+    """Resize to cover the bucket (keeping aspect), then centre-crop to exactly bucket (width, height)."""
+    bw, bh = bucket
+    scale = max(bw / img.width, bh / img.height)
+    rw, rh = max(bw, round(img.width * scale)), max(bh, round(img.height * scale))
+    img = img.resize((rw, rh), Image.Resampling.LANCZOS)
+    left, top = (rw - bw) // 2, (rh - bh) // 2
+    return img.crop((left, top, left + bw, top + bh))
+
+
+def image_tensor(img: Image.Image) -> Tensor:
+    """PIL RGB → [H, W, 3] float32 in 0..1 (ComfyUI's IMAGE layout, without the batch axis)."""
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0)
+
+
+def load_bucket_image(path: Path, bucket: tuple[int, int]) -> Tensor:
+    """The image at `path` fitted to `bucket`: [H, W, 3] float32 in 0..1."""
+    return image_tensor(fit_to_bucket(load_image(path), bucket))
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(width, height) after EXIF orientation, read without decoding the pixels."""
+    with Image.open(path) as img:
+        w, h = img.size
+        orientation = img.getexif().get(0x0112, 1)
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+# ---------------------------------------------------------------------------------------------------- captions
+
+
+def insert_trigger(caption: str, trigger: str, mode: str = "prepend") -> str:
+    """Put the trigger word into a caption.
+
+    `[trigger]` anywhere in the caption is replaced by the trigger (the caption decides where it goes).
+    Otherwise, unless the trigger already appears as a whole word, it is prepended ("TOK, caption") or
+    appended ("caption, TOK"); mode "none" leaves the caption alone.
+    """
+    if mode not in TRIGGER_MODES:
+        raise DatasetError(f"trigger mode {mode!r}: use one of {', '.join(TRIGGER_MODES)}.")
+    caption = caption.strip()
+    trigger = trigger.strip()
+    if TRIGGER_PLACEHOLDER in caption:
+        return caption.replace(TRIGGER_PLACEHOLDER, trigger).strip()
+    if not trigger or mode == "none" or re.search(rf"(?<!\w){re.escape(trigger)}(?!\w)", caption):
+        return caption
+    if not caption:
+        return trigger
+    return f"{trigger}, {caption}" if mode == "prepend" else f"{caption}, {trigger}"
+
+
+def read_caption(image: Path) -> str | None:
+    """The text of the same-name .txt next to the image, or None when there is none (or it is empty)."""
+    txt = image.with_suffix(".txt")
+    if not txt.is_file():
+        return None
+    text = txt.read_text(encoding="utf-8-sig").strip()
+    return text or None
+
+
+# ---------------------------------------------------------------------------------------------------- scanning
+
+
+def list_images(folder: Path) -> list[Path]:
+    """The album's images (png/jpg/jpeg/webp, any case), sorted by name; raises when the folder is unusable."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise DatasetError(f"dataset folder '{folder}' does not exist or is not a folder: give the album's path.")
+    images = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not images:
+        raise DatasetError(
+            f"dataset folder '{folder}' has no images: put .png/.jpg/.jpeg/.webp files (with .txt captions) in it."
+        )
+    stems = Counter(p.stem for p in images)
+    clashes = sorted(stem for stem, n in stems.items() if n > 1)
+    if clashes:
+        raise DatasetError(
+            f"dataset folder '{folder}': several images share a name, so their captions would be ambiguous: "
+            f"{', '.join(clashes)}. Rename them so every image has its own name."
+        )
+    return images
+
+
+def _caption_for(
+    image: Path, trigger: str, mode: str, default_caption: str, fallback: Path | None = None
+) -> tuple[str, str]:
+    """(caption with trigger, source). A missing caption becomes the default caption, else the trigger alone."""
+    text = read_caption(image)
+    if text is None and fallback is not None:
+        text = read_caption(fallback)
+    if text is not None:
+        return insert_trigger(text, trigger, mode), "file"
+    return insert_trigger(default_caption, trigger, "prepend" if mode == "none" else mode), "default"
+
+
+def _missing_caption_warning(items: Iterable[DatasetItem], default_caption: str, trigger: str) -> list[str]:
+    missing = [item.image.name for item in items if item.caption_source == "default"]
+    if not missing:
+        return []
+    used = repr(default_caption.strip()) if default_caption.strip() else "the trigger alone"
+    if not default_caption.strip() and not trigger.strip():
+        used = "an empty caption"
+    shown = ", ".join(missing[:10]) + (f" and {len(missing) - 10} more" if len(missing) > 10 else "")
+    return [f"{len(missing)} image(s) have no .txt caption and use {used}: {shown}."]
+
+
+def scan_folder(
+    folder: Path | str,
+    resolution: int = 512,
+    trigger: str = "TOK",
+    trigger_mode: str = "prepend",
+    default_caption: str = "",
+) -> Dataset:
+    """Scan an album folder: images, captions (trigger inserted), buckets at `resolution`."""
+    root = Path(folder).expanduser()
+    sizes = bucket_sizes(resolution)
+    items = []
+    for path in list_images(root):
+        caption, source = _caption_for(path, trigger, trigger_mode, default_caption)
+        items.append(DatasetItem(path, caption, choose_bucket(*image_size(path), sizes), None, source))
+    warnings = _missing_caption_warning(items, default_caption, trigger)
+    return Dataset(tuple(items), resolution, trigger.strip(), "images", root, tuple(warnings))
+
+
+def match_pairs(references: Sequence[Path], targets: Sequence[Path]) -> list[tuple[Path, Path]]:
+    """(reference, target) pairs matched by file stem; raises one error listing every unmatched file."""
+    ref_by_stem = {p.stem: p for p in references}
+    tgt_by_stem = {p.stem: p for p in targets}
+    lonely_targets = sorted(tgt_by_stem.keys() - ref_by_stem.keys())
+    lonely_refs = sorted(ref_by_stem.keys() - tgt_by_stem.keys())
+    if lonely_targets or lonely_refs:
+        lines = ["image-to-image pairs are matched by file name, and some files have no partner:"]
+        if lonely_targets:
+            names = ", ".join(tgt_by_stem[s].name for s in lonely_targets)
+            lines.append(f"  targets without a reference ({len(lonely_targets)}): {names}")
+        if lonely_refs:
+            names = ", ".join(ref_by_stem[s].name for s in lonely_refs)
+            lines.append(f"  references without a target ({len(lonely_refs)}): {names}")
+        lines.append("Add the missing files or remove these, so every target has a same-name reference.")
+        raise DatasetError("\n".join(lines))
+    return [(ref_by_stem[s], tgt_by_stem[s]) for s in sorted(tgt_by_stem)]
+
+
+def scan_pairs(
+    reference_folder: Path | str,
+    target_folder: Path | str,
+    resolution: int = 512,
+    trigger: str = "TOK",
+    trigger_mode: str = "prepend",
+    default_caption: str = "",
+) -> Dataset:
+    """Scan an image-to-image album: references and targets matched by name; captions from the target side
+    (falling back to the reference's .txt); each pair shares the target's bucket."""
+    ref_root, tgt_root = Path(reference_folder).expanduser(), Path(target_folder).expanduser()
+    if ref_root.resolve() == tgt_root.resolve():
+        raise DatasetError(f"reference and target folder are the same ('{ref_root}'): give two folders.")
+    sizes = bucket_sizes(resolution)
+    items = []
+    for ref, tgt in match_pairs(list_images(ref_root), list_images(tgt_root)):
+        caption, source = _caption_for(tgt, trigger, trigger_mode, default_caption, fallback=ref)
+        items.append(DatasetItem(tgt, caption, choose_bucket(*image_size(tgt), sizes), ref, source))
+    warnings = _missing_caption_warning(items, default_caption, trigger)
+    return Dataset(tuple(items), resolution, trigger.strip(), "pairs", tgt_root, tuple(warnings))
+
+
+# ---------------------------------------------------------------------------------------------------- summary
+
+
+def dataset_hash(dataset: Dataset) -> str:
+    """A short content hash of the album (image bytes, captions, buckets): the LoRA's 'dataset hash'."""
+    digest = hashlib.sha256()
+    for item in dataset.items:
+        for path in (item.reference, item.image):
+            if path is not None:
+                digest.update(file_hash(path).encode())
+        digest.update(item.caption.encode("utf-8"))
+        digest.update(f"{item.bucket}".encode())
+    return digest.hexdigest()[:16]
+
+
+def file_hash(path: Path) -> str:
+    """sha256 of a file's bytes (hex)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def summarize(dataset: Dataset) -> str:
+    """A readable summary: counts, buckets, caption statistics and warnings (read it before training)."""
+    n = len(dataset.items)
+    what = "pairs (reference → target)" if dataset.kind == "pairs" else "images"
+    lines = [f"{n} {what} in '{dataset.root}' at base resolution {dataset.resolution}"]
+    buckets = dataset.buckets()
+    lines.append(f"buckets ({len(buckets)}):")
+    for (w, h), count in sorted(buckets.items(), key=lambda kv: (-kv[1], kv[0])):
+        lines.append(f"  {w}×{h}: {count}")
+    words = [len(c.split()) for c in dataset.captions()]
+    from_file = sum(1 for item in dataset.items if item.caption_source == "file")
+    lines.append(f"captions: {from_file} from .txt files, {n - from_file} default")
+    if words:
+        lines.append(f"caption words: min {min(words)}, mean {sum(words) / n:.1f}, max {max(words)}")
+    if dataset.trigger:
+        with_trigger = sum(1 for c in dataset.captions() if re.search(rf"(?<!\w){re.escape(dataset.trigger)}(?!\w)", c))
+        lines.append(f"trigger '{dataset.trigger}' in {with_trigger} of {n} captions")
+    unique = len(set(dataset.captions()))
+    if unique < n:
+        lines.append(f"distinct captions: {unique} of {n}")
+    lines.extend(f"warning: {w}" for w in dataset.warnings)
+    return "\n".join(lines)
