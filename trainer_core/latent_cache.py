@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+
+from .data import TrainItem
+from .dataset import Dataset, file_hash, load_bucket_image
+from .dataset import dataset_hash as album_hash
 
 CACHE_VERSION = "1"  # bump when the meaning of a cached tensor changes
 
@@ -130,3 +135,113 @@ class LatentCache:
 
     def describe(self) -> str:
         return json.dumps({"root": str(self.root), "hits": self.stats.hits, "misses": self.stats.misses})
+
+
+# ------------------------------------------------------------------------------------------------ albums
+
+
+@dataclass(frozen=True)
+class EncodedDataset:
+    """An album ready to train on: items (latent, context, refs), the empty-caption context (caption dropout),
+    validation prompts and their contexts, and how the encode pass went."""
+
+    items: tuple[TrainItem, ...]
+    captions: tuple[str, ...]
+    empty_context: Tensor | None
+    validation_prompts: tuple[str, ...]
+    validation_contexts: tuple[Tensor, ...]
+    dataset_hash: str
+    trigger: str
+    kind: str
+    encoded: int  # entries computed by the encoders in this pass
+    cached: int  # entries read from the cache
+    seconds: float
+
+    def report(self) -> str:
+        total = self.encoded + self.cached
+        return (
+            f"{len(self.items)} {'pairs' if self.kind == 'pairs' else 'images'}: {total} latents/conditionings, "
+            f"{self.encoded} encoded, {self.cached} from cache, {self.seconds:.2f} s"
+        )
+
+
+ImageEncoder = Callable[[Tensor], Tensor]  # [H, W, 3] in 0..1 -> latent [128, H/16, W/16]
+TextEncoder = Callable[[str], Tensor]  # caption -> context [L, ctx]
+
+
+def encode_album(
+    dataset: Dataset,
+    encode_image: ImageEncoder,
+    encode_text: TextEncoder,
+    image_encoder_id: str,
+    text_encoder_id: str,
+    cache: LatentCache,
+    validation_prompts: Iterable[str] = (),
+    with_empty_caption: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> EncodedDataset:
+    """Encode every image (and reference) and every distinct caption once, through the cache.
+
+    Captions shared by several images are encoded once; the empty caption (caption dropout) and the validation
+    prompts go through the same cache. `on_progress(done, total)` is called after each entry.
+    """
+    start = time.perf_counter()
+    hits0, misses0 = cache.stats.hits, cache.stats.misses
+    prompts = tuple(p for p in validation_prompts if p.strip())
+    texts = list(dict.fromkeys([*dataset.captions(), *prompts, *([""] if with_empty_caption else [])]))
+    images = list(dict.fromkeys(p for item in dataset.items for p in (item.reference, item.image) if p is not None))
+    total, done = len(texts) + len(images), 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if on_progress is not None:
+            on_progress(done, total)
+
+    contexts: dict[str, Tensor] = {}
+    for text in texts:
+        entry, _ = cache.get_or_compute(
+            text_key(text, text_encoder_id), lambda text=text: {"context": encode_text(text)}, {"caption": text}
+        )
+        contexts[text] = entry["context"]
+        tick()
+
+    latents: dict[tuple[Path, tuple[int, int]], Tensor] = {}
+    buckets = {}
+    for item in dataset.items:
+        for path in (item.reference, item.image):
+            if path is not None:
+                buckets.setdefault(path, item.bucket)
+    for path in images:
+        bucket = buckets[path]
+        key = image_key(file_hash(path), image_encoder_id, bucket)
+        entry, _ = cache.get_or_compute(
+            key,
+            lambda path=path, bucket=bucket: {"latent": encode_image(load_bucket_image(path, bucket))},
+            {"file": path.name, "bucket": f"{bucket[0]}x{bucket[1]}"},
+        )
+        latents[(path, bucket)] = entry["latent"]
+        tick()
+
+    items = tuple(
+        TrainItem(
+            latent=latents[(item.image, item.bucket)],
+            context=contexts[item.caption],
+            refs=() if item.reference is None else (latents[(item.reference, item.bucket)],),
+            name=item.image.name,
+        )
+        for item in dataset.items
+    )
+    return EncodedDataset(
+        items=items,
+        captions=tuple(dataset.captions()),
+        empty_context=contexts[""] if with_empty_caption else None,
+        validation_prompts=prompts,
+        validation_contexts=tuple(contexts[p] for p in prompts),
+        dataset_hash=album_hash(dataset),
+        trigger=dataset.trigger,
+        kind=dataset.kind,
+        encoded=cache.stats.misses - misses0,
+        cached=cache.stats.hits - hits0,
+        seconds=time.perf_counter() - start,
+    )

@@ -82,3 +82,82 @@ def test_fingerprint_separates_weights_and_shapes():
     assert prints[0] == prints[1]
     assert len({prints[0], prints[2], prints[3]}) == 3
     assert fingerprint_tensors(a.items(), extra="layer=-2") != prints[0]
+
+
+def _album(root: Path, pairs: bool = False) -> None:
+    from PIL import Image
+
+    for i, size in enumerate([(32, 32), (64, 32), (32, 32)]):
+        target = root / "tgt" / f"{i:03d}.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", size, (40 * i, 100, 200)).save(target)
+        target.with_suffix(".txt").write_text("a red thing" if i < 2 else "a blue thing")
+        if pairs:
+            ref = root / "ref" / f"{i:03d}.png"
+            ref.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", size, (0, 0, 40 * i)).save(ref)
+
+
+class _FakeEncoders:
+    """Deterministic stand-ins for a VAE (mean colour per latent cell) and a text encoder (hashed characters)."""
+
+    def __init__(self) -> None:
+        self.images = 0
+        self.texts: list[str] = []
+
+    def image(self, pixels: torch.Tensor) -> torch.Tensor:
+        self.images += 1
+        h, w = pixels.shape[0] // 16, pixels.shape[1] // 16
+        cells = pixels.reshape(h, 16, w, 16, 3).mean(dim=(1, 3))  # [h, w, 3]
+        return cells.permute(2, 0, 1).repeat(43, 1, 1)[:128]
+
+    def text(self, caption: str) -> torch.Tensor:
+        self.texts.append(caption)
+        codes = torch.tensor([float(ord(c)) for c in caption] or [0.0])
+        return codes[:, None].repeat(1, 16)
+
+
+def test_encode_album_encodes_once_then_hits(tmp_path: Path):
+    """First pass encodes each image and each distinct caption once; the second pass encodes nothing and gives
+    identical tensors; items carry latents at their bucket size and the captions' contexts."""
+    from klein_lora_lab.trainer_core.dataset import scan_folder
+    from klein_lora_lab.trainer_core.latent_cache import encode_album
+
+    _album(tmp_path)
+    ds = scan_folder(tmp_path / "tgt", resolution=32, trigger="TOK")
+    enc = _FakeEncoders()
+    prompts = ["a photo of TOK riding a bicycle"]
+    first = encode_album(ds, enc.image, enc.text, "vae", "te", LatentCache(tmp_path / "c"), prompts)
+    assert enc.images == 3 and sorted(enc.texts) == sorted(["TOK, a red thing", "TOK, a blue thing", prompts[0], ""])
+    assert (first.encoded, first.cached) == (7, 0)
+    for item, ds_item in zip(first.items, ds.items, strict=True):
+        w, h = ds_item.bucket
+        assert item.latent.shape == (128, h // 16, w // 16) and item.refs == ()
+    assert torch.equal(first.items[0].context, first.items[1].context)
+    assert first.empty_context is not None and len(first.validation_contexts) == 1
+
+    enc2 = _FakeEncoders()
+    second = encode_album(ds, enc2.image, enc2.text, "vae", "te", LatentCache(tmp_path / "c"), prompts)
+    assert enc2.images == 0 and enc2.texts == [] and (second.encoded, second.cached) == (0, 7)
+    for a, b in zip(first.items, second.items, strict=True):
+        assert torch.equal(a.latent, b.latent) and torch.equal(a.context, b.context)
+    assert "0 encoded, 7 from cache" in second.report()
+
+    enc3 = _FakeEncoders()
+    third = encode_album(ds, enc3.image, enc3.text, "other-vae", "te", LatentCache(tmp_path / "c"), prompts)
+    assert enc3.images == 3 and enc3.texts == [] and (third.encoded, third.cached) == (3, 4)
+
+
+def test_encode_album_pairs_carry_reference_latents(tmp_path: Path):
+    """Image-to-image items hold the encoded reference at the target's bucket size."""
+    from klein_lora_lab.trainer_core.dataset import scan_pairs
+    from klein_lora_lab.trainer_core.latent_cache import encode_album
+
+    _album(tmp_path, pairs=True)
+    ds = scan_pairs(tmp_path / "ref", tmp_path / "tgt", resolution=32, trigger="TOK")
+    enc = _FakeEncoders()
+    out = encode_album(ds, enc.image, enc.text, "vae", "te", LatentCache(tmp_path / "c"), with_empty_caption=False)
+    assert enc.images == 6 and out.empty_context is None
+    for item in out.items:
+        assert len(item.refs) == 1 and item.refs[0].shape == item.latent.shape
+        assert not torch.equal(item.refs[0], item.latent)
