@@ -90,8 +90,9 @@ class LoraTrainable(nn.Module):
         key = self._index.get(name)
         if key is None:
             return None
-        down, up = self.down[key], self.up[key]
-        return (x.to(down.dtype) @ down.t()) @ up.t() * self.scale
+        # Cast the small LoRA matrices to the activations' dtype, never the activations (bf16 stays bf16).
+        down, up = self.down[key].to(x.dtype), self.up[key].to(x.dtype)
+        return (x @ down.t()) @ up.t() * self.scale
 
     def weights(self) -> dict[str, LoraWeights]:
         """Detached copies of the current weights, by module name."""
@@ -164,6 +165,6 @@ class AdapterStack:
             return None
         out = None
         for _, e in entries:
-            d = (x.to(e.down.dtype) @ e.down.t()) @ e.up.t() * e.scale
+            d = (x @ e.down.t().to(x.dtype)) @ e.up.t().to(x.dtype) * e.scale
             out = d if out is None else out + d
         return out

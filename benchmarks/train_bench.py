@@ -1,0 +1,258 @@
+"""Training speed and memory on full-size random FLUX.2 [klein]: this pack's trainer next to core's TrainLoraNode.
+
+Random weights have the real shapes, so time and memory hold for the real model. Both trainers run in one
+process on the same ComfyUI-loaded model (built through ComfyUI's own loader), same rank, resolution, batch,
+bf16. Prints one JSON line per measurement and a markdown table at the end.
+
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/train_bench.py --variants 4b --res 512,1024 --ranks 32
+
+FLOPs per step are counted analytically for a LoRA step without recomputation: the forward (2·params·tokens
+for the block/global linears plus 4·L²·hidden per block for attention) and a backward that needs input
+gradients only (1× the linear FLOPs, 2× the attention FLOPs); LoRA matmuls are ignored (< 1%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+
+from harness.comfy_env import comfy_path, import_comfy_inprocess  # noqa: E402
+from harness.pack import register_pack  # noqa: E402
+
+VARIANTS = {"4b": (3072, 5, 20, 7680), "9b": (4096, 8, 24, 12288)}
+TEXT_TOKENS = 512  # Klein pads text to 512 tokens
+BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 spec sheet; ~790 measured on matmuls
+
+
+def random_klein_state_dict(variant: str, device: str) -> dict[str, torch.Tensor]:
+    """Checkpoint-style keys of a full-size Klein, random bf16 values made directly on `device`."""
+    from klein_lora_lab.trainer_core.tiny import TinyKlein, TinySpec, to_checkpoint_keys
+
+    hidden, double, single, ctx = VARIANTS[variant]
+    with torch.device("meta"):
+        skeleton = TinyKlein(TinySpec(hidden=hidden, double_blocks=double, single_blocks=single, context_dim=ctx))
+    gen = torch.Generator(device=device).manual_seed(0)
+    out = {}
+    for name, p in skeleton.state_dict().items():
+        if name.endswith("norm.weight"):
+            out[name] = torch.ones(p.shape, device=device, dtype=torch.bfloat16)
+        else:
+            std = p.shape[1] ** -0.5 * (0.1 if "modulation" in name else 1.0)
+            out[name] = (torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32) * std).bfloat16()
+    return to_checkpoint_keys(out)
+
+
+def load_klein(variant: str, folder: Path):
+    """Write the random model to disk and load it with ComfyUI's own loader (core's trainer reloads from disk)."""
+    import comfy.model_management
+    import comfy.sd
+    from safetensors.torch import save_file
+
+    path = folder / f"klein-{variant}-random-bf16.safetensors"
+    if not path.exists():
+        sd = {k: v.cpu() for k, v in random_klein_state_dict(variant, "cuda").items()}
+        save_file(sd, str(path))
+        del sd
+    patcher = comfy.sd.load_diffusion_model(str(path), model_options={"dtype": torch.bfloat16})
+    comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+    return patcher
+
+
+def step_flops(variant: str, res: int, batch: int) -> float:
+    hidden, double, single, ctx = VARIANTS[variant]
+    tokens = (res // 16) ** 2 + TEXT_TOKENS
+    linear_params = double * 2 * 13 * hidden**2 + single * 13 * hidden**2  # qkv+proj+mlp, per stream
+    linear = 2 * linear_params * tokens
+    attention = (double + single) * 4 * tokens**2 * hidden
+    return batch * (linear + attention) * 2 + batch * attention  # fwd + bwd(input grads: 1x linear, 2x attn)
+
+
+def _timed(fn: Callable[[], None], warmup: int, steps: int) -> list[float]:
+    times = []
+    for i in range(warmup + steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def make_step(dm, res: int, batch: int, rank: int, context_dim: int, checkpointing: bool) -> Callable[[], None]:
+    """One LoRA training step on fixed data: bf16 autocast, per-block checkpointing, fused AdamW on fp32 LoRA."""
+    from klein_lora_lab.trainer_core.adapters import LoraTrainable
+    from klein_lora_lab.trainer_core.klein import klein_forward
+
+    targets = {
+        n: (m.in_features, m.out_features)
+        for n, m in dm.named_modules()
+        if isinstance(m, torch.nn.Linear)
+        and n.startswith(("double_blocks", "single_blocks"))
+        and n.endswith(("qkv", "proj", "linear1", "linear2"))
+    }
+    dm.requires_grad_(False)
+    lora = LoraTrainable(targets, rank, rank, generator=torch.Generator().manual_seed(0), device="cuda")
+    opt = torch.optim.AdamW(lora.parameters(), lr=1e-4, fused=True)
+    x0 = torch.randn(batch, 128, res // 16, res // 16, device="cuda")
+    ctx = torch.randn(batch, TEXT_TOKENS, context_dim, device="cuda", dtype=torch.bfloat16)
+    noise = torch.randn_like(x0)
+    sigma = torch.full((batch,), 0.6, device="cuda")
+    x_t = ((1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise).bfloat16()
+    target = noise - x0
+
+    def step() -> None:
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            v = klein_forward(dm, x_t, sigma, ctx, adapters=lora, checkpointing=checkpointing)
+        loss = torch.nn.functional.mse_loss(v.float(), target)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def bench_ours(
+    patcher, variant: str, res: int, rank: int, batch: int, warmup: int, steps: int, checkpointing: bool
+) -> dict:
+    """Steps of this pack's training step on the loaded model (reloaded to the GPU if core moved it away)."""
+    import comfy.model_management
+
+    comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+    dm = patcher.model.diffusion_model
+    step = make_step(dm, res=res, batch=batch, rank=rank, context_dim=VARIANTS[variant][3], checkpointing=checkpointing)
+    torch.cuda.reset_peak_memory_stats()
+    times = _timed(step, warmup, steps)
+    return {"s_per_step": statistics.median(times), "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def bench_core(patcher, variant: str, res: int, rank: int, batch: int, warmup: int, steps: int, depth: int) -> dict:
+    """Core's TrainLoraNode on the same model: time(warmup+steps) − time(warmup), per step."""
+    import comfy_extras.nodes_train as nt
+
+    ctx = torch.randn(1, TEXT_TOKENS, VARIANTS[variant][3])
+    latents = {"samples": torch.randn(batch, 128, res // 16, res // 16)}
+
+    def run(n: int) -> float:
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.inference_mode(False):
+            nt.TrainLoraNode.execute(
+                model=[patcher],
+                latents=[latents],
+                positive=[[[ctx, {}]]],
+                batch_size=[batch],
+                steps=[n],
+                grad_accumulation_steps=[1],
+                learning_rate=[1e-4],
+                rank=[rank],
+                optimizer=["AdamW"],
+                loss_function=["MSE"],
+                seed=[0],
+                training_dtype=["bf16"],
+                lora_dtype=["bf16"],
+                quantized_backward=[False],
+                algorithm=["LoRA"],
+                gradient_checkpointing=[True],
+                checkpoint_depth=[depth],
+                offloading=[False],
+                existing_lora=["[None]"],
+                bucket_mode=[False],
+                bypass_mode=[False],
+            )
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    run(warmup)
+    torch.cuda.reset_peak_memory_stats()
+    t_short = run(warmup)
+    t_long = run(warmup + steps)
+    return {"s_per_step": (t_long - t_short) / steps, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", default="4b")
+    parser.add_argument("--res", default="512,1024")
+    parser.add_argument("--ranks", default="32")
+    parser.add_argument("--batches", default="1")
+    parser.add_argument("--which", default="ours,core")
+    parser.add_argument("--core-depth", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--jsonl", type=Path, default=None)
+    parser.add_argument("--model-dir", type=Path, default=Path("/tmp"), help="where the random model file is written")
+    args = parser.parse_args()
+
+    root = comfy_path()
+    if root is None:
+        raise SystemExit("set COMFYUI_PATH to a ComfyUI checkout")
+    if not torch.cuda.is_available():
+        raise SystemExit("this benchmark needs a CUDA GPU")
+    import_comfy_inprocess(root)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = False
+    register_pack()
+    gpu = torch.cuda.get_device_name()
+    peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in gpu), 989.0)
+    rows = []
+    for variant in args.variants.split(","):
+        patcher = load_klein(variant, args.model_dir)
+        for res in map(int, args.res.split(",")):
+            for rank in map(int, args.ranks.split(",")):
+                for batch in map(int, args.batches.split(",")):
+                    for which in args.which.split(","):
+                        try:
+                            if which.startswith("ours"):
+                                ckpt = which != "ours-nockpt"
+                                r = bench_ours(patcher, variant, res, rank, batch, args.warmup, args.steps, ckpt)
+                            else:
+                                r = bench_core(
+                                    patcher, variant, res, rank, batch, args.warmup, args.steps, args.core_depth
+                                )
+                        except torch.OutOfMemoryError as err:
+                            r = {"s_per_step": float("nan"), "peak_gib": float("nan"), "error": f"OOM: {err}"[:200]}
+                        torch.cuda.empty_cache()
+                        flops = step_flops(variant, res, batch)
+                        row = {
+                            "gpu": gpu,
+                            "trainer": which,
+                            "variant": variant,
+                            "res": res,
+                            "rank": rank,
+                            "batch": batch,
+                            **r,
+                            "images_per_s": batch / r["s_per_step"],
+                            "tflops": flops / r["s_per_step"] / 1e12,
+                            "mfu_vs_peak": flops / r["s_per_step"] / 1e12 / peak,
+                        }
+                        rows.append(row)
+                        line = json.dumps(row)
+                        print(line, flush=True)
+                        if args.jsonl:
+                            with args.jsonl.open("a") as fh:
+                                fh.write(line + "\n")
+        del patcher
+        torch.cuda.empty_cache()
+    print("\n| trainer | variant | res | rank | batch | s/step | peak GiB | img/s | TFLOP/s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['trainer']} | {r['variant']} | {r['res']} | {r['rank']} | {r['batch']} | {r['s_per_step']:.3f} | "
+            f"{r['peak_gib']:.1f} | {r['images_per_s']:.2f} | {r['tflops']:.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
