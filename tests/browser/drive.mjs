@@ -1,0 +1,89 @@
+// Drives the real ComfyUI frontend in Debian's Chromium (playwright-core, no downloaded browsers).
+// Usage: node drive.mjs <server-url> <profile-dir> <artifacts-dir>
+// Prints one JSON line: {modes: {classic: {...}, vue: {...}}, pageErrors: [...]}; pytest asserts on it.
+import { chromium } from "playwright-core";
+import path from "node:path";
+
+const [url, profileDir, artifactsDir] = process.argv.slice(2);
+const CHROMIUM = process.env.KLEIN_LAB_CHROMIUM || "/usr/bin/chromium";
+const FLAGS = [
+  "--headless",
+  "--no-sandbox",
+  "--disable-gpu",
+  "--disable-quic",
+  "--no-first-run",
+  "--disable-background-networking",
+  "--disable-component-update",
+  "--disable-sync",
+];
+const READY_TIMEOUT_MS = 120_000;
+
+// Adds one KleinLabModelInfo node through LiteGraph and reports what the graph and the DOM show for it.
+async function addModelInfoNode(page, mode) {
+  return page.evaluate(async (mode) => {
+    const app = window.app;
+    const before = app.graph.nodes.length;
+    const node = window.LiteGraph.createNode("KleinLabModelInfo");
+    if (!node) return { created: false };
+    node.pos = [200, 200];
+    app.graph.add(node);
+    app.graph.setDirtyCanvas(true, true);
+    // Vue nodes render asynchronously; give the DOM a few frames.
+    let domNode = null;
+    for (let i = 0; i < 50 && mode === "vue" && !domNode; i++) {
+      await new Promise((r) => setTimeout(r, 100));
+      domNode = document.querySelector(`[data-node-id="${node.id}"]`);
+    }
+    return {
+      created: true,
+      type: node.type,
+      title: node.title,
+      inputs: (node.inputs || []).map((i) => i.type),
+      outputs: (node.outputs || []).map((o) => o.type),
+      added: app.graph.nodes.length - before,
+      vueNodesSetting: app.extensionManager.setting.get("Comfy.VueNodes.Enabled"),
+      domNodeText: domNode ? domNode.textContent : null,
+    };
+  }, mode);
+}
+
+async function main() {
+  const context = await chromium.launchPersistentContext(profileDir, {
+    executablePath: CHROMIUM,
+    headless: true,
+    args: FLAGS,
+    viewport: { width: 1280, height: 800 },
+  });
+  const pageErrors = [];
+  const result = { modes: {}, pageErrors };
+  try {
+    const page = context.pages()[0] || (await context.newPage());
+    page.on("pageerror", (err) => pageErrors.push(String(err)));
+    page.on("console", (msg) => {
+      if (msg.type() === "error") pageErrors.push(`console: ${msg.text()}`);
+    });
+    await page.goto(url, { waitUntil: "domcontentloaded" });
+    await page.waitForFunction(
+      () => window.app?.vueAppReady && window.app.graph && window.app.extensionManager?.workflow?.activeWorkflow,
+      null,
+      { timeout: READY_TIMEOUT_MS },
+    );
+    result.extensions = await page.evaluate(() => window.app.extensions.map((e) => e.name));
+    for (const mode of ["classic", "vue"]) {
+      await page.evaluate(async (vue) => {
+        await window.app.extensionManager.setting.set("Comfy.VueNodes.Enabled", vue);
+      }, mode === "vue");
+      await page.waitForTimeout(500);
+      result.modes[mode] = await addModelInfoNode(page, mode);
+      await page.screenshot({ path: path.join(artifactsDir, `frontend-${mode}.png`) });
+    }
+  } finally {
+    await context.close();
+  }
+  console.log(JSON.stringify(result));
+}
+
+main().catch((err) => {
+  console.error(err);
+  process.exit(1);
+});
