@@ -7,7 +7,14 @@ import importlib
 from comfy_api.latest import ComfyExtension, io
 
 # One entry per node file; each module exposes NODES: list[type[io.ComfyNode]].
-NODE_MODULES: tuple[str, ...] = ("model_info",)
+NODE_MODULES: tuple[str, ...] = (
+    "model_info",
+    "dataset_folder",
+    "dataset_pairs",
+    "encode_dataset",
+    "train_lora",
+    "loss_curve",
+)
 
 
 class KleinLabExtension(ComfyExtension):
