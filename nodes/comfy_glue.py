@@ -9,11 +9,10 @@ the node files stay thin:
   the other models (text encoder, VAE) to make room, and emptying the device cache afterwards;
 * training mode: `torch.inference_mode(False)` (node execution runs under inference mode) and
   `comfy.model_management.in_training = True` (Flux's RoPE otherwise picks a kernel with no backward);
-* interruption: ComfyUI raises `InterruptProcessingException` from inside every ops Linear and from the
-  progress hook as soon as Cancel is pressed, which would tear a training step apart and lose the LoRA. While a
-  run trains, `interrupt_deferred()` turns those raise points into no-ops so the flag stays set; the trainer
-  polls it between steps (`interrupt_requested`), saves a checkpoint and returns, and the node then re-raises
-  with `raise_interrupt()` so ComfyUI still reports the prompt as interrupted;
+* interruption: Cancel sets a flag that ComfyUI turns into `InterruptProcessingException` (a BaseException)
+  at the next ops Linear call or progress update. The trainer saves a checkpoint of the last finished step when
+  a step or callback raises, and also polls the flag between steps (`interrupt_requested`); either way the
+  node reports where the checkpoint is and re-raises (`raise_interrupt`), so the prompt ends as interrupted;
 * live feedback: the progress bar with previews, a text line on the node (loss, speed, ETA) and
   `PromptServer.send_sync` events for the frontend's training panel.
 """
@@ -26,11 +25,13 @@ import os
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
 import comfy.latent_formats
 import comfy.model_management as mm
+import comfy.sd
 import comfy.utils
 import folder_paths
 import numpy as np
@@ -38,6 +39,13 @@ import torch
 from einops import einsum
 from PIL import Image
 from torch import Tensor, nn
+
+from ..trainer_core.klein import LATENT_CHANNELS
+from ..trainer_core.latent_cache import fingerprint_tensors
+from ..trainer_core.runfolder import RunFolder, checkpoint_step
+from ..trainer_core.sampling import flux2_sigmas, sample
+from ..trainer_core.settings import TrainSettings
+from ..trainer_core.trainer import TrainCallbacks, TrainResult, train
 
 LOG = logging.getLogger("klein_lora_lab")
 
@@ -122,21 +130,6 @@ def training_mode() -> Iterator[None]:
 
 
 # ------------------------------------------------------------------------------------------------ interruption
-
-
-def _defer_interrupt() -> None:
-    """Stands in for throw_exception_if_processing_interrupted while training: the flag stays set for polling."""
-
-
-@contextmanager
-def interrupt_deferred() -> Iterator[None]:
-    """While inside, Cancel sets the flag but raises nowhere; `interrupt_requested()` reads it between steps."""
-    original = mm.throw_exception_if_processing_interrupted
-    mm.throw_exception_if_processing_interrupted = _defer_interrupt
-    try:
-        yield
-    finally:
-        mm.throw_exception_if_processing_interrupted = original
 
 
 def interrupt_requested() -> bool:
@@ -246,3 +239,241 @@ def decode_images(latent: Tensor, vae=None) -> Tensor:
         return latent_preview(latent)
     images = vae.decode(latent)
     return images.reshape(-1, *images.shape[-3:])
+
+
+# ------------------------------------------------------------------------------------------------ albums
+
+
+def resolve_album_folder(text: str) -> Path:
+    """An album path as typed in a widget: absolute, or relative to ComfyUI's input folder."""
+    path = Path(text.strip().strip('"')).expanduser()
+    return path if path.is_absolute() else Path(folder_paths.get_input_directory()) / path
+
+
+def folder_fingerprint(*folders: Path) -> str:
+    """Names, sizes and modification times of the folders' files: changes when the album changes, so ComfyUI
+    re-scans an edited album instead of reusing its cached output."""
+    parts = []
+    for folder in folders:
+        if not folder.is_dir():
+            parts.append(f"{folder}:missing")
+            continue
+        for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+            if entry.is_file():
+                st = entry.stat()
+                parts.append(f"{entry.name}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(parts)
+
+
+# ------------------------------------------------------------------------------------------------ encoders
+
+
+def vae_identity(vae) -> str:
+    """Fingerprint of a ComfyUI VAE's weights (part of every image cache key)."""
+    return "vae:" + fingerprint_tensors(vae.first_stage_model.state_dict().items())
+
+
+def clip_identity(clip) -> str:
+    """Fingerprint of a ComfyUI CLIP: its weights, the layer it reads and any LoRA patched onto it."""
+    patcher = getattr(clip, "patcher", None)
+    patches = getattr(patcher, "patches", None) or {}
+    extra = (
+        f"layer={getattr(clip, 'layer_idx', None)};patches={getattr(patcher, 'patches_uuid', '') if patches else ''}"
+    )
+    return "clip:" + fingerprint_tensors(clip.cond_stage_model.state_dict().items(), extra=extra)
+
+
+def conditioning_tensor(conditioning) -> Tensor:
+    """The first entry of a CONDITIONING ([[cond [B, L, ctx], {...}], ...]) as [L, ctx]."""
+    if not conditioning or not isinstance(conditioning[0][0], Tensor):
+        raise ValueError("the conditioning input is empty: connect a CLIP Text Encode (or similar) output.")
+    cond = conditioning[0][0]
+    return cond[0] if cond.ndim == 3 else cond
+
+
+def clip_text_encoder(clip):
+    """caption -> context [L, ctx] through the user's CLIP, exactly as CLIPTextEncode encodes a prompt."""
+
+    def encode(text: str) -> Tensor:
+        return conditioning_tensor(clip.encode_from_tokens_scheduled(clip.tokenize(text)))
+
+    return encode
+
+
+def vae_image_encoder(vae):
+    """[H, W, 3] in 0..1 -> Flux2 latent [128, H/16, W/16] through the user's VAE (as VAEEncode does)."""
+
+    def encode(pixels: Tensor) -> Tensor:
+        return vae.encode(pixels[None])[0]
+
+    return encode
+
+
+def counter_progress():
+    """on_progress(done, total) that drives the node's progress bar (and lets Cancel stop an encode pass)."""
+    bar: list[comfy.utils.ProgressBar] = []
+
+    def update(done: int, total: int) -> None:
+        if not bar:
+            bar.append(comfy.utils.ProgressBar(total))
+        bar[0].update_absolute(done, total)
+
+    return update
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+@dataclass(frozen=True)
+class SampleConfig:
+    """Validation previews: fixed prompts (contexts), fixed seed, Euler steps and real CFG against the empty prompt."""
+
+    contexts: tuple[Tensor, ...]
+    negative: Tensor | None
+    latent_hw: tuple[int, int]  # latent (h, w) of the previews
+    refs: tuple[Tensor, ...]  # reference latents for image-to-image LoRAs ([128, h, w] each)
+    steps: int
+    cfg: float
+    seed: int
+
+
+class ComfyCallbacks(TrainCallbacks):
+    """Connects a training run to ComfyUI: progress, node text, events, validation previews, Cancel."""
+
+    def __init__(
+        self,
+        progress: LiveProgress,
+        run: RunFolder,
+        model_patcher,
+        model: nn.Module,
+        device: torch.device,
+        samples: SampleConfig | None,
+        vae=None,
+    ) -> None:
+        self.progress, self.run, self.patcher, self.model, self.device = progress, run, model_patcher, model, device
+        self.samples, self.vae = samples, vae
+        self.sample_files: list[Path] = []
+        self.checkpoints: list[Path] = []
+
+    def on_step(self, step: int, total: int, loss: float, lr: float, seconds: float) -> None:
+        self.progress.step(step, loss, lr)
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        self.checkpoints.append(path)
+        send_event(EVENT_CHECKPOINT, {"run": self.progress.run_name, "step": step, "lora": lora_list_name(path)})
+
+    def should_stop(self) -> bool:
+        return interrupt_requested()
+
+    def on_validation(self, step: int, lora) -> None:
+        if self.samples is None or not self.samples.contexts:
+            return
+        cfg = self.samples
+        h, w = cfg.latent_hw
+        gen = torch.Generator().manual_seed(cfg.seed)  # the same noise at every step: only the LoRA changes
+        noise = torch.randn(1, LATENT_CHANNELS, h, w, generator=gen).to(self.device)
+        sigmas = flux2_sigmas(cfg.steps, h * w)
+        refs = [r[None].to(self.device, torch.float32) for r in cfg.refs] or None
+        latents = []
+        for context in cfg.contexts:
+            negative = cfg.negative if cfg.cfg != 1.0 else None
+            ctx = context.to(self.device, torch.float32)
+            neg = None if negative is None else negative.to(self.device, torch.float32)
+            latents.append(sample(self.model, noise, ctx, sigmas, neg, cfg.cfg, adapters=lora, refs=refs))
+        images = decode_images(torch.cat(latents), self.vae)
+        if self.vae is not None:
+            reload_model(self.patcher)  # decoding may have moved the diffusion model off the device
+        files = []
+        for i, pil in enumerate(tensor_to_pil(images)):
+            path = self.run.sample_path(step, f"prompt{i}.png")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pil.save(path)
+            files.append(path)
+        self.sample_files.extend(files)
+        self.progress.preview(step, _strip(tensor_to_pil(images)))
+        send_event(
+            EVENT_SAMPLE,
+            {"run": self.progress.run_name, "step": step, "images": [ui_image(p) for p in files]},
+        )
+
+
+def _strip(images: list[Image.Image]) -> Image.Image:
+    """Several previews side by side (one progress-bar preview shows all prompts)."""
+    width = sum(im.width for im in images)
+    strip = Image.new("RGB", (width, max(im.height for im in images)))
+    x = 0
+    for im in images:
+        strip.paste(im, (x, 0))
+        x += im.width
+    return strip
+
+
+def ui_image(path: Path) -> dict[str, str]:
+    """A ui image entry for a file under the output folder (what /view serves)."""
+    subfolder, filename = output_relative(path)
+    return {"filename": filename, "subfolder": subfolder, "type": "output"}
+
+
+@dataclass
+class TrainOutcome:
+    run: RunFolder
+    result: TrainResult | None
+    checkpoint: Path | None
+    sample_files: list[Path]
+    interrupted: bool
+    message: str
+
+
+def train_in_comfy(
+    model_patcher,
+    items,
+    settings: TrainSettings,
+    run: RunFolder,
+    resume: bool,
+    node_id: str | None,
+    samples: SampleConfig | None,
+    empty_context: Tensor | None,
+    vae=None,
+) -> TrainOutcome:
+    """Train on the MODEL ComfyUI loaded, with progress and previews; Cancel keeps the run (see module doc).
+
+    Returns the outcome; when the run was cancelled the caller reports `message` and calls `raise_interrupt()`.
+    """
+    patcher = model_patcher.clone()  # shares the weights; only our loading bookkeeping touches the clone
+    first = 0
+    if resume and run.latest_resumable() is not None:
+        first = checkpoint_step(run.latest_resumable())
+    progress = LiveProgress(settings.steps, node_id, run.path.name, first)
+    interrupted = False
+    result = None
+    with loaded_for_training(patcher) as (model, device), training_mode():
+        callbacks = ComfyCallbacks(progress, run, patcher, model, device, samples, vae)
+        try:
+            result = train(model, items, settings, run, callbacks, empty_context, device, resume)
+            interrupted = result.stopped_early
+        except mm.InterruptProcessingException:
+            interrupted = True
+    checkpoint = result.last_checkpoint if result is not None else run.latest_checkpoint()
+    where = "no checkpoint (stopped before the first step)" if checkpoint is None else lora_list_name(checkpoint)
+    if interrupted:
+        step = checkpoint_step(checkpoint) if checkpoint is not None else 0
+        message = (
+            f"Cancelled at step {step}/{settings.steps}. The run is kept: {where} (in the loras list). "
+            f"Queue again with resume on and run name '{run.path.name}' to continue from step {step}."
+        )
+    else:
+        message = f"Finished {result.steps_done} steps, final loss {result.final_loss:.4f}: {where}"
+    if node_id is not None:
+        server = _prompt_server()
+        if server is not None:
+            server.send_progress_text(message, node_id, server.client_id)
+    send_event(EVENT_DONE, {"run": run.path.name, "interrupted": interrupted, "lora": where, "message": message})
+    LOG.info("Klein LoRA Lab: %s", message)
+    return TrainOutcome(run, result, checkpoint, callbacks.sample_files, interrupted, message)
+
+
+def model_with_lora(model_patcher, lora_path: Path):
+    """A clone of MODEL with the trained LoRA applied (ComfyUI's own LoRA patching; the input stays untouched)."""
+    lora = comfy.utils.load_torch_file(str(lora_path), safe_load=True)
+    patched, _ = comfy.sd.load_lora_for_models(model_patcher, None, lora, 1.0, 0.0)
+    return patched
