@@ -89,6 +89,21 @@ def _timed(fn: Callable[[], None], warmup: int, steps: int) -> list[float]:
     return times
 
 
+SDPA_BACKEND = {"name": "default"}
+
+
+def _sdpa_backend():
+    """The attention kernel chosen with --sdpa (default: PyTorch's own choice)."""
+    import contextlib
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    name = SDPA_BACKEND["name"]
+    if name == "default":
+        return contextlib.nullcontext()
+    return sdpa_kernel({"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[name])
+
+
 def make_step(dm, res: int, batch: int, rank: int, context_dim: int, checkpointing: bool) -> Callable[[], None]:
     """One LoRA training step on fixed data: bf16 autocast, per-block checkpointing, fused AdamW on fp32 LoRA."""
     from klein_lora_lab.trainer_core.adapters import LoraTrainable
@@ -112,7 +127,7 @@ def make_step(dm, res: int, batch: int, rank: int, context_dim: int, checkpointi
     target = noise - x0
 
     def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16):
+        with torch.autocast("cuda", dtype=torch.bfloat16), _sdpa_backend():
             v = klein_forward(dm, x_t, sigma, ctx, adapters=lora, checkpointing=checkpointing)
         loss = torch.nn.functional.mse_loss(v.float(), target)
         loss.backward()
@@ -123,7 +138,7 @@ def make_step(dm, res: int, batch: int, rank: int, context_dim: int, checkpointi
 
 
 def bench_ours(
-    patcher, variant: str, res: int, rank: int, batch: int, warmup: int, steps: int, checkpointing: bool
+    patcher, variant: str, res: int, rank: int, batch: int, warmup: int, steps: int, checkpointing: float
 ) -> dict:
     """Steps of this pack's training step on the loaded model (reloaded to the GPU if core moved it away)."""
     import comfy.model_management
@@ -186,13 +201,19 @@ def main() -> None:
     parser.add_argument("--res", default="512,1024")
     parser.add_argument("--ranks", default="32")
     parser.add_argument("--batches", default="1")
-    parser.add_argument("--which", default="ours,core")
+    parser.add_argument(
+        "--which",
+        default="ours-off,ours-full,core",
+        help="ours-off, ours-full, ours-<share of blocks checkpointed>, core",
+    )
     parser.add_argument("--core-depth", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--jsonl", type=Path, default=None)
     parser.add_argument("--model-dir", type=Path, default=Path("/tmp"), help="where the random model file is written")
+    parser.add_argument("--sdpa", choices=("default", "cudnn", "flash"), default="default")
     args = parser.parse_args()
+    SDPA_BACKEND["name"] = args.sdpa
 
     root = comfy_path()
     if root is None:
@@ -215,7 +236,8 @@ def main() -> None:
                     for which in args.which.split(","):
                         try:
                             if which.startswith("ours"):
-                                ckpt = which != "ours-nockpt"
+                                mode = which.partition("-")[2] or "full"
+                                ckpt = {"off": 0.0, "full": 1.0}[mode] if mode in ("off", "full") else float(mode)
                                 r = bench_ours(patcher, variant, res, rank, batch, args.warmup, args.steps, ckpt)
                             else:
                                 r = bench_core(
@@ -227,7 +249,7 @@ def main() -> None:
                         flops = step_flops(variant, res, batch)
                         row = {
                             "gpu": gpu,
-                            "trainer": which,
+                            "trainer": which if args.sdpa == "default" else f"{which}/{args.sdpa}",
                             "variant": variant,
                             "res": res,
                             "rank": rank,

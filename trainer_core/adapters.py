@@ -94,6 +94,16 @@ class LoraTrainable(nn.Module):
         down, up = self.down[key].to(x.dtype), self.up[key].to(x.dtype)
         return (x @ down.t()) @ up.t() * self.scale
 
+    def apply(self, name: str, x: Tensor, y: Tensor) -> Tensor:
+        """y + delta(x), with the add and the scale fused into the second matmul (one pass over y)."""
+        key = self._index.get(name)
+        if key is None:
+            return y
+        down, up = self.down[key].to(x.dtype), self.up[key].to(x.dtype)
+        h = x.reshape(-1, x.shape[-1]) @ down.t()  # [tokens, rank]
+        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.to(y.dtype), up.t().to(y.dtype), alpha=self.scale)
+        return out.view(y.shape)
+
     def weights(self) -> dict[str, LoraWeights]:
         """Detached copies of the current weights, by module name."""
         return {
