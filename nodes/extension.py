@@ -14,6 +14,9 @@ NODE_MODULES: tuple[str, ...] = (
     "encode_dataset",
     "train_lora",
     "loss_curve",
+    "lora_loader_blocks",
+    "lora_stack",
+    "lora_mixer",
 )
 
 

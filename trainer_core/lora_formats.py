@@ -583,8 +583,9 @@ def write_diffusers(weights: Mapping[str, LoraWeights]) -> dict[str, Tensor]:
     out: dict[str, Tensor] = {}
 
     def put(name: str, down: Tensor, up: Tensor) -> None:
-        out[f"transformer.{name}.lora_A.weight"] = down.contiguous()
-        out[f"transformer.{name}.lora_B.weight"] = up.contiguous()
+        # own storage per key: safetensors refuses tensors that share memory (the split qkv shares one down)
+        out[f"transformer.{name}.lora_A.weight"] = down.clone(memory_format=torch.contiguous_format)
+        out[f"transformer.{name}.lora_B.weight"] = up.clone(memory_format=torch.contiguous_format)
 
     for name, w in weights.items():
         up = w.up * w.scale

@@ -1,0 +1,265 @@
+"""Forward-time LoRAs inside ComfyUI's own sampling: the glue between `AdapterStack` and a ComfyUI MODEL.
+
+How it works: the loader/mixer nodes clone the MODEL they receive and register one DIFFUSION_MODEL wrapper
+(`comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL`, key `WRAPPER_KEY`) on the clone. ComfyUI merges a
+patcher's wrappers into `transformer_options` when it samples, and Flux's `forward` runs its wrappers around
+`_forward`. For the duration of each diffusion-model call the wrapper adds a forward hook to every target Linear
+that returns `y + stack.delta(name, x)`, and removes the hooks in `finally`. So:
+
+* the base weights are never patched: the clone carries no weight patches, `load_models_gpu` finds the same
+  weights loaded (same `patches_uuid`) and returns without touching them; a new strength, checkpoint or block
+  vector is a new small wrapper object, not a re-patch;
+* ComfyUI's own forward runs (its fp8/manual-cast Linear, lowvram offload, attention patches and other
+  extensions keep working); the delta is computed in the activations' dtype and added to the Linear's output;
+* the model received by a node is never touched (the hooks live only inside calls made through the clone),
+  and several LoRAs stack: a clone of a model that already carries our wrapper gets one wrapper holding both.
+
+LoRA tensors are read once per file (cached by path, mtime and size) and moved once per (device, dtype) the
+model computes in; the per-call cost is the hook bookkeeping and two thin matmuls per target Linear.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import comfy.patcher_extension
+import folder_paths
+import torch
+from comfy_api.latest import io
+from torch import Tensor, nn
+
+from ..trainer_core.adapters import AdapterStack, LoraWeights
+from ..trainer_core.block_weights import PRESETS, module_strengths, parse_block_vector
+from ..trainer_core.klein import KleinShape, read_shape
+from ..trainer_core.lora_formats import LoraRead, read_lora_file
+from ..trainer_core.variants import GROUPS
+
+LOG = logging.getLogger("klein_lora_lab")
+
+WRAPPER_KEY = "klein_lora_lab.forward_loras"
+LORA_STACK = io.Custom("KLEIN_LORA_STACK")
+FILE_CACHE_SIZE = 8  # LoRA files kept read (with their device copies); scrubbing a run re-reads the oldest
+STRENGTH_MIN, STRENGTH_MAX = -4.0, 4.0
+
+
+# ------------------------------------------------------------------------------------------------ files
+
+
+class LoadedLora:
+    """A LoRA file read for one model shape, with its tensors cached per (device, dtype)."""
+
+    def __init__(self, path: Path, read: LoraRead) -> None:
+        self.path = path
+        self.read = read
+        self._placed: dict[tuple[torch.device, torch.dtype], dict[str, LoraWeights]] = {}
+
+    @property
+    def weights(self) -> dict[str, LoraWeights]:
+        return self.read.weights
+
+    def placed(self, device: torch.device, dtype: torch.dtype) -> dict[str, LoraWeights]:
+        """The weights on `device` in `dtype` (moved the first time only)."""
+        key = (torch.device(device), dtype)
+        if key not in self._placed:
+            self._placed[key] = {
+                name: LoraWeights(
+                    w.down.to(device=device, dtype=dtype, non_blocking=True),
+                    w.up.to(device=device, dtype=dtype, non_blocking=True),
+                    w.alpha,
+                )
+                for name, w in self.read.weights.items()
+            }
+        return self._placed[key]
+
+
+_FILES: OrderedDict[tuple[str, int, int, KleinShape], LoadedLora] = OrderedDict()
+
+
+def load_lora_cached(path: str | Path, shape: KleinShape) -> LoadedLora:
+    """Read a LoRA file for a model of `shape`; the same file (path, mtime, size) is read once."""
+    path = Path(path)
+    stat = os.stat(path)
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, shape)
+    if key in _FILES:
+        _FILES.move_to_end(key)
+        return _FILES[key]
+    loaded = LoadedLora(path, read_lora_file(path, shape))
+    _FILES[key] = loaded
+    while len(_FILES) > FILE_CACHE_SIZE:
+        _FILES.popitem(last=False)
+    return loaded
+
+
+def lora_path(lora_name: str) -> Path:
+    """Full path of a file of ComfyUI's `loras` list."""
+    return Path(folder_paths.get_full_path_or_raise("loras", lora_name))
+
+
+# ------------------------------------------------------------------------------------------------ the wrapper
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One LoRA of a forward-time stack: its weights, strength and per-module multipliers (block weights)."""
+
+    label: str
+    lora: LoadedLora
+    strength: float
+    module_strength: Mapping[str, float] | None = None
+
+
+def _add_delta(stack: AdapterStack, name: str, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
+    """Forward hook of a target Linear: y + Σ strength · (alpha/rank) · x Aᵀ Bᵀ over the stacked LoRAs."""
+    delta = stack.delta(name, args[0])
+    return output if delta is None else output + delta.to(output.dtype)
+
+
+@dataclass
+class ForwardLoras:
+    """The DIFFUSION_MODEL wrapper: applies a stack of LoRAs at forward time for each diffusion-model call."""
+
+    specs: tuple[LoraSpec, ...]
+    _stacks: dict[tuple[torch.device, torch.dtype], AdapterStack] = field(default_factory=dict, repr=False)
+
+    def stack(self, device: torch.device, dtype: torch.dtype) -> AdapterStack:
+        """The AdapterStack on (device, dtype), built once per wrapper (tensors come from the file cache)."""
+        key = (torch.device(device), dtype)
+        if key not in self._stacks:
+            stack = AdapterStack()
+            for i, spec in enumerate(self.specs):
+                stack.set_lora(
+                    f"{i}:{spec.label}", spec.lora.placed(device, dtype), spec.strength, spec.module_strength
+                )
+            self._stacks[key] = stack
+        return self._stacks[key]
+
+    def __call__(self, executor, *args, **kwargs):
+        model: nn.Module = executor.class_obj
+        x: Tensor = args[0]  # [b, 128, h, w] in the compute dtype (fp8 weights compute in bf16/fp32)
+        stack = self.stack(x.device, x.dtype)
+        handles = []
+        try:
+            for name in stack.names():
+                module = model.get_submodule(name)
+                handles.append(module.register_forward_hook(partial(_add_delta, stack, name)))
+            return executor(*args, **kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def to(self, *args, **kwargs) -> ForwardLoras:
+        """ComfyUI calls .to(device) / .to(model dtype) on wrappers; tensors are placed per compute dtype instead
+        (the model dtype may be fp8, which a LoRA must not be cast to)."""
+        return self
+
+
+def forward_loras_of(model) -> ForwardLoras | None:
+    """Our wrapper on a ModelPatcher, if it has one."""
+    wrappers = model.get_wrappers(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
+    return wrappers[-1] if wrappers else None
+
+
+def with_forward_loras(model, specs: Sequence[LoraSpec]):
+    """A clone of `model` whose diffusion model applies `specs` (after any LoRAs `model` already carries)."""
+    clone = model.clone()
+    existing = forward_loras_of(model)
+    combined = ForwardLoras((existing.specs if existing else ()) + tuple(specs))
+    clone.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
+    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, combined)
+    return clone
+
+
+# ------------------------------------------------------------------------------------------------ node glue
+
+
+@dataclass(frozen=True)
+class StackItem:
+    """One LoRA as the nodes describe it (what the KLEIN_LORA_STACK socket carries): file, strength, blocks."""
+
+    lora_name: str
+    strength: float
+    preset: str = "all"
+    group_strengths: tuple[tuple[str, float], ...] = ()
+    block_vector: str = ""
+    global_strength: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.preset not in PRESETS:
+            raise ValueError(f"unknown block preset '{self.preset}': choose one of {', '.join(PRESETS)}.")
+
+
+def model_shape(model) -> KleinShape:
+    return read_shape(model.model.diffusion_model)
+
+
+def spec_for(item: StackItem, shape: KleinShape) -> tuple[LoraSpec, str]:
+    """Read the item's file for this model and compute its block weights; returns the spec and a report line."""
+    loaded = load_lora_cached(lora_path(item.lora_name), shape)
+    vector = parse_block_vector(item.block_vector)
+    try:
+        mults = module_strengths(
+            loaded.weights, shape, item.preset, dict(item.group_strengths), vector, item.global_strength
+        )
+    except ValueError as err:
+        raise ValueError(f"{item.lora_name}: {err}") from err
+    line = f"{item.lora_name} @ {item.strength:g} [{item.preset}]: {loaded.read.report()}"
+    if loaded.read.unmatched:
+        LOG.warning("Klein LoRA Lab: %s: keys not loaded: %s", item.lora_name, ", ".join(loaded.read.unmatched))
+    return LoraSpec(item.lora_name, loaded, item.strength, mults), line
+
+
+def apply_items(model, items: Sequence[StackItem]):
+    """Clone `model` with `items` applied at forward time; returns (clone, report text for the node)."""
+    shape = model_shape(model)
+    specs, lines = [], []
+    for item in items:
+        if item.strength == 0.0:
+            lines.append(f"{item.lora_name} @ 0: skipped")
+            continue
+        spec, line = spec_for(item, shape)
+        specs.append(spec)
+        lines.append(line)
+    return with_forward_loras(model, specs), "\n".join(lines) or "no LoRA applied"
+
+
+def group_strength_inputs() -> list[io.Float.Input]:
+    """One strength widget per block group of the course's map."""
+    return [
+        io.Float.Input(
+            f"{group}_strength",
+            default=1.0,
+            min=STRENGTH_MIN,
+            max=STRENGTH_MAX,
+            step=0.05,
+            tooltip=f"Multiplier for the {group} blocks (used by presets 'all' and '{group}').",
+        )
+        for group in GROUPS
+    ]
+
+
+def lora_list() -> list[str]:
+    return folder_paths.get_filename_list("loras")
+
+
+def strength_input(name: str, tooltip: str, default: float = 1.0) -> io.Float.Input:
+    """A LoRA strength widget: −4..4, negative allowed (pushes away from the LoRA's concept)."""
+    return io.Float.Input(name, default=default, min=STRENGTH_MIN, max=STRENGTH_MAX, step=0.05, tooltip=tooltip)
+
+
+def preset_input(name: str = "preset", custom: bool = True) -> io.Combo.Input:
+    """The block preset combo; 'custom' (the per-block vector) only where the node has a vector widget."""
+    return io.Combo.Input(
+        name,
+        options=[p for p in PRESETS if custom or p != "custom"],
+        default="all",
+        tooltip="Which blocks the LoRA acts on (course's map): all; binding = double blocks (trigger ↔ concept); "
+        "texture = early single blocks; identity = middle single blocks; composition = late single blocks"
+        + ("; custom = the per-block vector." if custom else "."),
+    )
