@@ -116,9 +116,9 @@ class LoraSpec:
 
 
 def _add_delta(stack: AdapterStack, name: str, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
-    """Forward hook of a target Linear: y + Σ strength · (alpha/rank) · x Aᵀ Bᵀ over the stacked LoRAs."""
-    delta = stack.delta(name, args[0])
-    return output if delta is None else output + delta.to(output.dtype)
+    """Forward hook of a target Linear: y + Σ strength · (alpha/rank) · x Aᵀ Bᵀ over the stacked LoRAs (the
+    scale and the add fused into the up matmul: one pass over the Linear's output per LoRA)."""
+    return stack.apply(name, args[0], output)
 
 
 @dataclass

@@ -169,6 +169,17 @@ class AdapterStack:
     def names(self) -> Iterable[str]:
         return self._layers.keys()
 
+    def apply(self, name: str, x: Tensor, y: Tensor) -> Tensor:
+        """y + delta(x), each LoRA's scale and add fused into its second matmul (one pass over y per LoRA)."""
+        entries = self._layers.get(name)
+        if not entries:
+            return y
+        x2, out = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+        for _, e in entries:
+            h = x2 @ e.down.t().to(x.dtype)  # [tokens, rank]
+            out = torch.addmm(out, h.to(y.dtype), e.up.t().to(y.dtype), alpha=e.scale)
+        return out.view(y.shape)
+
     def delta(self, name: str, x: Tensor) -> Tensor | None:
         entries = self._layers.get(name)
         if not entries:
