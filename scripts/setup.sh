@@ -73,7 +73,7 @@ klein_setup_comfyui() {
   elif [ -f "$KLEIN_CACHE/ComfyUI/main.py" ]; then
     COMFYUI_PATH="$KLEIN_CACHE/ComfyUI"
   elif [ "${KLEIN_LAB_NO_CLONE:-0}" = "1" ]; then
-    klein_warn "no ComfyUI (KLEIN_LAB_NO_CLONE=1): set COMFYUI_PATH=/path/to/ComfyUI to run the comfy and browser tiers."
+    klein_warn "no ComfyUI (no COMFYUI_PATH, no clone): set COMFYUI_PATH=/path/to/ComfyUI to run the comfy and browser tiers."
     return 0
   else
     klein_say "no COMFYUI_PATH: trying a shallow clone of ComfyUI $KLEIN_COMFYUI_REF (20 s limit)"
@@ -84,6 +84,7 @@ klein_setup_comfyui() {
       COMFYUI_PATH="$KLEIN_CACHE/ComfyUI"
     else
       rm -rf "$KLEIN_CACHE/ComfyUI.partial"
+      export KLEIN_LAB_NO_CLONE=1 # one attempt per run: scripts started from here do not retry
       klein_warn "could not clone ComfyUI (offline?): the comfy and browser tiers will be skipped. Set COMFYUI_PATH=/path/to/ComfyUI to run them."
       return 0
     fi
