@@ -1,0 +1,120 @@
+"""Our LoRA file format (DESIGN.md §5.3): what core's stock LoraLoader reads with zero unmatched keys.
+
+Tensors, for every target module X (a name relative to the diffusion model):
+    diffusion_model.X.lora_A.weight  [rank, in]   (down)
+    diffusion_model.X.lora_B.weight  [out, rank]  (up)
+    diffusion_model.X.alpha          scalar        (ComfyUI and PEFT scale the delta by alpha / rank)
+Safetensors metadata: `klein_lab.*` keys (format, base model variant, rank, alpha, targets, step, lr, trigger,
+dataset hash, loss, ...) plus the common `ss_network_dim` / `ss_network_alpha` / `ss_network_module` keys.
+
+Readers for every other key style live in lora_formats.py; `load_lora` here reads only this format, exactly.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+
+from .adapters import LoraWeights
+
+PREFIX = "diffusion_model."
+FORMAT = "klein_lab.lora.v1"
+_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".alpha")
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
+    """Write `data` to `path` so that readers see the old file or the whole new one, never a torn one:
+    a temporary file in the same folder, fsync, os.replace, then fsync of the folder (the rename itself)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # POSIX: make the rename durable; Windows has no directory fsync
+        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
+def lora_state_dict(weights: Mapping[str, LoraWeights], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of the file: our key names, contiguous CPU tensors (in `dtype` when given); alpha fp32."""
+    out: dict[str, torch.Tensor] = {}
+    for name, w in weights.items():
+        if name.startswith(PREFIX):
+            raise ValueError(f"module name {name!r} must be relative to the diffusion model (no '{PREFIX}').")
+        out[f"{PREFIX}{name}.lora_A.weight"] = w.down.detach().to("cpu", dtype or w.down.dtype).contiguous()
+        out[f"{PREFIX}{name}.lora_B.weight"] = w.up.detach().to("cpu", dtype or w.up.dtype).contiguous()
+        out[f"{PREFIX}{name}.alpha"] = torch.tensor(float(w.alpha), dtype=torch.float32)
+    return out
+
+
+def save_lora(
+    path: str | os.PathLike[str],
+    weights: Mapping[str, LoraWeights],
+    metadata: Mapping[str, str],
+    dtype: torch.dtype | None = None,
+) -> None:
+    """Write a LoRA file atomically. `metadata` values must be strings; format and ss_network_* are added."""
+    if not weights:
+        raise ValueError(f"refusing to write {path}: the LoRA has no modules.")
+    bad = {k: type(v).__name__ for k, v in metadata.items() if not isinstance(v, str) or not isinstance(k, str)}
+    if bad:
+        raise TypeError(f"LoRA metadata must map str to str; these keys are not: {bad} (use json.dumps / str).")
+    for name, w in weights.items():
+        if not (torch.isfinite(w.down).all() and torch.isfinite(w.up).all()):
+            raise ValueError(f"refusing to write {path}: LoRA weights of {name!r} contain NaN or Inf.")
+    ranks = {w.rank for w in weights.values()}
+    alphas = {float(w.alpha) for w in weights.values()}
+    meta = {
+        "klein_lab.format": FORMAT,
+        "ss_network_module": "networks.lora",
+        **({"ss_network_dim": str(ranks.pop())} if len(ranks) == 1 else {}),
+        **({"ss_network_alpha": f"{alphas.pop():g}"} if len(alphas) == 1 else {}),
+        **metadata,
+    }
+    atomic_write_bytes(path, save(lora_state_dict(weights, dtype), metadata=meta))
+
+
+def load_lora(path: str | os.PathLike[str]) -> tuple[dict[str, LoraWeights], dict[str, str]]:
+    """Read a file written by `save_lora`: module name -> LoraWeights (as stored), and the metadata.
+
+    Any key outside our format is an error naming it (other formats: lora_formats.py)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"LoRA file {path} does not exist.")
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        metadata = dict(f.metadata() or {})
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    names: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
+        if not key.startswith(PREFIX) or suffix is None:
+            raise ValueError(
+                f"{path.name}: key {key!r} is not in Klein LoRA Lab's format "
+                f"('{PREFIX}<module>.lora_A.weight/.lora_B.weight/.alpha'); read other formats with lora_formats."
+            )
+        names.setdefault(key[len(PREFIX) : -len(suffix)], {})[suffix] = tensor
+    weights = {}
+    for name, parts in names.items():
+        if ".lora_A.weight" not in parts or ".lora_B.weight" not in parts:
+            raise ValueError(f"{path.name}: module {name!r} lacks lora_A or lora_B.")
+        down, up = parts[".lora_A.weight"], parts[".lora_B.weight"]
+        # No alpha means scale 1 in ComfyUI (alpha = rank).
+        alpha = float(parts[".alpha"].item()) if ".alpha" in parts else float(down.shape[0])
+        weights[name] = LoraWeights(down, up, alpha)
+    return weights, metadata
