@@ -105,11 +105,36 @@ def loaded_for_training(model_patcher) -> Iterator[tuple[nn.Module, torch.device
     mm.unload_all_models()
     mm.soft_empty_cache()
     mm.load_models_gpu([model_patcher], force_full_load=True)
+    diffusion_model = model_patcher.model.diffusion_model
+    normalize_inference_tensors(diffusion_model)
     try:
-        yield model_patcher.model.diffusion_model, model_patcher.load_device
+        yield diffusion_model, model_patcher.load_device
     finally:
         mm.cleanup_models_gc()
         mm.soft_empty_cache(force=True)
+
+
+def normalize_inference_tensors(module: nn.Module) -> int:
+    """Turn parameters/buffers created under inference mode into normal tensors with the same values.
+
+    ComfyUI loads models while executing a node, i.e. under `torch.inference_mode()`, and autograd refuses to
+    save inference tensors for backward (every frozen Linear weight is saved to compute the input gradient).
+    Each tensor is cloned once and swapped in place of the old one, so the model never exists twice (peak
+    overhead: one tensor); values, dtypes and devices are unchanged and the tensors keep working for inference.
+    Returns how many tensors were converted.
+    """
+    converted = 0
+    with torch.inference_mode(False):
+        for sub in module.modules():
+            for name, param in list(sub._parameters.items()):
+                if param is not None and param.is_inference():
+                    sub._parameters[name] = nn.Parameter(param.clone(), requires_grad=param.requires_grad)
+                    converted += 1
+            for name, buf in list(sub._buffers.items()):
+                if buf is not None and buf.is_inference():
+                    sub._buffers[name] = buf.clone()
+                    converted += 1
+    return converted
 
 
 def reload_model(model_patcher) -> None:
@@ -462,7 +487,10 @@ def train_in_comfy(
             f"Queue again with resume on and run name '{run.path.name}' to continue from step {step}."
         )
     else:
-        message = f"Finished {result.steps_done} steps, final loss {result.final_loss:.4f}: {where}"
+        message = (
+            f"Finished {result.steps_done} steps ({progress.rate(result.steps_done):.2f} it/s), "
+            f"final loss {result.final_loss:.4f}: {where}"
+        )
     if node_id is not None:
         server = _prompt_server()
         if server is not None:

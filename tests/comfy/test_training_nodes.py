@@ -10,25 +10,32 @@ an uninterrupted run; a second encode of the same album reads everything from th
 
 from __future__ import annotations
 
+import json
+import re
+import time
+from io import BytesIO
 from pathlib import Path
 
 import pytest
 import torch
+from harness.fixtures import tiny_conditioning_path
+from harness.server import TINY_MODEL_NAME, VAE_NAME
 from PIL import Image
 
 SIZE = 32  # pixels: a 2x2 latent, so the random VAE and the tiny model stay fast on the CPU
 
 
-def make_album(folder: Path, count: int = 3) -> Path:
-    """A tiny album: coloured images (one landscape) with captions, one without a caption."""
+def make_album(folder: Path, count: int = 3, label: str = "square", tint: int = 0) -> Path:
+    """A tiny album: coloured images (one landscape) with captions, the last one without a caption.
+    `label` and `tint` make an album whose captions and pixels no other test album shares."""
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(count):
         size = (SIZE * 2, SIZE) if i == 1 else (SIZE, SIZE)
-        img = Image.new("RGB", size, (60 * i, 200 - 50 * i, 90))
+        img = Image.new("RGB", size, (60 * i, 200 - 50 * i, 90 + tint))
         img.paste((255, 255, 255), (4, 4, 12, 12))
         img.save(folder / f"{i:03d}.png")
         if i != count - 1:
-            (folder / f"{i:03d}.txt").write_text(f"a small square number {i}")
+            (folder / f"{i:03d}.txt").write_text(f"a small {label} number {i}")
     return folder
 
 
@@ -163,3 +170,200 @@ def test_glue_training_writes_checkpoints_stock_loader_applies(comfy_env, tiny_s
 
     (curve,) = KleinLabLossCurve.execute("inprocess", 400, 200, 0.9).result
     assert curve.shape == (1, 200, 400, 3)
+
+
+# ----------------------------------------------------------------------------------------------- server
+
+RUN_STEPS = 4
+
+
+def train_prompt(
+    album: Path,
+    cond_file: Path,
+    run_name: str,
+    steps: int,
+    *,
+    resume: bool = False,
+    checkpoint_every: int = 2,
+    sample_every: int = 2,
+) -> dict:
+    """API-format workflow: tiny Klein + random VAE + test conditioning -> dataset -> encode -> train -> preview."""
+    return {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": TINY_MODEL_NAME, "weight_dtype": "default"}},
+        "2": {"class_type": "VAELoader", "inputs": {"vae_name": VAE_NAME}},
+        "3": {"class_type": "KleinLabTestConditioning", "inputs": {"path": str(cond_file)}},
+        "4": {
+            "class_type": "KleinLabDatasetFolder",
+            "inputs": {
+                "folder": str(album),
+                "trigger": "TOK",
+                "trigger_mode": "prepend",
+                "resolution": SIZE,
+                "default_caption": "",
+            },
+        },
+        "5": {
+            "class_type": "KleinLabEncodeDataset",
+            "inputs": {
+                "dataset": ["4", 0],
+                "vae": ["2", 0],
+                "conditioning": ["3", 0],
+                "validation_prompts": "a photo of [trigger] riding a bicycle",
+            },
+        },
+        "6": {
+            "class_type": "KleinLabTrainLora",
+            "inputs": {
+                "model": ["1", 0],
+                "encoded_dataset": ["5", 0],
+                "preset": "style",
+                "run_name": run_name,
+                "resume": resume,
+                "rank": 4,
+                "alpha": 0.0,
+                "learning_rate": 1e-3,
+                "steps": steps,
+                "batch_size": 1,
+                "checkpoint_every": checkpoint_every,
+                "sample_every": sample_every,
+                "sample_steps": 2,
+                "sample_cfg": 1.0,
+                "seed": 3,
+                "targets": "attention",
+                "vae": ["2", 0],
+            },
+        },
+        "7": {"class_type": "PreviewImage", "inputs": {"images": ["6", 2]}},
+    }
+
+
+def encode_prompt(album: Path, cond_file: Path) -> dict:
+    """Only the dataset and encode nodes, with the report shown by core's PreviewAny (an output node)."""
+    prompt = {k: v for k, v in train_prompt(album, cond_file, "unused", 1).items() if k in ("2", "3", "4", "5")}
+    prompt["8"] = {"class_type": "PreviewAny", "inputs": {"source": ["5", 1]}}
+    return prompt
+
+
+def runs_folder(server) -> Path:
+    return server.base_dir / "output" / "klein_lora_lab" / "runs"
+
+
+def encode_report(outputs: dict) -> str:
+    text = outputs["8"]["text"][0]
+    assert re.search(r"\d+ encoded, \d+ from cache, [\d.]+ s", text), text
+    return text
+
+
+@pytest.fixture(scope="module")
+def cond_file(tiny_spec) -> Path:
+    return tiny_conditioning_path(tiny_spec, tokens=8)
+
+
+def test_workflow_trains_samples_and_draws_the_loss_curve(comfy_server, cond_file, tmp_path):
+    """/prompt runs the whole workflow: checkpoints every 2 steps (listed as loras), decoded previews, a loss
+    curve IMAGE, and the returned name is what the stock LoRA loader lists and loads without unmatched keys."""
+    album = make_album(tmp_path / "album")
+    outputs = comfy_server.run_prompt(train_prompt(album, cond_file, "wf", RUN_STEPS), timeout_s=600)
+    run = runs_folder(comfy_server) / "wf"
+    assert sorted(p.name for p in (run / "checkpoints").glob("step_??????.safetensors")) == [
+        "step_000002.safetensors",
+        "step_000004.safetensors",
+    ]
+    samples = sorted(p.name for p in (run / "samples").glob("*.png"))
+    assert samples == ["step_000002_prompt0.png", "step_000004_prompt0.png"]
+    assert Image.open(run / "samples" / samples[0]).size == (SIZE, SIZE)
+    assert "Finished 4 steps" in outputs["6"]["text"][0]
+    print(f"\nworkflow: {outputs['6']['text'][0]}")
+    assert [img["filename"] for img in outputs["6"]["images"]] == samples
+    curve = outputs["7"]["images"][0]
+    assert Image.open(BytesIO(comfy_server.view_file(curve["filename"], curve["subfolder"], curve["type"]))).size == (
+        768,
+        384,
+    )
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4] and "val_loss" in records[1]
+
+    loras = comfy_server.get_json("/object_info/LoraLoaderModelOnly")["LoraLoaderModelOnly"]["input"]["required"]
+    listed = loras["lora_name"][0]
+    assert "wf/checkpoints/step_000004.safetensors" in listed
+    load = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": TINY_MODEL_NAME, "weight_dtype": "default"}},
+        "2": {
+            "class_type": "LoraLoaderModelOnly",
+            "inputs": {"model": ["1", 0], "lora_name": "wf/checkpoints/step_000004.safetensors", "strength_model": 1.0},
+        },
+        "3": {"class_type": "KleinLabModelInfo", "inputs": {"model": ["2", 0]}},
+    }
+    before = len(comfy_server.log_text())
+    comfy_server.run_prompt(load)
+    assert "lora key not loaded" not in comfy_server.log_text()[before:]
+
+
+def test_second_encode_of_the_same_album_hits_the_cache(comfy_server, cond_file, tmp_path):
+    """Re-running the encode on the same album (files touched, so ComfyUI re-executes the nodes) encodes
+    nothing: every latent and conditioning comes from the disk cache. Prints both encode times."""
+    album = make_album(tmp_path / "album_cache", count=4, label="cached", tint=17)
+    first = encode_report(comfy_server.run_prompt(encode_prompt(album, cond_file), timeout_s=300))
+    for path in album.iterdir():  # same bytes, new mtimes: the album node's fingerprint changes
+        path.touch()
+    second = encode_report(comfy_server.run_prompt(encode_prompt(album, cond_file), timeout_s=300))
+    # 4 images + 4 distinct captions (3 files, 1 trigger-only) + the validation prompt; no empty caption
+    # with a fixed conditioning.
+    assert "4 images: 9 latents/conditionings, 9 encoded, 0 from cache" in first, first
+    assert "4 images: 9 latents/conditionings, 0 encoded, 9 from cache" in second, second
+    print(f"\nencode first run: {first}\nencode cached run: {second}")
+
+
+def wait_for(path: Path, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} did not appear within {timeout_s} s"
+        time.sleep(0.1)
+
+
+def test_cancel_keeps_a_resumable_run_and_resume_finishes_it_exactly(comfy_server, cond_file, tmp_path):
+    """/interrupt mid-run ends the prompt as interrupted but leaves a LoRA checkpoint that loads, with its
+    resume state; resume=true continues from there to the end, and the final LoRA equals the one an
+    uninterrupted run with the same settings produces."""
+    from klein_lora_lab.trainer_core.lora_file import load_lora
+    from klein_lora_lab.trainer_core.runfolder import RunFolder, checkpoint_step
+
+    album = make_album(tmp_path / "album_cancel")
+    run_dir = runs_folder(comfy_server) / "cancel"
+    prompt_id = comfy_server.queue_prompt(
+        train_prompt(album, cond_file, "cancel", 5000, checkpoint_every=3, sample_every=0)
+    )
+    wait_for(run_dir / "checkpoints" / "step_000003.safetensors", 300)
+    comfy_server.interrupt()
+    entry = comfy_server.wait_history(prompt_id, timeout_s=120)
+    assert entry["status"]["status_str"] == "error"
+    assert any(m[0] == "execution_interrupted" for m in entry["status"]["messages"])
+
+    run = RunFolder.open(run_dir)
+    last = run.latest_checkpoint()
+    stopped_at = checkpoint_step(last)
+    assert 3 <= stopped_at < 5000 and run.latest_resumable() == last
+    weights, meta = load_lora(last)
+    assert weights and meta["klein_lab.step"] == str(stopped_at)
+    cancelled = [line for line in comfy_server.log_text().splitlines() if "Cancelled at step" in line]
+    assert cancelled and f"step_{stopped_at:06d}.safetensors" in cancelled[-1]
+    print(f"\ncancel: {cancelled[-1]}")
+
+    final = stopped_at + 3
+    outputs = comfy_server.run_prompt(
+        train_prompt(album, cond_file, "cancel", final, resume=True, checkpoint_every=3, sample_every=0), timeout_s=600
+    )
+    assert f"Finished {final} steps" in outputs["6"]["text"][0]
+    print(f"resume: {outputs['6']['text'][0]}")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == list(range(1, final + 1))
+
+    comfy_server.run_prompt(
+        train_prompt(album, cond_file, "reference", final, checkpoint_every=3, sample_every=0), timeout_s=600
+    )
+    resumed, _ = load_lora(RunFolder.open(run_dir).latest_checkpoint())
+    reference, _ = load_lora(RunFolder.open(runs_folder(comfy_server) / "reference").latest_checkpoint())
+    assert resumed.keys() == reference.keys()
+    for name in reference:
+        assert torch.equal(resumed[name].down, reference[name].down), name
+        assert torch.equal(resumed[name].up, reference[name].up), name
