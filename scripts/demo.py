@@ -103,7 +103,7 @@ def sample(model_file: Path, seeds: list[int], size: int, steps: int, samples_di
     from PIL import Image
     from safetensors.torch import save_file
 
-    import nodes
+    import nodes  # ComfyUI's nodes.py: import_comfyui put ComfyUI's root first on sys.path
 
     folder_paths.add_model_folder_path("diffusion_models", str(model_file.parent))
     (model,) = nodes.UNETLoader().load_unet(model_file.name, "default")
