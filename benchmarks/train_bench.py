@@ -90,6 +90,7 @@ def _timed(fn: Callable[[], None], warmup: int, steps: int) -> list[float]:
 
 
 SDPA_BACKEND = {"name": "default"}
+COMPILE = {"on": False}
 
 
 def _sdpa_backend():
@@ -128,7 +129,9 @@ def make_step(dm, res: int, batch: int, rank: int, context_dim: int, checkpointi
 
     def step() -> None:
         with torch.autocast("cuda", dtype=torch.bfloat16), _sdpa_backend():
-            v = klein_forward(dm, x_t, sigma, ctx, adapters=lora, checkpointing=checkpointing)
+            v = klein_forward(
+                dm, x_t, sigma, ctx, adapters=lora, checkpointing=checkpointing, compile_blocks=COMPILE["on"]
+            )
         loss = torch.nn.functional.mse_loss(v.float(), target)
         loss.backward()
         opt.step()
@@ -212,6 +215,7 @@ def main() -> None:
     parser.add_argument("--jsonl", type=Path, default=None)
     parser.add_argument("--model-dir", type=Path, default=Path("/tmp"), help="where the random model file is written")
     parser.add_argument("--sdpa", choices=("default", "cudnn", "flash"), default="default")
+    parser.add_argument("--compile", action="store_true", help="torch.compile each block (fuses element-wise ops)")
     args = parser.parse_args()
     SDPA_BACKEND["name"] = args.sdpa
 
@@ -225,6 +229,7 @@ def main() -> None:
 
     comfy.cli_args.args.cpu = False
     register_pack()
+    COMPILE["on"] = args.compile
     gpu = torch.cuda.get_device_name()
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in gpu), 989.0)
     rows = []
@@ -249,7 +254,9 @@ def main() -> None:
                         flops = step_flops(variant, res, batch)
                         row = {
                             "gpu": gpu,
-                            "trainer": which if args.sdpa == "default" else f"{which}/{args.sdpa}",
+                            "trainer": which
+                            + ("" if args.sdpa == "default" else f"/{args.sdpa}")
+                            + ("/compiled" if args.compile else ""),
                             "variant": variant,
                             "res": res,
                             "rank": rank,

@@ -220,20 +220,45 @@ def single_block(
     return x + gate * out
 
 
-def _bind_double(lin: Linear, block: nn.Module, name: str, heads: int) -> Callable[..., tuple[Tensor, Tensor]]:
+def _bind_double(
+    lin: Linear, block: nn.Module, name: str, heads: int, fn: Callable = double_block
+) -> Callable[..., tuple[Tensor, Tensor]]:
     """A checkpointable closure: every tensor it needs is an argument, so recomputation sees the same inputs."""
 
     def run(img: Tensor, txt: Tensor, pe: Tensor, *mods: Tensor) -> tuple[Tensor, Tensor]:
-        return double_block(lin, block, name, img, txt, mods, pe, heads)
+        return fn(lin, block, name, img, txt, mods, pe, heads)
 
     return run
 
 
-def _bind_single(lin: Linear, block: nn.Module, name: str, heads: int, hidden: int) -> Callable[..., Tensor]:
+def _bind_single(
+    lin: Linear, block: nn.Module, name: str, heads: int, hidden: int, fn: Callable = single_block
+) -> Callable[..., Tensor]:
     def run(x: Tensor, pe: Tensor, *mods: Tensor) -> Tensor:
-        return single_block(lin, block, name, x, mods, pe, heads, hidden)
+        return fn(lin, block, name, x, mods, pe, heads, hidden)
 
     return run
+
+
+# torch.compile'd block functions, made on first use. Compiling fuses the element-wise work around the matmuls
+# (norms, modulation, RoPE, gates, LoRA adds): Klein 4B at 1024² on an H200 goes from 0.218 to 0.162 s/step.
+# Each block compiles once (its module names are constants of its graph), so the recompile limit is raised
+# for the duration of a forward.
+_COMPILED: dict[str, tuple[Callable, Callable]] = {}
+COMPILE_RECOMPILE_LIMIT = 128
+
+
+def _block_functions(compiled: bool | str) -> tuple[Callable, Callable]:
+    """The block functions, eager or compiled with the given torch.compile backend (True = inductor)."""
+    if not compiled:
+        return double_block, single_block
+    backend = "inductor" if compiled is True else compiled
+    if backend not in _COMPILED:
+        _COMPILED[backend] = (
+            torch.compile(double_block, dynamic=False, backend=backend),
+            torch.compile(single_block, dynamic=False, backend=backend),
+        )
+    return _COMPILED[backend]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -269,17 +294,40 @@ def klein_forward(
     ref_latents: Sequence[Tensor] | None = None,
     adapters: AdapterDeltas | None = None,
     checkpointing: bool | float = False,
+    compile_blocks: bool | str = False,
 ) -> Tensor:
     """Velocity prediction v ≈ noise − x0 of a Klein model.
 
     x [b, 128, h, w] noisy latent (ComfyUI's `x` for Flux2: no input scaling), sigma [b] in [0, 1] (Flux's
     timestep(σ) = σ), context [b, L, ctx], ref_latents: clean reference latents [b, 128, h', w'] appended as
     extra tokens at RoPE index 10, 20, ... and sliced off the output. Returns [b, 128, h, w].
+    checkpointing: False/True or the share of blocks recomputed in backward. compile_blocks: run the blocks
+    through torch.compile (True = inductor, or a backend name; worth it on CUDA, the first steps pay the compile
+    time).
     """
+    if not compile_blocks:
+        return _klein_forward(model, x, sigma, context, ref_latents, adapters, checkpointing, False)
+    import torch._dynamo
+
+    with torch._dynamo.config.patch(recompile_limit=COMPILE_RECOMPILE_LIMIT):
+        return _klein_forward(model, x, sigma, context, ref_latents, adapters, checkpointing, compile_blocks)
+
+
+def _klein_forward(
+    model: nn.Module,
+    x: Tensor,
+    sigma: Tensor,
+    context: Tensor,
+    ref_latents: Sequence[Tensor] | None,
+    adapters: AdapterDeltas | None,
+    checkpointing: bool | float,
+    compile_blocks: bool | str,
+) -> Tensor:
     shape = read_shape(model)
     n_blocks = shape.double_blocks + shape.single_blocks
     n_checkpointed = round(checkpoint_fraction(checkpointing) * n_blocks)  # the first n blocks are checkpointed
     lin = _make_lin(adapters or NoAdapters())
+    double_fn, single_fn = _block_functions(compile_blocks)
     b, _, h, w = x.shape
     img = rearrange(x, "b c h w -> b (h w) c")
     ids = image_ids(b, h, w, 0.0, x.device)
@@ -300,13 +348,13 @@ def klein_forward(
     double_mods = _modulation(lin, model.double_stream_modulation_img, "double_stream_modulation_img", vec, 6)
     double_mods += _modulation(lin, model.double_stream_modulation_txt, "double_stream_modulation_txt", vec, 6)
     for i, block in enumerate(model.double_blocks):
-        fn = _bind_double(lin, block, f"double_blocks.{i}", shape.heads)
+        fn = _bind_double(lin, block, f"double_blocks.{i}", shape.heads, double_fn)
         img, txt = _run_block(i < n_checkpointed, fn, img, txt, pe, *double_mods)
 
     joint = torch.cat((txt, img), dim=1)
     single_mods = _modulation(lin, model.single_stream_modulation, "single_stream_modulation", vec, 3)
     for i, block in enumerate(model.single_blocks):
-        fn = _bind_single(lin, block, f"single_blocks.{i}", shape.heads, shape.hidden)
+        fn = _bind_single(lin, block, f"single_blocks.{i}", shape.heads, shape.hidden, single_fn)
         joint = _run_block(shape.double_blocks + i < n_checkpointed, fn, joint, pe, *single_mods)
     img = joint[:, txt.shape[1] : txt.shape[1] + n_img]
 
