@@ -22,10 +22,11 @@ const READY_TIMEOUT_MS = 120_000;
 async function addModelInfoNode(page, mode) {
   return page.evaluate(async (mode) => {
     const app = window.app;
+    app.graph.clear(); // an empty canvas: the screenshot shows our node alone
     const before = app.graph.nodes.length;
     const node = window.LiteGraph.createNode("KleinLabModelInfo");
     if (!node) return { created: false };
-    node.pos = [200, 200];
+    node.pos = [120, 120];
     app.graph.add(node);
     app.graph.setDirtyCanvas(true, true);
     // Vue nodes render asynchronously; give the DOM a few frames.
