@@ -31,7 +31,6 @@ from typing import Any, NoReturn
 
 import comfy.latent_formats
 import comfy.model_management as mm
-import comfy.sd
 import comfy.utils
 import folder_paths
 import numpy as np
@@ -500,8 +499,10 @@ def train_in_comfy(
     return TrainOutcome(run, result, checkpoint, callbacks.sample_files, interrupted, message)
 
 
-def model_with_lora(model_patcher, lora_path: Path):
-    """A clone of MODEL with the trained LoRA applied (ComfyUI's own LoRA patching; the input stays untouched)."""
-    lora = comfy.utils.load_torch_file(str(lora_path), safe_load=True)
-    patched, _ = comfy.sd.load_lora_for_models(model_patcher, None, lora, 1.0, 0.0)
-    return patched
+def model_with_lora(model_patcher, lora_name: str):
+    """A clone of MODEL with the trained LoRA applied at forward time (the pack's adapters: no weight patching,
+    the input MODEL stays untouched); `lora_name` as the loras list shows it."""
+    from .comfy_adapters import StackItem, apply_items
+
+    trained, _report = apply_items(model_patcher, [StackItem(lora_name, 1.0)])
+    return trained

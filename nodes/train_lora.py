@@ -189,8 +189,8 @@ class KleinLabTrainLora(io.ComfyNode):
         if outcome.interrupted:
             comfy_glue.raise_interrupt()
         curve = run_loss_curve(run, 768, 384, 0.9)
-        trained = comfy_glue.model_with_lora(model, outcome.checkpoint)
         lora_name = comfy_glue.lora_list_name(outcome.checkpoint)
+        trained = comfy_glue.model_with_lora(model, lora_name)
         ui = {"text": [outcome.message], "images": [comfy_glue.ui_image(p) for p in outcome.sample_files[-8:]]}
         return io.NodeOutput(trained, lora_name, curve, ui=ui)
 

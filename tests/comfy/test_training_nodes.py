@@ -110,10 +110,12 @@ def test_glue_training_writes_checkpoints_stock_loader_applies(comfy_env, tiny_s
     """Training through the glue on the loaded MODEL writes checkpoints listed in ComfyUI's loras list, leaves
     in_training off and the input MODEL unpatched; ComfyUI's LoRA loader applies the file with every key used."""
     import comfy.model_management as mm
-    import comfy.sd
+    import comfy.lora
+    import comfy.lora_convert
     import comfy.utils
     import folder_paths
     from klein_lora_lab.nodes import comfy_glue
+    from klein_lora_lab.nodes.comfy_adapters import forward_loras_of
     from klein_lora_lab.nodes.dataset_folder import KleinLabDatasetFolder
     from klein_lora_lab.nodes.encode_dataset import KleinLabEncodeDataset
     from klein_lora_lab.nodes.loss_curve import KleinLabLossCurve
@@ -165,8 +167,9 @@ def test_glue_training_writes_checkpoints_stock_loader_applies(comfy_env, tiny_s
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     loaded = comfy.lora.load_lora(comfy.lora_convert.convert_lora(lora), key_map)
     assert len(loaded) == len({k.rsplit(".lora_", 1)[0].rsplit(".alpha", 1)[0] for k in lora})
-    trained = comfy_glue.model_with_lora(model, outcome.checkpoint)
-    assert len(trained.patches) == len(loaded) and model.patches == patches_before
+    trained = comfy_glue.model_with_lora(model, names[-1])
+    assert forward_loras_of(trained) is not None and forward_loras_of(model) is None
+    assert trained.patches == model.patches == patches_before  # forward-time LoRA: no weight patches
 
     (curve,) = KleinLabLossCurve.execute("inprocess", 400, 200, 0.9).result
     assert curve.shape == (1, 200, 400, 3)
