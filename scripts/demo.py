@@ -4,7 +4,7 @@ It needs a ComfyUI checkout (COMFYUI_PATH, the ComfyUI this pack sits in, or the
 Steps, each reported in the summary:
   1. write the embedded tiny Klein (a randomly initialised FLUX.2 [klein]-shaped diffusion model, a few MB) as
      safetensors, the way a real Klein checkpoint is stored;
-  2. train a LoRA on it (`train_lora`): not available yet in this version, and said so; nothing is faked;
+  2. train a LoRA on it (`train_lora`): not wired into the demo yet, and said so; nothing is faked;
   3. load the model with ComfyUI's own UNETLoader and sample it with ComfyUI's KSampler at fixed seeds.
 There is no tiny text encoder, so the prompt is a fixed random conditioning tensor; with random weights the
 samples are noise-like latents, shown as previews of three of their 128 channels.
@@ -87,11 +87,11 @@ def write_tiny_klein(models_dir: Path, seed: int) -> Path:
 def train_lora(model_file: Path, run_dir: Path) -> tuple[Path | None, str]:
     """Step 2: train a LoRA on the tiny Klein with a generated toy album; returns (checkpoint, what happened).
 
-    The training core is not part of this version, so this step does nothing and says so. When it lands,
-    it plugs in here: build the toy album, train into `run_dir` (checkpoints/, metrics.jsonl, samples/) and
-    return the last checkpoint; `sample` then also shows the LoRA's effect.
+    The demo does not run training yet, so this step does nothing and says so. Training plugs in here: build
+    the toy album, train into `run_dir` (checkpoints/, metrics.jsonl, samples/) and return the last
+    checkpoint; `sample` then also shows the LoRA's effect.
     """
-    return None, "not run: LoRA training is not part of this version yet (no trainer in trainer_core)."
+    return None, "not run: this demo does not train a LoRA yet (the step plugs in at train_lora in scripts/demo.py)."
 
 
 def sample(model_file: Path, seeds: list[int], size: int, steps: int, samples_dir: Path) -> tuple[list[Path], str]:
