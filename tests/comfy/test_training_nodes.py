@@ -109,9 +109,9 @@ def test_encode_node_clip_path_caches(comfy_env, tiny_spec, tmp_path):
 def test_glue_training_writes_checkpoints_stock_loader_applies(comfy_env, tiny_spec, tmp_path):
     """Training through the glue on the loaded MODEL writes checkpoints listed in ComfyUI's loras list, leaves
     in_training off and the input MODEL unpatched; ComfyUI's LoRA loader applies the file with every key used."""
-    import comfy.model_management as mm
     import comfy.lora
     import comfy.lora_convert
+    import comfy.model_management as mm
     import comfy.utils
     import folder_paths
     from klein_lora_lab.nodes import comfy_glue
@@ -370,3 +370,36 @@ def test_cancel_keeps_a_resumable_run_and_resume_finishes_it_exactly(comfy_serve
     for name in reference:
         assert torch.equal(resumed[name].down, reference[name].down), name
         assert torch.equal(resumed[name].up, reference[name].up), name
+
+
+SOCKET_TYPES = {"MODEL", "CLIP", "VAE", "CONDITIONING", "IMAGE", "KLEIN_DATASET", "KLEIN_ENCODED_DATASET", "*"}
+
+
+def test_example_workflow_matches_the_nodes(comfy_server):
+    """The shipped UI workflow uses nodes this ComfyUI knows, with inputs in the server's order, one widget
+    value per widget input, and links whose slots carry the declared types (what the frontend needs to load it)."""
+    workflow = json.loads((Path(__file__).parents[2] / "workflows" / "klein_lab_train_style_lora.json").read_text())
+    info = comfy_server.object_info()
+    by_id = {n["id"]: n for n in workflow["nodes"]}
+    for node in workflow["nodes"]:
+        if node["type"] == "MarkdownNote":
+            continue
+        assert node["type"] in info, node["type"]
+        if not node["type"].startswith("KleinLab"):
+            continue
+        spec = info[node["type"]]
+        order = spec["input_order"]["required"] + spec["input_order"].get("optional", [])
+        assert [i["name"] for i in node["inputs"]] == order, node["type"]
+        all_inputs = {**spec["input"]["required"], **spec["input"].get("optional", {})}
+        widgets = [n for n in order if not (isinstance(all_inputs[n][0], str) and all_inputs[n][0] in SOCKET_TYPES)]
+        assert len(node["widgets_values"]) == len(widgets), node["type"]
+        for name, value in zip(widgets, node["widgets_values"], strict=True):
+            kind = all_inputs[name][0]
+            if isinstance(kind, list):
+                assert value in kind, (node["type"], name, value)
+            elif kind == "COMBO":
+                assert value in all_inputs[name][1]["options"], (node["type"], name, value)
+    for link_id, src, src_slot, dst, dst_slot, kind in workflow["links"]:
+        assert by_id[dst]["inputs"][dst_slot]["link"] == link_id
+        assert link_id in by_id[src]["outputs"][src_slot]["links"]
+        assert by_id[dst]["inputs"][dst_slot]["type"] in (kind, "*")
