@@ -437,7 +437,7 @@ def _combine(module: str, parts: list[_Part], out_features: int, hidden: int) ->
     # Independent parts: stacked downs [Σr, in], block-diagonal up [out, Σr], each part's alpha/rank folded in.
     rank = sum(p.down.shape[0] for p in parts)
     down = torch.cat([p.down.float() for p in parts], dim=0)
-    up = torch.zeros(out_features, rank, dtype=torch.float32)
+    up = torch.zeros(out_features, rank, dtype=torch.float32, device=down.device)
     col = 0
     for p, (r0, r1) in zip(parts, rows, strict=True):
         r = p.down.shape[0]
@@ -507,23 +507,24 @@ def read_lora(state_dict: Mapping[str, Tensor], shape: KleinShape) -> LoraRead:
     return LoraRead(weights, sorted(unmatched), "+".join(sorted(styles)))
 
 
-def load_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """Tensors of a LoRA file (.safetensors, or a torch pickle read with weights_only)."""
+def load_state_dict(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Tensor]:
+    """Tensors of a LoRA file (.safetensors, or a torch pickle read with weights_only), read onto `device`
+    (straight from the file mapping: no intermediate CPU copy when `device` is a GPU)."""
     path = Path(path)
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    data = torch.load(str(path), map_location="cpu", weights_only=True)
+        return load_file(str(path), device=str(device))
+    data = torch.load(str(path), map_location=device, weights_only=True)
     if not isinstance(data, dict):
         raise LoraFormatError(f"{path.name}: not a LoRA state dict (found {type(data).__name__}).")
     return data
 
 
-def read_lora_file(path: str | Path, shape: KleinShape) -> LoraRead:
-    """Read a LoRA file for a Klein of `shape`; errors name the file."""
+def read_lora_file(path: str | Path, shape: KleinShape, device: torch.device | str = "cpu") -> LoraRead:
+    """Read a LoRA file for a Klein of `shape` onto `device`; errors name the file."""
     try:
-        return read_lora(load_state_dict(path), shape)
+        return read_lora(load_state_dict(path, device), shape)
     except LoraFormatError as err:
         raise LoraFormatError(f"{Path(path).name}: {err}") from err
 
