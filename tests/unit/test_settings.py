@@ -9,7 +9,14 @@ from klein_lora_lab.trainer_core.settings import PRESETS, SettingsError, TrainSe
 def test_defaults_match_the_contract() -> None:
     """The defaults other modules rely on: rank/alpha 16, lr 1e-4, AdamW, attention targets, bf16, checkpointing."""
     s = TrainSettings()
-    assert (s.rank, s.alpha, s.learning_rate, s.steps, s.optimizer, s.targets) == (16, 16.0, 1e-4, 1000, "adamw", "attention")
+    assert (s.rank, s.alpha, s.learning_rate, s.steps, s.optimizer, s.targets) == (
+        16,
+        16.0,
+        1e-4,
+        1000,
+        "adamw",
+        "attention",
+    )
     assert (s.lr_schedule, s.mixed_precision, s.gradient_checkpointing, s.timestep_sampling) == (
         "constant",
         "bf16",
