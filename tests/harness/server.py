@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -33,6 +34,7 @@ TINY_MODEL_NAME = "tiny_klein.safetensors"
 VAE_NAME = "flux2_vae_random.safetensors"
 STARTUP_TIMEOUT_S = float(os.environ.get("KLEIN_LAB_SERVER_TIMEOUT", "180"))
 TEST_NODES_SOURCE = Path(__file__).with_name("comfy_test_nodes.py")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 class ServerError(RuntimeError):
@@ -218,13 +220,17 @@ class ComfyServer:
 
 
 def pack_import_errors(log: str, pack_name: str = PACK_DIR_NAME) -> list[str]:
-    """Log lines that report an import failure or traceback mentioning the pack (empty when it loaded)."""
-    lines = log.splitlines()
+    """Log lines that report an import failure or traceback mentioning the pack (empty when it loaded).
+
+    ComfyUI prefixes its log lines with a coloured level ("\\x1b[33m[WARNING]\\x1b[0m Traceback ..."), so the
+    markers are searched anywhere in a line after the colour codes are removed.
+    """
+    lines = [ANSI.sub("", line) for line in log.splitlines()]
     bad = []
     for i, line in enumerate(lines):
-        if "IMPORT FAILED" in line and pack_name in line:
+        if pack_name in line and ("IMPORT FAILED" in line or "Cannot import" in line):
             bad.append(line)
-        if line.startswith("Traceback"):
+        if "Traceback (most recent call last)" in line:
             block = "\n".join(lines[i : i + 40])
             if pack_name in block:
                 bad.append(block)

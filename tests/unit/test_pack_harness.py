@@ -71,10 +71,17 @@ def test_server_that_never_answers_times_out(tmp_path: Path) -> None:
 
 
 def test_pack_import_errors_finds_only_our_failures() -> None:
-    """Import failures and tracebacks are reported for our pack and ignored for other packs."""
-    ours = "   0.1 seconds (IMPORT FAILED): /tmp/base/custom_nodes/klein_lora_lab"
-    other = "   0.1 seconds (IMPORT FAILED): /tmp/base/custom_nodes/some_other_pack"
-    trace = 'Traceback (most recent call last):\n  File "/tmp/base/custom_nodes/klein_lora_lab/__init__.py"\nError'
-    assert pack_import_errors(f"ok\n{other}\n") == []
-    assert pack_import_errors(f"ok\n{ours}\n") == [ours]
+    """Import failures and tracebacks (as ComfyUI 0.29 logs them, colour codes included) are reported for our
+    pack and ignored for other packs."""
+    warn, info = "\x1b[1m\x1b[33m[WARNING]\x1b[0m ", "\x1b[32m[INFO]\x1b[0m "
+    ours = f"{info}   0.0 seconds (IMPORT FAILED): /tmp/base/custom_nodes/klein_lora_lab"
+    other = f"{info}   0.1 seconds (IMPORT FAILED): /tmp/base/custom_nodes/some_other_pack"
+    trace = (
+        f"{warn}Traceback (most recent call last):\n"
+        '  File "/tmp/base/custom_nodes/klein_lora_lab/__init__.py", line 1, in <module>\n'
+        "ModuleNotFoundError: No module named 'xyz'"
+    )
+    other_trace = trace.replace("klein_lora_lab", "some_other_pack")
+    assert pack_import_errors(f"ok\n{other}\n{other_trace}\n") == []
+    assert pack_import_errors(f"ok\n{ours}\n") == [ours.replace("\x1b[32m", "").replace("\x1b[0m", "")]
     assert len(pack_import_errors(f"ok\n{trace}\n")) == 1
