@@ -235,3 +235,37 @@ def test_foreign_lora_is_refused_by_the_node(env) -> None:
     _write(weights, "ours", env["loras"] / "bigger.safetensors")
     with pytest.raises(LoraFormatError, match=r"bigger\.safetensors: .*single_blocks\.9"):
         loader(env["model"], "bigger.safetensors", 1.0)
+
+
+def test_example_workflow_matches_the_nodes(comfy_root) -> None:
+    """The shipped block-LoRA/mixer workflow lists our nodes' inputs in schema order, one value per widget (valid
+    preset choices), and links whose two ends agree on ids and types (what the frontend needs to load it)."""
+    import json
+
+    from comfy_api.latest import io
+    from klein_lora_lab.nodes.lora_loader_blocks import KleinLabLoraLoaderBlocks
+    from klein_lora_lab.nodes.lora_mixer import KleinLabLoraMixer
+    from klein_lora_lab.nodes.lora_stack import KleinLabLoraStack
+
+    ours = {cls.__name__: cls for cls in (KleinLabLoraLoaderBlocks, KleinLabLoraMixer, KleinLabLoraStack)}
+    path = Path(__file__).parents[2] / "workflows" / "klein_lab_block_lora_and_mixer.json"
+    workflow = json.loads(path.read_text())
+    by_id = {n["id"]: n for n in workflow["nodes"]}
+    assert set(ours) <= {n["type"] for n in workflow["nodes"]}
+    widget_kinds = (io.Combo.Input, io.Float.Input, io.Int.Input, io.String.Input, io.Boolean.Input)
+    for node in workflow["nodes"]:
+        if node["type"] not in ours:
+            continue
+        inputs = ours[node["type"]].define_schema().inputs
+        assert [i["name"] for i in node["inputs"]] == [i.id for i in inputs], node["type"]
+        widgets = [i for i in inputs if isinstance(i, widget_kinds)]
+        assert len(node["widgets_values"]) == len(widgets), node["type"]
+        for inp, value in zip(widgets, node["widgets_values"], strict=True):
+            if isinstance(inp, io.Combo.Input) and inp.id.startswith("preset"):
+                assert value in inp.options, (node["type"], inp.id, value)
+            if isinstance(inp, io.Float.Input):
+                assert inp.min <= value <= inp.max, (node["type"], inp.id, value)
+    for link_id, src, src_slot, dst, dst_slot, kind in workflow["links"]:
+        assert by_id[dst]["inputs"][dst_slot]["link"] == link_id
+        assert link_id in by_id[src]["outputs"][src_slot]["links"]
+        assert by_id[dst]["inputs"][dst_slot]["type"] == kind == by_id[src]["outputs"][src_slot]["type"]
