@@ -240,9 +240,10 @@ def train_prompt(
     }
 
 
-def encode_prompt(album: Path, cond_file: Path) -> dict:
+def encode_prompt(album: Path, cond_file: Path, trigger: str) -> dict:
     """Only the dataset and encode nodes, with the report shown by core's PreviewAny (an output node)."""
     prompt = {k: v for k, v in train_prompt(album, cond_file, "unused", 1).items() if k in ("2", "3", "4", "5")}
+    prompt["4"]["inputs"]["trigger"] = trigger
     prompt["8"] = {"class_type": "PreviewAny", "inputs": {"source": ["5", 1]}}
     return prompt
 
@@ -306,10 +307,10 @@ def test_second_encode_of_the_same_album_hits_the_cache(comfy_server, cond_file,
     """Re-running the encode on the same album (files touched, so ComfyUI re-executes the nodes) encodes
     nothing: every latent and conditioning comes from the disk cache. Prints both encode times."""
     album = make_album(tmp_path / "album_cache", count=4, label="cached", tint=17)
-    first = encode_report(comfy_server.run_prompt(encode_prompt(album, cond_file), timeout_s=300))
+    first = encode_report(comfy_server.run_prompt(encode_prompt(album, cond_file, "CACHETOK"), timeout_s=300))
     for path in album.iterdir():  # same bytes, new mtimes: the album node's fingerprint changes
         path.touch()
-    second = encode_report(comfy_server.run_prompt(encode_prompt(album, cond_file), timeout_s=300))
+    second = encode_report(comfy_server.run_prompt(encode_prompt(album, cond_file, "CACHETOK"), timeout_s=300))
     # 4 images + 4 distinct captions (3 files, 1 trigger-only) + the validation prompt; no empty caption
     # with a fixed conditioning.
     assert "4 images: 9 latents/conditionings, 9 encoded, 0 from cache" in first, first
