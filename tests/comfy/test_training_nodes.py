@@ -404,3 +404,51 @@ def test_example_workflow_matches_the_nodes(comfy_server):
         assert by_id[dst]["inputs"][dst_slot]["link"] == link_id
         assert link_id in by_id[src]["outputs"][src_slot]["links"]
         assert by_id[dst]["inputs"][dst_slot]["type"] in (kind, "*")
+
+
+def test_image_pairs_train_with_reference_latents(comfy_env, tiny_spec, tmp_path):
+    """An image-to-image album trains through the glue: items carry the encoded reference, previews sample
+    with it, and the checkpoint records the image_to_image preset's rank."""
+    from klein_lora_lab.nodes import comfy_glue
+    from klein_lora_lab.nodes.dataset_pairs import KleinLabDatasetPairs
+    from klein_lora_lab.nodes.encode_dataset import KleinLabEncodeDataset
+    from klein_lora_lab.nodes.train_lora import open_run, sample_config, settings_from_widgets
+    from klein_lora_lab.trainer_core.lora_file import load_lora
+
+    make_album(tmp_path / "pimpmyride", label="pimped car", tint=40)
+    make_album(tmp_path / "pimpmyride_control", label="plain car", tint=80)
+    dataset, summary = KleinLabDatasetPairs.execute(
+        str(tmp_path / "pimpmyride_control"), str(tmp_path / "pimpmyride"), "pimpmyride", "prepend", SIZE, ""
+    ).result
+    assert "3 pairs" in summary
+    clip = FakeClip(tiny_spec.context_dim)
+    encoded, _ = KleinLabEncodeDataset.execute(dataset, comfy_env["vae"], "[trigger], a sports car", clip=clip).result
+    assert all(len(item.refs) == 1 and item.refs[0].shape == item.latent.shape for item in encoded.items)
+    settings = settings_from_widgets(
+        "image_to_image",
+        rank=0,
+        alpha=0.0,
+        learning_rate=0.0,
+        steps=2,
+        batch_size=1,
+        checkpoint_every=0,
+        sample_every=2,
+        seed=0,
+        targets="attention",
+    )
+    run = open_run("pairs", settings, encoded, resume=False)
+    with torch.inference_mode():
+        outcome = comfy_glue.train_in_comfy(
+            comfy_env["model"],
+            encoded.items,
+            settings,
+            run,
+            False,
+            None,
+            sample_config(encoded, 2, 2.0, 0),
+            encoded.empty_context,
+            None,
+        )
+    assert outcome.result.steps_done == 2 and len(outcome.sample_files) == 1
+    _, meta = load_lora(outcome.checkpoint)
+    assert meta["klein_lab.rank"] == "32" and meta["klein_lab.trigger"] == "pimpmyride"
