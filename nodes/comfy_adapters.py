@@ -3,20 +3,24 @@
 How it works: the loader/mixer nodes clone the MODEL they receive and register one DIFFUSION_MODEL wrapper
 (`comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL`, key `WRAPPER_KEY`) on the clone. ComfyUI merges a
 patcher's wrappers into `transformer_options` when it samples, and Flux's `forward` runs its wrappers around
-`_forward`. For the duration of each diffusion-model call the wrapper adds a forward hook to every target Linear
-that returns `y + stack.delta(name, x)`, and removes the hooks in `finally`. So:
+`_forward`. For the duration of each diffusion-model call the wrapper sets an instance-level `forward` on every
+target Linear that returns the Linear's own result plus the stacked LoRAs, and restores exactly what was there
+in `finally`. So:
 
 * the base weights are never patched: the clone carries no weight patches, `load_models_gpu` finds the same
   weights loaded (same `patches_uuid`) and returns without touching them; a new strength, checkpoint or block
   vector is a new small wrapper object, not a re-patch;
 * ComfyUI's own forward runs (its fp8/manual-cast Linear, lowvram offload, attention patches and other
-  extensions keep working); the delta is computed in the activations' dtype and added to the Linear's output;
-* the model received by a node is never touched (the hooks live only inside calls made through the clone),
+  extensions keep working); for such Linears the delta is computed in the activations' dtype and added to the
+  Linear's output;
+* the model received by a node is never touched (the patch lives only inside calls made through the clone),
   and several LoRAs stack: a clone of a model that already carries our wrapper gets one wrapper holding both.
 
 LoRA tensors are read once per file (cached by path, mtime and size) straight onto the model's load device,
-and cast at most once per compute dtype; the per-call cost is the hook bookkeeping and, per target Linear, one
-thin matmul plus one fused multiply-add into the Linear's output.
+and cast at most once per compute dtype; all LoRAs of a module are fused into one (down, up, scale). Per call
+and target Linear the cost is either one pass over its output (y + s·(x Dᵀ) Uᵀ, fused into one addmm) or, for
+a plain Linear fed more tokens than it has input features, one pass over its weight (F.linear(x, W + s·U D));
+see `use_weight_side`.
 """
 
 from __future__ import annotations
@@ -24,15 +28,16 @@ from __future__ import annotations
 import logging
 import os
 from collections import OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
 
+import comfy.ops
 import comfy.patcher_extension
 import folder_paths
 import torch
+import torch.nn.functional as F
 from comfy_api.latest import io
 from torch import Tensor, nn
 
@@ -117,10 +122,49 @@ class LoraSpec:
     module_strength: Mapping[str, float] | None = None
 
 
-def _add_delta(stack: AdapterStack, name: str, module: nn.Module, args: tuple[Any, ...], output: Tensor) -> Tensor:
-    """Forward hook of a target Linear: y + Σ strength · (alpha/rank) · x Aᵀ Bᵀ over the stacked LoRAs (the
-    scale and the add fused into the up matmul: one pass over the Linear's output per LoRA)."""
-    return stack.apply(name, args[0], output)
+# Where the LoRA is added, chosen per call: into the Linear's output (y + s·(x Dᵀ) Uᵀ: one extra pass over the
+# output [tokens, out]) or into a temporary weight (F.linear(x, W + s·U D): one pass over the weight [out, in]).
+# The weight side wins when tokens > in_features (Klein 4B at 1024² with CFG: 9216 tokens vs 3072), the output
+# side on small images. The weight side needs a plain, fully loaded Linear whose weight is in the compute
+# dtype; fp8 / manual-cast / offloaded Linears always take the output side through ComfyUI's own forward.
+WEIGHT_SIDE_TOKENS_PER_IN = 1.0
+
+
+def use_weight_side(tokens: int, in_features: int) -> bool:
+    return tokens > WEIGHT_SIDE_TOKENS_PER_IN * in_features
+
+
+def _plain_linear(module: nn.Module, x: Tensor) -> bool:
+    """True when ComfyUI's forward of this Linear is exactly F.linear(x, weight, bias) (no cast, no patch)."""
+    weight = getattr(module, "weight", None)
+    return (
+        type(weight) is nn.Parameter
+        and weight.dtype == x.dtype
+        and weight.device == x.device
+        and not getattr(module, "comfy_cast_weights", False)
+        and not getattr(module, "weight_function", None)
+        and not getattr(module, "bias_function", None)
+    )
+
+
+def _lora_forward(
+    module: nn.Module, inner: Callable[..., Tensor], own: bool, lora: tuple[Tensor, Tensor, float], *args, **kwargs
+) -> Tensor:
+    """A target Linear's forward during one diffusion-model call: its own output plus the stacked LoRAs.
+
+    lora = (down [r, in], up [out, r], scale); inner = the forward it had before (ComfyUI's, or another
+    extension's instance forward: `own` is False then and the output side is always used).
+    """
+    down, up, scale = lora
+    x = args[0]
+    if own and not kwargs and len(args) == 1 and use_weight_side(x.numel() // x.shape[-1], down.shape[1]):
+        if _plain_linear(module, x):
+            comfy.ops.run_every_op()  # what ComfyUI's Linear.forward does first (interruption checks)
+            return F.linear(x, torch.addmm(module.weight, up, down, alpha=scale), module.bias)  # W + s·U·D
+    y = inner(*args, **kwargs)
+    h = x.reshape(-1, x.shape[-1]) @ down.t().to(x.dtype)  # [tokens, r]
+    out = torch.addmm(y.reshape(-1, y.shape[-1]), h.to(y.dtype), up.t().to(y.dtype), alpha=scale)
+    return out.view(y.shape)
 
 
 @dataclass
@@ -129,6 +173,9 @@ class ForwardLoras:
 
     specs: tuple[LoraSpec, ...]
     _stacks: dict[tuple[torch.device, torch.dtype], AdapterStack] = field(default_factory=dict, repr=False)
+    _fused: dict[tuple[torch.device, torch.dtype], dict[str, tuple[Tensor, Tensor, float]]] = field(
+        default_factory=dict, repr=False
+    )
 
     def stack(self, device: torch.device, dtype: torch.dtype) -> AdapterStack:
         """The AdapterStack on (device, dtype), built once per wrapper (tensors come from the file cache)."""
@@ -140,21 +187,29 @@ class ForwardLoras:
                     f"{i}:{spec.label}", spec.lora.placed(device, dtype), spec.strength, spec.module_strength
                 )
             self._stacks[key] = stack
+            # per module all LoRAs as one (down, up, scale): one thin matmul pair per Linear, however many LoRAs
+            self._fused[key] = {name: stack.fused(name) for name in stack.names()}
         return self._stacks[key]
 
     def __call__(self, executor, *args, **kwargs):
         model: nn.Module = executor.class_obj
         x: Tensor = args[0]  # [b, 128, h, w] in the compute dtype (fp8 weights compute in bf16/fp32)
-        stack = self.stack(x.device, x.dtype)
-        handles = []
+        self.stack(x.device, x.dtype)
+        patched: list[tuple[nn.Module, Callable | None]] = []
         try:
-            for name in stack.names():
+            for name, lora in self._fused[(torch.device(x.device), x.dtype)].items():
                 module = model.get_submodule(name)
-                handles.append(module.register_forward_hook(partial(_add_delta, stack, name)))
+                previous = module.__dict__.get("forward")  # an instance forward another extension set, if any
+                inner = previous if previous is not None else module.forward
+                module.forward = partial(_lora_forward, module, inner, previous is None, lora)
+                patched.append((module, previous))
             return executor(*args, **kwargs)
         finally:
-            for handle in handles:
-                handle.remove()
+            for module, previous in reversed(patched):  # restore exactly what was there
+                if previous is None:
+                    del module.forward
+                else:
+                    module.forward = previous
 
     def to(self, *args, **kwargs) -> ForwardLoras:
         """ComfyUI calls .to(device) / .to(model dtype) on wrappers; tensors are placed per compute dtype instead

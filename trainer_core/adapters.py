@@ -169,6 +169,21 @@ class AdapterStack:
     def names(self) -> Iterable[str]:
         return self._layers.keys()
 
+    def fused(self, name: str) -> tuple[Tensor, Tensor, float] | None:
+        """This module's LoRAs as one (down [Σr, in], up [out, Σr], scale): delta = scale · x downᵀ upᵀ.
+
+        One LoRA is returned as is; several are concatenated with their scales folded into the ups (a copy).
+        """
+        entries = self._layers.get(name)
+        if not entries:
+            return None
+        if len(entries) == 1:
+            e = entries[0][1]
+            return e.down, e.up, e.scale
+        down = torch.cat([e.down for _, e in entries], dim=0)
+        up = torch.cat([e.up * e.scale for _, e in entries], dim=1)
+        return down, up, 1.0
+
     def apply(self, name: str, x: Tensor, y: Tensor) -> Tensor:
         """y + delta(x), each LoRA's scale and add fused into its second matmul (one pass over y per LoRA)."""
         entries = self._layers.get(name)

@@ -96,9 +96,21 @@ def loader(model, name: str, strength: float, preset: str = "all", vector: str =
     return KleinLabLoraLoaderBlocks.execute(model, name, strength, preset, global_strength, vector, **groups)
 
 
+@pytest.fixture(params=["output side", "weight side"])
+def side(request, monkeypatch) -> str:
+    """Force where the LoRA is added (into each Linear's output, or into a temporary weight) for this test."""
+    from klein_lora_lab.nodes import comfy_adapters
+
+    monkeypatch.setattr(
+        comfy_adapters, "WEIGHT_SIDE_TOKENS_PER_IN", float("inf") if request.param == "output side" else 0.0
+    )
+    return request.param
+
+
 @pytest.mark.parametrize("style", STYLES)
-def test_forward_time_equals_core_merged(env, style: str) -> None:
-    """For each key style, our forward-time loader equals core's merged LoraLoader at the same strength."""
+def test_forward_time_equals_core_merged(env, style: str, side: str) -> None:
+    """For each key style and either application side, our forward-time loader equals core's merged
+    LoraLoader at the same strength."""
     ctx_dim = env["shape"].context_dim
     base = predict(env["model"], ctx_dim)
     (ours,) = loader(env["model"], f"lora_{style}.safetensors", 0.8).result
@@ -109,7 +121,7 @@ def test_forward_time_equals_core_merged(env, style: str) -> None:
     assert (got - want).abs().max() < 1e-4
 
 
-def test_two_stacked_loras_equal_core_merging_both(env) -> None:
+def test_two_stacked_loras_equal_core_merging_both(env, side: str) -> None:
     """Mixer slots, Stack -> Mixer and two chained loaders all equal core merging both LoRAs (one negative)."""
     from klein_lora_lab.nodes.lora_mixer import KleinLabLoraMixer
     from klein_lora_lab.nodes.lora_stack import KleinLabLoraStack
@@ -190,7 +202,7 @@ def test_ksampler_run_equals_core_merged(env) -> None:
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_fp8_base_weights(env, tiny_model_file, tmp_path) -> None:
+def test_fp8_base_weights(env, tiny_model_file, tmp_path, side: str) -> None:
     """With fp8 base weights (ComfyUI's manual-cast Linear), our delta is added in the compute dtype: the result
     equals core merging the LoRA into an fp32 model holding exactly the fp8 weights' values."""
     import comfy.sd
@@ -269,3 +281,20 @@ def test_example_workflow_matches_the_nodes(comfy_root) -> None:
         assert by_id[dst]["inputs"][dst_slot]["link"] == link_id
         assert link_id in by_id[src]["outputs"][src_slot]["links"]
         assert by_id[dst]["inputs"][dst_slot]["type"] == kind == by_id[src]["outputs"][src_slot]["type"]
+
+
+def test_weight_side_only_for_plain_linears(env, tiny_model_file) -> None:
+    """A loaded fp32 model's Linears qualify for the weight side (ComfyUI's forward is F.linear there); fp8
+    (manual-cast) Linears and a wrong compute dtype do not, so they keep ComfyUI's casting forward."""
+    import comfy.model_management
+    import comfy.sd
+    from klein_lora_lab.nodes.comfy_adapters import _plain_linear
+
+    comfy.model_management.load_models_gpu([env["model"]])
+    qkv = env["model"].model.diffusion_model.double_blocks[0].img_attn.qkv
+    x = torch.zeros(2, qkv.in_features)
+    assert _plain_linear(qkv, x)
+    assert not _plain_linear(qkv, x.bfloat16())
+    m8 = comfy.sd.load_diffusion_model(str(tiny_model_file), model_options={"dtype": torch.float8_e4m3fn})
+    comfy.model_management.load_models_gpu([m8])
+    assert not _plain_linear(m8.model.diffusion_model.double_blocks[0].img_attn.qkv, x)
