@@ -298,3 +298,23 @@ def test_weight_side_only_for_plain_linears(env, tiny_model_file) -> None:
     m8 = comfy.sd.load_diffusion_model(str(tiny_model_file), model_options={"dtype": torch.float8_e4m3fn})
     comfy.model_management.load_models_gpu([m8])
     assert not _plain_linear(m8.model.diffusion_model.double_blocks[0].img_attn.qkv, x)
+
+
+def test_same_file_is_read_once_until_it_changes(env) -> None:
+    """A LoRA file is read once per (path, mtime, size): the second load is the cached object; a rewritten file
+    (a new checkpoint under the same name) is read again."""
+    import os
+
+    from klein_lora_lab.nodes.comfy_adapters import load_lora_cached
+
+    path = env["loras"] / "cached.safetensors"
+    _write(_random_lora(env["shape"], 3, ()), "ours", path)
+    first = load_lora_cached(path, env["shape"])
+    assert load_lora_cached(path, env["shape"]) is first
+    _write(_random_lora(env["shape"], 4, ()), "ours", path)
+    stat = os.stat(path)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))  # a new mtime even on coarse clocks
+    second = load_lora_cached(path, env["shape"])
+    assert second is not first
+    name = "double_blocks.0.img_attn.qkv"
+    assert not torch.equal(second.weights[name].down, first.weights[name].down)
