@@ -399,11 +399,14 @@ class ComfyCallbacks(TrainCallbacks):
         sigmas = flux2_sigmas(cfg.steps, h * w)
         refs = [r[None].to(self.device, torch.float32) for r in cfg.refs] or None
         latents = []
-        for context in cfg.contexts:
-            negative = cfg.negative if cfg.cfg != 1.0 else None
-            ctx = context.to(self.device, torch.float32)
-            neg = None if negative is None else negative.to(self.device, torch.float32)
-            latents.append(sample(self.model, noise, ctx, sigmas, neg, cfg.cfg, adapters=lora, refs=refs))
+        # bf16 autocast on CUDA, as the trainer's own forward: ComfyUI keeps the weights in bf16/fp8 there.
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+            for context in cfg.contexts:
+                negative = cfg.negative if cfg.cfg != 1.0 else None
+                ctx = context.to(self.device, torch.float32)
+                neg = None if negative is None else negative.to(self.device, torch.float32)
+                out = sample(self.model, noise, ctx, sigmas, neg, cfg.cfg, adapters=lora, refs=refs)
+                latents.append(out.float())
         images = decode_images(torch.cat(latents), self.vae)
         if self.vae is not None:
             reload_model(self.patcher)  # decoding may have moved the diffusion model off the device
