@@ -281,10 +281,12 @@ def _resolve(module_key: str) -> tuple[_Target, str] | None:
     """A source module name (key without its LoRA suffix) -> (target, style) or None."""
     for prefix, style in _UNDERSCORED_PREFIXES:
         if module_key.startswith(prefix):
-            dotted = _underscored_to_dotted(module_key[len(prefix) :], style)
-            if dotted is None:
-                return None
-            target = _resolve_native(dotted) if style == "kohya" else _resolve_diffusers(dotted)
+            name = module_key[len(prefix) :]
+            dotted = _underscored_to_dotted(name, "kohya")  # native names (kohya's own), else diffusers names
+            if dotted is not None:
+                return _resolve_native(dotted), style
+            dotted = _underscored_to_dotted(name, "diffusers")
+            target = _resolve_diffusers(dotted) if dotted is not None else None
             return (target, style) if target else None
     for prefix, style in _DOTTED_PREFIXES:
         if module_key.startswith(prefix):

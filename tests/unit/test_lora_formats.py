@@ -127,7 +127,8 @@ def test_diffusers_independent_qkv_parts_are_fused_exactly() -> None:
 
 
 def test_underscored_diffusers_and_norm_out_swap() -> None:
-    """OneTrainer/LyCORIS underscored diffusers names resolve; norm_out.linear rows are swapped to (shift, scale)."""
+    """OneTrainer/LyCORIS (and lora_unet_) underscored diffusers names resolve; norm_out.linear rows are swapped
+    to (shift, scale)."""
     shape = _shape()
     h = shape.hidden
     gen = torch.Generator().manual_seed(3)
@@ -139,10 +140,13 @@ def test_underscored_diffusers_and_norm_out_swap() -> None:
         "lycoris_single_transformer_blocks_2_attn_to_qkv_mlp_proj.lora_up.weight": torch.randn(9 * h, 2),
         "lora_transformer_transformer_blocks_0_attn_add_k_proj.lora_down.weight": torch.randn(2, h),
         "lora_transformer_transformer_blocks_0_attn_add_k_proj.lora_up.weight": torch.randn(h, 2),
+        "lora_unet_transformer_blocks_1_ff_context_linear_out.lora_down.weight": torch.randn(2, 3 * h),
+        "lora_unet_transformer_blocks_1_ff_context_linear_out.lora_up.weight": torch.randn(h, 2),
     }
     read = read_lora(sd, shape)
     assert sorted(read.weights) == [
         "double_blocks.0.txt_attn.qkv",
+        "double_blocks.1.txt_mlp.2",
         "final_layer.adaLN_modulation.1",
         "single_blocks.2.linear1",
     ]
