@@ -263,3 +263,18 @@ def test_wrong_context_dim_names_the_module() -> None:
     }
     with pytest.raises(LoraFormatError, match=r"'diffusion_model\.txt_in'.*in 99.*in 48"):
         read_lora(sd, _shape())
+
+
+def test_reads_files_written_by_the_trainer(tmp_path) -> None:
+    """A checkpoint saved by lora_file.save_lora (bf16, with metadata) reads back as the same weights, as 'native'."""
+    from klein_lora_lab.trainer_core.lora_file import save_lora
+
+    shape = _shape()
+    weights = {k: LoraWeights(w.down.bfloat16(), w.up.bfloat16(), w.alpha) for k, w in _random_lora(shape).items()}
+    path = tmp_path / "step_000100.safetensors"
+    save_lora(path, weights, {"klein_lab.step": "100"})
+    read = read_lora_file(path, shape)
+    assert read.unmatched == [] and read.source_format == "native"
+    for name, w in weights.items():
+        assert torch.equal(read.weights[name].down, w.down) and torch.equal(read.weights[name].up, w.up)
+        assert read.weights[name].alpha == w.alpha
