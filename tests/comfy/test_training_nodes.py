@@ -71,12 +71,14 @@ def comfy_env(comfy_root, tiny_model_file, flux2_vae_file, tmp_path_factory):
     import nodes
 
     out = tmp_path_factory.mktemp("comfy_output")
+    previous_output = folder_paths.get_output_directory()
     folder_paths.set_output_directory(str(out))
     folder_paths.add_model_folder_path("diffusion_models", str(tiny_model_file.parent))
     folder_paths.add_model_folder_path("vae", str(flux2_vae_file.parent))
     (model,) = nodes.UNETLoader().load_unet(tiny_model_file.name, "default")
     (vae,) = nodes.VAELoader().load_vae(flux2_vae_file.name)
-    return {"nodes": nodes, "model": model, "vae": vae, "output": out}
+    yield {"nodes": nodes, "model": model, "vae": vae, "output": out}
+    folder_paths.set_output_directory(previous_output)  # other in-process tests keep ComfyUI's own folder
 
 
 def test_encode_node_clip_path_caches(comfy_env, tiny_spec, tmp_path):
