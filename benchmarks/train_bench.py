@@ -18,7 +18,6 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -77,20 +76,7 @@ def step_flops(variant: str, res: int, batch: int) -> float:
     return batch * (linear + attention) * 2 + batch * attention  # fwd + bwd(input grads: 1x linear, 2x attn)
 
 
-def _timed(fn: Callable[[], None], warmup: int, steps: int) -> list[float]:
-    times = []
-    for i in range(warmup + steps):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return times
-
-
 SDPA_BACKEND = {"name": "default"}
-COMPILE = {"on": False}
 
 
 def _sdpa_backend():
@@ -105,53 +91,57 @@ def _sdpa_backend():
     return sdpa_kernel({"cudnn": SDPBackend.CUDNN_ATTENTION, "flash": SDPBackend.FLASH_ATTENTION}[name])
 
 
-def make_step(dm, res: int, batch: int, rank: int, context_dim: int, checkpointing: bool) -> Callable[[], None]:
-    """One LoRA training step on fixed data: bf16 autocast, per-block checkpointing, fused AdamW on fp32 LoRA."""
-    from klein_lora_lab.trainer_core.adapters import LoraTrainable
-    from klein_lora_lab.trainer_core.klein import klein_forward
-
-    targets = {
-        n: (m.in_features, m.out_features)
-        for n, m in dm.named_modules()
-        if isinstance(m, torch.nn.Linear)
-        and n.startswith(("double_blocks", "single_blocks"))
-        and n.endswith(("qkv", "proj", "linear1", "linear2"))
-    }
-    dm.requires_grad_(False)
-    lora = LoraTrainable(targets, rank, rank, generator=torch.Generator().manual_seed(0), device="cuda")
-    opt = torch.optim.AdamW(lora.parameters(), lr=1e-4, fused=True)
-    x0 = torch.randn(batch, 128, res // 16, res // 16, device="cuda")
-    ctx = torch.randn(batch, TEXT_TOKENS, context_dim, device="cuda", dtype=torch.bfloat16)
-    noise = torch.randn_like(x0)
-    sigma = torch.full((batch,), 0.6, device="cuda")
-    x_t = ((1 - sigma[:, None, None, None]) * x0 + sigma[:, None, None, None] * noise).bfloat16()
-    target = noise - x0
-
-    def step() -> None:
-        with torch.autocast("cuda", dtype=torch.bfloat16), _sdpa_backend():
-            v = klein_forward(
-                dm, x_t, sigma, ctx, adapters=lora, checkpointing=checkpointing, compile_blocks=COMPILE["on"]
-            )
-        loss = torch.nn.functional.mse_loss(v.float(), target)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
-
-
 def bench_ours(
-    patcher, variant: str, res: int, rank: int, batch: int, warmup: int, steps: int, checkpointing: float
+    patcher, variant: str, res: int, rank: int, batch: int, warmup: int, steps: int, share: float, compiled: bool
 ) -> dict:
-    """Steps of this pack's training step on the loaded model (reloaded to the GPU if core moved it away)."""
+    """This pack's trainer (trainer_core.trainer.train) on the loaded model; the first `warmup` steps are dropped."""
+    import tempfile
+
     import comfy.model_management
+    from klein_lora_lab.trainer_core.data import TrainItem
+    from klein_lora_lab.trainer_core.runfolder import RunFolder
+    from klein_lora_lab.trainer_core.settings import TrainSettings
+    from klein_lora_lab.trainer_core.trainer import TrainCallbacks, train
 
     comfy.model_management.load_models_gpu([patcher], force_full_load=True)
-    dm = patcher.model.diffusion_model
-    step = make_step(dm, res=res, batch=batch, rank=rank, context_dim=VARIANTS[variant][3], checkpointing=checkpointing)
+    gen = torch.Generator().manual_seed(0)
+    items = [
+        TrainItem(
+            torch.randn(128, res // 16, res // 16, generator=gen).cuda(),
+            torch.randn(TEXT_TOKENS, VARIANTS[variant][3], generator=gen).cuda(),
+            name=f"item{i}",
+        )
+        for i in range(batch)
+    ]
+    settings = TrainSettings(
+        rank=rank,
+        alpha=float(rank),
+        steps=warmup + steps,
+        batch_size=batch,
+        checkpoint_every=0,
+        gradient_checkpointing=share > 0,
+        checkpoint_share=share if share > 0 else 1.0,
+        compile_blocks="on" if compiled else "off",
+    )
+
+    class StepTimes(TrainCallbacks):
+        """Per-step wall times reported by the trainer (each includes the step's one host sync)."""
+
+        def __init__(self) -> None:
+            self.seconds: list[float] = []
+
+        def on_step(self, step: int, total: int, loss: float, lr: float, seconds: float) -> None:
+            self.seconds.append(seconds)
+
+    times = StepTimes()
     torch.cuda.reset_peak_memory_stats()
-    times = _timed(step, warmup, steps)
-    return {"s_per_step": statistics.median(times), "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
+    with tempfile.TemporaryDirectory() as tmp, _sdpa_backend():
+        run = RunFolder.create(Path(tmp) / "run", settings, {"benchmark": True})
+        train(patcher.model.diffusion_model, items, settings, run, times, device="cuda")
+    return {
+        "s_per_step": statistics.median(times.seconds[warmup:]),
+        "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+    }
 
 
 def bench_core(patcher, variant: str, res: int, rank: int, batch: int, warmup: int, steps: int, depth: int) -> dict:
@@ -229,7 +219,6 @@ def main() -> None:
 
     comfy.cli_args.args.cpu = False
     register_pack()
-    COMPILE["on"] = args.compile
     gpu = torch.cuda.get_device_name()
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in gpu), 989.0)
     rows = []
@@ -242,8 +231,10 @@ def main() -> None:
                         try:
                             if which.startswith("ours"):
                                 mode = which.partition("-")[2] or "full"
-                                ckpt = {"off": 0.0, "full": 1.0}[mode] if mode in ("off", "full") else float(mode)
-                                r = bench_ours(patcher, variant, res, rank, batch, args.warmup, args.steps, ckpt)
+                                share = {"off": 0.0, "full": 1.0}[mode] if mode in ("off", "full") else float(mode)
+                                r = bench_ours(
+                                    patcher, variant, res, rank, batch, args.warmup, args.steps, share, args.compile
+                                )
                             else:
                                 r = bench_core(
                                     patcher, variant, res, rank, batch, args.warmup, args.steps, args.core_depth

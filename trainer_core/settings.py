@@ -18,6 +18,7 @@ LR_SCHEDULES = ("constant", "cosine")
 MIXED_PRECISION = ("bf16", "fp32")
 TIMESTEP_SAMPLING = ("uniform", "logit_normal")
 SAVE_DTYPES = ("bf16", "fp16", "fp32")
+COMPILE_BLOCKS = ("auto", "on", "off")
 
 
 class SettingsError(ValueError):
@@ -37,6 +38,9 @@ class TrainSettings:
     σ = flux_time_shift(μ(image tokens, 50 steps), 1, t), the same map ComfyUI's Flux2Scheduler uses to sample
     Klein Base (see objective.py and docs/training-core.md).
     save_dtype: dtype of the LoRA tensors in checkpoint files (resume state always keeps fp32 master weights).
+    checkpoint_share: with gradient_checkpointing, the share of blocks recomputed in backward (1.0 = all: least
+    memory; lower = faster, more memory; see docs/gpu-performance.md).
+    compile_blocks: torch.compile the blocks ("auto" = on CUDA only: faster after a one-off compile).
     """
 
     rank: int = 16
@@ -60,6 +64,8 @@ class TrainSettings:
     gradient_checkpointing: bool = True
     timestep_sampling: str = "uniform"
     save_dtype: str = "bf16"
+    checkpoint_share: float = 1.0
+    compile_blocks: str = "auto"
 
     def __post_init__(self) -> None:
         self._check_int("rank", 1, 1024, "use a rank between 4 and 128 (the course uses 16-32)")
@@ -98,6 +104,8 @@ class TrainSettings:
             raise _fail("gradient_checkpointing", self.gradient_checkpointing, "True or False", "pass a bool")
         self._check_choice("timestep_sampling", TIMESTEP_SAMPLING)
         self._check_choice("save_dtype", SAVE_DTYPES)
+        self._check_float("checkpoint_share", 0.0, 1.0, "use 1.0 (least memory) or e.g. 0.5 for speed")
+        self._check_choice("compile_blocks", COMPILE_BLOCKS)
 
     # -- validation helpers -------------------------------------------------------------------------------
 

@@ -163,6 +163,9 @@ class _Run:
                 "empty_context (the text encoder's output for an empty prompt) or set caption_dropout=0."
             )
         self.autocast = device.type == "cuda" and settings.mixed_precision == "bf16"
+        self.compile_blocks = settings.compile_blocks == "on" or (
+            settings.compile_blocks == "auto" and device.type == "cuda"
+        )
         self.order = BatchOrder(items, settings.batch_size, settings.seed)
         self.targets = resolve_targets(model, settings.targets)
         gen = torch.Generator().manual_seed(derive_seed(settings.seed, "init"))
@@ -191,14 +194,17 @@ class _Run:
         g_sigma = torch.Generator().manual_seed(derive_seed(s.seed, "sigma", step, micro))
         sigma = sample_sigmas(b, batch.x0.shape[-2] * batch.x0.shape[-1], g_sigma, s.timestep_sampling)
         sigma = sigma.to(self.device)
-        return self._loss(batch.x0, noise, sigma, batch.context, batch.refs, checkpointing=s.gradient_checkpointing)
+        share = s.checkpoint_share if s.gradient_checkpointing else 0.0
+        return self._loss(batch.x0, noise, sigma, batch.context, batch.refs, checkpointing=share)
 
     def _loss(
-        self, x0: Tensor, noise: Tensor, sigma: Tensor, context: Tensor, refs: tuple[Tensor, ...], checkpointing: bool
+        self, x0: Tensor, noise: Tensor, sigma: Tensor, context: Tensor, refs: tuple[Tensor, ...], checkpointing: float
     ) -> Tensor:
         x_t = add_noise(x0, noise, sigma)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
-            v = klein_forward(self.model, x_t, sigma, context, list(refs) or None, self.lora, checkpointing)
+            v = klein_forward(
+                self.model, x_t, sigma, context, list(refs) or None, self.lora, checkpointing, self.compile_blocks
+            )
         return flow_loss(v, velocity_target(x0, noise))
 
     def step(self, step: int) -> tuple[float, float]:
