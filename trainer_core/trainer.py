@@ -365,11 +365,12 @@ def train(
             run.update(settings=settings)
     elif run.checkpoints():
         raise ValueError(f"{run.path} already has checkpoints: pass resume=True to continue it, or use a new folder.")
-    state = _Run(model, items, settings, run, cb, empty_context, device)
-    start = state.resume() if resume else 0
-    stopped = False
-    step = start
-    with _frozen_base(model), torch.inference_mode(False), torch.enable_grad():
+    # ComfyUI runs nodes under inference_mode: LoRA parameters and every tensor of the loop must be created
+    # outside it, so the whole run (including LoRA init and resume) happens in inference_mode(False).
+    with torch.inference_mode(False), torch.enable_grad(), _frozen_base(model):
+        state = _Run(model, items, settings, run, cb, empty_context, device)
+        step = state.resume() if resume else 0
+        stopped = False
         state.lora.train()
         try:
             while step < settings.steps and not stopped:
