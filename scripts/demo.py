@@ -3,11 +3,14 @@
 It needs a ComfyUI checkout (COMFYUI_PATH, the ComfyUI this pack sits in, or the one scripts/setup.sh cloned).
 Steps, each reported in the summary:
   1. write the embedded tiny Klein (a randomly initialised FLUX.2 [klein]-shaped diffusion model, a few MB) as
-     safetensors, the way a real Klein checkpoint is stored;
-  2. train a LoRA on it (`train_lora`): not wired into the demo yet, and said so; nothing is faked;
-  3. load the model with ComfyUI's own UNETLoader and sample it with ComfyUI's KSampler at fixed seeds.
-There is no tiny text encoder, so the prompt is a fixed random conditioning tensor; with random weights the
-samples are noise-like latents, shown as previews of three of their 128 channels.
+     safetensors, the way a real Klein checkpoint is stored, and load it with ComfyUI's own UNETLoader;
+  2. train a LoRA on it with the pack's training path (the code behind the Train LoRA node) on a generated toy
+     album, into a run folder: checkpoints, metrics.jsonl, validation previews, loss curve;
+  3. sample with ComfyUI's KSampler at fixed seeds, without and with the trained LoRA, and measure how close
+     each sample is to the album's shared pattern.
+There is no tiny text encoder and no tiny VAE, so the toy album is made directly in latent space (8 latents that
+share one pattern, captioned with one fixed "TOK" conditioning tensor) and the samples are latents, shown as
+previews of three of their 128 channels.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 PACK_ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "klein_lora_lab"
 MODEL_NAME = "tiny_klein.safetensors"
+TRIGGER = "TOK"
 
 
 @dataclass
@@ -35,7 +39,11 @@ class DemoReport:
     model_file: str = ""
     model_info: str = ""
     training: str = ""
+    run_dir: str = ""
+    checkpoints: list[str] = field(default_factory=list)
+    loss_curve: str = ""
     samples: list[str] = field(default_factory=list)
+    distance_to_album: dict[str, float] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -84,45 +92,145 @@ def write_tiny_klein(models_dir: Path, seed: int) -> Path:
     return path
 
 
-def train_lora(model_file: Path, run_dir: Path) -> tuple[Path | None, str]:
-    """Step 2: train a LoRA on the tiny Klein with a generated toy album; returns (checkpoint, what happened).
-
-    The demo does not run training yet, so this step does nothing and says so. Training plugs in here: build
-    the toy album, train into `run_dir` (checkpoints/, metrics.jsonl, samples/) and return the last
-    checkpoint; `sample` then also shows the LoRA's effect.
-    """
-    return None, "not run: this demo does not train a LoRA yet (the step plugs in at train_lora in scripts/demo.py)."
-
-
-def sample(model_file: Path, seeds: list[int], size: int, steps: int, samples_dir: Path) -> tuple[list[Path], str]:
-    """Step 3: ComfyUI's UNETLoader + KSampler on the tiny Klein; saves latents and channel previews."""
+def load_model(model_file: Path):
+    """ComfyUI's UNETLoader on the tiny Klein file; returns (MODEL, model info text)."""
     import folder_paths
-    import torch
     from klein_lora_lab.nodes.model_info import describe_model
-    from klein_lora_lab.trainer_core.tiny import TinySpec, tiny_conditioning
-    from PIL import Image
-    from safetensors.torch import save_file
 
     import nodes  # ComfyUI's nodes.py: import_comfyui put ComfyUI's root first on sys.path
 
     folder_paths.add_model_folder_path("diffusion_models", str(model_file.parent))
     (model,) = nodes.UNETLoader().load_unet(model_file.name, "default")
-    info = describe_model(model.model.diffusion_model)
-    cond = [[tiny_conditioning(TinySpec(), tokens=16), {}]]  # a fixed stand-in for encoded text
+    return model, describe_model(model.model.diffusion_model)
+
+
+@dataclass
+class ToyAlbum:
+    """Latents that share one pattern (what a LoRA should pick up), captioned with one trigger context."""
+
+    items: tuple
+    pattern: object  # Tensor [128, h, w]: the shared pattern, unit RMS
+    trigger_context: object  # Tensor [tokens, ctx]
+    empty_context: object  # Tensor [tokens, ctx]: the empty caption (zeros)
+
+
+def make_toy_album(size: int, count: int = 8, seed: int = 0) -> ToyAlbum:
+    """A generated album in latent space: a smooth shared pattern plus a little per-image variation."""
+    import torch
+    import torch.nn.functional as F
+    from klein_lora_lab.trainer_core.data import TrainItem
+    from klein_lora_lab.trainer_core.tiny import TinySpec, tiny_conditioning
+
+    h = w = size // 16
+    gen = torch.Generator().manual_seed(seed)
+    coarse = torch.randn(1, 128, max(1, h // 4), max(1, w // 4), generator=gen)
+    pattern = F.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)[0]  # [128, h, w]
+    pattern = pattern / pattern.square().mean().sqrt()
+    trigger = tiny_conditioning(TinySpec(), tokens=16, seed=seed + 1)[0]  # [16, ctx]: stands in for "TOK"
+    items = tuple(
+        TrainItem(pattern + 0.2 * torch.randn(128, h, w, generator=gen), trigger, name=f"toy_{i:02d}")
+        for i in range(count)
+    )
+    return ToyAlbum(items, pattern, trigger, torch.zeros_like(trigger))
+
+
+def train_lora(model, album: ToyAlbum, output_dir: Path, steps: int) -> tuple[str, object, str]:
+    """Step 2: train a LoRA on the MODEL ComfyUI loaded, through the pack's training path.
+
+    Uses the same functions as the Train LoRA node (settings from the "style" preset, a run folder under
+    <output>/klein_lora_lab/runs/, ComfyUI glue for training mode, progress and previews). Returns
+    (lora name as ComfyUI's loras list shows it, the RunFolder, the trainer's closing message).
+    """
+    import folder_paths
+    import torch
+    from klein_lora_lab.nodes import comfy_glue
+    from klein_lora_lab.nodes.train_lora import open_run, sample_config, settings_from_widgets
+    from klein_lora_lab.trainer_core.data import dataset_hash
+    from klein_lora_lab.trainer_core.latent_cache import EncodedDataset
+
+    folder_paths.set_output_directory(str(output_dir))
+    comfy_glue.register_runs_folder()
+    encoded = EncodedDataset(
+        items=album.items,
+        captions=(TRIGGER,) * len(album.items),
+        empty_context=album.empty_context,
+        validation_prompts=(TRIGGER,),
+        validation_contexts=(album.trigger_context,),
+        dataset_hash=dataset_hash(album.items),
+        trigger=TRIGGER,
+        kind="images",
+        encoded=len(album.items),
+        cached=0,
+        seconds=0.0,
+    )
+    every = max(1, steps // 4)  # checkpoints; previews + validation loss (costly on CPU) at half of that rate
+    settings = settings_from_widgets(
+        "style",
+        rank=8,
+        alpha=8.0,
+        learning_rate=5e-3,  # the tiny model learns in tens of steps; the course's 3e-4 is for Klein 4B
+        steps=steps,
+        checkpoint_every=every,
+        sample_every=2 * every,
+        mixed_precision="fp32",  # CPU
+        seed=0,
+    )
+    run = open_run(time.strftime("demo-%Y%m%d-%H%M%S"), settings, encoded, resume=False)
+    with torch.inference_mode():  # as ComfyUI runs a node
+        outcome = comfy_glue.train_in_comfy(
+            model,
+            encoded.items,
+            settings,
+            run,
+            False,
+            None,
+            sample_config(encoded, 8, 1.0, 0),
+            album.empty_context,
+            None,
+        )
+    if outcome.checkpoint is None:
+        raise RuntimeError(f"training wrote no checkpoint: {outcome.message}")
+    return comfy_glue.lora_list_name(outcome.checkpoint), run, outcome.message
+
+
+def save_loss_curve(run) -> Path:
+    """The run's loss curve (the Loss Curve node's picture) as PNG in the run folder."""
+    from klein_lora_lab.nodes.loss_curve import run_loss_curve
+    from PIL import Image
+
+    image = run_loss_curve(run, 768, 384, 0.9)[0]  # [H, W, 3] in 0..1
+    path = run.path / "loss_curve.png"
+    Image.fromarray((image.clamp(0, 1).numpy() * 255).astype("uint8")).save(path)
+    return path
+
+
+def sample(model, context, seeds: list[int], size: int, steps: int, samples_dir: Path, tag: str) -> list:
+    """Step 3: ComfyUI's KSampler at fixed seeds; saves each latent and a 3-channel preview; returns latents."""
+    import torch
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    import nodes
+
+    cond = [[context[None], {}]]  # [1, tokens, ctx]
     samples_dir.mkdir(parents=True, exist_ok=True)
-    written = []
+    latents = []
     for seed in seeds:
         latent = {"samples": torch.zeros(1, 128, size // 16, size // 16)}  # EmptyFlux2LatentImage
         (out,) = nodes.KSampler().sample(model, seed, steps, 1.0, "euler", "simple", cond, cond, latent)
         z = out["samples"][0]  # [128, h, w]
-        save_file({"latent_tensor": z[None].contiguous()}, str(samples_dir / f"seed_{seed}.latent.safetensors"))
+        save_file({"latent_tensor": z[None].contiguous()}, str(samples_dir / f"{tag}_seed_{seed}.latent.safetensors"))
         rgb = z[:3]
         rgb = (rgb - rgb.min()) / (rgb.max() - rgb.min() + 1e-8)  # channels 0-2, min-max scaled for viewing
         pixels = (rgb.permute(1, 2, 0).numpy() * 255).astype("uint8")
-        preview = samples_dir / f"seed_{seed}.preview.png"
-        Image.fromarray(pixels).resize((size, size), Image.NEAREST).save(preview)
-        written.append(preview)
-    return written, info
+        Image.fromarray(pixels).resize((size, size), Image.NEAREST).save(samples_dir / f"{tag}_seed_{seed}.png")
+        latents.append(z)
+    return latents
+
+
+def distance_to_pattern(latents: list, pattern) -> float:
+    """Mean squared distance between the samples and the album's shared pattern (lower = closer to the album)."""
+    return float(sum((z - pattern).square().mean() for z in latents) / len(latents))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -131,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2], help="sampling seeds")
     parser.add_argument("--size", type=int, default=128, help="image size in pixels (multiple of 16)")
     parser.add_argument("--steps", type=int, default=10, help="sampling steps")
+    parser.add_argument("--train-steps", type=int, default=40, help="LoRA training steps")
     parser.add_argument("--gpu", action="store_true", help="let ComfyUI use a GPU (default: CPU)")
     args = parser.parse_args(argv)
     if args.size % 16 or not 16 <= args.size <= 2048:
@@ -149,20 +258,32 @@ def main(argv: list[str] | None = None) -> int:
 
     import_pack()
     import_comfyui(root, cpu=not args.gpu)
+    from klein_lora_lab.nodes import comfy_glue
+
     out = args.out.resolve()
     report = DemoReport(comfyui=str(root), output_dir=str(out))
+    timer = time.perf_counter()
 
-    start = time.perf_counter()
     model_file = write_tiny_klein(out / "models", seed=0)
-    report.model_file, report.seconds["write_model"] = str(model_file), time.perf_counter() - start
+    model, report.model_info = load_model(model_file)
+    report.model_file = str(model_file)
+    report.seconds["load_model"] = time.perf_counter() - timer
 
-    start = time.perf_counter()
-    _, report.training = train_lora(model_file, out / "run")
-    report.seconds["train"] = time.perf_counter() - start
+    timer = time.perf_counter()
+    album = make_toy_album(args.size)
+    lora_name, run, report.training = train_lora(model, album, out, args.train_steps)
+    report.run_dir = str(run.path)
+    report.checkpoints = [str(p) for p in run.checkpoints()]
+    report.loss_curve = str(save_loss_curve(run))
+    report.seconds["train"] = time.perf_counter() - timer
 
-    start = time.perf_counter()
-    previews, report.model_info = sample(model_file, args.seeds, args.size, args.steps, out / "samples")
-    report.samples, report.seconds["sample"] = [str(p) for p in previews], time.perf_counter() - start
+    timer = time.perf_counter()
+    trained = comfy_glue.model_with_lora(model, lora_name)
+    for tag, m in (("base", model), ("lora", trained)):
+        latents = sample(m, album.trigger_context, args.seeds, args.size, args.steps, out / "samples", tag)
+        report.distance_to_album[tag] = distance_to_pattern(latents, album.pattern)
+    report.samples = sorted(str(p) for p in (out / "samples").glob("*.png"))
+    report.seconds["sample"] = time.perf_counter() - timer
 
     (out / "summary.json").write_text(json.dumps(asdict(report), indent=2))
     print_summary(report, args)
@@ -170,20 +291,21 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_summary(report: DemoReport, args: argparse.Namespace) -> None:
-    s = report.seconds
+    s, d = report.seconds, report.distance_to_album
     print("\n=== Klein LoRA Lab demo ===")
     print(f"ComfyUI:  {report.comfyui}")
-    print(f"1. Wrote the embedded tiny Klein model ({s['write_model']:.1f} s): {report.model_file}")
+    print(f"1. Wrote and loaded the embedded tiny Klein ({s['load_model']:.1f} s): {report.model_file}")
     print(f"   {report.model_info.splitlines()[0]}")
-    print(f"2. Training: {report.training}")
+    print(f"2. Trained a LoRA on a generated toy album of 8 latents ({s['train']:.1f} s): {report.training}")
+    print(f"   run folder: {report.run_dir}")
+    print(f"   checkpoints: {len(report.checkpoints)}, loss curve: {report.loss_curve}")
     print(
-        f"3. Sampled with ComfyUI's UNETLoader + KSampler: {len(report.samples)} seeds, {args.size}x{args.size} px, "
-        f"{args.steps} steps ({s['sample']:.1f} s)"
+        f"3. Sampled with ComfyUI's KSampler ({len(args.seeds)} seeds, {args.size}x{args.size} px, {args.steps} steps, "
+        f"{s['sample']:.1f} s), without and with the LoRA:"
     )
-    print("   The model has random weights and no text encoder: the samples are latents, not pictures; the")
-    print("   previews show 3 of their 128 channels.")
-    for path in report.samples:
-        print(f"   {path}")
+    print(f"   mean squared distance to the album's pattern: base {d['base']:.3f}, with LoRA {d['lora']:.3f}")
+    print("   The base model has random weights and there is no text encoder or VAE: samples are latents, and the")
+    print(f"   previews in {Path(report.output_dir) / 'samples'} show 3 of their 128 channels.")
     print(f"Summary: {Path(report.output_dir) / 'summary.json'}")
 
 
