@@ -2,7 +2,7 @@
 
 It needs a ComfyUI checkout (COMFYUI_PATH, the ComfyUI this pack sits in, or the one scripts/setup.sh cloned).
 Steps, each reported in the summary:
-  1. write the embedded tiny Klein (a randomly initialised FLUX.2 [klein]-shaped diffusion model, a few MB) as
+  1. write the embedded tiny Klein (a randomly initialised FLUX.2 [klein]-shaped diffusion model, about 40 MB) as
      safetensors, the way a real Klein checkpoint is stored, and load it with ComfyUI's own UNETLoader;
   2. train a LoRA on it with the pack's training path (the code behind the Train LoRA node) on a generated toy
      album, into a run folder: checkpoints, metrics.jsonl, validation previews, loss curve;
