@@ -23,7 +23,14 @@ from klein_lora_lab.trainer_core.objective import add_noise, compute_empirical_m
 from klein_lora_lab.trainer_core.runfolder import RunFolder
 from klein_lora_lab.trainer_core.sampling import flux2_sigmas, sample
 from klein_lora_lab.trainer_core.settings import TrainSettings
-from klein_lora_lab.trainer_core.tiny import TinySpec, tiny_conditioning, tiny_klein, tiny_klein_state_dict
+from klein_lora_lab.trainer_core.tiny import (
+    TinyKlein,
+    TinySpec,
+    tiny_conditioning,
+    tiny_klein,
+    tiny_klein_state_dict,
+    to_checkpoint_keys,
+)
 from klein_lora_lab.trainer_core.trainer import TrainResult, train
 
 PARITY_SPEC = TinySpec(hidden=128, double_blocks=1, single_blocks=2, context_dim=32)
@@ -68,7 +75,9 @@ def test_parity_with_comfyui_lora_loader(comfy_root: Path, tmp_path: Path, caplo
     and with a reference latent (image-to-image)."""
     g = torch.Generator().manual_seed(0)
     items = [
-        TrainItem(torch.randn(128, 3, 4, generator=g), torch.randn(5, 32, generator=g), (torch.randn(128, 2, 3, generator=g),))
+        TrainItem(
+            torch.randn(128, 3, 4, generator=g), torch.randn(5, 32, generator=g), (torch.randn(128, 2, 3, generator=g),)
+        )
         for _ in range(2)
     ]
     settings = TrainSettings(rank=4, alpha=8, learning_rate=5e-3, steps=4, targets="regex:.*", save_dtype="fp32")
@@ -96,8 +105,10 @@ def test_parity_with_comfyui_lora_loader(comfy_root: Path, tmp_path: Path, caplo
         assert (ours_v - base_v).abs().max() > 1e-3  # the comparison is not between two base models
         torch.testing.assert_close(comfy_v, ours_v, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(comfy_denoised, x_t - sigma * ours_v, rtol=1e-4, atol=1e-5)
-        worst = max(worst, (comfy_v - ours_v).abs().max().item(), (comfy_denoised - (x_t - sigma * ours_v)).abs().max().item())
-    print(f"\n[parity] {len(weights)} modules, max |ComfyUI − ours| = {worst:.3g} (velocity and denoised, with/without ref)")
+        worst = max(
+            worst, (comfy_v - ours_v).abs().max().item(), (comfy_denoised - (x_t - sigma * ours_v)).abs().max().item()
+        )
+    print(f"\n[parity] {len(weights)} modules, max |ComfyUI − ours| = {worst:.3g} (v and denoised, ± ref)")
 
 
 def test_convention_matches_comfyui_sampling(comfy_root: Path) -> None:
@@ -137,8 +148,121 @@ def test_sampler_matches_comfyui_euler(comfy_root: Path) -> None:
     for cfg, refs in ((1.0, None), (3.0, None), (1.0, [ref])):
         extra = {} if refs is None else {"reference_latents": refs}
         comfy_out = comfy.sample.sample_custom(
-            patcher, noise, cfg, comfy.samplers.sampler_object("euler"), sigmas,
-            [[ctx, dict(extra)]], [[neg, dict(extra)]], torch.zeros_like(noise), disable_pbar=True,
+            patcher,
+            noise,
+            cfg,
+            comfy.samplers.sampler_object("euler"),
+            sigmas,
+            [[ctx, dict(extra)]],
+            [[neg, dict(extra)]],
+            torch.zeros_like(noise),
+            disable_pbar=True,
         )
         ours = sample(model, noise, ctx, sigmas, negative_context=neg if cfg != 1.0 else None, cfg=cfg, refs=refs)
         torch.testing.assert_close(ours, comfy_out, rtol=1e-4, atol=1e-4)
+
+
+# The learning check. A random tiny Klein is no sane base: with a random output layer it predicts noise
+# (TrainLoraNode's anchor starts at rel. error 1.71) and with a zero one (TinySpec(zero_final=True)) it predicts
+# v = 0, so a LoRA must first learn to pass 128 latent channels through an ill-conditioned random img_in. The
+# base here starts like a trained DiT's identity path instead: img_in and final_layer.linear are an orthogonal
+# pair (Q, Qᵀ), so the untrained base predicts v ≈ x_σ (denoised ≈ (1 − σ)·x_σ: "latents are centred at 0").
+# The latent is a smooth one (a colour per channel plus row and column gradients, like a simple image), because a
+# random tiny Klein has no trained positional features to memorise per-pixel noise with.
+LEARN_SPEC = TinySpec(hidden=128, double_blocks=1, single_blocks=1, context_dim=32)
+LEARN_SETTINGS = dict(
+    rank=16,
+    alpha=16,
+    learning_rate=3e-3,
+    steps=250,
+    targets="regex:.*",
+    timestep_sampling="logit_normal",
+    gradient_checkpointing=False,
+    checkpoint_every=0,
+    save_dtype="fp32",
+)
+LEARN_MAX_REL = 0.4
+
+
+def _passthrough_base(spec: TinySpec, seed: int) -> TinyKlein:
+    """tiny_klein(spec, seed) with img_in = Q and final_layer.linear = Qᵀ (Q orthonormal [hidden, 128])."""
+    model = tiny_klein(spec, seed)
+    q, _ = torch.linalg.qr(torch.randn(spec.hidden, 128, generator=torch.Generator().manual_seed(seed + 1)))
+    with torch.no_grad():
+        model.img_in.weight.copy_(q)
+        model.final_layer.linear.weight.copy_(q.t())
+    return model
+
+
+def _smooth_latent(size: int, generator: torch.Generator) -> torch.Tensor:
+    """[128, size, size]: a random colour per channel plus random row and column gradients."""
+    colour, rows, cols = torch.randn(3, 128, 1, 1, generator=generator)
+    ramp = torch.linspace(-1, 1, size)
+    return colour + rows * ramp[:, None] + cols * ramp[None, :]
+
+
+def _latent_metrics(out: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
+    """Relative error ||out − target|| / ||target|| and latent PSNR (peak = the target's value range)."""
+    rel = ((out - target).norm() / target.norm()).item()
+    mse = (out - target).square().mean().item()
+    psnr = 10 * math.log10((target.max() - target.min()).item() ** 2 / mse)
+    return rel, psnr
+
+
+def test_lora_moves_comfyui_sampler_to_the_trained_latent(
+    comfy_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A LoRA trained on one latent with one conditioning makes core's KSampler (euler, 'simple', cfg 1, fixed
+    seed) and SamplerCustom with Flux2Scheduler sigmas land much closer to that latent than the base does."""
+    import comfy.sample
+    import comfy.samplers
+    import comfy.sd
+
+    import nodes
+
+    target = _smooth_latent(8, torch.Generator().manual_seed(123))
+    ctx = tiny_conditioning(LEARN_SPEC, tokens=6, seed=5)
+    settings = TrainSettings(**LEARN_SETTINGS)
+    run = RunFolder.create(tmp_path / "run", settings, {"trigger": "TOK"})
+    start = time.process_time()
+    result = train(_passthrough_base(LEARN_SPEC, 0), [TrainItem(target, ctx[0])], settings, run)
+    cpu_seconds = time.process_time() - start
+
+    state_dict = to_checkpoint_keys(_passthrough_base(LEARN_SPEC, 0).state_dict())
+    base = comfy.sd.load_diffusion_model_state_dict(state_dict, model_options={"dtype": torch.float32})
+    patched = _load_lora_in_comfy(base, result.last_checkpoint, caplog)
+    positive, negative = [[ctx, {}]], [[torch.zeros_like(ctx), {}]]
+    latent = {"samples": torch.zeros(1, 128, 8, 8)}
+    noise = comfy.sample.prepare_noise(latent["samples"], 42)
+    sigmas = flux2_sigmas(20, 64)
+    figures = {}
+    for name, model in (("base", base), ("lora", patched)):
+        (ksampler,) = nodes.common_ksampler(model, 42, 20, 1.0, "euler", "simple", positive, negative, latent)
+        custom = comfy.sample.sample_custom(
+            model,
+            noise,
+            1.0,
+            comfy.samplers.sampler_object("euler"),
+            sigmas,
+            positive,
+            negative,
+            latent["samples"],
+            disable_pbar=True,
+            seed=42,
+        )
+        figures[name] = (_latent_metrics(ksampler["samples"][0], target), _latent_metrics(custom[0], target))
+    (k_base, c_base), (k_lora, c_lora) = figures["base"], figures["lora"]
+    print(
+        f"\n[learning] {settings.steps} steps in {cpu_seconds:.1f} s CPU (rank {settings.rank}, lr "
+        f"{settings.learning_rate:g}, latent 128x8x8)\n  KSampler euler/simple: rel {k_base[0]:.3f} -> "
+        f"{k_lora[0]:.3f}, PSNR {k_base[1]:.1f} -> {k_lora[1]:.1f} dB\n  SamplerCustom euler/Flux2Scheduler: rel "
+        f"{c_base[0]:.3f} -> {c_lora[0]:.3f}, PSNR {c_base[1]:.1f} -> {c_lora[1]:.1f} dB"
+    )
+    for before, after in ((k_base, k_lora), (c_base, c_lora)):
+        assert after[0] < LEARN_MAX_REL < before[0]
+        assert after[1] > before[1] + 6.0  # at least 6 dB closer
+    # Our sampler with the file's LoRA as a forward-time adapter lands where ComfyUI's does.
+    stack = AdapterStack()
+    stack.set_lora("trained", load_lora(result.last_checkpoint)[0], 1.0)
+    ours = sample(_passthrough_base(LEARN_SPEC, 0), noise, ctx, sigmas, adapters=stack)
+    assert abs(_latent_metrics(ours[0], target)[0] - c_lora[0]) < 1e-3

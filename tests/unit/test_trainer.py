@@ -247,3 +247,20 @@ def test_training_works_when_called_under_inference_mode(tmp_path: Path) -> None
     outside = train(tiny_klein(SPEC), _items(2), s, RunFolder.create(tmp_path / "b", s, {}))
     assert inside.final_loss == outside.final_loss
     assert not next(iter(inside.lora.parameters())).is_inference()
+
+
+def test_batches_never_mix_sizes_and_cover_every_item() -> None:
+    """Each epoch visits every item exactly once, a batch holds one latent size only, and the order is a pure
+    function of (seed, micro-step): the same seed gives the same batches, another seed another order."""
+    from klein_lora_lab.trainer_core.data import BatchOrder
+
+    items = _items(7)
+    order = BatchOrder(items, batch_size=2, seed=3)
+    assert order.batches_per_epoch == 2 + 2  # 4 items of 2x2 and 3 of 2x3, in batches of at most 2
+    for epoch in range(3):
+        batches = [order.batch(epoch * order.batches_per_epoch + j) for j in range(order.batches_per_epoch)]
+        assert sorted(i for b in batches for i in b) == list(range(7))
+        assert all(len({items[i].latent.shape for i in b}) == 1 for b in batches)
+    again, other = BatchOrder(items, 2, seed=3), BatchOrder(items, 2, seed=4)
+    assert [again.batch(m) for m in range(12)] == [order.batch(m) for m in range(12)]
+    assert [other.batch(m) for m in range(12)] != [order.batch(m) for m in range(12)]
