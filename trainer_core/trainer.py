@@ -173,6 +173,7 @@ class _Run:
         self.opt = _optimizer(settings, list(self.lora.parameters()))
         self.last_checkpoint: Path | None = None
         self.last_saved_step = -1
+        self.saving = False  # True while a checkpoint is written: an error there must not trigger another save
         self.last_loss = float("nan")
         self.variant = detect_variant(read_shape(model)).name
         self.dataset_hash = dataset_hash(items)
@@ -201,7 +202,7 @@ class _Run:
         self, x0: Tensor, noise: Tensor, sigma: Tensor, context: Tensor, refs: tuple[Tensor, ...], checkpointing: float
     ) -> Tensor:
         x_t = add_noise(x0, noise, sigma)
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             v = klein_forward(
                 self.model, x_t, sigma, context, list(refs) or None, self.lora, checkpointing, self.compile_blocks
             )
@@ -298,6 +299,13 @@ class _Run:
 
     def save_checkpoint(self, step: int) -> Path:
         """State first, then the LoRA file: a visible checkpoint can always be resumed. Refuses NaN weights."""
+        self.saving = True
+        try:
+            return self._save_checkpoint(step)
+        finally:
+            self.saving = False
+
+    def _save_checkpoint(self, step: int) -> Path:
         weights = self.lora.weights()
         if not all(torch.isfinite(w.down).all() and torch.isfinite(w.up).all() for w in weights.values()):
             self._diverged(step, self.last_loss, float("nan"))
@@ -401,9 +409,9 @@ def train(
             raise
         except BaseException:
             # A callback aborted (e.g. ComfyUI's interrupt): keep the work of the last finished step.
-            if step > state.last_saved_step and step > 0:
+            if step > state.last_saved_step and step > 0 and not state.saving:
                 state.save_checkpoint(step)
-                run.update(status="interrupted")
+            run.update(status="interrupted")
             raise
         if step > state.last_saved_step and step > 0:
             state.save_checkpoint(step)

@@ -33,7 +33,11 @@ def test_round_trip_is_exact_with_metadata(tmp_path: Path) -> None:
         assert torch.equal(loaded[name].down, w.down) and torch.equal(loaded[name].up, w.up)
         assert loaded[name].alpha == w.alpha
     assert meta["klein_lab.step"] == "40" and meta["klein_lab.trigger"] == "TOK"
-    assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["klein_lab.format"]) == ("4", "2", "klein_lab.lora.v1")
+    assert (meta["ss_network_dim"], meta["ss_network_alpha"], meta["klein_lab.format"]) == (
+        "4",
+        "2",
+        "klein_lab.lora.v1",
+    )
 
 
 def test_key_names_are_the_ones_comfyui_loads(tmp_path: Path) -> None:
