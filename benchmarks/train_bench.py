@@ -103,6 +103,9 @@ def bench_ours(
     from klein_lora_lab.trainer_core.settings import TrainSettings
     from klein_lora_lab.trainer_core.trainer import TrainCallbacks, train
 
+    # Core's trainer leaves its own reloaded copy resident: unload everything so the peak is ours alone.
+    comfy.model_management.unload_all_models()
+    torch.cuda.empty_cache()
     comfy.model_management.load_models_gpu([patcher], force_full_load=True)
     gen = torch.Generator().manual_seed(0)
     items = [
@@ -146,6 +149,7 @@ def bench_ours(
 
 def bench_core(patcher, variant: str, res: int, rank: int, batch: int, warmup: int, steps: int, depth: int) -> dict:
     """Core's TrainLoraNode on the same model: time(warmup+steps) − time(warmup), per step."""
+    import comfy.model_management
     import comfy_extras.nodes_train as nt
 
     ctx = torch.randn(1, TEXT_TOKENS, VARIANTS[variant][3])
@@ -181,6 +185,8 @@ def bench_core(patcher, variant: str, res: int, rank: int, batch: int, warmup: i
         torch.cuda.synchronize()
         return time.perf_counter() - t0
 
+    comfy.model_management.unload_all_models()
+    torch.cuda.empty_cache()
     run(warmup)
     torch.cuda.reset_peak_memory_stats()
     t_short = run(warmup)
@@ -247,7 +253,7 @@ def main() -> None:
                             "gpu": gpu,
                             "trainer": which
                             + ("" if args.sdpa == "default" else f"/{args.sdpa}")
-                            + ("/compiled" if args.compile else ""),
+                            + ("/compiled" if args.compile and which.startswith("ours") else ""),
                             "variant": variant,
                             "res": res,
                             "rank": rank,
