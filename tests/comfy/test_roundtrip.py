@@ -224,9 +224,14 @@ def test_lora_moves_comfyui_sampler_to_the_trained_latent(
     ctx = tiny_conditioning(LEARN_SPEC, tokens=6, seed=5)
     settings = TrainSettings(**LEARN_SETTINGS)
     run = RunFolder.create(tmp_path / "run", settings, {"trigger": "TOK"})
-    start = time.process_time()
-    result = train(_passthrough_base(LEARN_SPEC, 0), [TrainItem(target, ctx[0])], settings, run)
-    cpu_seconds = time.process_time() - start
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # one core: CPU seconds that mean the same on any machine
+    try:
+        start, wall = time.process_time(), time.perf_counter()
+        result = train(_passthrough_base(LEARN_SPEC, 0), [TrainItem(target, ctx[0])], settings, run)
+        cpu_seconds, wall_seconds = time.process_time() - start, time.perf_counter() - wall
+    finally:
+        torch.set_num_threads(threads)
 
     state_dict = to_checkpoint_keys(_passthrough_base(LEARN_SPEC, 0).state_dict())
     base = comfy.sd.load_diffusion_model_state_dict(state_dict, model_options={"dtype": torch.float32})
@@ -253,7 +258,8 @@ def test_lora_moves_comfyui_sampler_to_the_trained_latent(
         figures[name] = (_latent_metrics(ksampler["samples"][0], target), _latent_metrics(custom[0], target))
     (k_base, c_base), (k_lora, c_lora) = figures["base"], figures["lora"]
     print(
-        f"\n[learning] {settings.steps} steps in {cpu_seconds:.1f} s CPU (rank {settings.rank}, lr "
+        f"\n[learning] {settings.steps} steps in {cpu_seconds:.1f} s CPU, {wall_seconds:.1f} s wall, 1 thread "
+        f"(rank {settings.rank}, lr "
         f"{settings.learning_rate:g}, latent 128x8x8)\n  KSampler euler/simple: rel {k_base[0]:.3f} -> "
         f"{k_lora[0]:.3f}, PSNR {k_base[1]:.1f} -> {k_lora[1]:.1f} dB\n  SamplerCustom euler/Flux2Scheduler: rel "
         f"{c_base[0]:.3f} -> {c_lora[0]:.3f}, PSNR {c_base[1]:.1f} -> {c_lora[1]:.1f} dB"
