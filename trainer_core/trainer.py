@@ -30,8 +30,20 @@ from .settings import TrainSettings
 from .targeting import resolve_targets
 from .variants import detect_variant
 
-# Settings that may change between a stop and a resume (they do not alter the trajectory of earlier steps).
-RESUMABLE_CHANGES = frozenset({"steps", "checkpoint_every", "sample_every", "validation_every"})
+# Settings that may change between a stop and a resume: run length, cadence, file dtype and memory/speed
+# switches (resuming on a smaller GPU); none of them changes what the steps already done computed.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "steps",
+        "checkpoint_every",
+        "sample_every",
+        "validation_every",
+        "save_dtype",
+        "gradient_checkpointing",
+        "checkpoint_share",
+        "compile_blocks",
+    }
+)
 VALIDATION_T = (0.2, 0.4, 0.6, 0.8)  # fixed times of the validation loss (mapped through the Flux2 shift)
 VALIDATION_ITEMS = 8
 _SAVE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

@@ -124,7 +124,9 @@ def test_convention_matches_comfyui_sampling(comfy_root: Path) -> None:
     x_t = add_noise(x0, noise, sigma)
     torch.testing.assert_close(ms.noise_scaling(sigma, noise, x0), x_t)
     torch.testing.assert_close(ms.calculate_denoised(sigma, velocity_target(x0, noise), x_t), x0, rtol=0, atol=1e-6)
-    assert ms.timestep(sigma) is sigma or torch.equal(ms.timestep(sigma), sigma)
+    assert torch.equal(ms.timestep(sigma), sigma)
+    # ComfyUI's fixed Flux2 shift (KSampler's simple/normal schedulers) is Flux2Scheduler's μ at 1024², 50 steps.
+    assert abs(ms.shift - compute_empirical_mu(4096, 50)) < 0.01
     for tokens, steps in ((64, 20), (1024, 50), (4096, 50), (6000, 30)):
         assert compute_empirical_mu(tokens, steps) == nodes_flux.compute_empirical_mu(tokens, steps)
     for width, height, steps in ((1024, 1024, 50), (512, 768, 20), (128, 128, 8)):
