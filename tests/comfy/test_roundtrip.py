@@ -86,7 +86,20 @@ def test_parity_with_comfyui_lora_loader(comfy_root: Path, tmp_path: Path, caplo
     assert meta["klein_lab.step"] == "4"
     assert all(w.up.abs().max() > 0 for w in weights.values())  # the LoRA really moved every module
 
-    patched = _load_lora_in_comfy(_comfy_model(PARITY_SPEC, 3), result.last_checkpoint, caplog)
+    import comfy.sd
+    import comfy.utils
+
+    base = _comfy_model(PARITY_SPEC, 3)
+    # The warning capture works: a key ComfyUI cannot place is reported (so "zero unmatched" means something).
+    bogus = {
+        **comfy.utils.load_torch_file(str(result.last_checkpoint)),
+        "diffusion_model.nowhere.lora_A.weight": torch.zeros(1, 1),
+    }
+    with caplog.at_level(logging.WARNING):
+        comfy.sd.load_lora_for_models(base, None, bogus, 1.0, 0.0)
+    assert any("lora key not loaded" in r.getMessage() and "nowhere" in r.getMessage() for r in caplog.records)
+
+    patched = _load_lora_in_comfy(base, result.last_checkpoint, caplog)
     assert len(patched.patches) == len(weights)
 
     ours_model = tiny_klein(PARITY_SPEC, 3)
