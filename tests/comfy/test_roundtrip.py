@@ -149,7 +149,8 @@ def test_convention_matches_comfyui_sampling(comfy_root: Path) -> None:
 
 def test_sampler_matches_comfyui_euler(comfy_root: Path) -> None:
     """Our Euler sampler equals core's sample_custom (euler, Flux2 sigmas, cfg 1 and real CFG), with the
-    context padded by ComfyUI itself, and with a reference latent passed as ComfyUI's reference_latents."""
+    context padded by ComfyUI itself, and with a reference latent passed as ComfyUI's reference_latents; and
+    core's KSampler (euler, 'simple') given the same seeded noise and its own sigmas."""
     import comfy.sample
     import comfy.samplers
 
@@ -175,6 +176,14 @@ def test_sampler_matches_comfyui_euler(comfy_root: Path) -> None:
         )
         ours = sample(model, noise, ctx, sigmas, negative_context=neg if cfg != 1.0 else None, cfg=cfg, refs=refs)
         torch.testing.assert_close(ours, comfy_out, rtol=1e-4, atol=1e-4)
+    # Core's KSampler node path (euler, 'simple' scheduler, seeded noise) with its own sigmas.
+    import nodes
+
+    latent = {"samples": torch.zeros(1, 128, 4, 4)}
+    (ksampler,) = nodes.common_ksampler(patcher, 7, 6, 1.0, "euler", "simple", [[ctx, {}]], [[neg, {}]], latent)
+    simple = comfy.samplers.calculate_sigmas(patcher.get_model_object("model_sampling"), "simple", 6)
+    ours = sample(model, comfy.sample.prepare_noise(latent["samples"], 7), ctx, simple)
+    torch.testing.assert_close(ours, ksampler["samples"], rtol=1e-4, atol=1e-4)
 
 
 # The learning check. A random tiny Klein is no sane base: with a random output layer it predicts noise
