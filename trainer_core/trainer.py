@@ -240,11 +240,11 @@ class _Run:
         # One host sync per step: the loss is reported every step and the guard must run before the update.
         loss_value, norm_value = torch.stack([total / s.grad_accum, norm.float()]).tolist()
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-            self._diverged(step, loss_value, norm_value)
+            self._diverged(step, f"the loss is {loss_value} and the gradient norm {norm_value}, not finite")
         self.opt.step()
         return loss_value, norm_value
 
-    def _diverged(self, step: int, loss: float, norm: float) -> None:
+    def _diverged(self, step: int, what: str) -> None:
         """Stop with a message naming the step, the likely cause and the last good checkpoint."""
         s = self.s
         bad_items = [
@@ -262,7 +262,7 @@ class _Run:
                 + (" and use mixed_precision='fp32' if it persists" if self.autocast else "")
             )
         message = (
-            f"training stopped at step {step}: the loss is {loss} and the gradient norm {norm} (not finite). "
+            f"training stopped at step {step}: {what}. "
             f"Fix: {cause}. Nothing was saved for this step; the last good checkpoint is {where}."
         )
         self.run.update(status="diverged", error=message)
@@ -320,7 +320,7 @@ class _Run:
     def _save_checkpoint(self, step: int) -> Path:
         weights = self.lora.weights()
         if not all(torch.isfinite(w.down).all() and torch.isfinite(w.up).all() for w in weights.values()):
-            self._diverged(step, self.last_loss, float("nan"))
+            self._diverged(step, "the LoRA weights hold NaN/Inf")
         tensors, info = _state_tensors(self.lora, self.opt)
         info.update(step=step, seed=self.s.seed, dataset_hash=self.dataset_hash, rng="derived:seed,stream,step")
         self.run.save_state(step, tensors, info)
