@@ -3,8 +3,10 @@
     <run>/run.json                               settings + meta (variant, targets, dataset hash, status, ...)
     <run>/metrics.jsonl                          one JSON object per line: step, loss, lr, seconds, val_loss, ...
     <run>/checkpoints/step_000500.safetensors    the LoRA at step 500 (lora_file format, loads in LoraLoader)
-    <run>/checkpoints/step_000500.state.safetensors   resume state: fp32 master weights, optimizer state
-                                                 (tensors) and a JSON description in the safetensors metadata
+    <run>/checkpoints/step_000500.state          resume state: fp32 master weights, optimizer state (tensors)
+                                                 and a JSON description, in safetensors format. Its suffix is
+                                                 not a model extension, so ComfyUI's `loras` list (which holds
+                                                 the runs folder) never offers it as a LoRA.
     <run>/samples/                               validation previews written by the nodes
 
 The state file is written before its LoRA file, so every checkpoint that is visible can be resumed.
@@ -104,7 +106,7 @@ class RunFolder:
         return self.checkpoints_dir / f"step_{step:06d}.safetensors"
 
     def state_path(self, step: int) -> Path:
-        return self.checkpoints_dir / f"step_{step:06d}.state.safetensors"
+        return self.checkpoints_dir / f"step_{step:06d}.state"
 
     def sample_path(self, step: int, name: str) -> Path:
         """Where a validation preview of `step` goes, e.g. sample_path(500, 'prompt0.png')."""
