@@ -20,6 +20,8 @@ KLEIN_CACHE="$KLEIN_ROOT/.cache"
 KLEIN_CONSTRAINTS="$KLEIN_CACHE/constraints.txt"
 # torch belongs to ComfyUI; these three are installed together (matching builds) and never upgraded.
 KLEIN_TORCH_PINS="torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0"
+KLEIN_RUFF="ruff==0.17.5"
+KLEIN_PYTEST="pytest==9.2.0"
 KLEIN_COMFYUI_REPO="https://github.com/comfyanonymous/ComfyUI.git"
 KLEIN_COMFYUI_REF="v0.29.0"
 
@@ -49,7 +51,9 @@ klein_setup_python() {
     "${PYTHON:-python3}" -m venv "$venv"
   fi
   KLEIN_PY="$venv/bin/python"
-  if [ -f "$venv/.klein-lab-python" ] && [ "$(cat "$venv/.klein-lab-python")" = "$(cat "$KLEIN_CONSTRAINTS" "$KLEIN_ROOT/requirements.txt")" ]; then
+  local wanted
+  wanted="$(cat "$KLEIN_CONSTRAINTS" "$KLEIN_ROOT/requirements.txt"; echo "$KLEIN_RUFF $KLEIN_PYTEST")"
+  if [ -f "$venv/.klein-lab-python" ] && [ "$(cat "$venv/.klein-lab-python")" = "$wanted" ]; then
     klein_say "python packages up to date in $venv"
     return 0
   fi
@@ -57,8 +61,9 @@ klein_setup_python() {
   # shellcheck disable=SC2086  # the pins are separate words on purpose
   klein_pip $KLEIN_TORCH_PINS
   klein_say "installing the pack's requirements, ruff, pytest"
-  klein_pip -r "$KLEIN_ROOT/requirements.txt" ruff pytest
-  cat "$KLEIN_CONSTRAINTS" "$KLEIN_ROOT/requirements.txt" >"$venv/.klein-lab-python"
+  # Pinned tools: another ruff release may format differently and fail `ruff format --check`.
+  klein_pip -r "$KLEIN_ROOT/requirements.txt" "$KLEIN_RUFF" "$KLEIN_PYTEST"
+  echo "$wanted" >"$venv/.klein-lab-python"
 }
 
 # Finds (or clones) a ComfyUI and installs its requirements into $KLEIN_PY's environment.
