@@ -51,8 +51,9 @@ def random_klein_state_dict(variant: str, device: str) -> dict[str, torch.Tensor
     return to_checkpoint_keys(out)
 
 
-def load_klein(variant: str, folder: Path):
-    """Write the random model to disk and load it with ComfyUI's own loader (core's trainer reloads from disk)."""
+def load_klein(variant: str, folder: Path, weight_dtype: torch.dtype = torch.bfloat16):
+    """Write the random model to disk and load it with ComfyUI's own loader (core's trainer reloads from disk).
+    weight_dtype float8_e4m3fn stores the base weights in fp8 as UNETLoader's weight_dtype option does."""
     import comfy.model_management
     import comfy.sd
     from safetensors.torch import save_file
@@ -62,7 +63,7 @@ def load_klein(variant: str, folder: Path):
         sd = {k: v.cpu() for k, v in random_klein_state_dict(variant, "cuda").items()}
         save_file(sd, str(path))
         del sd
-    patcher = comfy.sd.load_diffusion_model(str(path), model_options={"dtype": torch.bfloat16})
+    patcher = comfy.sd.load_diffusion_model(str(path), model_options={"dtype": weight_dtype})
     comfy.model_management.load_models_gpu([patcher], force_full_load=True)
     return patcher
 
@@ -77,6 +78,7 @@ def step_flops(variant: str, res: int, batch: int) -> float:
 
 
 SDPA_BACKEND = {"name": "default"}
+WEIGHT_DTYPES = {"bf16": torch.bfloat16, "fp8": torch.float8_e4m3fn}
 
 
 def _sdpa_backend():
@@ -212,6 +214,7 @@ def main() -> None:
     parser.add_argument("--model-dir", type=Path, default=Path("/tmp"), help="where the random model file is written")
     parser.add_argument("--sdpa", choices=("default", "cudnn", "flash"), default="default")
     parser.add_argument("--compile", action="store_true", help="torch.compile each block (fuses element-wise ops)")
+    parser.add_argument("--weight-dtype", choices=sorted(WEIGHT_DTYPES), default="bf16", help="base weights")
     args = parser.parse_args()
     SDPA_BACKEND["name"] = args.sdpa
 
@@ -229,7 +232,7 @@ def main() -> None:
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in gpu), 989.0)
     rows = []
     for variant in args.variants.split(","):
-        patcher = load_klein(variant, args.model_dir)
+        patcher = load_klein(variant, args.model_dir, WEIGHT_DTYPES[args.weight_dtype])
         for res in map(int, args.res.split(",")):
             for rank in map(int, args.ranks.split(",")):
                 for batch in map(int, args.batches.split(",")):
@@ -253,7 +256,8 @@ def main() -> None:
                             "gpu": gpu,
                             "trainer": which
                             + ("" if args.sdpa == "default" else f"/{args.sdpa}")
-                            + ("/compiled" if args.compile and which.startswith("ours") else ""),
+                            + ("/compiled" if args.compile and which.startswith("ours") else "")
+                            + ("/fp8-weights" if args.weight_dtype == "fp8" else ""),
                             "variant": variant,
                             "res": res,
                             "rank": rank,
