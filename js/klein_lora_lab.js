@@ -5,6 +5,11 @@ import { app } from "../../scripts/app.js";
 
 export const EXTENSION_NAME = "KleinLoraLab.core";
 
-app.registerExtension({
-  name: EXTENSION_NAME,
-});
+// ComfyUI serves this folder under the pack's folder name (WEB_DIRECTORY) and under the project name
+// (pyproject's [tool.comfy] web); when the two differ this module runs twice, so register only once.
+const alreadyRegistered = (app.extensions ?? []).some((ext) => ext.name === EXTENSION_NAME);
+if (!alreadyRegistered) {
+  app.registerExtension({
+    name: EXTENSION_NAME,
+  });
+}
