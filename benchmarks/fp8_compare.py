@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from train_bench import TEXT_TOKENS, VARIANTS, random_klein_state_dict  # noqa: E402
+from train_bench import VARIANTS, bench_items, random_klein_state_dict  # noqa: E402
 
 
 def load(variant: str, folder: Path, dtype: torch.dtype):
@@ -42,20 +42,11 @@ def load(variant: str, folder: Path, dtype: torch.dtype):
 
 def run(patcher, variant: str, res: int, steps: int, share: float, compiled: bool) -> dict:
     """A fixed short training run (same seed, same data for every weight dtype)."""
-    from klein_lora_lab.trainer_core.data import TrainItem
     from klein_lora_lab.trainer_core.runfolder import RunFolder
     from klein_lora_lab.trainer_core.settings import TrainSettings
     from klein_lora_lab.trainer_core.trainer import TrainCallbacks, train
 
-    gen = torch.Generator().manual_seed(0)
-    items = [
-        TrainItem(
-            torch.randn(128, res // 16, res // 16, generator=gen).cuda(),
-            torch.randn(TEXT_TOKENS, VARIANTS[variant][3], generator=gen).cuda(),
-            name=f"item{i}",
-        )
-        for i in range(4)
-    ]
+    items = bench_items(variant, res, 4)
     settings = TrainSettings(
         rank=32,
         alpha=32.0,

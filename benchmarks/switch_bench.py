@@ -64,29 +64,13 @@ def sync(device: str) -> None:
 
 def model_state_dict(full_size: bool, device: str) -> tuple[dict[str, torch.Tensor], object]:
     """Checkpoint-style state dict of a random Klein (full-size 4B in bf16 made on `device`, or the tiny one)."""
-    from klein_lora_lab.trainer_core.tiny import (
-        SPEC_4B_SHAPED,
-        TinyKlein,
-        TinySpec,
-        tiny_klein_state_dict,
-        to_checkpoint_keys,
-    )
+    from klein_lora_lab.trainer_core.tiny import SPEC_4B_SHAPED, TinySpec, random_checkpoint, tiny_klein_state_dict
 
     if not full_size:
         return tiny_klein_state_dict(SPEC_4B_SHAPED), SPEC_4B_SHAPED
     hidden, double, single, ctx = FULL_4B
     spec = TinySpec(hidden=hidden, double_blocks=double, single_blocks=single, context_dim=ctx)
-    with torch.device("meta"):
-        skeleton = TinyKlein(spec)
-    gen = torch.Generator(device=device).manual_seed(0)
-    out = {}
-    for name, p in skeleton.state_dict().items():
-        if name.endswith("norm.weight"):
-            out[name] = torch.ones(p.shape, device=device, dtype=torch.bfloat16)
-        else:
-            std = p.shape[1] ** -0.5 * (0.1 if "modulation" in name else 1.0)
-            out[name] = (torch.randn(p.shape, generator=gen, device=device) * std).bfloat16()
-    return to_checkpoint_keys(out), spec
+    return random_checkpoint(spec, device), spec
 
 
 def random_lora(shape, rank: int, seed: int) -> dict:

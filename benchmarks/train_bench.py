@@ -35,20 +35,27 @@ BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 spec sheet; ~790
 
 def random_klein_state_dict(variant: str, device: str) -> dict[str, torch.Tensor]:
     """Checkpoint-style keys of a full-size Klein, random bf16 values made directly on `device`."""
-    from klein_lora_lab.trainer_core.tiny import TinyKlein, TinySpec, to_checkpoint_keys
+    from klein_lora_lab.trainer_core.tiny import TinySpec, random_checkpoint
 
     hidden, double, single, ctx = VARIANTS[variant]
-    with torch.device("meta"):
-        skeleton = TinyKlein(TinySpec(hidden=hidden, double_blocks=double, single_blocks=single, context_dim=ctx))
-    gen = torch.Generator(device=device).manual_seed(0)
-    out = {}
-    for name, p in skeleton.state_dict().items():
-        if name.endswith("norm.weight"):
-            out[name] = torch.ones(p.shape, device=device, dtype=torch.bfloat16)
-        else:
-            std = p.shape[1] ** -0.5 * (0.1 if "modulation" in name else 1.0)
-            out[name] = (torch.randn(p.shape, generator=gen, device=device, dtype=torch.float32) * std).bfloat16()
-    return to_checkpoint_keys(out)
+    return random_checkpoint(
+        TinySpec(hidden=hidden, double_blocks=double, single_blocks=single, context_dim=ctx), device
+    )
+
+
+def bench_items(variant: str, res: int, count: int) -> list:
+    """`count` fixed random training items (latent + 512-token context) on the GPU."""
+    from klein_lora_lab.trainer_core.data import TrainItem
+
+    gen = torch.Generator().manual_seed(0)
+    return [
+        TrainItem(
+            torch.randn(128, res // 16, res // 16, generator=gen).cuda(),
+            torch.randn(TEXT_TOKENS, VARIANTS[variant][3], generator=gen).cuda(),
+            name=f"item{i}",
+        )
+        for i in range(count)
+    ]
 
 
 def load_klein(variant: str, folder: Path, weight_dtype: torch.dtype = torch.bfloat16):
@@ -100,7 +107,6 @@ def bench_ours(
     import tempfile
 
     import comfy.model_management
-    from klein_lora_lab.trainer_core.data import TrainItem
     from klein_lora_lab.trainer_core.runfolder import RunFolder
     from klein_lora_lab.trainer_core.settings import TrainSettings
     from klein_lora_lab.trainer_core.trainer import TrainCallbacks, train
@@ -109,15 +115,7 @@ def bench_ours(
     comfy.model_management.unload_all_models()
     torch.cuda.empty_cache()
     comfy.model_management.load_models_gpu([patcher], force_full_load=True)
-    gen = torch.Generator().manual_seed(0)
-    items = [
-        TrainItem(
-            torch.randn(128, res // 16, res // 16, generator=gen).cuda(),
-            torch.randn(TEXT_TOKENS, VARIANTS[variant][3], generator=gen).cuda(),
-            name=f"item{i}",
-        )
-        for i in range(batch)
-    ]
+    items = bench_items(variant, res, batch)
     settings = TrainSettings(
         rank=rank,
         alpha=float(rank),

@@ -159,6 +159,22 @@ def tiny_klein_state_dict(spec: TinySpec = TinySpec(), seed: int = 0) -> dict[st
     return to_checkpoint_keys(tiny_klein(spec, seed).state_dict())
 
 
+def random_checkpoint(spec: TinySpec, device: torch.device | str, seed: int = 0) -> dict[str, Tensor]:
+    """A checkpoint-style state dict of any size (full-size Klein for benchmarks) with random bf16 values made
+    directly on `device`: the module tree is built on the meta device, so no fp32 copy is ever allocated."""
+    with torch.device("meta"):
+        skeleton = TinyKlein(spec)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    out = {}
+    for name, p in skeleton.state_dict().items():
+        if name.endswith("norm.weight"):
+            out[name] = torch.ones(p.shape, device=device, dtype=torch.bfloat16)
+        else:
+            std = p.shape[1] ** -0.5 * (0.1 if "modulation" in name else 1.0)
+            out[name] = (torch.randn(p.shape, generator=gen, device=device) * std).bfloat16()
+    return to_checkpoint_keys(out)
+
+
 def tiny_conditioning(spec: TinySpec, tokens: int = 8, batch: int = 1, seed: int = 0) -> Tensor:
     """A random text conditioning [batch, tokens, context_dim], standing in for Qwen3 features."""
     gen = torch.Generator().manual_seed(seed)

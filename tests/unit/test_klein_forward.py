@@ -107,3 +107,16 @@ def test_compiled_blocks_match_eager() -> None:
         grads.append(torch.cat([p.grad.flatten() for p in lora.parameters()]))
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-6)
+
+
+def test_random_checkpoint_has_the_checkpoint_layout() -> None:
+    """The random (benchmark) checkpoint has exactly the keys and shapes of a tiny Klein checkpoint, in bf16,
+    with unit RMSNorm scales."""
+    from klein_lora_lab.trainer_core.tiny import random_checkpoint, tiny_klein_state_dict
+
+    spec = TinySpec(hidden=128, double_blocks=1, single_blocks=2, context_dim=16)
+    ref = tiny_klein_state_dict(spec)
+    rnd = random_checkpoint(spec, "cpu", seed=3)
+    assert {k: tuple(v.shape) for k, v in rnd.items()} == {k: tuple(v.shape) for k, v in ref.items()}
+    assert all(v.dtype == torch.bfloat16 for v in rnd.values())
+    assert torch.equal(rnd["double_blocks.0.img_attn.norm.key_norm.scale"], torch.ones(128, dtype=torch.bfloat16))
