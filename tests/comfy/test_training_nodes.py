@@ -378,10 +378,11 @@ def test_cancel_keeps_a_resumable_run_and_resume_finishes_it_exactly(comfy_serve
 SOCKET_TYPES = {"MODEL", "CLIP", "VAE", "CONDITIONING", "IMAGE", "KLEIN_DATASET", "KLEIN_ENCODED_DATASET", "*"}
 
 
-def test_example_workflow_matches_the_nodes(comfy_server):
-    """The shipped UI workflow uses nodes this ComfyUI knows, with inputs in the server's order, one widget
+@pytest.mark.parametrize("name", ["klein_lab_train_style_lora.json", "klein_lab_train_edit_lora.json"])
+def test_example_workflow_matches_the_nodes(comfy_server, name):
+    """Each shipped training workflow uses nodes this ComfyUI knows, with inputs in the server's order, one widget
     value per widget input, and links whose slots carry the declared types (what the frontend needs to load it)."""
-    workflow = json.loads((Path(__file__).parents[2] / "workflows" / "klein_lab_train_style_lora.json").read_text())
+    workflow = json.loads((Path(__file__).parents[2] / "workflows" / name).read_text())
     info = comfy_server.object_info()
     by_id = {n["id"]: n for n in workflow["nodes"]}
     for node in workflow["nodes"]:
