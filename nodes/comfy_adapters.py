@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from comfy_api.latest import io
 from torch import Tensor, nn
 
-from ..trainer_core.adapters import AdapterStack, LoraWeights
+from ..trainer_core.adapters import AdapterStack, LoraWeights, add_lora
 from ..trainer_core.block_weights import PRESETS, module_strengths, parse_block_vector
 from ..trainer_core.klein import KleinShape, read_shape
 from ..trainer_core.lora_formats import LoraRead, read_lora_file
@@ -161,10 +161,7 @@ def _lora_forward(
         if _plain_linear(module, x):
             comfy.ops.run_every_op()  # what ComfyUI's Linear.forward does first (interruption checks)
             return F.linear(x, torch.addmm(module.weight, up, down, alpha=scale), module.bias)  # W + s·U·D
-    y = inner(*args, **kwargs)
-    h = x.reshape(-1, x.shape[-1]) @ down.t().to(x.dtype)  # [tokens, r]
-    out = torch.addmm(y.reshape(-1, y.shape[-1]), h.to(y.dtype), up.t().to(y.dtype), alpha=scale)
-    return out.view(y.shape)
+    return add_lora(x, inner(*args, **kwargs), down, up, scale)
 
 
 @dataclass

@@ -47,6 +47,16 @@ class LoraWeights:
         return (self.up.float() @ self.down.float()) * self.scale
 
 
+def add_lora(x: Tensor, y: Tensor, down: Tensor, up: Tensor, scale: float) -> Tensor:
+    """y + scale · x downᵀ upᵀ with the scale and the add fused into the second matmul (one pass over y).
+
+    x [..., in] (a Linear's input), y [..., out] (its output), down [r, in], up [out, r].
+    """
+    h = x.reshape(-1, x.shape[-1]) @ down.t().to(x.dtype)  # [tokens, r]
+    out = torch.addmm(y.reshape(-1, y.shape[-1]), h.to(y.dtype), up.t().to(y.dtype), alpha=scale)
+    return out.view(y.shape)
+
+
 def _param_key(name: str) -> str:
     # nn.ParameterDict keys may not contain '.', module names do.
     return name.replace(".", "__")
@@ -99,10 +109,7 @@ class LoraTrainable(nn.Module):
         key = self._index.get(name)
         if key is None:
             return y
-        down, up = self.down[key].to(x.dtype), self.up[key].to(x.dtype)
-        h = x.reshape(-1, x.shape[-1]) @ down.t()  # [tokens, rank]
-        out = torch.addmm(y.reshape(-1, y.shape[-1]), h.to(y.dtype), up.t().to(y.dtype), alpha=self.scale)
-        return out.view(y.shape)
+        return add_lora(x, y, self.down[key], self.up[key], self.scale)
 
     def weights(self) -> dict[str, LoraWeights]:
         """Detached copies of the current weights, by module name."""
@@ -186,14 +193,9 @@ class AdapterStack:
 
     def apply(self, name: str, x: Tensor, y: Tensor) -> Tensor:
         """y + delta(x), each LoRA's scale and add fused into its second matmul (one pass over y per LoRA)."""
-        entries = self._layers.get(name)
-        if not entries:
-            return y
-        x2, out = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-        for _, e in entries:
-            h = x2 @ e.down.t().to(x.dtype)  # [tokens, rank]
-            out = torch.addmm(out, h.to(y.dtype), e.up.t().to(y.dtype), alpha=e.scale)
-        return out.view(y.shape)
+        for _, e in self._layers.get(name, ()):
+            y = add_lora(x, y, e.down, e.up, e.scale)
+        return y
 
     def delta(self, name: str, x: Tensor) -> Tensor | None:
         entries = self._layers.get(name)
