@@ -96,14 +96,6 @@ class LoraTrainable(nn.Module):
     def scale(self) -> float:
         return self.alpha / self.rank
 
-    def delta(self, name: str, x: Tensor) -> Tensor | None:
-        key = self._index.get(name)
-        if key is None:
-            return None
-        # Cast the small LoRA matrices to the activations' dtype, never the activations (bf16 stays bf16).
-        down, up = self.down[key].to(x.dtype), self.up[key].to(x.dtype)
-        return (x @ down.t()) @ up.t() * self.scale
-
     def apply(self, name: str, x: Tensor, y: Tensor) -> Tensor:
         """y + delta(x), with the add and the scale fused into the second matmul (one pass over y)."""
         key = self._index.get(name)
@@ -196,13 +188,3 @@ class AdapterStack:
         for _, e in self._layers.get(name, ()):
             y = add_lora(x, y, e.down, e.up, e.scale)
         return y
-
-    def delta(self, name: str, x: Tensor) -> Tensor | None:
-        entries = self._layers.get(name)
-        if not entries:
-            return None
-        out = None
-        for _, e in entries:
-            d = (x @ e.down.t().to(x.dtype)) @ e.up.t().to(x.dtype) * e.scale
-            out = d if out is None else out + d
-        return out

@@ -6,7 +6,7 @@ weights) and differs from ComfyUI's `Flux.forward` in three ways that training n
 
 * residuals are added out of place, so autograd never sees a tensor that LayerNorm saved being modified
   (ComfyUI's blocks do `img += ...`, which breaks a plain backward);
-* every target Linear gets a forward-time adapter delta (`adapters.delta(name, x)`), no weight is patched;
+* every target Linear gets its forward-time adapters added (`adapters.apply(name, x, y)`), no weight is patched;
 * each block can run under activation checkpointing.
 
 Math otherwise mirrors `comfy/ldm/flux` for `image_model == "flux2"`: no biases, global modulation, SiLU-gated
@@ -37,14 +37,14 @@ TIME_EMBED_DIM = 256
 
 
 class AdapterDeltas(Protocol):
-    """What the forward asks of an adapter set: the extra output of module `name` for input `x`, or None."""
+    """What the forward asks of an adapter set: module `name`'s output `y` for input `x`, plus its adapters."""
 
-    def delta(self, name: str, x: Tensor) -> Tensor | None: ...
+    def apply(self, name: str, x: Tensor, y: Tensor) -> Tensor: ...
 
 
 class NoAdapters:
-    def delta(self, name: str, x: Tensor) -> Tensor | None:
-        return None
+    def apply(self, name: str, x: Tensor, y: Tensor) -> Tensor:
+        return y
 
 
 @dataclass(frozen=True)
@@ -139,18 +139,8 @@ Linear = Callable[[nn.Module, str, Tensor], Tensor]
 
 
 def _make_lin(adapters: AdapterDeltas) -> Linear:
-    fused = getattr(adapters, "apply", None)  # optional fast path: y + delta in one fused op
-    if fused is not None:
-
-        def lin_fused(module: nn.Module, name: str, x: Tensor) -> Tensor:
-            return fused(name, x, module(x))
-
-        return lin_fused
-
     def lin(module: nn.Module, name: str, x: Tensor) -> Tensor:
-        y = module(x)
-        d = adapters.delta(name, x)
-        return y if d is None else y + d.to(y.dtype)
+        return adapters.apply(name, x, module(x))
 
     return lin
 
