@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from harness.comfy_test_nodes import FakeClip
 from harness.fixtures import tiny_conditioning_path
 from harness.server import TINY_MODEL_NAME, VAE_NAME
 from PIL import Image
@@ -37,27 +38,6 @@ def make_album(folder: Path, count: int = 3, label: str = "square", tint: int = 
         if i != count - 1:
             (folder / f"{i:03d}.txt").write_text(f"a small {label} number {i}")
     return folder
-
-
-class FakeClip:
-    """ComfyUI's CLIP interface (tokenize -> encode_from_tokens_scheduled) over a deterministic stand-in
-    encoder; counts the encodes. There is no tiny Qwen3, so this is how the CLIP path runs in tests."""
-
-    def __init__(self, context_dim: int) -> None:
-        self.cond_stage_model = torch.nn.Linear(4, context_dim, bias=False)
-        torch.nn.init.constant_(self.cond_stage_model.weight, 0.01)
-        self.context_dim = context_dim
-        self.encoded: list[str] = []
-
-    def tokenize(self, text: str):
-        return {"qwen3_4b": [[(float(ord(c)), 1.0) for c in text] or [(0.0, 1.0)]]}
-
-    def encode_from_tokens_scheduled(self, tokens):
-        codes = torch.tensor([t for t, _ in tokens["qwen3_4b"][0]])
-        self.encoded.append("".join(chr(int(c)) for c in codes if c > 0))
-        gen = torch.Generator().manual_seed(int(codes.sum().item()) % (2**31))
-        cond = torch.randn(1, len(codes), self.context_dim, generator=gen)
-        return [[cond, {"pooled_output": None}]]
 
 
 # ----------------------------------------------------------------------------------------------- in-process

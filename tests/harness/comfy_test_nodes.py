@@ -1,12 +1,44 @@
-"""Test-only ComfyUI node: copied into a test server's temp custom_nodes, never shipped with the pack.
+"""Test-only ComfyUI nodes: copied into a test server's temp custom_nodes, never shipped with the pack.
 
-There is no tiny text encoder (Qwen3's config is fixed), so tests feed CONDITIONING from a safetensors file
-holding `cond` [batch, tokens, context_dim].
+There is no tiny text encoder (Qwen3's config is fixed), so tests either feed CONDITIONING from a safetensors
+file holding `cond` [batch, tokens, context_dim] (KleinLabTestConditioning), or use `FakeClip`: ComfyUI's CLIP
+interface (tokenize -> encode_from_tokens_scheduled) over a deterministic stand-in encoder whose output depends
+on the text. `KleinLabTestCLIPLoader` returns one, so a workflow's `CLIPLoader` can be swapped for it and
+`CLIPTextEncode` and the pack's prompt widgets run unchanged. In-process tests import `FakeClip` from here.
 """
 
 from __future__ import annotations
 
+import torch
 from safetensors.torch import load_file
+
+TINY_CONTEXT_DIM = 64  # TinySpec().context_dim
+
+
+class FakeClip:
+    """ComfyUI's CLIP interface over a deterministic stand-in encoder; records the texts it encoded.
+
+    The conditioning of a text is seeded by its characters: the same text always gives the same tensor
+    [1, len(text), context_dim], different texts give different ones."""
+
+    def __init__(self, context_dim: int = TINY_CONTEXT_DIM) -> None:
+        self.cond_stage_model = torch.nn.Linear(4, context_dim, bias=False)
+        torch.nn.init.constant_(self.cond_stage_model.weight, 0.01)
+        self.context_dim = context_dim
+        self.encoded: list[str] = []
+
+    def tokenize(self, text: str):
+        return {"qwen3_4b": [[(float(ord(c)), 1.0) for c in text] or [(0.0, 1.0)]]}
+
+    def encode_from_tokens_scheduled(self, tokens, **_kwargs):
+        codes = torch.tensor([t for t, _ in tokens["qwen3_4b"][0]])
+        self.encoded.append("".join(chr(int(c)) for c in codes if c > 0))
+        gen = torch.Generator().manual_seed(int((codes * torch.arange(1, len(codes) + 1)).sum().item()) % (2**31))
+        cond = torch.randn(1, len(codes), self.context_dim, generator=gen)
+        return [[cond, {"pooled_output": None}]]
+
+    def clone(self) -> FakeClip:
+        return self
 
 
 class KleinLabTestConditioning:
@@ -23,4 +55,24 @@ class KleinLabTestConditioning:
         return ([[cond, {}]],)
 
 
-NODE_CLASS_MAPPINGS = {"KleinLabTestConditioning": KleinLabTestConditioning}
+class KleinLabTestCLIPLoader:
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "context_dim": ("INT", {"default": TINY_CONTEXT_DIM, "min": 1, "max": 16384, "tooltip": "Width."})
+            }
+        }
+
+    RETURN_TYPES = ("CLIP",)
+    FUNCTION = "load"
+    CATEGORY = "testing"
+
+    def load(self, context_dim: int):
+        return (FakeClip(context_dim),)
+
+
+NODE_CLASS_MAPPINGS = {
+    "KleinLabTestConditioning": KleinLabTestConditioning,
+    "KleinLabTestCLIPLoader": KleinLabTestCLIPLoader,
+}
