@@ -26,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save
 
 from .lora_file import atomic_write_bytes
+from .safe_paths import child_path
 from .settings import TrainSettings
 
 RUN_FORMAT = "klein_lab.run.v1"
@@ -60,6 +61,7 @@ class RunFolder:
                 "or choose a new folder."
             )
         run = cls(path, settings, dict(meta))
+        run._check_layout()
         run.checkpoints_dir.mkdir(parents=True, exist_ok=True)
         run.samples_dir.mkdir(parents=True, exist_ok=True)
         run._write_run_json()
@@ -70,12 +72,19 @@ class RunFolder:
         """Open an existing run; raises naming the folder when it has no run.json."""
         path = Path(path)
         run_json = path / "run.json"
+        cls(path, TrainSettings(), {})._check_layout()
         if not run_json.is_file():
             raise FileNotFoundError(f"{path} is not a run folder: it has no run.json (start it with create).")
         data = json.loads(run_json.read_text())
         if data.get("format") != RUN_FORMAT:
             raise ValueError(f"{run_json}: format {data.get('format')!r} is not {RUN_FORMAT!r}.")
         return cls(path, TrainSettings.from_json(data["settings"]), dict(data.get("meta", {})))
+
+    def _check_layout(self) -> None:
+        """Refuse a run folder whose files or subfolders are symlinks leading out of it: every write of the run
+        (checkpoints, samples, metrics, run.json) must land inside the folder the user chose."""
+        for entry in (self.path / "run.json", self.metrics_path, self.checkpoints_dir, self.samples_dir):
+            child_path(self.path, entry.name, what=f"run folder entry of {self.path}")
 
     def _write_run_json(self) -> None:
         data = {"format": RUN_FORMAT, "settings": self.settings.to_dict(), "meta": self.meta}
