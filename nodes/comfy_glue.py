@@ -42,6 +42,7 @@ from torch import Tensor, nn
 from ..trainer_core.klein import LATENT_CHANNELS
 from ..trainer_core.latent_cache import fingerprint_tensors
 from ..trainer_core.runfolder import RunFolder, checkpoint_step
+from ..trainer_core.safe_paths import resolve_inside
 from ..trainer_core.sampling import flux2_sigmas, sample
 from ..trainer_core.settings import TrainSettings
 from ..trainer_core.trainer import TrainCallbacks, TrainResult, train
@@ -268,10 +269,20 @@ def decode_images(latent: Tensor, vae=None) -> Tensor:
 # ------------------------------------------------------------------------------------------------ albums
 
 
+def allowed_roots() -> list[Path]:
+    """The folders a typed path may point into: ComfyUI's input, output and models folders and every folder the
+    user configured for a model type (extra_model_paths.yaml, --base-directory); never custom_nodes (code)."""
+    roots = [folder_paths.get_input_directory(), folder_paths.get_output_directory(), folder_paths.models_dir]
+    for kind, (paths, _extensions) in folder_paths.folder_names_and_paths.items():
+        if kind != "custom_nodes":
+            roots.extend(paths)
+    return list(dict.fromkeys(Path(r) for r in roots))
+
+
 def resolve_album_folder(text: str) -> Path:
-    """An album path as typed in a widget: absolute, or relative to ComfyUI's input folder."""
-    path = Path(text.strip().strip('"')).expanduser()
-    return path if path.is_absolute() else Path(folder_paths.get_input_directory()) / path
+    """An album path as typed in a widget: relative to ComfyUI's input folder, or absolute inside an allowed
+    folder (safe_paths refuses '..', NUL bytes, over-long names and symlinks that leave those folders)."""
+    return resolve_inside(text, allowed_roots(), "album folder", base=folder_paths.get_input_directory())
 
 
 def folder_fingerprint(*folders: Path) -> str:
