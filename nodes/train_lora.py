@@ -8,6 +8,7 @@ from comfy_api.latest import io
 
 from ..trainer_core.latent_cache import EncodedDataset
 from ..trainer_core.runfolder import RunFolder
+from ..trainer_core.safe_paths import child_path, safe_name
 from ..trainer_core.settings import PRESETS, TrainSettings, preset
 from . import comfy_glue
 from .encode_dataset import ENCODED_DATASET
@@ -29,10 +30,10 @@ def settings_from_widgets(preset_name: str, **widgets) -> TrainSettings:
 
 def open_run(run_name: str, settings: TrainSettings, encoded: EncodedDataset, resume: bool) -> RunFolder:
     """The run folder under <output>/klein_lora_lab/runs: a new one, or the existing one when resuming."""
-    name = run_name.strip()
-    if not name or set(name) - RUN_NAME_CHARS or name.startswith("."):
+    name = safe_name(run_name, "run name")  # no separators, '..', NUL, reserved or over-long names
+    if set(name) - RUN_NAME_CHARS:
         raise ValueError(f"run name {run_name!r}: use letters, digits, spaces, '_', '-' and '.' (e.g. 'tok_style_v1').")
-    path = comfy_glue.runs_dir() / name
+    path = child_path(comfy_glue.runs_dir(), name, what="run name")  # refuses a symlink leading elsewhere
     if (path / "run.json").is_file():
         if not resume:
             raise ValueError(
