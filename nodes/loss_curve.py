@@ -8,13 +8,14 @@ from comfy_api.latest import io, ui
 
 from ..trainer_core.loss_curve import history_from_records, loss_curve_image
 from ..trainer_core.runfolder import RunFolder, checkpoint_step
+from ..trainer_core.safe_paths import resolve_inside
 from . import comfy_glue
 
 
 def resolve_run(run: str) -> Path:
-    """A run as typed: a run name under <output>/klein_lora_lab/runs, or an absolute path to a run folder."""
-    path = Path(run.strip().strip('"')).expanduser()
-    return path if path.is_absolute() else comfy_glue.runs_dir() / path
+    """A run as typed: a run name under <output>/klein_lora_lab/runs, or an absolute path to a run folder inside
+    an allowed folder (safe_paths refuses '..', NUL bytes and symlinks out of those folders)."""
+    return resolve_inside(run, comfy_glue.allowed_roots(), "run", base=comfy_glue.runs_dir())
 
 
 def run_loss_curve(run: RunFolder, width: int, height: int, smoothing: float):
