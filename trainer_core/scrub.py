@@ -1,0 +1,393 @@
+"""Checkpoint scrubbing, pure logic: which frames to render, their labels, the labelled grid and the A/B compare.
+
+A scrub renders the same seed at checkpoints × scales × prompts. The frame order is stable and documented:
+**checkpoint-major, then scale, then prompt** — frame index = (c · S + s) · P + p for checkpoint c (ascending
+step, or the order the LoRA files were given), scale s (in the order typed) and prompt p (line order). The grid
+shows one row per checkpoint and one column per (scale, prompt) pair, so reading it row by row follows the frame
+order. The mixer grid uses the same machinery with the axes scale_a × scale_b.
+
+Nothing here imports ComfyUI; images are PIL images (the nodes convert IMAGE tensors at the edges).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+MAX_FRAMES = 256  # one scrub renders at most this many frames (each is a full sampling run)
+SCALE_MIN, SCALE_MAX = -4.0, 4.0  # the LoRA strength range of the pack's loaders
+MIN_CELL = 128  # grid cells smaller than this (tiny test renders) are enlarged by an integer factor
+SEP = " · "
+
+_LAST = re.compile(r"^(last|first)\s+(\d+)$")
+_EVERY = re.compile(r"^every\s+(\d+)(\s+steps?)?$")
+_RANGE = re.compile(r"^(\d+)\s*(?:-|\.\.)\s*(\d+)$")
+
+
+class ScrubError(ValueError):
+    """An invalid scrub input; the message names the value and how to fix it."""
+
+
+# ------------------------------------------------------------------------------------------------ selections
+
+
+def _steps_text(available: Sequence[int]) -> str:
+    return ", ".join(str(s) for s in available) if available else "none"
+
+
+def select_checkpoints(text: str, available: Sequence[int]) -> list[int]:
+    """The checkpoint steps a selection picks from a run's `available` steps, ascending, without duplicates.
+
+    Terms, separated by commas (their union is taken): `all`; `last N` / `first N` (checkpoints);
+    `every N` (every N-th checkpoint from the first: 1st, N+1-th, ...); `every N steps` (steps that are
+    multiples of N); `A-B` or `A..B` (every checkpoint with A <= step <= B); a step number (must exist).
+    """
+    steps = sorted(set(available))
+    if not steps:
+        raise ScrubError("the run has no checkpoints yet: train it first (or pick another run).")
+    terms = [t.strip().lower() for t in text.split(",") if t.strip()]
+    if not terms:
+        raise ScrubError(
+            f"the checkpoint selection is empty: type 'all', 'last 3', 'every 2', a range '300-900' or steps "
+            f"'300,600'. This run has steps {_steps_text(steps)}."
+        )
+    picked: set[int] = set()
+    for term in terms:
+        picked.update(_select_term(term, steps))
+    return sorted(picked)
+
+
+def _select_term(term: str, steps: list[int]) -> list[int]:
+    if term == "all":
+        return steps
+    if m := _LAST.match(term):
+        n = int(m.group(2))
+        if n < 1:
+            raise ScrubError(f"'{term}': N must be at least 1.")
+        return steps[-n:] if m.group(1) == "last" else steps[:n]
+    if m := _EVERY.match(term):
+        n = int(m.group(1))
+        if n < 1:
+            raise ScrubError(f"'{term}': N must be at least 1.")
+        if m.group(2):
+            hits = [s for s in steps if s % n == 0]
+            if not hits:
+                raise ScrubError(f"'{term}': no checkpoint step is a multiple of {n}; steps: {_steps_text(steps)}.")
+            return hits
+        return steps[::n]
+    if m := _RANGE.match(term):
+        lo, hi = sorted((int(m.group(1)), int(m.group(2))))
+        hits = [s for s in steps if lo <= s <= hi]
+        if not hits:
+            raise ScrubError(f"'{term}': no checkpoint between {lo} and {hi}; steps: {_steps_text(steps)}.")
+        return hits
+    if term.isdigit():
+        if int(term) not in steps:
+            raise ScrubError(f"step {term} has no checkpoint in this run; steps: {_steps_text(steps)}.")
+        return [int(term)]
+    raise ScrubError(
+        f"'{term}' is not a checkpoint selection: use 'all', 'last N', 'first N', 'every N', 'every N steps', "
+        f"a range 'A-B' or step numbers. Steps: {_steps_text(steps)}."
+    )
+
+
+def _number(text: str, what: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ScrubError(f"'{text}' in the {what} is not a number.") from None
+    if not math.isfinite(value):
+        raise ScrubError(f"'{text}' in the {what} is not a finite number.")
+    return value
+
+
+def parse_scales(text: str, lo: float = SCALE_MIN, hi: float = SCALE_MAX, what: str = "scales") -> list[float]:
+    """Scales from "0,0.5,1,2,4" and/or ranges "start:stop:step" (stop included), in the order typed, without
+    duplicates. Every scale must lie in [lo, hi]."""
+    values: list[float] = []
+    terms = [t.strip() for t in text.split(",") if t.strip()]
+    if not terms:
+        raise ScrubError(f"the {what} are empty: type e.g. '0,0.5,1,2' or '0:4:0.5'.")
+    for term in terms:
+        parts = [p.strip() for p in term.split(":")]
+        if len(parts) == 1:
+            values.append(_number(parts[0], what))
+            continue
+        if len(parts) != 3:
+            raise ScrubError(f"'{term}' in the {what}: a range is start:stop:step, e.g. 0:4:0.5.")
+        start, stop, step = (_number(p, what) for p in parts)
+        if step == 0 or (stop - start) / step < 0:
+            raise ScrubError(f"'{term}' in the {what}: the step {step:g} never reaches {stop:g} from {start:g}.")
+        count = int(math.floor((stop - start) / step + 1e-9)) + 1
+        if count > MAX_FRAMES:
+            raise ScrubError(f"'{term}' in the {what} gives {count} values; at most {MAX_FRAMES}: use a larger step.")
+        values.extend(round(start + i * step, 10) for i in range(count))
+    out: list[float] = []
+    for v in values:
+        if not lo <= v <= hi:
+            raise ScrubError(f"scale {v:g} in the {what} is outside {lo:g}..{hi:g}: use scales in that range.")
+        v = v + 0.0  # -0.0 -> 0.0
+        if v not in out:
+            out.append(v)
+    return out
+
+
+def parse_prompts(text: str) -> list[str]:
+    """One prompt per non-empty line (surrounding spaces removed)."""
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+# ------------------------------------------------------------------------------------------------ the frame plan
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """One LoRA of the checkpoint axis: its name in ComfyUI's loras list and its training step (if known)."""
+
+    lora: str
+    step: int | None
+
+
+@dataclass(frozen=True)
+class Frame:
+    index: int
+    coords: tuple[int, ...]  # index into each axis' values
+    lora: str | None
+    step: int | None
+    scale: float
+    prompt: str
+    prompt_index: int
+    label: str
+
+    def record(self) -> dict:
+        """The frame's entry of the labels JSON."""
+        return {
+            "index": self.index,
+            "step": self.step,
+            "scale": self.scale,
+            "prompt": self.prompt,
+            "label": self.label,
+            "lora": self.lora,
+        }
+
+
+def fmt_scale(value: float) -> str:
+    return f"{value:g}"
+
+
+def lora_display(checkpoint: Checkpoint) -> str:
+    """How a checkpoint is named in labels: its step, else its file name without folders and extension."""
+    if checkpoint.step is not None:
+        return f"step {checkpoint.step}"
+    name = checkpoint.lora.replace("\\", "/").rsplit("/", 1)[-1]
+    return name.rsplit(".", 1)[0] if "." in name else name
+
+
+def frame_label(checkpoint: Checkpoint, scale: float, prompt_index: int, n_prompts: int) -> str:
+    """ "step 600 · scale 1.5 · prompt 2" (the prompt part only when there are several prompts; 1-based)."""
+    parts = [lora_display(checkpoint), f"scale {fmt_scale(scale)}"]
+    if n_prompts > 1:
+        parts.append(f"prompt {prompt_index + 1}")
+    return SEP.join(parts)
+
+
+def check_frame_count(count: int, max_frames: int = MAX_FRAMES) -> None:
+    if count > max_frames:
+        raise ScrubError(
+            f"{count} frames requested; one scrub renders at most {max_frames}. Pick fewer checkpoints "
+            "(e.g. 'every 2'), scales or prompts."
+        )
+    if count < 1:
+        raise ScrubError("nothing to render: the selection gives no frame.")
+
+
+def frame_plan(checkpoints: Sequence[Checkpoint], scales: Sequence[float], prompts: Sequence[str]) -> list[Frame]:
+    """Every frame in the stable order: checkpoint-major, then scale, then prompt (see the module doc)."""
+    if not prompts:
+        raise ScrubError("no prompt: type one prompt per line (or connect a positive conditioning).")
+    check_frame_count(len(checkpoints) * len(scales) * len(prompts))
+    frames = []
+    for c, ckpt in enumerate(checkpoints):
+        for s, scale in enumerate(scales):
+            for p, prompt in enumerate(prompts):
+                label = frame_label(ckpt, scale, p, len(prompts))
+                frames.append(Frame(len(frames), (c, s, p), ckpt.lora, ckpt.step, scale, prompt, p, label))
+    return frames
+
+
+def scrub_axes(checkpoints: Sequence[Checkpoint], scales: Sequence[float], prompts: Sequence[str]) -> list[dict]:
+    """The axes of the UI metadata: step (or lora, when the checkpoints have no steps), scale, prompt."""
+    if all(c.step is not None for c in checkpoints):
+        first = {"name": "step", "values": [c.step for c in checkpoints]}
+    else:
+        first = {"name": "lora", "values": [c.lora for c in checkpoints]}
+    return [first, {"name": "scale", "values": list(scales)}, {"name": "prompt", "values": list(prompts)}]
+
+
+@dataclass(frozen=True)
+class MixFrame:
+    """One cell of the mixer grid: LoRA A at scale_a together with LoRA B at scale_b."""
+
+    index: int
+    coords: tuple[int, int]
+    scale_a: float
+    scale_b: float
+    label: str
+
+    def record(self, lora_a: str, lora_b: str, prompt: str) -> dict:
+        """The frame's entry of the labels JSON."""
+        return {
+            "index": self.index,
+            "scale_a": self.scale_a,
+            "scale_b": self.scale_b,
+            "prompt": prompt,
+            "label": self.label,
+            "lora_a": lora_a,
+            "lora_b": lora_b,
+        }
+
+
+def mixer_plan(name_a: str, name_b: str, scales_a: Sequence[float], scales_b: Sequence[float]) -> list[MixFrame]:
+    """The mixer grid's frames, scale_a-major then scale_b (rows = scale of A, columns = scale of B); labels
+    read "A 0.5 · B 1" with A and B the short names of the two LoRAs."""
+    check_frame_count(len(scales_a) * len(scales_b))
+    frames = []
+    for i, sa in enumerate(scales_a):
+        for j, sb in enumerate(scales_b):
+            label = f"{name_a} {fmt_scale(sa)}{SEP}{name_b} {fmt_scale(sb)}"
+            frames.append(MixFrame(len(frames), (i, j), sa, sb, label))
+    return frames
+
+
+def inputs_key(parts: Mapping[str, object]) -> str:
+    """8 hex digits identifying a render's inputs (the frames' folder name): same inputs, same folder."""
+    text = json.dumps(parts, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:8]
+
+
+# ------------------------------------------------------------------------------------------------ images
+
+
+def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
+    return ImageFont.load_default(size)
+
+
+def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
+    """`text`, shortened with an ellipsis until it fits `width` pixels."""
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "…", font=font) > width:
+        text = text[:-1]
+    return text + "…"
+
+
+def _enlarge(image: Image.Image, factor: int) -> Image.Image:
+    return image if factor == 1 else image.resize((image.width * factor, image.height * factor), Image.NEAREST)
+
+
+def _cell_factor(width: int, height: int) -> int:
+    return max(1, math.ceil(MIN_CELL / max(width, height)))
+
+
+def compose_grid(
+    cells: Sequence[Image.Image],
+    cols: int,
+    labels: Sequence[str],
+    row_headers: Sequence[str],
+    col_headers: Sequence[str],
+    title: str = "",
+) -> Image.Image:
+    """Cells in row-major order (len = rows · cols) as one labelled grid: a title line, a header above each column,
+    a header left of each row, and each cell's label in a strip under it. Small cells are enlarged (nearest) to
+    at least MIN_CELL px so the labels stay readable."""
+    if not cells or len(cells) % cols:
+        raise ScrubError(f"{len(cells)} cells do not fill a grid of {cols} columns.")
+    rows = len(cells) // cols
+    if len(labels) != len(cells) or len(row_headers) != rows or len(col_headers) != cols:
+        raise ScrubError("grid labels and headers do not match the number of cells, rows and columns.")
+    factor = _cell_factor(cells[0].width, cells[0].height)
+    cw, ch = cells[0].width * factor, cells[0].height * factor
+    size = max(11, min(28, cw // 14))
+    font = _font(size)
+    pad = max(2, size // 4)
+    line = size + 2 * pad
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    row_w = min(int(max(probe.textlength(h, font=font) for h in row_headers)) + 2 * pad, cw)
+    top = line * (2 if title else 1)
+    grid = Image.new("RGB", (row_w + cols * cw, top + rows * (ch + line)), "white")
+    draw = ImageDraw.Draw(grid)
+    if title:
+        draw.text((pad, pad), _fit(draw, title, font, grid.width - 2 * pad), fill="black", font=font)
+    for c, header in enumerate(col_headers):
+        draw.text((row_w + c * cw + pad, top - line + pad), _fit(draw, header, font, cw - 2 * pad), "black", font)
+    for i, cell in enumerate(cells):
+        r, c = divmod(i, cols)
+        x, y = row_w + c * cw, top + r * (ch + line)
+        grid.paste(_enlarge(cell.convert("RGB"), factor).resize((cw, ch), Image.NEAREST), (x, y))
+        draw.text((x + pad, y + ch + pad), _fit(draw, labels[i], font, cw - 2 * pad), fill="black", font=font)
+    for r, header in enumerate(row_headers):
+        y = top + r * (ch + line) + ch // 2 - size // 2
+        draw.text((pad, y), _fit(draw, header, font, row_w - 2 * pad), fill="black", font=font)
+    return grid
+
+
+def thumbnail(image: Image.Image, longest: int) -> Image.Image:
+    """A copy whose longest side is at most `longest` px (aspect kept; never enlarged)."""
+    thumb = image.convert("RGB")
+    thumb.thumbnail((longest, longest), Image.LANCZOS)
+    return thumb
+
+
+def to_array(image: Image.Image) -> np.ndarray:
+    """PIL image -> float32 [H, W, 3] in 0..1."""
+    return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+
+
+def abs_difference(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, float]:
+    """|a - b| per pixel ([H, W, 3], 0..1) and its mean; both images must have the same size."""
+    if a.shape != b.shape:
+        raise ScrubError(f"frames of different sizes ({a.shape[1]}×{a.shape[0]} vs {b.shape[1]}×{b.shape[0]}).")
+    diff = np.abs(a.astype(np.float32) - b.astype(np.float32))
+    return diff, float(diff.mean())
+
+
+def compose_side_by_side(a: Image.Image, b: Image.Image, label_a: str, label_b: str) -> Image.Image:
+    """A | B with each frame's label above it ("A: step 1000 · scale 1", "B: ...")."""
+    factor = _cell_factor(a.width, a.height)
+    w, h = a.width * factor, a.height * factor
+    size = max(11, min(28, w // 14))
+    font = _font(size)
+    pad = max(2, size // 4)
+    line = size + 2 * pad
+    gap = max(4, w // 64)
+    out = Image.new("RGB", (2 * w + gap, h + line), "white")
+    draw = ImageDraw.Draw(out)
+    for k, (image, label) in enumerate(((a, f"A: {label_a}"), (b, f"B: {label_b}"))):
+        x = k * (w + gap)
+        out.paste(_enlarge(image.convert("RGB"), factor).resize((w, h), Image.NEAREST), (x, line))
+        draw.text((x + pad, pad), _fit(draw, label, font, w - 2 * pad), fill="black", font=font)
+    return out
+
+
+def find_frame(labels: Sequence[Mapping], index: int, label_text: str) -> int:
+    """The position of a frame in the batch: by label text when given (exact, else a unique substring match),
+    else by `index`. Errors list what exists."""
+    if label_text.strip():
+        want = label_text.strip()
+        exact = [i for i, rec in enumerate(labels) if rec.get("label") == want]
+        hits = exact or [i for i, rec in enumerate(labels) if want.lower() in str(rec.get("label", "")).lower()]
+        if len(hits) == 1:
+            return hits[0]
+        known = "; ".join(str(rec.get("label")) for rec in labels[:12]) + (" ..." if len(labels) > 12 else "")
+        what = "matches no frame" if not hits else f"matches {len(hits)} frames"
+        raise ScrubError(f"label '{want}' {what}: give a full label. Labels: {known}")
+    if not 0 <= index < len(labels):
+        raise ScrubError(f"frame index {index} does not exist: the batch has frames 0..{len(labels) - 1}.")
+    return index
