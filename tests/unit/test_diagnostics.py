@@ -1,0 +1,175 @@
+"""The clinic's measures on constructed generators: a generator that hands the album back for every prompt
+scores as memorised, one that follows the prompt does not; collapse and trigger-free drift are detected; the
+held-out validation split is fixed, seeded and leaves small albums alone."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from klein_lora_lab.trainer_core.diagnostics import (
+    COLLAPSED_BELOW,
+    HOLDOUT_MIN_ITEMS,
+    LEAK_ABOVE,
+    MEMORISED_BELOW,
+    TIMID_BELOW,
+    Renders,
+    clinic,
+    crossing,
+    holdout_split,
+    latent_features,
+    measure,
+    normalised_l2,
+    pixel_features,
+)
+
+GROUPS = {"trigger": [0, 1], "novel": [2, 3], "trigger_free": [4, 5]}
+PROMPTS = 6
+ALBUM = 5
+
+
+def _latent(seed: int) -> torch.Tensor:
+    return torch.randn(128, 4, 4, generator=torch.Generator().manual_seed(seed))
+
+
+def _decode(latent: torch.Tensor) -> torch.Tensor:
+    """A fixed stand-in for the VAE: [128, 4, 4] -> [16, 16, 3] in 0..1 (pixels follow the latent)."""
+    rgb = torch.sigmoid(latent[:3]).repeat_interleave(4, 1).repeat_interleave(4, 2)
+    return rgb.permute(1, 2, 0)
+
+
+ALBUM_LATENTS = [_latent(1000 + i) for i in range(ALBUM)]
+
+
+def _renders(generator: Callable[[int], torch.Tensor]) -> Renders:
+    latents = [generator(p) for p in range(PROMPTS)]
+    return Renders(latent_features(latents), pixel_features([_decode(x) for x in latents]))
+
+
+def base(p: int) -> torch.Tensor:
+    """The base model: every prompt its own picture, unrelated to the album."""
+    return _latent(p)
+
+
+def memorising(p: int) -> torch.Tensor:
+    """Whatever the prompt, an album image comes back (with a little sampling noise)."""
+    return ALBUM_LATENTS[p % 2] + 0.02 * _latent(500 + p)
+
+
+def following(p: int) -> torch.Tensor:
+    """The concept arrives in trigger prompts (40 % of the way toward an album image), the prompt still
+    decides the picture, and prompts without the trigger stay with the base model."""
+    if p in GROUPS["trigger_free"]:
+        return base(p)
+    return 0.6 * base(p) + 0.4 * ALBUM_LATENTS[p % ALBUM]
+
+
+def collapsed(p: int) -> torch.Tensor:
+    """One picture for every prompt, and not an album image: the painter stopped listening."""
+    return _latent(777)
+
+
+def leaking(p: int) -> torch.Tensor:
+    """Follows the prompt with the trigger, but prompts without the trigger turn into album images too."""
+    if p in GROUPS["trigger_free"]:
+        return ALBUM_LATENTS[p % ALBUM]
+    return following(p)
+
+
+@pytest.fixture(scope="module")
+def album() -> Renders:
+    return Renders(latent_features(ALBUM_LATENTS), pixel_features([_decode(x) for x in ALBUM_LATENTS]))
+
+
+@pytest.fixture(scope="module")
+def base_renders() -> Renders:
+    return _renders(base)
+
+
+def test_base_against_itself_is_neutral(album, base_renders):
+    """The base model measured against itself: ratios 1, concept and drift 0, no finding."""
+    m = measure(base_renders, base_renders, album, GROUPS)
+    assert m["memorisation"] == pytest.approx(1.0) and m["flexibility"] == pytest.approx(1.0)
+    assert m["concept"] == pytest.approx(0.0, abs=1e-6) and m["trigger_free_drift"] == pytest.approx(0.0, abs=1e-6)
+    assert m["change"] == pytest.approx(0.0, abs=1e-6)
+    assert clinic(m) == ["underfit/timid"]  # scale 0 has no concept: exactly what timid means
+
+
+def test_album_handed_back_scores_as_memorised(album, base_renders):
+    """The bicycle test: a generator returning album images for novel prompts drops the memorisation ratio
+    far below 1 in both spaces, and the clinic says overfit/memorised."""
+    m = measure(_renders(memorising), base_renders, album, GROUPS)
+    assert m["memorisation"] < 0.1 and m["memorisation_latent"] < 0.1 and m["memorisation_pixel"] < 0.1
+    assert m["memorisation"] <= MEMORISED_BELOW
+    assert "overfit/memorised" in clinic(m)
+
+
+def test_prompt_following_generator_is_healthy(album, base_renders):
+    """A LoRA that brings the concept but still follows the prompt: not memorised, flexible, a real concept
+    strength, no trigger-free drift — the clinic finds nothing."""
+    m = measure(_renders(following), base_renders, album, GROUPS)
+    assert MEMORISED_BELOW < m["memorisation"] < 1.0
+    assert m["flexibility"] > COLLAPSED_BELOW
+    assert m["concept"] > TIMID_BELOW
+    assert abs(m["trigger_free_drift"]) < 1e-6
+    assert clinic(m) == []
+
+
+def test_collapse_detected(album, base_renders):
+    """One picture for every prompt: flexibility ≈ 0; not the album, so the finding is too strong/caricature."""
+    m = measure(_renders(collapsed), base_renders, album, GROUPS)
+    assert m["flexibility"] < 0.01
+    assert m["memorisation"] > MEMORISED_BELOW
+    assert clinic(m)[0] == "too strong/caricature"
+
+
+def test_trigger_free_drift_detected(album, base_renders):
+    """Prompts without the trigger that turn into album images show drift near 1 and the leak finding; the
+    same LoRA's trigger prompts are unchanged from the healthy one."""
+    leak = measure(_renders(leaking), base_renders, album, GROUPS)
+    healthy = measure(_renders(following), base_renders, album, GROUPS)
+    assert leak["trigger_free_drift"] > 0.9 >= LEAK_ABOVE
+    assert "leaks without trigger" in clinic(leak)
+    assert leak["concept"] == pytest.approx(healthy["concept"])
+
+
+def test_latent_only_measures_without_pixels(album, base_renders):
+    """Without a VAE (no pixel features) the measures come from the latent space alone."""
+    lora = Renders(_renders(memorising).latent)
+    m = measure(lora, Renders(base_renders.latent), album, GROUPS)
+    assert m["memorisation"] == pytest.approx(m["memorisation_latent"]) and m["memorisation_pixel"] is None
+
+
+def test_features_accept_mixed_sizes():
+    """Album latents of different buckets and images of different sizes map into one feature space."""
+    feats = latent_features([torch.ones(128, 2, 2), torch.ones(128, 6, 10)])
+    assert feats.shape == (2, 128 * 64) and torch.allclose(feats[0], feats[1])
+    pix = pixel_features([torch.full((20, 40, 3), 0.5), torch.full((64, 64, 3), 0.5)])
+    assert pix.shape == (2, 3 * 32 * 32) and torch.allclose(pix[0], pix[1])
+    d = normalised_l2(torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 0.0], [-1.0, 0.0]]))
+    assert d.tolist() == [[0.0, 1.0]]
+    with pytest.raises(ValueError, match="at least one"):
+        latent_features([])
+
+
+def test_scale_crossing():
+    """Scale sensitivity: the interpolated scale where a curve first crosses a threshold, None if never."""
+    scales = [0.5, 1.0, 2.0, 4.0]
+    assert crossing(scales, [1.0, 0.9, 0.3, 0.1], 0.5) == pytest.approx(1.0 + (0.5 - 0.9) / (0.3 - 0.9))
+    assert crossing(scales, [1.0, 0.9, 0.8, 0.7], 0.5) is None
+    assert crossing(scales, [0.2, None, 0.6, 0.9], 0.5, below=False) == pytest.approx(0.5 + 0.3 / 0.4 * 1.5)
+
+
+def test_holdout_split_fixed_seeded_and_small_albums_untouched():
+    """≥ HOLDOUT_MIN_ITEMS items: a fixed share held out, disjoint from training, same for the same seed and
+    different for another; smaller albums (or share 0) hold nothing out."""
+    train, held = holdout_split(40, 0.1, seed=3)
+    assert len(held) == 4 and sorted(train + held) == list(range(40)) and not set(train) & set(held)
+    assert holdout_split(40, 0.1, seed=3) == (train, held)
+    assert holdout_split(40, 0.1, seed=4)[1] != held
+    assert holdout_split(HOLDOUT_MIN_ITEMS - 1, 0.5, seed=3) == (list(range(HOLDOUT_MIN_ITEMS - 1)), [])
+    assert holdout_split(HOLDOUT_MIN_ITEMS, 0.01, seed=0)[1].__len__() == 1
+    assert holdout_split(40, 0.0, seed=3)[1] == []
+    with pytest.raises(ValueError, match="holdout"):
+        holdout_split(40, 1.0, seed=0)
