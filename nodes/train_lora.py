@@ -138,7 +138,16 @@ class KleinLabTrainLora(io.ComfyNode):
                     step=0.1,
                     tooltip="CFG of the previews (Klein Base ~4).",
                 ),
-                _int("seed", 0, 0, 2**31 - 1, "Seed of the LoRA init, data order, noise and the previews."),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=2**31 - 1,
+                    # The frontend gives any INT named seed a "randomize after queue" control unless told not to;
+                    # a training seed must stay put (resume continues the same run) and saved workflows stay aligned.
+                    control_after_generate=False,
+                    tooltip="Seed of the LoRA init, data order, noise and the previews.",
+                ),
                 io.String.Input(
                     "targets",
                     default="attention",
