@@ -17,10 +17,12 @@ in `finally`. So:
   and several LoRAs stack: a clone of a model that already carries our wrapper gets one wrapper holding both.
 
 LoRA tensors are read once per file (cached by path, mtime and size) straight onto the model's load device,
-and cast at most once per compute dtype; all LoRAs of a module are fused into one (down, up, scale). Per call
-and target Linear the cost is either one pass over its output (y + s·(x Dᵀ) Uᵀ, fused into one addmm) or, for
-a plain Linear fed more tokens than it has input features, one pass over its weight (F.linear(x, W + s·U D));
-see `use_weight_side`.
+and cast at most once per compute dtype; all LoRAs of a module are fused into one (down, up, scale). Inside a
+sampler run (an OUTER_SAMPLE wrapper registered with the DIFFUSION_MODEL one) each plain target Linear is merged
+once into a separate tensor W + s·U·D while the device's free memory allows (`MergeCache`), so later steps cost
+what merged weights cost; the tensors are freed when the run ends. Otherwise, per call and target Linear, the
+cost is either one pass over its output (y + s·(x Dᵀ) Uᵀ, fused into one addmm) or, for a plain Linear fed more
+tokens than it has input features, one pass over its weight (F.linear(x, W + s·U D)); see `use_weight_side`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
+import comfy.model_management
 import comfy.ops
 import comfy.patcher_extension
 import folder_paths
@@ -147,20 +150,75 @@ def _plain_linear(module: nn.Module, x: Tensor) -> bool:
     )
 
 
+class MergeCache:
+    """Merged target weights (W + s·U·D) kept for the length of one sampling run, within a memory budget.
+
+    Without it every diffusion-model call rebuilds W + s·U·D (two extra passes over each weight) or adds the LoRA
+    to the output (an extra pass over the activations): a few percent of a sampling step. With it the first call
+    of a run merges each target Linear once into a separate tensor (the base weights stay untouched) and every
+    later call is a plain F.linear. The cache lives inside ComfyUI's OUTER_SAMPLE wrapper only, so its memory is
+    back before VAE decoding or the next model load; it stops growing when the device's free memory would fall
+    under `MERGE_RESERVE` (activations of the sampler), and Linears beyond the budget use the per-call path.
+    """
+
+    def __init__(self, budget_bytes: int) -> None:
+        self.budget = budget_bytes
+        self.tensors: dict[tuple[str, torch.device, torch.dtype], Tensor] = {}
+
+    def merged(self, name: str, module: nn.Module, lora: tuple[Tensor, Tensor, float]) -> Tensor | None:
+        """W + s·U·D of `module` (cached), or None when it does not fit the budget."""
+        weight: Tensor = module.weight
+        key = (name, weight.device, weight.dtype)
+        cached = self.tensors.get(key)
+        if cached is not None:
+            return cached
+        size = weight.numel() * weight.element_size()
+        if size > self.budget:
+            return None
+        down, up, scale = lora
+        self.budget -= size
+        self.tensors[key] = torch.addmm(weight, up, down, alpha=scale).detach()
+        return self.tensors[key]
+
+
+# Free device memory left to the sampler when merged weights are cached: the larger of 4 GiB and a fifth of the
+# device (activations, ComfyUI's batching of cond/uncond, other extensions).
+MERGE_RESERVE_MIN = 4 << 30
+MERGE_RESERVE_SHARE = 0.2
+
+
+def merge_budget(device: torch.device) -> int:
+    """Bytes of merged weights that may be cached on `device` for one sampling run (0 = none)."""
+    free = comfy.model_management.get_free_memory(device)
+    total = comfy.model_management.get_total_memory(device)
+    return max(0, int(free - max(MERGE_RESERVE_MIN, MERGE_RESERVE_SHARE * total)))
+
+
 def _lora_forward(
-    module: nn.Module, inner: Callable[..., Tensor], own: bool, lora: tuple[Tensor, Tensor, float], *args, **kwargs
+    module: nn.Module,
+    inner: Callable[..., Tensor],
+    own: bool,
+    name: str,
+    lora: tuple[Tensor, Tensor, float],
+    cache: MergeCache | None,
+    *args,
+    **kwargs,
 ) -> Tensor:
     """A target Linear's forward during one diffusion-model call: its own output plus the stacked LoRAs.
 
     lora = (down [r, in], up [out, r], scale); inner = the forward it had before (ComfyUI's, or another
-    extension's instance forward: `own` is False then and the output side is always used).
+    extension's instance forward: `own` is False then and the output side is always used); cache = the merged
+    weights of the current sampling run (None outside a sampler run).
     """
     down, up, scale = lora
     x = args[0]
-    if own and not kwargs and len(args) == 1 and use_weight_side(x.numel() // x.shape[-1], down.shape[1]):
-        if _plain_linear(module, x):
+    if own and not kwargs and len(args) == 1 and _plain_linear(module, x):
+        merged = cache.merged(name, module, lora) if cache is not None else None
+        if merged is None and use_weight_side(x.numel() // x.shape[-1], down.shape[1]):
+            merged = torch.addmm(module.weight, up, down, alpha=scale)  # W + s·U·D for this call only
+        if merged is not None:
             comfy.ops.run_every_op()  # what ComfyUI's Linear.forward does first (interruption checks)
-            return F.linear(x, torch.addmm(module.weight, up, down, alpha=scale), module.bias)  # W + s·U·D
+            return F.linear(x, merged, module.bias)
     return add_lora(x, inner(*args, **kwargs), down, up, scale)
 
 
@@ -173,6 +231,8 @@ class ForwardLoras:
     _fused: dict[tuple[torch.device, torch.dtype], dict[str, tuple[Tensor, Tensor, float]]] = field(
         default_factory=dict, repr=False
     )
+    _cache: MergeCache | None = field(default=None, repr=False)
+    _sampling: bool = field(default=False, repr=False)
 
     def stack(self, device: torch.device, dtype: torch.dtype) -> AdapterStack:
         """The AdapterStack on (device, dtype), built once per wrapper (tensors come from the file cache)."""
@@ -192,13 +252,15 @@ class ForwardLoras:
         model: nn.Module = executor.class_obj
         x: Tensor = args[0]  # [b, 128, h, w] in the compute dtype (fp8 weights compute in bf16/fp32)
         self.stack(x.device, x.dtype)
+        if self._sampling and self._cache is None:  # first call of a sampler run: size the merge budget now
+            self._cache = MergeCache(merge_budget(x.device))
         patched: list[tuple[nn.Module, Callable | None]] = []
         try:
             for name, lora in self._fused[(torch.device(x.device), x.dtype)].items():
                 module = model.get_submodule(name)
                 previous = module.__dict__.get("forward")  # an instance forward another extension set, if any
                 inner = previous if previous is not None else module.forward
-                module.forward = partial(_lora_forward, module, inner, previous is None, lora)
+                module.forward = partial(_lora_forward, module, inner, previous is None, name, lora, self._cache)
                 patched.append((module, previous))
             return executor(*args, **kwargs)
         finally:
@@ -208,9 +270,30 @@ class ForwardLoras:
                 else:
                     module.forward = previous
 
+    def sampling_run(self, executor, *args, **kwargs):
+        """The OUTER_SAMPLE wrapper: merged weights may be cached during one sampler run and are freed after it."""
+        self._sampling, self._cache = True, None
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            self._sampling, self._cache = False, None
+
     def to(self, *args, **kwargs) -> ForwardLoras:
         """ComfyUI calls .to(device) / .to(model dtype) on wrappers; tensors are placed per compute dtype instead
         (the model dtype may be fp8, which a LoRA must not be cast to)."""
+        return self
+
+
+@dataclass(frozen=True, eq=False)
+class SamplingRun:
+    """OUTER_SAMPLE wrapper object (ComfyUI calls .to() on wrappers, which a bound method lacks)."""
+
+    loras: ForwardLoras
+
+    def __call__(self, executor, *args, **kwargs):
+        return self.loras.sampling_run(executor, *args, **kwargs)
+
+    def to(self, *args, **kwargs) -> SamplingRun:
         return self
 
 
@@ -225,8 +308,11 @@ def with_forward_loras(model, specs: Sequence[LoraSpec]):
     clone = model.clone()
     existing = forward_loras_of(model)
     combined = ForwardLoras((existing.specs if existing else ()) + tuple(specs))
-    clone.remove_wrappers_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY)
-    clone.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.DIFFUSION_MODEL, WRAPPER_KEY, combined)
+    wrappers = comfy.patcher_extension.WrappersMP
+    clone.remove_wrappers_with_key(wrappers.DIFFUSION_MODEL, WRAPPER_KEY)
+    clone.remove_wrappers_with_key(wrappers.OUTER_SAMPLE, WRAPPER_KEY)
+    clone.add_wrapper_with_key(wrappers.DIFFUSION_MODEL, WRAPPER_KEY, combined)
+    clone.add_wrapper_with_key(wrappers.OUTER_SAMPLE, WRAPPER_KEY, SamplingRun(combined))
     return clone
 
 

@@ -202,6 +202,50 @@ def test_ksampler_run_equals_core_merged(env) -> None:
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("budget", ["unlimited", "none", "two modules"])
+def test_ksampler_merge_cache_within_budget(env, monkeypatch, budget: str) -> None:
+    """Inside a sampler run target Linears are merged once into separate tensors while the budget allows; with
+    any budget (all, none, only some modules) the result equals core's merged LoRA, the base weights are
+    untouched, the cache holds at most the budget during the run and nothing after it."""
+    import comfy.model_management
+    from klein_lora_lab.nodes import comfy_adapters
+
+    nodes = env["nodes"]
+    ctx_dim = env["shape"].context_dim
+    qkv = env["model"].model.diffusion_model.double_blocks[0].img_attn.qkv.weight
+    limit = {"unlimited": 1 << 40, "none": 0, "two modules": 2 * qkv.numel() * qkv.element_size()}[budget]
+    monkeypatch.setattr(comfy_adapters, "merge_budget", lambda device: limit)
+    seen: list[tuple[int, int]] = []  # (tensors cached, bytes cached) after each lookup
+    merged = comfy_adapters.MergeCache.merged
+
+    def spy(cache, name, module, lora):
+        out = merged(cache, name, module, lora)
+        seen.append((len(cache.tensors), sum(t.numel() * t.element_size() for t in cache.tensors.values())))
+        return out
+
+    monkeypatch.setattr(comfy_adapters.MergeCache, "merged", spy)
+    gen = torch.Generator().manual_seed(3)
+    pos, neg = [[torch.randn(1, 6, ctx_dim, generator=gen), {}]], [[torch.zeros(1, 6, ctx_dim), {}]]
+    latent = {"samples": torch.zeros(1, 128, 4, 4)}
+    comfy.model_management.load_models_gpu([env["model"]])  # undoes a merge an earlier core run left patched
+    before = {k: v.clone() for k, v in env["model"].model.diffusion_model.state_dict().items()}
+
+    def sample(model) -> torch.Tensor:
+        return nodes.common_ksampler(model, 42, 3, 2.0, "euler", "simple", pos, neg, latent)[0]["samples"]
+
+    (ours,) = loader(env["model"], "lora_ours.safetensors", 0.9).result
+    got = sample(ours)
+    after = env["model"].model.diffusion_model.state_dict()  # before core's merge patches the shared weights
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    want = sample(core_merged(env["model"], (env["files"]["ours"], 0.9)))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    targets = len(env["files"]["ours"]) // 3  # down, up, alpha per module
+    count, size = max(seen)
+    assert size <= limit
+    assert {"unlimited": count == targets, "none": count == 0, "two modules": 2 <= count < targets}[budget]
+    assert comfy_adapters.forward_loras_of(ours)._cache is None  # freed when the sampler run ended
+
+
 def test_fp8_base_weights(env, tiny_model_file, tmp_path, side: str) -> None:
     """With fp8 base weights (ComfyUI's manual-cast Linear), our delta is added in the compute dtype: the result
     equals core merging the LoRA into an fp32 model holding exactly the fp8 weights' values."""
