@@ -148,6 +148,7 @@ def main() -> None:
     import comfy.sd
     import comfy.utils
     import folder_paths
+    from klein_lora_lab.nodes import comfy_adapters
     from klein_lora_lab.nodes.comfy_adapters import _FILES, forward_loras_of
     from klein_lora_lab.nodes.lora_loader_blocks import KleinLabLoraLoaderBlocks
     from klein_lora_lab.trainer_core.klein import read_shape
@@ -273,11 +274,33 @@ def main() -> None:
     merged = comfy.sd.load_lora_for_models(model, None, core_sd[0], 1.0, 0.0)[0]
     (forward,) = KleinLabLoraLoaderBlocks.execute(model, names[0], 1.0, "all", 1.0, "", **groups).result
     reps = max(3, args.repeats // 3)
-    t_merged = timed(sample(merged), args.device, reps)
-    t_ours = timed(sample(forward), args.device, reps)
-    t_merged += timed(sample(merged), args.device, reps)  # interleaved, so drift hits both
-    t_ours += timed(sample(forward), args.device, reps)
-    for method, times in (("core merged", t_merged), ("ours forward-time", t_ours)):
+    budget = comfy_adapters.merge_budget
+
+    def per_call(patcher) -> Callable[[int], None]:
+        """Ours without the per-run merge cache (the path taken when the device has no memory to spare)."""
+
+        def run(i: int) -> None:
+            comfy_adapters.merge_budget = lambda device: 0
+            try:
+                sample(patcher)(i)
+            finally:
+                comfy_adapters.merge_budget = budget
+
+        return run
+
+    t_merged, t_ours, t_call = [], [], []
+    for _ in range(2):  # interleaved, so drift hits all three
+        t_merged += timed(sample(merged), args.device, reps)
+        t_ours += timed(sample(forward), args.device, reps)
+        t_call += timed(per_call(forward), args.device, reps)
+    peak = {}
+    if args.device == "cuda":
+        for method, fn in (("core merged", sample(merged)), ("ours forward-time", sample(forward))):
+            torch.cuda.reset_peak_memory_stats()
+            fn(0)
+            peak[method] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    methods = (("core merged", t_merged), ("ours forward-time", t_ours), ("ours per-call (no merge cache)", t_call))
+    for method, times in methods:
         row = {
             "bench": "sampling",
             "model": label,
@@ -286,11 +309,22 @@ def main() -> None:
             "cfg": args.cfg,
             "steps": args.steps,
             "ms_per_step_median": round(statistics.median(times) / args.steps, 3),
+            "peak_gib": peak.get(method),
         }
         results.append(row)
         print(json.dumps(row), flush=True)
     slowdown = statistics.median(t_ours) / statistics.median(t_merged) - 1
-    print(json.dumps({"bench": "sampling_slowdown", "model": label, "ours_vs_merged_pct": round(100 * slowdown, 2)}))
+    slowdown_call = statistics.median(t_call) / statistics.median(t_merged) - 1
+    print(
+        json.dumps(
+            {
+                "bench": "sampling_slowdown",
+                "model": label,
+                "ours_vs_merged_pct": round(100 * slowdown, 2),
+                "per_call_vs_merged_pct": round(100 * slowdown_call, 2),
+            }
+        )
+    )
 
     print(f"\n### Switching: {label}\n")
     print("| change | method | median ms | min ms | max ms | weight patches per switch |")
