@@ -1,0 +1,134 @@
+"""Every shipped workflow (workflows/*.json) runs to completion on the CPU test server with the tiny model.
+
+Each workflow is converted to an API prompt the way the frontend queues it (harness.workflow_prompt, itself
+checked against the real frontend in the browser tier), swapped onto the tiny Klein / random VAE / fake CLIP
+with small sizes and step counts, and queued through /prompt. The test asserts the run succeeded, every output
+node produced output, every file an output names exists, and training nodes wrote their checkpoints.
+Workflows that load LoRAs or read a run get the checkpoints of a run that the shipped style-training workflow
+made first. Each workflow's run time is printed (the closing note of issue #8 lists them).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness.comfy_env import PACK_ROOT
+from harness.workflow_prompt import TinySwap, output_node_ids, swap_for_tiny, workflow_to_prompt
+
+WORKFLOWS = sorted((PACK_ROOT / "workflows").glob("*.json"))
+TRAIN_NODE = "KleinLabTrainLora"
+SOURCE_WORKFLOW = "klein_lab_train_style_lora.json"  # makes the run that LoRA-loading workflows use
+RUN_TIMEOUT_S = 900
+
+
+def _load(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text())
+
+
+def _tiny_prompt(server, path: Path, available: list[str], tag: str) -> tuple[TinySwap, dict[str, str]]:
+    """The workflow converted and swapped; training nodes get a fresh run name (returned by node id)."""
+    info = server.object_info()
+    prompt = workflow_to_prompt(_load(path), info)
+    run_names = {
+        nid: f"{tag}_{nid}_{uuid.uuid4().hex[:6]}" for nid, n in prompt.items() if n["class_type"] == TRAIN_NODE
+    }
+    swap = swap_for_tiny(prompt, info, input_dir=server.base_dir / "input", run_names=run_names, available=available)
+    return swap, run_names
+
+
+def _runs_dir(server) -> Path:
+    return server.base_dir / "output" / "klein_lora_lab" / "runs"
+
+
+@pytest.fixture(scope="module")
+def lora_source(comfy_server) -> list[str]:
+    """A finished tiny run made by the shipped style-training workflow: its run name, then its checkpoints as
+    the loras list shows them (newest first), for combos whose workflow value the server does not have."""
+    swap, run_names = _tiny_prompt(comfy_server, PACK_ROOT / "workflows" / SOURCE_WORKFLOW, [], "source")
+    comfy_server.run_prompt(swap.prompt, timeout_s=RUN_TIMEOUT_S)
+    (run,) = run_names.values()
+    checkpoints = sorted((_runs_dir(comfy_server) / run / "checkpoints").glob("step_??????.safetensors"))
+    assert checkpoints, f"the source run {run} wrote no checkpoint"
+    return [run, *(f"{run}/checkpoints/{p.name}" for p in reversed(checkpoints))]
+
+
+def _missing_choices(prompt: dict[str, Any], info: dict[str, Any]) -> list[str]:
+    """'node.input = value' for every combo value the server does not offer."""
+    missing = []
+    for nid, node in prompt.items():
+        spec = info[node["class_type"]]["input"]
+        entries = {**spec.get("required", {}), **spec.get("optional", {})}
+        for name, value in node["inputs"].items():
+            if isinstance(value, list) or name not in entries:
+                continue
+            kind, opts = entries[name][0], (entries[name][1] if len(entries[name]) > 1 else {}) or {}
+            choices = kind if isinstance(kind, list) else opts.get("options")
+            if choices and not opts.get("image_upload") and value not in choices:
+                missing.append(f"{nid}.{name} = {value!r}")
+    return missing
+
+
+def _files_named(ui: Any) -> Iterator[dict[str, Any]]:
+    """Every {filename, subfolder, type} entry anywhere in a node's UI output (images, scrub frames, grids)."""
+    if isinstance(ui, dict):
+        if isinstance(ui.get("filename"), str) and "type" in ui:
+            yield ui
+        for value in ui.values():
+            yield from _files_named(value)
+    elif isinstance(ui, list):
+        for value in ui:
+            yield from _files_named(value)
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=[p.stem for p in WORKFLOWS])
+def test_workflow_runs_on_the_tiny_model(comfy_server, request, capsys, path: Path) -> None:
+    """The workflow, as the frontend would queue it with the tiny model swapped in, runs to success; each output
+    node shows something, each file an output names exists on disk, and each training node's run folder holds
+    a checkpoint per step (the swap sets 3 steps, a checkpoint every step)."""
+    info = comfy_server.object_info()
+    swap, run_names = _tiny_prompt(comfy_server, path, [], path.stem)
+    if _missing_choices(swap.prompt, info):
+        swap, run_names = _tiny_prompt(comfy_server, path, request.getfixturevalue("lora_source"), path.stem)
+        info = comfy_server.object_info()  # the source run's checkpoints are in the loras list now
+    assert _missing_choices(swap.prompt, info) == [], "a choice the tiny server cannot offer"
+
+    start = time.perf_counter()
+    outputs = comfy_server.run_prompt(swap.prompt, timeout_s=RUN_TIMEOUT_S)
+    seconds = time.perf_counter() - start
+    with capsys.disabled():
+        print(f"\n[workflow] {path.name}: {seconds:.1f} s on the tiny model (CPU), {len(swap.prompt)} nodes")
+
+    for nid in output_node_ids(swap.prompt, info):
+        assert outputs.get(nid), f"output node {nid} ({swap.prompt[nid]['class_type']}) produced nothing"
+    for entry in _files_named(outputs):
+        folder = comfy_server.base_dir / entry["type"] / entry.get("subfolder", "")
+        assert (folder / entry["filename"]).is_file(), entry
+    for run in run_names.values():
+        steps = sorted(p.name for p in (_runs_dir(comfy_server) / run / "checkpoints").glob("step_??????.safetensors"))
+        assert steps == [f"step_{s:06d}.safetensors" for s in (1, 2, 3)], (run, steps)
+
+
+def test_every_workflow_uses_stock_loaders_and_a_note() -> None:
+    """Each shipped workflow loads Klein with the stock loaders (UNETLoader always; CLIPLoader type flux2 and
+    VAELoader where used) and the standard file names, and carries a note on the canvas saying what to set."""
+    expected = {
+        "UNETLoader": "flux-2-klein-base-4b.safetensors",
+        "CLIPLoader": "qwen_3_4b.safetensors",
+        "VAELoader": "flux2-vae.safetensors",
+    }
+    assert WORKFLOWS, "no workflows/*.json"
+    for path in WORKFLOWS:
+        nodes = _load(path)["nodes"]
+        for kind, filename in expected.items():
+            loaders = [n for n in nodes if n["type"] == kind]
+            assert all(n["widgets_values"][0] == filename for n in loaders), (path.name, kind)
+            assert loaders or kind != "UNETLoader", f"{path.name} loads no diffusion model"
+        assert all(n["widgets_values"][1] == "flux2" for n in nodes if n["type"] == "CLIPLoader"), path.name
+        notes = [n for n in nodes if n["type"] in ("Note", "MarkdownNote")]
+        assert notes and all(n["widgets_values"][0].strip() for n in notes), path.name
