@@ -31,6 +31,26 @@ from .settings import TrainSettings
 
 RUN_FORMAT = "klein_lab.run.v1"
 _CKPT_RE = re.compile(r"^step_(\d+)\.safetensors$")
+_TMP_RE = re.compile(r"^\..+\.tmp$")  # atomic_write_bytes' temporary files
+
+
+def _cut_torn_tail(path: Path) -> None:
+    """Truncate `path` after its last newline when its last byte is not one (a line torn by a crash)."""
+    if not path.is_file():
+        return
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        end = size
+        while end > 0:
+            start = max(0, end - 4096)
+            f.seek(start)
+            cut = f.read(end - start).rfind(b"\n")
+            if cut >= 0:
+                if start + cut + 1 < size:
+                    f.truncate(start + cut + 1)
+                return
+            end = start
+        f.truncate(0)
 
 
 def checkpoint_step(path: str | os.PathLike[str]) -> int:
@@ -48,6 +68,7 @@ class RunFolder:
         self.path = path
         self.settings = settings
         self.meta = meta
+        self._tail_checked = False
 
     # -- creation -----------------------------------------------------------------------------------------
 
@@ -160,8 +181,12 @@ class RunFolder:
     # -- metrics ------------------------------------------------------------------------------------------
 
     def append_metrics(self, record: Mapping[str, Any]) -> None:
-        """Append one JSON line (a single O_APPEND write, then fsync)."""
+        """Append one JSON line (a single O_APPEND write, then fsync). A torn last line left by a crash is cut
+        off first, so the new record starts on its own line instead of gluing onto the fragment."""
         line = (json.dumps(dict(record), sort_keys=True, allow_nan=True) + "\n").encode()
+        if not self._tail_checked:  # once per process: only a crash of an earlier process leaves a torn line
+            _cut_torn_tail(self.metrics_path)
+            self._tail_checked = True
         fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line)
@@ -185,6 +210,18 @@ class RunFolder:
                     break
                 raise ValueError(f"{self.metrics_path}: line {n + 1} is not JSON ({err}).") from err
         return records
+
+    def discard_partial_writes(self) -> list[Path]:
+        """Delete the temporary files of writes a crash interrupted (`.<name>.<random>.tmp`, never listed as
+        checkpoints or LoRAs); call it only while no other process writes to this run. Returns what was removed."""
+        removed = []
+        for folder in (self.path, self.checkpoints_dir, self.samples_dir):
+            if folder.is_dir():
+                for p in folder.iterdir():
+                    if _TMP_RE.match(p.name) and p.is_file() and not p.is_symlink():
+                        p.unlink()
+                        removed.append(p)
+        return removed
 
     def truncate_metrics(self, step: int) -> None:
         """Keep only records up to `step` (resume from that checkpoint), rewriting the file atomically."""
