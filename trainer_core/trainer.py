@@ -333,6 +333,7 @@ class _Run:
 
     def resume(self) -> int:
         """Load the latest resumable checkpoint; returns its step (0 when the run has none)."""
+        self.run.discard_partial_writes()  # temporary files of writes a crash cut short
         path = self.run.latest_resumable()
         if path is None:
             self.run.truncate_metrics(0)  # records of a run that died before its first checkpoint
