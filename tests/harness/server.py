@@ -90,11 +90,13 @@ class ComfyServer:
 
     # --- lifecycle -------------------------------------------------------------------------------------------
     @classmethod
-    def start(cls, comfy_root: Path, base_dir: Path, timeout_s: float = STARTUP_TIMEOUT_S) -> ComfyServer:
+    def start(
+        cls, comfy_root: Path, base_dir: Path, timeout_s: float = STARTUP_TIMEOUT_S, python: str = sys.executable
+    ) -> ComfyServer:
         port = free_port()
         log_path = base_dir / "server.log"
         cmd = [
-            sys.executable,
+            python,  # another interpreter: e.g. the environment a Manager-style install test made
             "main.py",
             "--cpu",
             "--listen",
