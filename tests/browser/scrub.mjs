@@ -1,0 +1,370 @@
+// Drives the scrubber widget (js/scrubber.js) in the real ComfyUI frontend, in Debian's Chromium.
+// Usage: node scrub.mjs <server-url> <profile-dir> <artifacts-dir>; the scenario comes from the JSON file named by
+// $KLEIN_LAB_SCRUB_CONFIG: {small: meta, large: meta, workflow?: {...}} (metas as the node sends them).
+// Prints one JSON line of observations ({modes: {classic, vue}, ...}); pytest compares them with the metas.
+import { chromium } from "playwright-core";
+import fs from "node:fs";
+import path from "node:path";
+
+const [url, profileDir, artifactsDir] = process.argv.slice(2);
+const config = JSON.parse(fs.readFileSync(process.env.KLEIN_LAB_SCRUB_CONFIG, "utf8"));
+const CHROMIUM = process.env.KLEIN_LAB_CHROMIUM || "/usr/bin/chromium";
+const FLAGS = [
+  "--headless",
+  "--no-sandbox",
+  "--disable-gpu",
+  "--disable-quic",
+  "--no-first-run",
+  "--disable-background-networking",
+  "--disable-component-update",
+  "--disable-sync",
+];
+const READY_TIMEOUT_MS = 120_000;
+const NODE_TYPE = "KleinLabScrubRun";
+// The widget of the node under test (addScrubNode marks it; earlier nodes' widgets may still be in the DOM).
+const ROOT = '[data-testid="klein-scrub"][data-test-current]';
+
+// --- page helpers (run inside the page) ---------------------------------------------------------------------
+
+// Without the Python node on the server (the widget can be tested on its own), register a stand-in node def
+// of the same class so the extension's nodeCreated hook sees a KleinLabScrubRun.
+async function ensureNodeType(page) {
+  return page.evaluate(async (type) => {
+    if (window.LiteGraph.registered_node_types[type]) return "server";
+    await window.app.registerNodeDef(type, {
+      name: type,
+      display_name: "Klein Scrub (stand-in)",
+      category: "Klein LoRA Lab/test",
+      description: "test stand-in",
+      python_module: "custom_nodes.klein_lora_lab",
+      input: { required: {} },
+      output: [],
+      output_is_list: [],
+      output_name: [],
+      output_node: true,
+    });
+    return "stand-in";
+  }, NODE_TYPE);
+}
+
+async function setRenderer(page, mode) {
+  await page.evaluate(async (vue) => {
+    await window.app.extensionManager.setting.set("Comfy.VueNodes.Enabled", vue);
+  }, mode === "vue");
+  await page.waitForTimeout(500);
+}
+
+// An empty graph with one scrub node at the top left, canvas at scale 1.
+async function addScrubNode(page) {
+  await page.evaluate(() => window.app.graph.clear());
+  // Let the Vue renderer unmount the old nodes first: the new node may get the same id as a removed one.
+  await page.waitForTimeout(300);
+  const id = await page.evaluate((type) => {
+    const app = window.app;
+    app.canvas.ds.offset = [80, 40]; // clear of the side bar and the top menu
+    app.canvas.ds.scale = 1;
+    const node = window.LiteGraph.createNode(type);
+    node.pos = [40, 60];
+    app.graph.add(node);
+    node.setSize([560, 620]);
+    app.graph.setDirtyCanvas(true, true);
+    return String(node.id);
+  }, NODE_TYPE);
+  await markCurrent(page, id);
+  return id;
+}
+
+async function markCurrent(page, id) {
+  await page.evaluate((id) => {
+    for (const e of document.querySelectorAll("[data-test-current]")) delete e.dataset.testCurrent;
+    window.app.graph.getNodeById(id).kleinScrub.root.dataset.testCurrent = "1";
+  }, id);
+  await page.waitForSelector(ROOT, { state: "visible", timeout: 15_000 });
+}
+
+// Deliver a result the way the server does: an `executed` message through the frontend's api, so the app
+// routes it to node.onExecuted (the node's own handler is the fallback when the api object is not exposed).
+async function deliver(page, nodeId, meta) {
+  return page.evaluate(
+    ({ nodeId, meta }) => {
+      const output = { klein_scrub: [meta] };
+      const api = window.comfyAPI?.api?.api;
+      if (api?.dispatchCustomEvent) {
+        api.dispatchCustomEvent("executed", { node: nodeId, display_node: nodeId, output, prompt_id: "scrub-test" });
+        return "api";
+      }
+      window.app.graph.getNodeById(nodeId).onExecuted(output);
+      return "onExecuted";
+    },
+    { nodeId, meta },
+  );
+}
+
+// What the widget shows now, once its main image(s) finished loading.
+async function observe(page) {
+  return page.evaluate(async (rootSel) => {
+    const root = document.querySelector(rootSel);
+    const q = (id) => root.querySelector(`[data-testid="${id}"]`);
+    const imgs = [q("klein-scrub-image"), q("klein-scrub-image-b")];
+    for (let i = 0; i < 100; i++) {
+      const pending = imgs.filter((img) => img.offsetParent && img.getAttribute("src") && !img.complete);
+      if (!pending.length) break;
+      await new Promise((r) => setTimeout(r, 50));
+    }
+    const node = window.app.graph.nodes.find((n) => n.kleinScrub?.root === root);
+    const vis = (e) => !!e && e.offsetParent !== null && !e.hidden;
+    return {
+      frame: root.dataset.frame === "" ? null : Number(root.dataset.frame),
+      label: q("klein-scrub-label").textContent,
+      count: q("klein-scrub-count").textContent,
+      src: q("klein-scrub-image").getAttribute("src"),
+      loaded: q("klein-scrub-image").naturalWidth > 0,
+      srcB: vis(q("klein-scrub-image-b")) ? q("klein-scrub-image-b").getAttribute("src") : null,
+      aLabel: vis(q("klein-scrub-a-label")) ? q("klein-scrub-a-label").textContent : null,
+      bLabel: vis(q("klein-scrub-b-label")) ? q("klein-scrub-b-label").textContent : null,
+      mode: q("klein-scrub-stage").dataset.mode ?? "off",
+      axisValues: [...root.querySelectorAll('[data-testid="klein-scrub-axis-value"]')].map((e) => e.textContent),
+      imgCount: root.querySelectorAll("img").length,
+      thumbImgs: root.querySelectorAll('[data-testid="klein-scrub-thumb"] img').length,
+      thumbCells: root.querySelectorAll('[data-testid="klein-scrub-thumb"]').length,
+      props: node
+        ? {
+            frame: node.properties.klein_scrub_frame,
+            ab: node.properties.klein_scrub_ab,
+            frames: node.properties.klein_scrub_meta?.frames?.length ?? 0,
+          }
+        : null,
+      focused: root.contains(document.activeElement),
+      widgetsInDom: document.querySelectorAll('[data-testid="klein-scrub"]').length,
+      scrubNodes: window.app.graph.nodes.filter((n) => n.kleinScrub).length,
+    };
+  }, ROOT);
+}
+
+// Drag a range input's thumb with the mouse from its current value to `fraction` of its track.
+async function dragSlider(page, selector, fraction) {
+  const slider = page.locator(`${ROOT} ${selector}`).first();
+  const box = await slider.boundingBox();
+  const { value, max } = await slider.evaluate((e) => ({ value: Number(e.value), max: Number(e.max) }));
+  const thumb = 8; // half of Chromium's default thumb width: the track's usable span is box.width - 16
+  const xOf = (f) => box.x + thumb + f * (box.width - 2 * thumb);
+  const y = box.y + box.height / 2;
+  await page.mouse.move(xOf(max ? value / max : 0), y);
+  await page.mouse.down();
+  await page.mouse.move(xOf(fraction), y, { steps: 8 });
+  await page.mouse.up();
+}
+
+async function shot(page, name) {
+  await page.waitForTimeout(150);
+  await page.screenshot({ path: path.join(artifactsDir, `${name}.png`) });
+  await page.locator(ROOT).first().screenshot({ path: path.join(artifactsDir, `${name}-widget.png`) });
+}
+
+// Time from a slider input event until the new frame's image has loaded (first visit and cached revisit).
+async function timeFrameShow(page, frames) {
+  return page.evaluate(
+    async ({ rootSel, frames }) => {
+      const root = document.querySelector(rootSel);
+      const slider = root.querySelector('[data-testid="klein-scrub-slider"]');
+      const img = root.querySelector('[data-testid="klein-scrub-image"]');
+      const one = async (i) => {
+        const t0 = performance.now();
+        slider.value = String(i);
+        slider.dispatchEvent(new Event("input", { bubbles: true }));
+        while (!(img.complete && img.naturalWidth > 0)) await new Promise((r) => requestAnimationFrame(r));
+        await img.decode();
+        return performance.now() - t0;
+      };
+      const first = [];
+      for (const i of frames) first.push(await one(i));
+      const cached = [];
+      for (const i of frames) cached.push(await one(i));
+      return { first, cached };
+    },
+    { rootSel: ROOT, frames },
+  );
+}
+
+// Load a large result, then scroll its thumbnail strip end to end; report how long the main thread was blocked
+// (long tasks, the worst gap between animation frames) and how many <img> elements ever existed at once.
+async function largeBatch(page, nodeId, meta) {
+  await page.evaluate(() => {
+    window.__kleinLong = [];
+    window.__kleinObs?.disconnect();
+    window.__kleinObs = new PerformanceObserver((list) => {
+      for (const e of list.getEntries()) window.__kleinLong.push(e.duration);
+    });
+    window.__kleinObs.observe({ type: "longtask" });
+  });
+  const t0 = Date.now();
+  const how = await deliver(page, nodeId, meta);
+  const deliverMs = Date.now() - t0;
+  return page.evaluate(
+    async ({ rootSel, how, deliverMs }) => {
+      const root = document.querySelector(rootSel);
+      const strip = root.querySelector('[data-testid="klein-scrub-thumbs"]');
+      let maxImgs = 0;
+      let maxGap = 0;
+      let last = performance.now();
+      const tick = () => {
+        const now = performance.now();
+        maxGap = Math.max(maxGap, now - last);
+        last = now;
+        maxImgs = Math.max(maxImgs, root.querySelectorAll("img").length);
+      };
+      const frames = async (n) => {
+        for (let i = 0; i < n; i++) {
+          await new Promise((r) => requestAnimationFrame(r));
+          tick();
+        }
+      };
+      await frames(20);
+      const steps = 40;
+      for (let i = 1; i <= steps; i++) {
+        strip.scrollLeft = ((strip.scrollWidth - strip.clientWidth) * i) / steps;
+        await frames(3);
+      }
+      // Jump across the whole batch with the keyboard while the strip follows.
+      root.focus();
+      for (let i = 0; i < 30; i++) {
+        root.dispatchEvent(new KeyboardEvent("keydown", { key: "ArrowUp", bubbles: true }));
+        await frames(1);
+      }
+      await frames(20);
+      window.__kleinObs.disconnect();
+      return {
+        how,
+        deliverMs,
+        frames: Number(root.querySelector('[data-testid="klein-scrub-slider"]').max) + 1,
+        thumbCells: root.querySelectorAll('[data-testid="klein-scrub-thumb"]').length,
+        maxImgs,
+        imgsAtEnd: root.querySelectorAll("img").length,
+        maxFrameGapMs: maxGap,
+        longTasksMs: window.__kleinLong.slice(),
+        frame: Number(root.dataset.frame),
+      };
+    },
+    { rootSel: ROOT, how, deliverMs },
+  );
+}
+
+// --- the scenario, once per renderer ------------------------------------------------------------------------
+
+async function scenario(page, mode, small, large) {
+  const r = { mode };
+  await setRenderer(page, mode);
+  r.vueNodesSetting = await page.evaluate(() => window.app.extensionManager.setting.get("Comfy.VueNodes.Enabled"));
+  const nodeId = await addScrubNode(page);
+  r.inVueNode = await page.evaluate(
+    ({ id, sel }) => !!document.querySelector(`[data-node-id="${id}"] ${sel}`),
+    { id: nodeId, sel: ROOT },
+  );
+  r.empty = await observe(page);
+  r.delivered = await deliver(page, nodeId, small);
+  r.initial = await observe(page);
+  await shot(page, `scrub-${mode}`);
+
+  // Mouse: drag the frame slider to the end, back to the start, then to the middle.
+  await dragSlider(page, '[data-testid="klein-scrub-slider"]', 1);
+  r.dragEnd = await observe(page);
+  await dragSlider(page, '[data-testid="klein-scrub-slider"]', 0);
+  r.dragStart = await observe(page);
+  await dragSlider(page, '[data-testid="klein-scrub-slider"]', 0.5);
+  r.dragMid = await observe(page);
+  // Mouse on an axis slider: the slowest axis to its end keeps the other coordinates.
+  r.axisSliders = await page.locator(`${ROOT} [data-testid="klein-scrub-axis-slider"]`).evaluateAll((s) =>
+    s.map((e) => e.dataset.axis),
+  );
+  await dragSlider(page, '[data-testid="klein-scrub-axis-slider"] >> nth=-1', 1);
+  r.axisDrag = await observe(page);
+
+  // Keyboard: focus the widget by clicking the image, then walk.
+  await page.locator(`${ROOT} [data-testid="klein-scrub-stage"]`).click();
+  r.keys = {};
+  for (const key of ["Home", "ArrowRight", "ArrowRight", "ArrowUp", "ArrowLeft", "ArrowDown", "End", "ArrowDown"]) {
+    await page.keyboard.press(key);
+    r.keys[`${Object.keys(r.keys).length}:${key}`] = await observe(page);
+  }
+  await shot(page, `scrub-${mode}-keys`);
+
+  // A/B: A = frame 1, B = frame 7, side by side, then wipe; then B follows the slider.
+  await page.keyboard.press("Home");
+  await page.keyboard.press("ArrowRight");
+  await page.locator(`${ROOT} [data-testid="klein-scrub-set-a"]`).click();
+  await page.locator(ROOT).focus();
+  for (let i = 0; i < 6; i++) await page.keyboard.press("ArrowRight");
+  await page.locator(`${ROOT} [data-testid="klein-scrub-set-b"]`).click();
+  await page.locator(`${ROOT} [data-testid="klein-scrub-mode-side"]`).click();
+  r.abSide = await observe(page);
+  await shot(page, `scrub-${mode}-ab-side`);
+  await page.locator(`${ROOT} [data-testid="klein-scrub-mode-wipe"]`).click();
+  await dragSlider(page, '[data-testid="klein-scrub-wipe"]', 0.3);
+  r.abWipe = await observe(page);
+  r.abWipe.clip = await page.locator(`${ROOT} .klein-scrub-pane-b`).evaluate((e) => e.style.clipPath);
+  await shot(page, `scrub-${mode}-ab-wipe`);
+  await page.locator(ROOT).focus();
+  await page.keyboard.press("ArrowLeft");
+  r.abFollow = await observe(page);
+
+  // Save the workflow, load it back into a fresh graph: the position, A/B and frames come back without a run.
+  await page.locator(`${ROOT} [data-testid="klein-scrub-mode-side"]`).click();
+  r.beforeSave = await observe(page);
+  const saved = await page.evaluate(() => JSON.stringify(window.app.graph.serialize()));
+  r.savedProps = JSON.parse(saved).nodes.find((n) => n.type === NODE_TYPE)?.properties ?? null;
+  await page.evaluate(async (saved) => {
+    window.app.graph.clear();
+    await window.app.loadGraphData(JSON.parse(saved));
+  }, saved);
+  await markCurrent(page, await page.evaluate(() => String(window.app.graph.nodes.find((n) => n.kleinScrub).id)));
+  r.reloaded = await observe(page);
+  await shot(page, `scrub-${mode}-reloaded`);
+
+  // Large batch.
+  const largeId = await addScrubNode(page);
+  r.large = await largeBatch(page, largeId, large);
+  r.large.observed = await observe(page);
+  await shot(page, `scrub-${mode}-large`);
+
+  // Time to show a frame after a slider move: frames never shown before, then the same ones again (cached).
+  r.showMs = await timeFrameShow(page, [21, 77, 150, 233, 311, 42, 99, 187, 256, 333]);
+  r.afterTiming = await observe(page);
+  return r;
+}
+
+async function main() {
+  const context = await chromium.launchPersistentContext(profileDir, {
+    executablePath: CHROMIUM,
+    headless: true,
+    args: FLAGS,
+    viewport: { width: 1280, height: 800 },
+  });
+  const pageErrors = [];
+  const result = { modes: {}, pageErrors };
+  try {
+    const page = context.pages()[0] || (await context.newPage());
+    page.on("pageerror", (err) => pageErrors.push(String(err)));
+    page.on("console", (msg) => {
+      if (msg.type() === "error") pageErrors.push(`console: ${msg.text()}`);
+    });
+    await page.goto(url, { waitUntil: "domcontentloaded" });
+    await page.waitForFunction(
+      () => window.app?.vueAppReady && window.app.graph && window.app.extensionManager?.workflow?.activeWorkflow,
+      null,
+      { timeout: READY_TIMEOUT_MS },
+    );
+    result.extensions = await page.evaluate(() => window.app.extensions.map((e) => e.name));
+    result.nodeType = await ensureNodeType(page);
+    for (const mode of ["classic", "vue"]) {
+      result.modes[mode] = await scenario(page, mode, config.small, config.large);
+    }
+  } finally {
+    await context.close();
+  }
+  console.log(JSON.stringify(result));
+}
+
+main().catch((err) => {
+  console.error(err);
+  process.exit(1);
+});

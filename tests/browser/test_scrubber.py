@@ -1,0 +1,230 @@
+"""The scrubber widget (js/scrubber.js) in the real ComfyUI frontend, classic canvas and Vue nodes.
+
+A result is delivered to a KleinLabScrubRun node as the server sends it (`executed` with `klein_scrub`), with
+frame images written into the server's output folder; tests/browser/scrub.mjs then drags the sliders with the
+mouse, walks with the keyboard, sets A/B, saves and reloads the workflow, times frame display and loads a
+400-frame result. It prints what the widget showed; the tests compare that with the meta. Screenshots and the
+measured figures (scrub-figures.json) go to test-artifacts/browser/; with KLEIN_LAB_UPDATE_DOCS_IMAGES=1 a few
+widget screenshots are also copied to docs/images/.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness.browser import ARTIFACTS, run_driver
+from harness.comfy_env import PACK_ROOT
+
+EXTENSION = "KleinLoraLab.scrubber"
+MODES = ("classic", "vue")
+SUBFOLDER = "klein_lora_lab/scrub/browser_test"
+LARGE_STEPS, LARGE_SCALES = 20, 20  # 400 frames
+MAX_IMGS = 40  # main + B image and the thumbs near the visible part of the strip; far below 400
+DOCS_IMAGES = {
+    "scrub-vue-widget.png": "scrubber.png",
+    "scrub-classic-ab-side-widget.png": "scrubber-ab-side.png",
+    "scrub-vue-ab-wipe-widget.png": "scrubber-ab-wipe.png",
+}
+
+
+def _write_frames(output_dir: Path, key: str, frames: list, axes: list[dict], size: int) -> dict[str, Any]:
+    """Draw one distinct PNG (and JPEG thumb) per frame, labelled, under output/<SUBFOLDER>/<key>; return the meta."""
+    from PIL import Image, ImageDraw
+
+    subfolder = f"{SUBFOLDER}/{key}"
+    folder = output_dir / subfolder
+    folder.mkdir(parents=True, exist_ok=True)
+    records = []
+    for frame in frames:
+        hue = (frame.index * 47) % 256
+        image = Image.new("RGB", (size, size), (hue, 255 - hue, (frame.index * 13) % 256))
+        ImageDraw.Draw(image).text((6, 6), frame.label, fill="white")
+        image.save(folder / f"frame_{frame.index:04d}.png")
+        image.resize((48, 48)).save(folder / f"thumb_{frame.index:04d}.jpg", quality=80)
+        ref = {"subfolder": subfolder, "type": "output"}
+        records.append(
+            {
+                "index": frame.index,
+                "coords": list(frame.coords),
+                "label": frame.label,
+                "image": {"filename": f"frame_{frame.index:04d}.png", **ref},
+                "thumb": {"filename": f"thumb_{frame.index:04d}.jpg", **ref},
+            }
+        )
+    return {
+        "version": 1,
+        "node": "KleinLabScrubRun",
+        "axes": axes,
+        "frames": records,
+        "grid": {"filename": "frame_0000.png", "subfolder": subfolder, "type": "output"},
+    }
+
+
+def scrub_meta(output_dir: Path, key: str, steps: list[int], scales: list[float], size: int) -> dict[str, Any]:
+    """A scrub result in the node's frame order and labels (trainer_core.scrub), with real files behind it.
+
+    The node renders at most scrub.MAX_FRAMES frames; the widget must cope with more (a large mixer grid, a
+    future limit), so the plan is built here with the node's own label function and order, without the cap."""
+    from klein_lora_lab.trainer_core.scrub import Checkpoint, Frame, frame_label, scrub_axes
+
+    checkpoints = [Checkpoint(f"run/step_{s:06d}.safetensors", s) for s in steps]
+    prompts = ["a TOK cat"]
+    frames = []
+    for c, ckpt in enumerate(checkpoints):  # checkpoint-major, then scale (frame_plan's order)
+        for s, scale in enumerate(scales):
+            label = frame_label(ckpt, scale, 0, len(prompts))
+            frames.append(Frame(len(frames), (c, s, 0), ckpt.lora, ckpt.step, scale, prompts[0], 0, label))
+    return _write_frames(output_dir, key, frames, scrub_axes(checkpoints, scales, prompts), size)
+
+
+@pytest.fixture(scope="module")
+def scrub_case(comfy_server, tmp_path_factory) -> dict[str, Any]:
+    output = comfy_server.base_dir / "output"
+    small = scrub_meta(output, "small", [300, 600, 900], [0.0, 1.0, 2.0], size=256)
+    large_steps = [100 * (i + 1) for i in range(LARGE_STEPS)]
+    large_scales = [round(0.2 * i, 1) for i in range(LARGE_SCALES)]
+    large = scrub_meta(output, "large", large_steps, large_scales, size=96)
+    config = tmp_path_factory.mktemp("scrub") / "config.json"
+    config.write_text(json.dumps({"small": small, "large": large}))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("KLEIN_LAB_SCRUB_CONFIG", str(config))
+        result = run_driver("scrub.mjs", comfy_server.url, timeout_s=400)
+    figures = _figures(result)
+    (ARTIFACTS / "scrub-figures.json").write_text(json.dumps(figures, indent=2))
+    print(json.dumps(figures, indent=2))
+    if os.environ.get("KLEIN_LAB_UPDATE_DOCS_IMAGES") == "1":
+        docs = PACK_ROOT / "docs" / "images"
+        docs.mkdir(parents=True, exist_ok=True)
+        for src, dst in DOCS_IMAGES.items():
+            shutil.copyfile(ARTIFACTS / src, docs / dst)
+    return {"small": small, "large": large, "result": result}
+
+
+def _figures(result: dict[str, Any]) -> dict[str, Any]:
+    out = {}
+    for mode, r in result["modes"].items():
+        large = r["large"]
+        out[mode] = {
+            "show_frame_ms_first_median": statistics.median(r["showMs"]["first"]),
+            "show_frame_ms_cached_median": statistics.median(r["showMs"]["cached"]),
+            "show_frame_ms_all": r["showMs"],
+            "large_frames": large["frames"],
+            "large_deliver_ms": large["deliverMs"],
+            "large_max_img_elements": large["maxImgs"],
+            "large_max_frame_gap_ms": round(large["maxFrameGapMs"], 1),
+            "large_long_tasks_ms": [round(t) for t in large["longTasksMs"]],
+        }
+    return out
+
+
+def frame_of(meta: dict[str, Any], obs: dict[str, Any], expected: int) -> None:
+    """The widget shows frame `expected`: its index, its label, its image (loaded), and the node remembers it."""
+    frame = meta["frames"][expected]
+    assert obs["frame"] == expected, (obs["frame"], expected)
+    assert obs["label"] == frame["label"]
+    assert obs["count"] == f"{expected + 1} / {len(meta['frames'])}"
+    assert f"filename={frame['image']['filename']}" in obs["src"]
+    assert "subfolder=" + frame["image"]["subfolder"].replace("/", "%2F") in obs["src"]
+    assert obs["loaded"], f"image of frame {expected} did not load: {obs['src']}"
+    assert obs["props"]["frame"] == expected
+
+
+def test_extension_registered_once_without_errors(scrub_case) -> None:
+    """The scrubber extension registers exactly once and nothing the pages logs as an error mentions the pack."""
+    result = scrub_case["result"]
+    assert result["extensions"].count(EXTENSION) == 1
+    assert [e for e in result["pageErrors"] if "klein" in e.lower() or "scrub" in e.lower()] == []
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_widget_lives_in_the_renderer(scrub_case, mode: str) -> None:
+    """The widget sits inside the Vue node's DOM with Vue nodes on, and in the canvas overlay otherwise; before a
+    result it shows no frame; the delivered result shows frame 0 with its label and image."""
+    r = scrub_case["result"]["modes"][mode]
+    assert r["vueNodesSetting"] is (mode == "vue")
+    assert r["inVueNode"] is (mode == "vue")
+    assert r["empty"]["frame"] is None and r["empty"]["label"] == "" and r["empty"]["props"]["frames"] == 0
+    frame_of(scrub_case["small"], r["initial"], 0)
+    assert r["initial"]["props"]["frames"] == 9
+    for suffix in ("", "-ab-side", "-ab-wipe", "-reloaded", "-large"):
+        assert (ARTIFACTS / f"scrub-{mode}{suffix}.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_mouse_drag_moves_the_frame(scrub_case, mode: str) -> None:
+    """Dragging the frame slider with the mouse to its end, its start and its middle shows frames 8, 0 and 4; the
+    axis sliders are one per varying axis (fastest first) and dragging `step` to its end keeps the scale."""
+    r, meta = scrub_case["result"]["modes"][mode], scrub_case["small"]
+    frame_of(meta, r["dragEnd"], 8)
+    frame_of(meta, r["dragStart"], 0)
+    frame_of(meta, r["dragMid"], 4)
+    assert r["axisSliders"] == ["scale", "step"]
+    frame_of(meta, r["axisDrag"], 7)  # step 900, scale 1
+    assert r["axisDrag"]["axisValues"] == ["scale 1", "step 900"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_arrow_keys_walk_frames_and_axes(scrub_case, mode: str) -> None:
+    """With the widget focused, Left/Right step frames, Up/Down step the checkpoint axis keeping the scale,
+    Home/End jump to the first/last frame (3 checkpoints x 3 scales, scale fastest)."""
+    r, meta = scrub_case["result"]["modes"][mode], scrub_case["small"]
+    expected = [0, 1, 2, 5, 4, 1, 8, 5]  # Home, Right, Right, Up, Left, Down, End, Down
+    assert len(r["keys"]) == len(expected)
+    for obs, want in zip(r["keys"].values(), expected, strict=True):
+        assert obs["focused"]
+        frame_of(meta, obs, want)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_ab_compare(scrub_case, mode: str) -> None:
+    """Set A on frame 1 and B on frame 7: side by side shows both images with both labels, the wipe clips B at the
+    dragged position, and while comparing B follows the slider with A pinned."""
+    r, meta = scrub_case["result"]["modes"][mode], scrub_case["small"]
+    frames = meta["frames"]
+    side = r["abSide"]
+    assert side["mode"] == "side"
+    assert side["aLabel"] == f"A: {frames[1]['label']}" and side["bLabel"] == f"B: {frames[7]['label']}"
+    assert frames[1]["image"]["filename"] in side["src"] and frames[7]["image"]["filename"] in side["srcB"]
+    assert side["props"]["ab"]["a"] == 1 and side["props"]["ab"]["b"] == 7
+    wipe = r["abWipe"]
+    assert wipe["mode"] == "wipe" and wipe["srcB"] and wipe["bLabel"] == side["bLabel"]
+    assert wipe["clip"] == f"inset(0px 0px 0px {wipe['props']['ab']['wipe']}%)"
+    assert 20 <= wipe["props"]["ab"]["wipe"] <= 40  # dragged to 30 % of the track
+    follow = r["abFollow"]
+    assert follow["frame"] == 6 and follow["bLabel"] == f"B: {frames[6]['label']}"
+    assert follow["aLabel"] == side["aLabel"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_position_survives_save_and_reload(scrub_case, mode: str) -> None:
+    """The saved workflow carries the meta, frame and A/B in the node's properties; loading it into a fresh graph
+    shows the same frame, label, compare mode and A/B labels without running the node."""
+    r, meta = scrub_case["result"]["modes"][mode], scrub_case["small"]
+    before, after = r["beforeSave"], r["reloaded"]
+    assert r["savedProps"]["klein_scrub_frame"] == before["frame"] == 6
+    assert r["savedProps"]["klein_scrub_meta"] == meta
+    assert r["savedProps"]["klein_scrub_ab"]["mode"] == "side"
+    assert after["frame"] == before["frame"] and after["label"] == meta["frames"][6]["label"]
+    assert after["props"] == before["props"] and after["loaded"]
+    for key in ("mode", "aLabel", "bLabel", "src", "srcB"):
+        assert after[key] == before[key], key
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_large_batch_keeps_images_bounded(scrub_case, mode: str) -> None:
+    """A 400-frame result gets one light thumbnail cell per frame but only a bounded number of <img> elements
+    (thumbs load only near the visible part of the strip, also while it is scrolled end to end), and the
+    keyboard still moves through it afterwards."""
+    large = scrub_case["result"]["modes"][mode]["large"]
+    n = LARGE_STEPS * LARGE_SCALES
+    assert large["frames"] == n and large["thumbCells"] == n
+    assert 0 < large["maxImgs"] <= MAX_IMGS
+    # 30 x ArrowUp from frame 0 steps the checkpoint axis (stride LARGE_SCALES) up to its last value.
+    assert large["frame"] == (LARGE_STEPS - 1) * LARGE_SCALES
+    frame_of(scrub_case["large"], large["observed"], large["frame"])
