@@ -25,7 +25,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
-from .lora_file import atomic_write_bytes
+from .lora_file import atomic_write_bytes, disk_full_error, is_disk_full
 from .safe_paths import child_path
 from .settings import TrainSettings
 
@@ -191,6 +191,10 @@ class RunFolder:
         try:
             os.write(fd, line)
             os.fsync(fd)
+        except OSError as err:
+            # A short line may be on disk: cut it off next time (_cut_torn_tail), report the full disk now.
+            self._tail_checked = False
+            raise (disk_full_error(self.metrics_path, len(line), err) if is_disk_full(err) else err) from err
         finally:
             os.close(fd)
 
