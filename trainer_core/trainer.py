@@ -22,8 +22,9 @@ from torch import Tensor, nn
 
 from .adapters import LoraTrainable
 from .data import BatchOrder, TrainItem, collate, dataset_hash, derive_seed
+from .faults import TrainingOutOfMemoryError, out_of_memory_message
 from .klein import klein_forward, read_shape
-from .lora_file import save_lora
+from .lora_file import DiskFullError, save_lora
 from .objective import add_noise, flow_loss, sample_sigmas, shifted_sigmas, velocity_target
 from .runfolder import RunFolder, checkpoint_step
 from .settings import TrainSettings
@@ -313,9 +314,15 @@ class _Run:
         """State first, then the LoRA file: a visible checkpoint can always be resumed. Refuses NaN weights."""
         self.saving = True
         try:
-            return self._save_checkpoint(step)
-        finally:
-            self.saving = False
+            path = self._save_checkpoint(step)
+        except DiskFullError as err:
+            if not self.run.checkpoint_path(step).exists():
+                self.run.state_path(step).unlink(missing_ok=True)  # a state without its LoRA only takes space
+            where = self.last_checkpoint.name if self.last_checkpoint else "none (no checkpoint was written yet)"
+            raise DiskFullError(f"{err} The last good checkpoint is {where}.", err.path) from err
+        # Only a successful save clears the flag: after a failed one the abort handler must not try again.
+        self.saving = False
+        return path
 
     def _save_checkpoint(self, step: int) -> Path:
         weights = self.lora.weights()
@@ -376,7 +383,8 @@ def train(
     """Train a LoRA on `model` (Klein module names, already on `device`) and checkpoint it into `run`.
 
     resume=True continues from the run's latest checkpoint (optimizer state restored); resume=False needs a
-    run without checkpoints. Raises NonFiniteLossError when the loss diverges (no NaN checkpoint is written).
+    run without checkpoints. Raises NonFiniteLossError when the loss diverges (no NaN checkpoint is written),
+    TrainingOutOfMemoryError (memory released, last step kept) when the device runs out of memory.
     """
     cb = callbacks or TrainCallbacks()
     device = torch.device(device)
@@ -392,6 +400,7 @@ def train(
         state = _Run(model, items, settings, run, cb, empty_context, device)
         step = state.resume() if resume else 0
         stopped = False
+        out_of_memory = ""
         state.lora.train()
         try:
             while step < settings.steps and not stopped:
@@ -418,14 +427,26 @@ def train(
                 if settings.checkpoint_every and step % settings.checkpoint_every == 0:
                     state.save_checkpoint(step)
                 stopped = cb.should_stop()
-        except NonFiniteLossError:
-            raise
+        except (NonFiniteLossError, DiskFullError):
+            raise  # no further writes: the error already names the last good checkpoint
+        except torch.OutOfMemoryError as err:
+            # Handled below, once this block has dropped the error: its traceback holds the step's activations.
+            out_of_memory = str(err) or "out of memory"
         except BaseException:
             # A callback aborted (e.g. ComfyUI's interrupt): keep the work of the last finished step.
             if step > state.last_saved_step and step > 0 and not state.saving:
                 state.save_checkpoint(step)
             run.update(status="interrupted")
             raise
+        if out_of_memory:
+            state.opt.zero_grad(set_to_none=True)
+            if step > state.last_saved_step and step > 0 and not state.saving:
+                state.save_checkpoint(step)
+            message = out_of_memory_message(settings, items, step, state.last_checkpoint, out_of_memory)
+            run.update(status="out_of_memory", error=message)
+            last = state.last_checkpoint
+            del state  # LoRA, optimizer state: freed now, not whenever the caller drops the error
+            raise TrainingOutOfMemoryError(message, step, last)
         if step > state.last_saved_step and step > 0:
             state.save_checkpoint(step)
     run.update(status="stopped" if stopped else "finished", last_step=step)
