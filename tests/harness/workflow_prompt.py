@@ -217,6 +217,7 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
         "resume": False,
     },
     "KSampler": {"steps": 2},
+    "ImageScaleToTotalPixels": {"megapixels": 0.01},  # about 100 x 100 px
     "KSamplerAdvanced": {"steps": 2, "start_at_step": 0, "end_at_step": 2},
 }
 # By input name on any node, clamped to the input's min/max/step: sizes, steps, batch and frame counts.
@@ -228,6 +229,11 @@ TINY_BY_NAME: dict[str, int] = {
     "sample_steps": 2,
     "batch_size": 1,
 }
+# Per-block vectors are written for a real Klein (4B: 5 double + 20 single blocks, 9B: 8 + 24); the tiny Klein has
+# TinySpec()'s 2 + 6, so a vector is resampled onto it group by group (each tiny block takes the value of the
+# real block at the same relative depth in its stream).
+REAL_BLOCKS = {25: (5, 20), 32: (8, 24)}
+TINY_BLOCKS = (2, 6)
 ALBUM_INPUTS = frozenset({"folder", "album", "album_folder", "dataset_folder"})
 PAIR_INPUTS = {"reference_folder": "reference", "target_folder": "target"}
 
@@ -251,6 +257,16 @@ def make_album(folder: Path, *, count: int = 3, label: str = "square", tint: int
         if i != count - 1:
             (folder / f"{i:03d}.txt").write_text(f"a small {label} number {i}")
     return folder
+
+
+def resample_block_vector(text: str, tiny: tuple[int, int] = TINY_BLOCKS) -> str:
+    """A 4B or 9B per-block vector ('1, 0.5 0 ...') as the tiny model's vector; other lengths stay as they are."""
+    values = [v for v in text.replace(",", " ").split() if v]
+    if len(values) not in REAL_BLOCKS:
+        return text
+    double, single = REAL_BLOCKS[len(values)]
+    streams = ((values[:double], tiny[0]), (values[double:], tiny[1]))
+    return ", ".join(src[i * len(src) // n] for src, n in streams for i in range(n))
 
 
 def _album_path(input_dir: Path, value: str) -> Path:
@@ -303,6 +319,8 @@ def swap_for_tiny(
                 inputs[name] = table[kind][name]
             elif name in TINY_BY_NAME and entry[0] == "INT":
                 inputs[name] = _clamp(min(value, TINY_BY_NAME[name]), options)
+            elif name == "block_vector" and isinstance(value, str):
+                inputs[name] = resample_block_vector(value)
             elif name in ALBUM_INPUTS and isinstance(value, str) and value:
                 out.albums.append(make_album(_album_path(input_dir, value), label=f"{kind} {node_id}"))
             elif name in PAIR_INPUTS and isinstance(value, str) and value:
