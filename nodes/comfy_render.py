@@ -24,19 +24,32 @@ whose default preview would show every frame. Frames and thumbnails are PNG/JPEG
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 
 import comfy.model_management as mm
 import comfy.sample
+import comfy.utils
+import folder_paths
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
+
+from ..trainer_core.safe_paths import child_path
+from ..trainer_core.scrub import thumbnail
+
+LOG = logging.getLogger("klein_lora_lab")
 
 SCRUB_UI_KEY = "klein_scrub"
 SCRUB_UI_VERSION = 1
 SCRUB_SUBFOLDER = "klein_lora_lab/scrub"  # under ComfyUI's output folder
 THUMB_SIZE = 192  # longest side of a thumbnail, px
 LATENT_CHANNELS = 128  # Flux2 latent: 128 channels at 1/16 of the image size
+DECODE_CHUNK = 8  # frames decoded per VAE call (bounds the decoder's activation memory)
 
 
 @dataclass(frozen=True)
@@ -106,3 +119,116 @@ def encode_prompts(clip, prompts: Sequence[str]) -> list:
     if clip is None:
         raise ValueError("no CLIP connected: connect a CLIP loader to encode the prompts.")
     return [clip.encode_from_tokens_scheduled(clip.tokenize(text)) for text in prompts]
+
+
+# ------------------------------------------------------------------------------------------------ many frames
+
+
+@dataclass
+class FrameTimes:
+    """Wall seconds of each frame's sampling and of the decoding, for the log and the docs' figures."""
+
+    sampling: list[float] = field(default_factory=list)
+    decode: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return sum(self.sampling) + self.decode
+
+    def per_extra_frame(self) -> float:
+        """Mean sampling time of the frames after the first (the first also pays for loading the model)."""
+        rest = self.sampling[1:]
+        return sum(rest) / len(rest) if rest else float("nan")
+
+    def line(self) -> str:
+        first = self.sampling[0] if self.sampling else float("nan")
+        return (
+            f"{len(self.sampling)} frames in {self.total:.2f} s (first frame {first:.2f} s, "
+            f"{self.per_extra_frame():.3f} s per extra frame, decode {self.decode:.2f} s)"
+        )
+
+
+def render_frames(jobs: Iterable[tuple], negative, settings: RenderSettings, total: int) -> tuple[Tensor, FrameTimes]:
+    """Sample one frame per job (model, positive) with the same seed and settings; returns latents
+    [total, 128, h/16, w/16] in job order and the timings. `jobs` is consumed lazily, so a job may build its
+    model (a clone with other adapters) just before it renders and drop it right after."""
+    bar = comfy.utils.ProgressBar(total)
+    latents: list[Tensor] = []
+    times = FrameTimes()
+    for model, positive in jobs:
+        start = time.perf_counter()
+        latents.append(render_latent(model, positive, negative, settings))
+        times.sampling.append(time.perf_counter() - start)
+        bar.update_absolute(len(latents), total)
+    if len(latents) != total:
+        raise RuntimeError(f"the frame plan gave {len(latents)} frames, expected {total}.")
+    return torch.cat(latents), times
+
+
+def decode_frames(vae, samples: Tensor, times: FrameTimes | None = None) -> Tensor:
+    """Latents [n, 128, h, w] -> IMAGE [n, 16h, 16w, 3], DECODE_CHUNK frames per VAE call. Decoding happens after
+    all sampling, so the diffusion model stays loaded for every frame and the VAE is loaded once."""
+    start = time.perf_counter()
+    images = torch.cat([decode(vae, samples[i : i + DECODE_CHUNK]) for i in range(0, samples.shape[0], DECODE_CHUNK)])
+    if times is not None:
+        times.decode = time.perf_counter() - start
+    return images
+
+
+def to_pil(images: Tensor) -> list[Image.Image]:
+    """IMAGE [b, H, W, 3] (0..1) -> PIL images."""
+    arr = (images.detach().float().clamp(0, 1).cpu().numpy() * 255.0).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in arr]
+
+
+def from_pil(image: Image.Image) -> Tensor:
+    """PIL image -> IMAGE [1, H, W, 3] in 0..1."""
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)[None]
+
+
+def scrub_folder(name: str, key: str) -> Path:
+    """`<output>/klein_lora_lab/scrub/<name>/<key>`, created; `name` must be a safe folder name."""
+    root = Path(folder_paths.get_output_directory()) / SCRUB_SUBFOLDER
+    root.mkdir(parents=True, exist_ok=True)
+    folder = child_path(root, name, key, what="scrub folder name")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _ui_file(folder: Path, filename: str) -> dict[str, str]:
+    subfolder = Path(folder).relative_to(folder_paths.get_output_directory()).as_posix()
+    return {"filename": filename, "subfolder": subfolder, "type": "output"}
+
+
+def write_scrub_output(
+    node: str,
+    folder: Path,
+    axes: list[dict],
+    frames: Sequence[tuple[tuple[int, ...], str]],
+    images: Sequence[Image.Image],
+    grid: Image.Image,
+) -> dict:
+    """Save frames (PNG), thumbnails (JPEG, longest side THUMB_SIZE) and the grid into `folder`; return the UI
+    meta of the contract above. `frames` holds (coords, label) per image, in batch order."""
+    entries = []
+    for i, ((coords, label), image) in enumerate(zip(frames, images, strict=True)):
+        frame_name, thumb_name = f"frame_{i:04d}.png", f"thumb_{i:04d}.jpg"
+        image.save(folder / frame_name, compress_level=1)
+        thumbnail(image, THUMB_SIZE).save(folder / thumb_name, quality=85)
+        entries.append(
+            {
+                "index": i,
+                "coords": list(coords),
+                "label": label,
+                "image": _ui_file(folder, frame_name),
+                "thumb": _ui_file(folder, thumb_name),
+            }
+        )
+    grid.save(folder / "grid.png", compress_level=1)
+    return {
+        "version": SCRUB_UI_VERSION,
+        "node": node,
+        "axes": axes,
+        "frames": entries,
+        "grid": _ui_file(folder, "grid.png"),
+    }

@@ -17,6 +17,9 @@ NODE_MODULES: tuple[str, ...] = (
     "lora_loader_blocks",
     "lora_stack",
     "lora_mixer",
+    "scrub_run",
+    "mixer_grid",
+    "compare_frames",
 )
 
 

@@ -345,11 +345,6 @@ def thumbnail(image: Image.Image, longest: int) -> Image.Image:
     return thumb
 
 
-def to_array(image: Image.Image) -> np.ndarray:
-    """PIL image -> float32 [H, W, 3] in 0..1."""
-    return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-
-
 def abs_difference(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, float]:
     """|a - b| per pixel ([H, W, 3], 0..1) and its mean; both images must have the same size."""
     if a.shape != b.shape:

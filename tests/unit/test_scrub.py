@@ -21,7 +21,6 @@ from klein_lora_lab.trainer_core.scrub import (
     scrub_axes,
     select_checkpoints,
     thumbnail,
-    to_array,
 )
 from PIL import Image
 
@@ -174,6 +173,10 @@ def test_inputs_key_is_stable_and_sensitive() -> None:
     assert a == inputs_key({"scales": [0, 1], "seed": 1})
     assert len(a) == 8 and int(a, 16) >= 0
     assert a != inputs_key({"seed": 2, "scales": [0, 1]})
+
+
+def to_array(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.float32) / 255.0
 
 
 def _solid(rgb: tuple[int, int, int], size: tuple[int, int] = (64, 48)) -> Image.Image:
