@@ -15,7 +15,8 @@ import hashlib
 import math
 import re
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -82,7 +83,11 @@ def bucket_sizes(
     height), so every bucket uses about the same pixel budget as a resolution² square.
     """
     if resolution < multiple or resolution % multiple != 0:
-        raise DatasetError(f"resolution={resolution}: must be a multiple of {multiple} and at least {multiple}.")
+        lower = max(multiple, resolution // multiple * multiple)
+        raise DatasetError(
+            f"resolution={resolution}: must be a multiple of {multiple} and at least {multiple}. "
+            f"Fix: use {lower} or {lower + multiple if lower < resolution else lower}."
+        )
     area = resolution * resolution
     sizes: set[tuple[int, int]] = set()
     for side in range(multiple, int(resolution * math.sqrt(max_aspect)) + 1, multiple):
@@ -103,10 +108,45 @@ def choose_bucket(width: int, height: int, sizes: Sequence[tuple[int, int]]) -> 
     return min(sizes, key=lambda s: (abs(math.log(s[0] / s[1]) - target), -s[0] * s[1]))
 
 
+MIN_IMAGE_SIDE = 16  # one latent cell: a smaller image holds nothing to learn
+MAX_IMAGE_PIXELS = 8192 * 8192  # refused before decoding (a decompression bomb claims far more in its header)
+
+
+@contextmanager
+def _open_image(path: Path) -> Iterator[Image.Image]:
+    """Image.open with every decoder failure turned into a DatasetError naming the file and the fix."""
+    try:
+        with Image.open(path) as img:
+            yield img
+    except DatasetError:
+        raise
+    except Image.DecompressionBombError as err:
+        raise DatasetError(f"image '{path}' is too large to decode safely ({err}). Fix: downscale it.") from err
+    except (OSError, SyntaxError, ValueError) as err:  # PIL reports damaged files as any of these
+        if isinstance(err, FileNotFoundError):
+            raise DatasetError(f"image '{path}' does not exist (was it moved while scanning?).") from err
+        why = "is truncated" if "truncated" in str(err) else "is not a readable image"
+        raise DatasetError(
+            f"image '{path}' {why} ({err}). Fix: re-export it as PNG or JPEG, or remove it from the album."
+        ) from err
+
+
+def _to_8bit(img: Image.Image) -> Image.Image:
+    """16-bit grey (PIL modes I;16* and I, as 16-bit PNGs open) scaled to 8-bit grey: a plain convert would clip
+    every value above 255 to white. (16-bit RGB PNGs already open as 8-bit RGB.)"""
+    if img.mode.startswith("I"):
+        arr = np.asarray(img, dtype=np.float64)  # [H, W] in 0..65535
+        return Image.fromarray(np.clip(arr / 65535.0 * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+    return img
+
+
 def load_image(path: Path) -> Image.Image:
-    """An RGB image with its EXIF orientation applied (phones store portrait photos rotated)."""
-    with Image.open(path) as img:
+    """An RGB image with its EXIF orientation applied (phones store portrait photos rotated). CMYK, 16-bit, palette
+    and alpha images are converted (transparent pixels become white); a damaged file raises DatasetError."""
+    with _open_image(path) as img:
         img = ImageOps.exif_transpose(img)
+        img.load()
+        img = _to_8bit(img)
         if img.mode != "RGB":
             # Transparent pixels become white rather than whatever colour the file stored under alpha 0.
             if "A" in img.getbands() or img.mode == "P":
@@ -138,9 +178,20 @@ def load_bucket_image(path: Path, bucket: tuple[int, int]) -> Tensor:
 
 
 def image_size(path: Path) -> tuple[int, int]:
-    """(width, height) after EXIF orientation, read without decoding the pixels."""
-    with Image.open(path) as img:
+    """(width, height) after EXIF orientation, read without decoding the pixels. Refuses unreadable files, images
+    smaller than one latent cell and images too large to decode safely (checked from the header)."""
+    with _open_image(path) as img:
         w, h = img.size
+        if w < MIN_IMAGE_SIDE or h < MIN_IMAGE_SIDE:
+            raise DatasetError(
+                f"image '{path}' is {w}×{h} pixels: images need at least {MIN_IMAGE_SIDE} pixels on each side. "
+                "Fix: remove it or use a larger version."
+            )
+        if w * h > MAX_IMAGE_PIXELS:  # before getexif, which may read the whole file
+            raise DatasetError(
+                f"image '{path}' is {w}×{h} pixels, more than {MAX_IMAGE_PIXELS // 2**20} megapixels. Fix: "
+                "downscale it (training uses about 1 megapixel per image anyway)."
+            )
         orientation = img.getexif().get(0x0112, 1)
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
@@ -173,7 +224,13 @@ def read_caption(image: Path) -> str | None:
     txt = image.with_suffix(".txt")
     if not txt.is_file():
         return None
-    text = txt.read_text(encoding="utf-8-sig").strip()
+    try:
+        text = txt.read_text(encoding="utf-8-sig").strip()
+    except UnicodeDecodeError as err:
+        raise DatasetError(
+            f"caption '{txt}' is not UTF-8 text (byte {err.start}: {err.object[err.start : err.start + 1]!r}). "
+            "Fix: open it in a text editor and save it as UTF-8."
+        ) from err
     return text or None
 
 
