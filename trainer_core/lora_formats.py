@@ -514,9 +514,15 @@ def load_state_dict(path: str | Path, device: torch.device | str = "cpu") -> dic
     (straight from the file mapping: no intermediate CPU copy when `device` is a GPU)."""
     path = Path(path)
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path), device=str(device))
+        from .lora_file import unreadable_message
+
+        try:
+            return load_file(str(path), device=str(device))
+        except SafetensorError as err:
+            raise LoraFormatError(unreadable_message(path, err)) from err
     data = torch.load(str(path), map_location=device, weights_only=True)
     if not isinstance(data, dict):
         raise LoraFormatError(f"{path.name}: not a LoRA state dict (found {type(data).__name__}).")
@@ -525,8 +531,15 @@ def load_state_dict(path: str | Path, device: torch.device | str = "cpu") -> dic
 
 def read_lora_file(path: str | Path, shape: KleinShape, device: torch.device | str = "cpu") -> LoraRead:
     """Read a LoRA file for a Klein of `shape` onto `device`; errors name the file."""
+    state_dict = load_state_dict(path, device)  # its errors name the file already
+    bad = sorted(k for k, t in state_dict.items() if t.is_floating_point() and not torch.isfinite(t).all())
+    if bad:
+        raise LoraFormatError(
+            f"{Path(path).name}: tensor {bad[0]!r} holds NaN/Inf values ({len(bad)} tensor(s) in all): the LoRA is "
+            "broken (its training diverged). Fix: use an earlier checkpoint or another file."
+        )
     try:
-        return read_lora(load_state_dict(path, device), shape)
+        return read_lora(state_dict, shape)
     except LoraFormatError as err:
         raise LoraFormatError(f"{Path(path).name}: {err}") from err
 
