@@ -72,7 +72,10 @@ def read_shape(model: nn.Module) -> KleinShape:
             )
     hidden, latent_in = model.img_in.weight.shape
     if latent_in != LATENT_CHANNELS:
-        raise ValueError(f"not a FLUX.2 model: img_in takes {latent_in} channels, FLUX.2 latents have 128.")
+        raise ValueError(
+            f"not a FLUX.2 model: img_in takes {latent_in} channels, FLUX.2 latents have 128 (FLUX.1 has 64). "
+            "Load a FLUX.2 [klein] Base model with 'Load Diffusion Model'."
+        )
     return KleinShape(
         hidden=hidden,
         heads=hidden // HEAD_DIM,
