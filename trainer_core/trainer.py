@@ -254,7 +254,14 @@ class _Run:
             if not all(torch.isfinite(t).all() for t in (it.latent, it.context, *it.refs))
         ]
         where = self.last_checkpoint.name if self.last_checkpoint else "none (no checkpoint was written yet)"
-        if bad_items:
+        # Only looked at once training failed, so a healthy run never pays for a scan of the base weights.
+        bad_weights = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        if bad_weights:
+            cause = (
+                f"the model's own weights hold NaN/Inf values ({', '.join(bad_weights[:3])}"
+                f"{' ...' if len(bad_weights) > 3 else ''}): the model file is broken; download or load it again"
+            )
+        elif bad_items:
             cause = f"the dataset holds NaN/Inf values in items {bad_items[:5]}: re-encode those images/captions"
         else:
             cause = (
