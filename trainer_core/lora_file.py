@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
 from .adapters import LoraWeights
@@ -95,6 +95,16 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
             os.close(dir_fd)
 
 
+def unreadable_message(path: Path, err: Exception) -> str:
+    """The error text for a file that safetensors cannot parse: truncated (an interrupted copy or download) or
+    not a safetensors file at all."""
+    size = path.stat().st_size if path.is_file() else 0
+    return (
+        f"{path.name} is truncated or not a safetensors file ({size} bytes; {err}). Fix: copy or download it "
+        "again (an interrupted transfer leaves a cut file), or pick another file."
+    )
+
+
 def lora_state_dict(weights: Mapping[str, LoraWeights], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """The tensors of the file: our key names, contiguous CPU tensors (in `dtype` when given); alpha fp32."""
     out: dict[str, torch.Tensor] = {}
@@ -141,9 +151,18 @@ def load_lora(path: str | os.PathLike[str]) -> tuple[dict[str, LoraWeights], dic
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"LoRA file {path} does not exist.")
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        metadata = dict(f.metadata() or {})
-        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except SafetensorError as err:
+        raise ValueError(unreadable_message(path, err)) from err
+    bad = sorted(key for key, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all())
+    if bad:
+        raise ValueError(
+            f"{path.name}: tensor {bad[0]!r} holds NaN/Inf values ({len(bad)} tensor(s) in all): the LoRA is broken "
+            "(its training diverged). Fix: use an earlier checkpoint of the run or train again with a lower lr."
+        )
     names: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
         suffix = next((s for s in _SUFFIXES if key.endswith(s)), None)
