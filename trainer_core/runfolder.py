@@ -76,13 +76,13 @@ class RunFolder:
     def create(cls, path: str | os.PathLike[str], settings: TrainSettings, meta: Mapping[str, Any]) -> RunFolder:
         """Start a new run in `path` (created if needed); refuses a folder that already holds a run."""
         path = Path(path)
+        cls(path, settings, {})._check_layout()
         if (path / "run.json").exists():
             raise FileExistsError(
                 f"{path} already holds a run (run.json exists): open it with RunFolder.open to resume, "
                 "or choose a new folder."
             )
         run = cls(path, settings, dict(meta))
-        run._check_layout()
         run.checkpoints_dir.mkdir(parents=True, exist_ok=True)
         run.samples_dir.mkdir(parents=True, exist_ok=True)
         run._write_run_json()
