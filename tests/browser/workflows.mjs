@@ -106,7 +106,11 @@ async function main() {
     }, PACK);
     result.templates = Object.keys(templates);
     // Full-detail drawing at any zoom, so the screenshots of a fitted workflow show titles and widgets.
-    await page.evaluate(() => window.app.extensionManager.setting.set("LiteGraph.Canvas.MinFontSizeForLOD", 0));
+    // and no minimap over the corner of the graph.
+    await page.evaluate(async () => {
+      await window.app.extensionManager.setting.set("LiteGraph.Canvas.MinFontSizeForLOD", 0);
+      await window.app.extensionManager.setting.set("Comfy.Minimap.Visible", false);
+    });
     for (const mode of ["classic", "vue"]) {
       await page.evaluate(async (vue) => {
         await window.app.extensionManager.setting.set("Comfy.VueNodes.Enabled", vue);
