@@ -271,3 +271,100 @@ def test_compare_frames_by_index_and_label(comfy_root):
         KleinLabCompareFrames.execute(frames[:2], labels, 0, 1, "", "", 1.0)
     with pytest.raises(ScrubError, match="frames 0..2"):
         KleinLabCompareFrames.execute(frames, labels, 0, 5, "", "", 1.0)
+
+
+# ----------------------------------------------------------------------------------------------- the server
+
+SCRUB_WORKFLOW = "klein_lab_scrub_checkpoints.json"
+MIXER_WORKFLOW = "klein_lab_mixer_grid.json"
+SOCKET_TYPES = {"MODEL", "CLIP", "VAE", "CONDITIONING", "IMAGE"}
+
+
+def _workflow(name: str) -> dict:
+    from harness.comfy_env import PACK_ROOT
+
+    return json.loads((PACK_ROOT / "workflows" / name).read_text())
+
+
+@pytest.mark.parametrize("name", [SCRUB_WORKFLOW, MIXER_WORKFLOW])
+def test_scrub_workflows_match_the_server_nodes(comfy_server, name):
+    """Each scrub workflow uses nodes the server knows, our nodes' inputs in the server's order with one widget
+    value per widget (plus the seed's control value), valid sampler/scheduler/preset choices, consistent links,
+    and it converts to an API prompt the way the frontend queues it."""
+    from harness.workflow_prompt import workflow_to_prompt
+
+    workflow, info = _workflow(name), comfy_server.object_info()
+    by_id = {n["id"]: n for n in workflow["nodes"]}
+    for node in workflow["nodes"]:
+        if node["type"] == "MarkdownNote":
+            continue
+        assert node["type"] in info, node["type"]
+        if not node["type"].startswith("KleinLab"):
+            continue
+        spec = info[node["type"]]
+        order = spec["input_order"]["required"] + spec["input_order"].get("optional", [])
+        assert [i["name"] for i in node["inputs"]] == order, node["type"]
+        entries = {**spec["input"]["required"], **spec["input"].get("optional", {})}
+        widgets = [n for n in order if entries[n][0] not in SOCKET_TYPES and not entries[n][1].get("forceInput")]
+        values = list(node["widgets_values"])
+        if "seed" in widgets:  # the frontend stores the seed's control_after_generate value right after it
+            values.pop(widgets.index("seed") + 1)
+        assert len(values) == len(widgets), node["type"]
+        for widget, value in zip(widgets, values, strict=True):
+            if widget in ("sampler_name", "scheduler", "block_preset", "preset_a", "preset_b"):
+                assert value in entries[widget][1]["options"], (node["type"], widget, value)
+    for link_id, src, src_slot, dst, dst_slot, kind in workflow["links"]:
+        assert by_id[dst]["inputs"][dst_slot]["link"] == link_id
+        assert link_id in by_id[src]["outputs"][src_slot]["links"]
+        assert by_id[dst]["inputs"][dst_slot]["type"] == by_id[src]["outputs"][src_slot]["type"] == kind
+    prompt = workflow_to_prompt(workflow, info)
+    assert {n["class_type"] for n in prompt.values()} >= {"KleinLabCompareFrames", "UNETLoader", "VAELoader"}
+
+
+def test_scrub_workflow_renders_a_3x3_grid_through_the_server(comfy_root, comfy_server, capsys):
+    """The shipped scrub workflow, swapped onto the tiny model and pointed at a 3-checkpoint run with 3 scales,
+    renders through /prompt: the scrubber metadata lists 9 frames in checkpoint-major order, every frame,
+    thumbnail and the grid are served by /view, scale-0 frames are identical across checkpoints (the base
+    model), scale-1 frames differ between checkpoints, and the A/B node reports the mean difference."""
+    import io as _io
+    import re
+    import uuid
+
+    from harness.workflow_prompt import swap_for_tiny, workflow_to_prompt
+    from klein_lora_lab.nodes.comfy_render import SCRUB_UI_KEY, THUMB_SIZE
+    from PIL import Image
+
+    run_name = f"scrub_srv_{uuid.uuid4().hex[:6]}"
+    make_tiny_run(comfy_server.base_dir / "output" / "klein_lora_lab" / "runs", run_name, RUN_STEPS)
+    info = comfy_server.object_info()  # the run is listed now
+    prompt = workflow_to_prompt(_workflow(SCRUB_WORKFLOW), info)
+    swap = swap_for_tiny(prompt, info, input_dir=comfy_server.base_dir / "input", available=[run_name])
+    scrub_id = next(nid for nid, n in swap.prompt.items() if n["class_type"] == "KleinLabScrubRun")
+    compare_id = next(nid for nid, n in swap.prompt.items() if n["class_type"] == "KleinLabCompareFrames")
+    swap.prompt[scrub_id]["inputs"].update(run=run_name, checkpoints="all", scales="0,1,2", prompts=PROMPT, **RENDER)
+
+    start = time.perf_counter()
+    outputs = comfy_server.run_prompt(swap.prompt, timeout_s=900)
+    seconds = time.perf_counter() - start
+
+    assert set(outputs[scrub_id]) == {SCRUB_UI_KEY}
+    meta = outputs[scrub_id][SCRUB_UI_KEY][0]
+    assert meta["axes"][0] == {"name": "step", "values": list(RUN_STEPS)}
+    assert meta["axes"][1] == {"name": "scale", "values": [0.0, 1.0, 2.0]}
+    assert [f["label"] for f in meta["frames"]] == [f"step {s} · scale {c}" for s in RUN_STEPS for c in (0, 1, 2)]
+    pngs = []
+    for entry in meta["frames"]:
+        png = comfy_server.view_file(**{k: entry["image"][k] for k in ("filename", "subfolder")})
+        assert Image.open(_io.BytesIO(png)).size == (SIZE, SIZE)
+        pngs.append(png)
+        thumb = comfy_server.view_file(**{k: entry["thumb"][k] for k in ("filename", "subfolder")})
+        assert max(Image.open(_io.BytesIO(thumb)).size) <= THUMB_SIZE
+    grid = Image.open(_io.BytesIO(comfy_server.view_file(meta["grid"]["filename"], meta["grid"]["subfolder"])))
+    assert grid.width > 3 * SIZE and grid.height > 3 * SIZE
+    assert pngs[0] == pngs[3] == pngs[6]  # scale 0: the base model at every checkpoint
+    assert len({pngs[1], pngs[4], pngs[7]}) == 3  # scale 1: three different checkpoints
+    assert "mean |A − B| = " in outputs[compare_id]["text"][0]
+
+    timing = re.findall(rf"scrub {run_name}: (.*)", comfy_server.log_text())
+    with capsys.disabled():
+        print(f"\n[scrub] 3×3 grid through the server: {seconds:.1f} s for the prompt; node: {timing[-1]}")
