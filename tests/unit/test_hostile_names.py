@@ -246,3 +246,16 @@ def test_the_pickle_scan_sees_what_it_looks_for(tmp_path: Path) -> None:
         "torch.load('x', weights_only=True)\nnp.load('x')\n"
     )
     assert len(_pickle_uses(bad)) == 5
+
+
+def test_the_pack_adds_no_http_route() -> None:
+    """The pack serves nothing over HTTP of its own (no aiohttp route on PromptServer), so no route can take an
+    unchecked path; a route added later must validate with safe_paths and be tested here."""
+    markers = ("routes.get", "routes.post", "routes.put", "routes.delete", "add_route", "RouteTableDef", ".routes")
+    found = [
+        f"{path.relative_to(PACK_ROOT)}: {marker}"
+        for path in _pack_sources()
+        for marker in markers
+        if marker in path.read_text()
+    ]
+    assert found == []
