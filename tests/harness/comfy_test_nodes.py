@@ -72,7 +72,52 @@ class KleinLabTestCLIPLoader:
         return (FakeClip(context_dim),)
 
 
+class KleinLabTestInjectOOM:
+    """Passes MODEL through and makes the pack's trainer raise torch.OutOfMemoryError at its `at_call`-th forward
+    from now on (once; the trainer's own forward is restored when it fires)."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "Passed through unchanged."}),
+                "at_call": ("INT", {"default": 3, "min": 1, "max": 1000, "tooltip": "Forward call that fails."}),
+            }
+        }
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "inject"
+    CATEGORY = "testing"
+
+    def inject(self, model, at_call: int):
+        import sys
+
+        # Every loaded copy of the trainer module (the pack may be imported under more than one name).
+        trainers = {id(m): m for n, m in list(sys.modules.items()) if n.endswith("trainer_core.trainer") and m}
+        reals = {key: m.klein_forward for key, m in trainers.items()}
+        calls = [0]
+
+        def restore() -> None:
+            for key, m in trainers.items():
+                m.klein_forward = reals[key]
+
+        def failing(real):
+            def forward(*args, **kwargs):
+                calls[0] += 1
+                if calls[0] >= at_call:
+                    restore()
+                    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB (injected by a test)")
+                return real(*args, **kwargs)
+
+            return forward
+
+        for key, m in trainers.items():
+            m.klein_forward = failing(reals[key])
+        return (model,)
+
+
 NODE_CLASS_MAPPINGS = {
     "KleinLabTestConditioning": KleinLabTestConditioning,
     "KleinLabTestCLIPLoader": KleinLabTestCLIPLoader,
+    "KleinLabTestInjectOOM": KleinLabTestInjectOOM,
 }
