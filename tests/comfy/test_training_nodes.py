@@ -55,6 +55,8 @@ def comfy_env(comfy_root, tiny_model_file, flux2_vae_file, tmp_path_factory):
     folder_paths.set_output_directory(str(out))
     folder_paths.add_model_folder_path("diffusion_models", str(tiny_model_file.parent))
     folder_paths.add_model_folder_path("vae", str(flux2_vae_file.parent))
+    # Albums live in pytest's temp folders: configured as a datasets folder, as a user would in extra_model_paths.
+    folder_paths.add_model_folder_path("datasets", str(tmp_path_factory.getbasetemp()))
     (model,) = nodes.UNETLoader().load_unet(tiny_model_file.name, "default")
     (vae,) = nodes.VAELoader().load_vae(flux2_vae_file.name)
     yield {"nodes": nodes, "model": model, "vae": vae, "output": out}
@@ -248,7 +250,7 @@ def cond_file(tiny_spec) -> Path:
 def test_workflow_trains_samples_and_draws_the_loss_curve(comfy_server, cond_file, tmp_path):
     """/prompt runs the whole workflow: checkpoints every 2 steps (listed as loras), decoded previews, a loss
     curve IMAGE, and the returned name is what the stock LoRA loader lists and loads without unmatched keys."""
-    album = make_album(tmp_path / "album")
+    album = make_album(comfy_server.base_dir / "input" / "album")  # albums must lie in ComfyUI's folders
     outputs = comfy_server.run_prompt(train_prompt(album, cond_file, "wf", RUN_STEPS), timeout_s=600)
     run = runs_folder(comfy_server) / "wf"
     assert sorted(p.name for p in (run / "checkpoints").glob("step_??????.safetensors")) == [
@@ -288,7 +290,7 @@ def test_workflow_trains_samples_and_draws_the_loss_curve(comfy_server, cond_fil
 def test_second_encode_of_the_same_album_hits_the_cache(comfy_server, cond_file, tmp_path):
     """Re-running the encode on the same album (files touched, so ComfyUI re-executes the nodes) encodes
     nothing: every latent and conditioning comes from the disk cache. Prints both encode times."""
-    album = make_album(tmp_path / "album_cache", count=4, label="cached", tint=17)
+    album = make_album(comfy_server.base_dir / "input" / "album_cache", count=4, label="cached", tint=17)
     first = encode_report(comfy_server.run_prompt(encode_prompt(album, cond_file, "CACHETOK"), timeout_s=300))
     for path in album.iterdir():  # same bytes, new mtimes: the album node's fingerprint changes
         path.touch()
@@ -314,7 +316,7 @@ def test_cancel_keeps_a_resumable_run_and_resume_finishes_it_exactly(comfy_serve
     from klein_lora_lab.trainer_core.lora_file import load_lora
     from klein_lora_lab.trainer_core.runfolder import RunFolder, checkpoint_step
 
-    album = make_album(tmp_path / "album_cancel")
+    album = make_album(comfy_server.base_dir / "input" / "album_cancel")
     run_dir = runs_folder(comfy_server) / "cancel"
     prompt_id = comfy_server.queue_prompt(
         train_prompt(album, cond_file, "cancel", 5000, checkpoint_every=3, sample_every=0)
