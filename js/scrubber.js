@@ -18,7 +18,8 @@ export const PROP_AB = "klein_scrub_ab";
 const WIDGET_NAME = "klein_scrub";
 const THUMB_WIDTH_PX = 56; // fixed cell width: the strip's scroll position maps to a frame index
 const THUMB_MARGIN_PX = 120; // thumbs this far outside the strip's view are loaded ahead of a scroll
-const MIN_HEIGHT_PX = 360;
+const STAGE_MIN_PX = 240; // the frame view; the node can be resized larger
+const MIN_HEIGHT_PX = STAGE_MIN_PX + 210; // + label, sliders, buttons, thumbnail strip
 const COMPARE_MODES = ["off", "side", "wipe"];
 const COMPARE_KEYS = ["a", "b", "mode", "wipe"];
 
@@ -27,15 +28,16 @@ const STYLE = `
   height: 100%; min-height: ${MIN_HEIGHT_PX}px; padding: 4px; color: var(--input-text, #ddd);
   font: 12px sans-serif; outline: none; border-radius: 4px; }
 .klein-scrub:focus-within { box-shadow: 0 0 0 1px var(--p-primary-color, #4a90e2) inset; }
+.klein-scrub [hidden] { display: none !important; }
 .klein-scrub-head { display: flex; justify-content: space-between; gap: 8px; min-height: 16px; }
 .klein-scrub-label { font-weight: bold; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
 .klein-scrub-count { opacity: 0.7; white-space: nowrap; }
-.klein-scrub-stage { position: relative; flex: 1 1 auto; min-height: 160px; display: flex; gap: 4px;
+.klein-scrub-stage { position: relative; flex: 1 1 auto; min-height: ${STAGE_MIN_PX}px; display: flex; gap: 4px;
   background: #111; border-radius: 3px; overflow: hidden; }
-.klein-scrub-pane { position: relative; flex: 1 1 0; min-width: 0; display: flex; }
-.klein-scrub-pane img { width: 100%; height: 100%; object-fit: contain; display: block; user-select: none;
-  -webkit-user-drag: none; }
-.klein-scrub-pane[hidden] { display: none; }
+.klein-scrub-pane { position: relative; flex: 1 1 0; min-width: 0; }
+/* Absolute: the image never sizes the stage (the Vue renderer gives the widget no fixed height). */
+.klein-scrub-pane img { position: absolute; inset: 0; width: 100%; height: 100%; object-fit: contain;
+  display: block; user-select: none; -webkit-user-drag: none; }
 .klein-scrub-stage.wipe .klein-scrub-pane-b { position: absolute; inset: 0; }
 .klein-scrub-tag { position: absolute; top: 2px; padding: 1px 4px; background: rgba(0,0,0,0.65);
   border-radius: 3px; max-width: 48%; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }

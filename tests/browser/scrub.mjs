@@ -1,6 +1,7 @@
 // Drives the scrubber widget (js/scrubber.js) in the real ComfyUI frontend, in Debian's Chromium.
 // Usage: node scrub.mjs <server-url> <profile-dir> <artifacts-dir>; the scenario comes from the JSON file named by
-// $KLEIN_LAB_SCRUB_CONFIG: {small: meta, large: meta, workflow?: {...}} (metas as the node sends them).
+// $KLEIN_LAB_SCRUB_CONFIG: {small: meta, large: meta, workflow?: {workflow, widgets, small, timeoutMs}} (metas as
+// the node sends them; `workflow` runs an example workflow from the page on the tiny model).
 // Prints one JSON line of observations ({modes: {classic, vue}, ...}); pytest compares them with the metas.
 import { chromium } from "playwright-core";
 import fs from "node:fs";
@@ -66,7 +67,7 @@ async function addScrubNode(page) {
     const node = window.LiteGraph.createNode(type);
     node.pos = [40, 60];
     app.graph.add(node);
-    node.setSize([560, 620]);
+    node.setSize([560, Math.max(620, node.computeSize()[1])]);
     app.graph.setDirtyCanvas(true, true);
     return String(node.id);
   }, NODE_TYPE);
@@ -79,6 +80,25 @@ async function markCurrent(page, id) {
     for (const e of document.querySelectorAll("[data-test-current]")) delete e.dataset.testCurrent;
     window.app.graph.getNodeById(id).kleinScrub.root.dataset.testCurrent = "1";
   }, id);
+  await page.waitForSelector(ROOT, { state: "attached", timeout: 15_000 });
+  // A node with many widgets can reach below the window: pan the canvas up until the whole widget shows.
+  for (let i = 0; i < 3; i++) {
+    const below = await page.evaluate((sel) => {
+      const root = document.querySelector(sel);
+      const bottom = Math.max(
+        root.getBoundingClientRect().bottom,
+        root.querySelector('[data-testid="klein-scrub-thumbs"]').getBoundingClientRect().bottom,
+      );
+      const over = bottom - (window.innerHeight - 20);
+      if (over > 0) {
+        window.app.canvas.ds.offset[1] -= over / window.app.canvas.ds.scale;
+        window.app.canvas.setDirty(true, true);
+      }
+      return over;
+    }, ROOT);
+    if (below <= 0) break;
+    await page.waitForTimeout(300);
+  }
   await page.waitForSelector(ROOT, { state: "visible", timeout: 15_000 });
 }
 
@@ -332,12 +352,146 @@ async function scenario(page, mode, small, large) {
   return r;
 }
 
+// --- stage 2: the example workflow, run from the page on the tiny model ------------------------------------
+
+// Load the workflow, put the tiny test model, VAE and the fake CLIP loader in place of the real loaders, set the
+// widgets given per node type (and any width/height/steps to the small values), and return the scrub node id.
+async function prepareWorkflow(page, workflow, widgets, small) {
+  return page.evaluate(
+    async ({ workflow, widgets, small, type }) => {
+      const app = window.app;
+      await app.loadGraphData(structuredClone(workflow));
+      const set = (node, name, value) => {
+        const widget = node.widgets?.find((w) => w.name === name);
+        if (!widget) return false;
+        widget.value = value;
+        widget.callback?.(value);
+        return true;
+      };
+      const changed = [];
+      for (const node of [...app.graph.nodes]) {
+        if (node.type === "CLIPLoader") {
+          // No tiny text encoder exists: a test loader returning ComfyUI's CLIP interface, wired the same way.
+          const fake = window.LiteGraph.createNode("KleinLabTestCLIPLoader");
+          fake.pos = [...node.pos];
+          app.graph.add(fake);
+          const targets = (node.outputs[0].links ?? []).map((id) => {
+            const link = app.graph.links instanceof Map ? app.graph.links.get(id) : app.graph.links[id];
+            return [app.graph.getNodeById(link.target_id), link.target_slot];
+          });
+          app.graph.remove(node);
+          for (const [target, slot] of targets) fake.connect(0, target, slot);
+          changed.push(`CLIPLoader ${node.id} -> KleinLabTestCLIPLoader ${fake.id} (${targets.length} links)`);
+          continue;
+        }
+        for (const [name, value] of Object.entries(widgets[node.type] ?? {})) {
+          if (set(node, name, value)) changed.push(`${node.type}.${name} = ${JSON.stringify(value)}`);
+        }
+        for (const [name, value] of Object.entries(small)) {
+          const widget = node.widgets?.find((w) => w.name === name);
+          if (widget && typeof widget.value === "number" && widget.value > value) {
+            set(node, name, value);
+            changed.push(`${node.type}.${name} = ${value}`);
+          }
+        }
+      }
+      const scrub = app.graph.nodes.find((n) => n.type === type);
+      app.canvas.ds.offset = [80, 40];
+      app.canvas.ds.scale = 1;
+      // The scrub node at the top left, so its widget is on screen.
+      scrub.pos = [40, 60];
+      app.graph.setDirtyCanvas(true, true);
+      return { scrubId: String(scrub.id), changed, types: app.graph.nodes.map((n) => n.type) };
+    },
+    { workflow, widgets, small, type: NODE_TYPE },
+  );
+}
+
+// Queue the graph as the Run button does and wait until the scrub node's widget got its result (or an error).
+async function queueAndWait(page, scrubId, timeoutMs) {
+  await page.evaluate(() => {
+    window.__kleinErrors = [];
+    const api = window.comfyAPI?.api?.api;
+    api?.addEventListener("execution_error", (e) => window.__kleinErrors.push(e.detail));
+  });
+  const t0 = Date.now();
+  await page.evaluate(() => window.app.extensionManager.command.execute("Comfy.QueuePrompt"));
+  await page.waitForFunction(
+    (id) => window.app.graph.getNodeById(id)?.kleinScrub?.meta || window.__kleinErrors.length,
+    scrubId,
+    { timeout: timeoutMs, polling: 250 },
+  );
+  const errors = await page.evaluate(() => window.__kleinErrors.map((e) => JSON.stringify(e).slice(0, 2000)));
+  const meta = await page.evaluate((id) => window.app.graph.getNodeById(id).kleinScrub.meta, scrubId);
+  return { runMs: Date.now() - t0, errors, meta };
+}
+
+async function workflowScenario(page, spec) {
+  const w = {};
+  await setRenderer(page, "classic");
+  const prepared = await prepareWorkflow(page, spec.workflow, spec.widgets, spec.small);
+  Object.assign(w, prepared);
+  const run = await queueAndWait(page, prepared.scrubId, spec.timeoutMs);
+  Object.assign(w, run);
+  if (!run.meta) return w;
+  w.modes = {};
+  for (const mode of ["classic", "vue"]) {
+    const m = {};
+    await setRenderer(page, mode);
+    await page.waitForTimeout(500);
+    await markCurrent(page, prepared.scrubId);
+    m.inVueNode = await page.evaluate(
+      ({ id, sel }) => !!document.querySelector(`[data-node-id="${id}"] ${sel}`),
+      { id: prepared.scrubId, sel: ROOT },
+    );
+    m.start = await observe(page);
+    await shot(page, `scrub-workflow-${mode}`);
+    await dragSlider(page, '[data-testid="klein-scrub-slider"]', 1);
+    m.dragEnd = await observe(page);
+    await dragSlider(page, '[data-testid="klein-scrub-slider"]', 0);
+    m.dragStart = await observe(page);
+    await page.locator(`${ROOT} [data-testid="klein-scrub-stage"]`).click();
+    m.keys = [];
+    for (const key of ["ArrowRight", "ArrowUp", "ArrowUp", "ArrowLeft"]) {
+      await page.keyboard.press(key);
+      m.keys.push({ key, ...(await observe(page)) });
+    }
+    await shot(page, `scrub-workflow-${mode}-moved`);
+    w.modes[mode] = m;
+  }
+  // A real page reload: the frontend restores the open workflow, the widget its frame from the node properties.
+  w.beforeReload = await observe(page);
+  await page.waitForTimeout(1500); // the frontend persists the open workflow on a timer
+  await page.reload({ waitUntil: "domcontentloaded" });
+  await waitReady(page);
+  await page.waitForTimeout(500);
+  const reloadedId = await page.evaluate((type) => {
+    const node = window.app.graph.nodes.find((n) => n.type === type);
+    return node ? String(node.id) : null;
+  }, NODE_TYPE);
+  w.reloadedFound = reloadedId !== null;
+  if (reloadedId !== null) {
+    await markCurrent(page, reloadedId);
+    w.afterReload = await observe(page);
+    await shot(page, "scrub-workflow-reloaded");
+  }
+  return w;
+}
+
+async function waitReady(page) {
+  await page.waitForFunction(
+    () => window.app?.vueAppReady && window.app.graph && window.app.extensionManager?.workflow?.activeWorkflow,
+    null,
+    { timeout: READY_TIMEOUT_MS },
+  );
+}
+
 async function main() {
   const context = await chromium.launchPersistentContext(profileDir, {
     executablePath: CHROMIUM,
     headless: true,
     args: FLAGS,
-    viewport: { width: 1280, height: 800 },
+    viewport: { width: 1280, height: 960 },
   });
   const pageErrors = [];
   const result = { modes: {}, pageErrors };
@@ -348,16 +502,18 @@ async function main() {
       if (msg.type() === "error") pageErrors.push(`console: ${msg.text()}`);
     });
     await page.goto(url, { waitUntil: "domcontentloaded" });
-    await page.waitForFunction(
-      () => window.app?.vueAppReady && window.app.graph && window.app.extensionManager?.workflow?.activeWorkflow,
-      null,
-      { timeout: READY_TIMEOUT_MS },
-    );
+    await waitReady(page);
     result.extensions = await page.evaluate(() => window.app.extensions.map((e) => e.name));
     result.nodeType = await ensureNodeType(page);
     for (const mode of ["classic", "vue"]) {
       result.modes[mode] = await scenario(page, mode, config.small, config.large);
     }
+    if (config.workflow) result.workflow = await workflowScenario(page, config.workflow);
+  } catch (err) {
+    // The page as it was when a step failed, for the report.
+    const page = context.pages()[0];
+    if (page) await page.screenshot({ path: path.join(artifactsDir, "scrub-failure.png") });
+    throw err;
   } finally {
     await context.close();
   }

@@ -20,12 +20,18 @@ from typing import Any
 import pytest
 from harness.browser import ARTIFACTS, run_driver
 from harness.comfy_env import PACK_ROOT
+from harness.server import TINY_MODEL_NAME, VAE_NAME
 
 EXTENSION = "KleinLoraLab.scrubber"
 MODES = ("classic", "vue")
 SUBFOLDER = "klein_lora_lab/scrub/browser_test"
 LARGE_STEPS, LARGE_SCALES = 20, 20  # 400 frames
 MAX_IMGS = 40  # main + B image and the thumbs near the visible part of the strip; far below 400
+WORKFLOW = PACK_ROOT / "workflows" / "klein_lab_scrub_checkpoints.json"
+RUN_NAME = "scrub_browser"
+RUN_STEPS = (1, 2, 3)
+FRAME_SIZE = 64  # a 4x4 latent, as the tiny run was trained
+WORKFLOW_TIMEOUT_MS = 240_000
 DOCS_IMAGES = {
     "scrub-vue-widget.png": "scrubber.png",
     "scrub-classic-ab-side-widget.png": "scrubber-ab-side.png",
@@ -83,6 +89,35 @@ def scrub_meta(output_dir: Path, key: str, steps: list[int], scales: list[float]
     return _write_frames(output_dir, key, frames, scrub_axes(checkpoints, scales, prompts), size)
 
 
+def workflow_case(comfy_server) -> tuple[dict[str, Any] | None, str]:
+    """The example workflow's scenario (a tiny 3-checkpoint run in the server's runs folder, the widgets to set),
+    or None and why not when the workflow or the node is not there."""
+    if not WORKFLOW.is_file():
+        return None, f"{WORKFLOW.relative_to(PACK_ROOT)} does not exist"
+    if "KleinLabScrubRun" not in comfy_server.object_info():
+        return None, "the server has no KleinLabScrubRun node"
+    from harness.runs import make_tiny_run
+
+    runs = comfy_server.base_dir / "output" / "klein_lora_lab" / "runs"
+    if not (runs / RUN_NAME).is_dir():
+        make_tiny_run(runs, RUN_NAME, RUN_STEPS)
+    small = {"width": FRAME_SIZE, "height": FRAME_SIZE, "steps": 3}
+    widgets = {
+        "UNETLoader": {"unet_name": TINY_MODEL_NAME},
+        "VAELoader": {"vae_name": VAE_NAME},
+        "KleinLabScrubRun": {
+            "run": RUN_NAME,
+            "checkpoints": "all",
+            "scales": "0,1,2",
+            "prompts": "a TOK cat",
+            "cfg": 2.0,
+            **small,
+        },
+    }
+    spec = {"workflow": json.loads(WORKFLOW.read_text()), "widgets": widgets, "small": small}
+    return {**spec, "timeoutMs": WORKFLOW_TIMEOUT_MS}, ""
+
+
 @pytest.fixture(scope="module")
 def scrub_case(comfy_server, tmp_path_factory) -> dict[str, Any]:
     output = comfy_server.base_dir / "output"
@@ -90,8 +125,9 @@ def scrub_case(comfy_server, tmp_path_factory) -> dict[str, Any]:
     large_steps = [100 * (i + 1) for i in range(LARGE_STEPS)]
     large_scales = [round(0.2 * i, 1) for i in range(LARGE_SCALES)]
     large = scrub_meta(output, "large", large_steps, large_scales, size=96)
+    workflow, why_not = workflow_case(comfy_server)
     config = tmp_path_factory.mktemp("scrub") / "config.json"
-    config.write_text(json.dumps({"small": small, "large": large}))
+    config.write_text(json.dumps({"small": small, "large": large, "workflow": workflow}))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KLEIN_LAB_SCRUB_CONFIG", str(config))
         result = run_driver("scrub.mjs", comfy_server.url, timeout_s=400)
@@ -103,7 +139,8 @@ def scrub_case(comfy_server, tmp_path_factory) -> dict[str, Any]:
         docs.mkdir(parents=True, exist_ok=True)
         for src, dst in DOCS_IMAGES.items():
             shutil.copyfile(ARTIFACTS / src, docs / dst)
-    return {"small": small, "large": large, "result": result}
+    history = comfy_server.get_json("/history") if workflow else {}
+    return {"small": small, "large": large, "result": result, "why_no_workflow": why_not, "history": history}
 
 
 def _figures(result: dict[str, Any]) -> dict[str, Any]:
@@ -120,6 +157,8 @@ def _figures(result: dict[str, Any]) -> dict[str, Any]:
             "large_max_frame_gap_ms": round(large["maxFrameGapMs"], 1),
             "large_long_tasks_ms": [round(t) for t in large["longTasksMs"]],
         }
+    if result.get("workflow", {}).get("meta"):
+        out["workflow"] = {"queue_to_widget_ms": result["workflow"]["runMs"], "frame_size_px": FRAME_SIZE}
     return out
 
 
@@ -228,3 +267,71 @@ def test_large_batch_keeps_images_bounded(scrub_case, mode: str) -> None:
     # 30 x ArrowUp from frame 0 steps the checkpoint axis (stride LARGE_SCALES) up to its last value.
     assert large["frame"] == (LARGE_STEPS - 1) * LARGE_SCALES
     frame_of(scrub_case["large"], large["observed"], large["frame"])
+
+
+# --- stage 2: the example workflow, queued from the page on the tiny model ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def workflow_run(scrub_case) -> dict[str, Any]:
+    w = scrub_case["result"].get("workflow")
+    if w is None:
+        pytest.skip(f"example scrub workflow not runnable: {scrub_case['why_no_workflow']}")
+    assert w["errors"] == [], w["errors"]
+    assert w["meta"], f"the scrub node got no result within {WORKFLOW_TIMEOUT_MS / 1000:.0f} s"
+    return w
+
+
+def moved(meta: dict[str, Any], frame: int, axis: str, delta: int) -> int:
+    """The frame one step along `axis` from `frame` (same other coordinates), or `frame` at the grid's edge."""
+    a = [x["name"] for x in meta["axes"]].index(axis)
+    coords = list(meta["frames"][frame]["coords"])
+    coords[a] += delta
+    match = [i for i, f in enumerate(meta["frames"]) if f["coords"] == coords]
+    return match[0] if match else frame
+
+
+def test_workflow_result_reaches_the_widget(scrub_case, workflow_run) -> None:
+    """The example workflow, with the tiny model, VAE and fake CLIP swapped in from the page and queued like the
+    Run button, renders 3 checkpoints x 3 scales; the widget holds exactly what the server recorded."""
+    meta = workflow_run["meta"]
+    axes = {a["name"]: a["values"] for a in meta["axes"]}
+    assert axes["step"] == list(RUN_STEPS) and axes["scale"] == [0, 1, 2]
+    assert len(meta["frames"]) == 9 * len(axes.get("prompt", [None]))
+    node_id = workflow_run["scrubId"]
+    recorded = [
+        entry["outputs"][node_id]["klein_scrub"][0]
+        for entry in scrub_case["history"].values()
+        if "klein_scrub" in entry.get("outputs", {}).get(node_id, {})
+    ]
+    assert recorded and recorded[-1] == meta
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_workflow_scrubber_mouse_and_keys(workflow_run, mode: str) -> None:
+    """On the rendered result, in each renderer: the mouse drags the frame slider to the last and the first
+    frame, Right steps one frame, Up steps the checkpoint keeping the scale, Left steps back; the label and the
+    served image follow."""
+    meta, m = workflow_run["meta"], workflow_run["modes"][mode]
+    assert m["inVueNode"] is (mode == "vue")
+    frame_of(meta, m["dragEnd"], len(meta["frames"]) - 1)
+    frame_of(meta, m["dragStart"], 0)
+    frame = 0
+    for obs in m["keys"]:
+        frame = {
+            "ArrowRight": frame + 1,
+            "ArrowLeft": frame - 1,
+            "ArrowUp": moved(meta, frame, "step", 1),
+            "ArrowDown": moved(meta, frame, "step", -1),
+        }[obs["key"]]
+        frame_of(meta, obs, frame)
+    assert (ARTIFACTS / f"scrub-workflow-{mode}.png").stat().st_size > 0
+
+
+def test_workflow_position_survives_page_reload(workflow_run) -> None:
+    """After a real page reload the frontend restores the workflow and the widget shows the same frame and label
+    from the node's properties, without running it again."""
+    before, after = workflow_run["beforeReload"], workflow_run.get("afterReload")
+    assert workflow_run["reloadedFound"] and after is not None
+    frame_of(workflow_run["meta"], after, before["frame"])
+    assert after["label"] == before["label"] and before["frame"] > 0
