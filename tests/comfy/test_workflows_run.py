@@ -69,7 +69,7 @@ def _missing_choices(prompt: dict[str, Any], info: dict[str, Any]) -> list[str]:
                 continue
             kind, opts = entries[name][0], (entries[name][1] if len(entries[name]) > 1 else {}) or {}
             choices = kind if isinstance(kind, list) else opts.get("options")
-            if choices and not opts.get("image_upload") and value not in choices:
+            if choices is not None and not opts.get("image_upload") and value not in choices:
                 missing.append(f"{nid}.{name} = {value!r}")
     return missing
 

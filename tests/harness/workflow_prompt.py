@@ -296,8 +296,8 @@ def swap_for_tiny(
     """The prompt rewritten for the CPU test server (see the module docstring).
 
     run_names: node id -> run name for training nodes (a fresh name per test run).
-    available: choices to use where a combo's value is not offered by the server, first match wins
-        (e.g. a tiny run's name and its latest checkpoint as the loras list shows it).
+    available: choices to use where a combo's value is not offered by the server, first match not yet used
+        on that node wins (e.g. a tiny run's name, then its checkpoints as the loras list shows them).
     overrides: extra per-node-type input values on top of TINY_OVERRIDES.
     """
     table = {k: dict(v) for k, v in TINY_OVERRIDES.items()}
@@ -310,6 +310,7 @@ def swap_for_tiny(
             node["class_type"], node["inputs"] = "KleinLabTestCLIPLoader", {"context_dim": CONTEXT_DIM}
             continue
         specs = dict(_input_specs(object_info[kind]))
+        used: set[str] = set()
         for name, value in list(inputs.items()):
             if isinstance(value, list) or name not in specs:
                 continue  # a link
@@ -333,10 +334,13 @@ def swap_for_tiny(
                 out.images.append(path)
             choices = entry[0] if isinstance(entry[0], list) else options.get("options")
             current = inputs[name]
-            if choices and not options.get("image_upload") and current not in choices:
-                pick = next((a for a in available if a in choices), None)
+            if choices is not None and not options.get("image_upload") and current not in choices:
+                offered = [a for a in available if a in choices]
+                # Two LoRA slots of one node (A x B) get different files where the server has them.
+                pick = next((a for a in offered if a not in used), offered[0] if offered else None)
                 if pick is not None:
                     inputs[name] = pick
+                    used.add(pick)
                     out.replaced.append(f"{node_id}.{name}: {current!r} -> {pick!r}")
         if run_names and node_id in run_names and "run_name" in inputs:
             inputs["run_name"] = run_names[node_id]
