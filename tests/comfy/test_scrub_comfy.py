@@ -8,8 +8,10 @@ by /view, and the example workflows checked against /object_info. Times are prin
 from __future__ import annotations
 
 import json
+import logging
 import time
 
+import numpy as np
 import pytest
 import torch
 from harness.comfy_test_nodes import FakeClip
@@ -77,7 +79,7 @@ def mean_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().mean().item()
 
 
-def test_scrub_grid_order_scale_zero_and_no_reload(scrub_env, monkeypatch):
+def test_scrub_grid_order_scale_zero_and_no_reload(scrub_env, monkeypatch, caplog, capsys):
     """A 3-checkpoint × 3-scale scrub: frames in checkpoint-major order with matching labels, scale-0 frames equal
     the base model's render, frames differ across checkpoints and scales where the LoRA acts, the base weights are
     never reloaded or patched, the input MODEL is untouched, and the UI metadata points at files on disk."""
@@ -106,6 +108,7 @@ def test_scrub_grid_order_scale_zero_and_no_reload(scrub_env, monkeypatch):
     weight = model.model.diffusion_model.double_blocks[0].img_attn.qkv.weight
     before = (weight.data_ptr(), weight.detach().clone())
 
+    caplog.set_level(logging.INFO, logger="klein_lora_lab")
     start = time.perf_counter()
     result = scrub(scrub_env)
     seconds = time.perf_counter() - start
@@ -153,14 +156,16 @@ def test_scrub_grid_order_scale_zero_and_no_reload(scrub_env, monkeypatch):
         assert entry["image"] == {"filename": f"frame_{i:04d}.png", "subfolder": subfolder, "type": "output"}
         png = Image.open(out / subfolder / entry["image"]["filename"])
         assert png.size == (SIZE, SIZE)
-        saved = torch.from_numpy(__import__("numpy").asarray(png, dtype="float32") / 255.0)
+        saved = torch.from_numpy(np.asarray(png, dtype="float32") / 255.0)
         assert (saved - frames[i]).abs().max() <= 1 / 255 + 1e-6
         thumb = Image.open(out / subfolder / entry["thumb"]["filename"])
         assert max(thumb.size) <= THUMB_SIZE
     assert (out / meta["grid"]["subfolder"] / meta["grid"]["filename"]).is_file()
-    print(
-        f"\nscrub 3×3 in process (tiny Klein, {SIZE}², {RENDER['steps']} steps, cfg {RENDER['cfg']}): {seconds:.2f} s"
-    )
+    (timing,) = [r.getMessage() for r in caplog.records if "scrub arc:" in r.getMessage()]
+    with capsys.disabled():
+        setup = f"tiny Klein, {SIZE}², {RENDER['steps']} steps, cfg {RENDER['cfg']}"
+        print(f"\n[scrub] 3×3 in process ({setup}): {seconds:.2f} s")
+        print(f"[scrub] node: {timing}")
 
 
 def test_scrub_prompts_axis_and_lora_files(scrub_env):
