@@ -65,8 +65,8 @@ def env(comfy_root, tiny_model_file, tmp_path_factory):
 
 
 def test_flux1_model_from_unet_loader_is_refused_by_name(env):
-    """A FLUX.1 model that ComfyUI's UNETLoader loaded is refused by the pack's nodes with a ValueError that says what
-    it is and which model to load (model info, the LoRA loader path and the trainer's model check)."""
+    """A FLUX.1 model that ComfyUI's UNETLoader loaded is refused by the pack's nodes with a ValueError that says it
+    is not FLUX.2 [klein] and which model to load (model info, the LoRA loader path and the trainer's model check)."""
     from klein_lora_lab.nodes.comfy_adapters import StackItem, apply_items
     from klein_lora_lab.nodes.model_info import KleinLabModelInfo
     from klein_lora_lab.trainer_core.klein import read_shape
@@ -77,7 +77,7 @@ def test_flux1_model_from_unet_loader_is_refused_by_name(env):
         lambda: apply_items(env["flux1"], [StackItem("anything.safetensors", 1.0)]),
         lambda: read_shape(env["flux1"].model.diffusion_model),
     ):
-        with pytest.raises(ValueError, match=r"FLUX\.2.*64 channels.*Load a FLUX\.2 \[klein\]"):
+        with pytest.raises(ValueError, match=r"not a FLUX\.2 .*(?i:load a (Klein|FLUX\.2 \[klein\]) Base model)"):
             attempt()
 
 
@@ -91,7 +91,7 @@ def _klein_lora(hidden: int, name: str, folder: Path) -> str:
 
 
 BAD_LORAS = [
-    ("other Klein size", lambda f: _klein_lora(256, "wide.safetensors", f), ("wide.safetensors", "256")),
+    ("other Klein size", lambda f: _klein_lora(512, "wide.safetensors", f), ("wide.safetensors", "512")),
     (
         "SDXL LoRA",
         lambda f: _save(
@@ -110,8 +110,8 @@ BAD_LORAS = [
             f,
             "flux1.safetensors",
             {
-                "diffusion_model.double_blocks.0.img_mod.lin.lora_A.weight": torch.zeros(4, 128),
-                "diffusion_model.double_blocks.0.img_mod.lin.lora_B.weight": torch.zeros(768, 4),
+                "diffusion_model.double_blocks.0.img_mod.lin.lora_A.weight": torch.zeros(4, 256),
+                "diffusion_model.double_blocks.0.img_mod.lin.lora_B.weight": torch.zeros(1536, 4),
             },
         ),
         ("flux1.safetensors", "FLUX.1"),
@@ -127,14 +127,14 @@ def _save(folder: Path, name: str, tensors: dict[str, torch.Tensor]) -> str:
 
 
 def _truncated(folder: Path) -> str:
-    name = _klein_lora(128, "cut.safetensors", folder)
+    name = _klein_lora(256, "cut.safetensors", folder)
     data = (folder / name).read_bytes()
     (folder / name).write_bytes(data[: len(data) // 2])
     return name
 
 
 def _nan_lora(folder: Path) -> str:
-    name = _klein_lora(128, "nan.safetensors", folder)
+    name = _klein_lora(256, "nan.safetensors", folder)
     from safetensors.torch import load_file
 
     tensors = load_file(str(folder / name))
