@@ -218,6 +218,21 @@ def test_scrub_input_errors(scrub_env, overrides, needle):
         scrub(scrub_env, **overrides)
 
 
+def test_scrub_honours_cancel(scrub_env):
+    """Cancel (ComfyUI's interrupt flag) stops a scrub with ComfyUI's own interruption, not an error or a result,
+    and the input MODEL stays untouched."""
+    import comfy.model_management as mm
+    from klein_lora_lab.nodes.comfy_adapters import forward_loras_of
+
+    mm.interrupt_current_processing(True)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            scrub(scrub_env, scales="1")
+    finally:
+        mm.interrupt_current_processing(False)
+    assert forward_loras_of(scrub_env["model"]) is None and scrub_env["model"].patches == {}
+
+
 def test_mixer_grid_cells(scrub_env):
     """LoRA A × LoRA B scales: cells are scale_a-major, the (0, 0) cell is the base render, each LoRA changes the
     image, both together differ from either alone, and the UI metadata has the scale_a/scale_b axes."""
