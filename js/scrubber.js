@@ -234,7 +234,9 @@ class Scrubber {
       const n = this.meta.frames.length;
       const kept = oldCoords ? this.index.byCoords.get(oldCoords.join(",")) : undefined;
       this.frame = clamp(Number.isInteger(frame) ? frame : (kept ?? 0), 0, n - 1);
-      for (const key of ["a", "b"]) if (this.ab[key] !== null && !(this.ab[key] < n)) this.ab[key] = null;
+      for (const key of ["a", "b"]) if (!(Number.isInteger(this.ab[key]) && this.ab[key] < n)) this.ab[key] = null;
+      if (!COMPARE_MODES.includes(this.ab.mode)) this.ab.mode = "off";
+      if (this.ab.mode !== "off") this.fillCompare();
     }
     this.buildAxes();
     this.buildThumbs();
@@ -261,12 +263,15 @@ class Scrubber {
   setMode(mode) {
     if (!this.meta) return;
     this.ab.mode = mode;
-    if (mode !== "off") {
-      this.ab.a ??= 0;
-      this.ab.b ??= this.frame;
-    }
+    if (mode !== "off") this.fillCompare();
     this.render();
     this.persist();
+  }
+
+  /** Comparing needs both frames: an unset A is the first frame, an unset B the current one. */
+  fillCompare() {
+    this.ab.a ??= 0;
+    this.ab.b ??= this.frame;
   }
 
   /** Write the position (and, after a new result, the meta) into node.properties, which the workflow saves. */

@@ -22,6 +22,7 @@ const FLAGS = [
 ];
 const READY_TIMEOUT_MS = 120_000;
 const NODE_TYPE = "KleinLabScrubRun";
+const MIXER_TYPE = "KleinLabMixerGrid";
 // The widget of the node under test (addScrubNode marks it; earlier nodes' widgets may still be in the DOM).
 const ROOT = '[data-testid="klein-scrub"][data-test-current]';
 
@@ -29,7 +30,7 @@ const ROOT = '[data-testid="klein-scrub"][data-test-current]';
 
 // Without the Python node on the server (the widget can be tested on its own), register a stand-in node def
 // of the same class so the extension's nodeCreated hook sees a KleinLabScrubRun.
-async function ensureNodeType(page) {
+async function ensureNodeType(page, type) {
   return page.evaluate(async (type) => {
     if (window.LiteGraph.registered_node_types[type]) return "server";
     await window.app.registerNodeDef(type, {
@@ -45,7 +46,7 @@ async function ensureNodeType(page) {
       output_node: true,
     });
     return "stand-in";
-  }, NODE_TYPE);
+  }, type);
 }
 
 async function setRenderer(page, mode) {
@@ -55,8 +56,8 @@ async function setRenderer(page, mode) {
   await page.waitForTimeout(500);
 }
 
-// An empty graph with one scrub node at the top left, canvas at scale 1.
-async function addScrubNode(page) {
+// An empty graph with one scrub (or mixer grid) node at the top left, canvas at scale 1.
+async function addScrubNode(page, nodeType = NODE_TYPE) {
   await page.evaluate(() => window.app.graph.clear());
   // Let the Vue renderer unmount the old nodes first: the new node may get the same id as a removed one.
   await page.waitForTimeout(300);
@@ -70,7 +71,7 @@ async function addScrubNode(page) {
     node.setSize([560, Math.max(620, node.computeSize()[1])]);
     app.graph.setDirtyCanvas(true, true);
     return String(node.id);
-  }, NODE_TYPE);
+  }, nodeType);
   await markCurrent(page, id);
   return id;
 }
@@ -271,7 +272,7 @@ async function largeBatch(page, nodeId, meta) {
 
 // --- the scenario, once per renderer ------------------------------------------------------------------------
 
-async function scenario(page, mode, small, large) {
+async function scenario(page, mode, { small, large, mixer }) {
   const r = { mode };
   await setRenderer(page, mode);
   r.vueNodesSetting = await page.evaluate(() => window.app.extensionManager.setting.get("Comfy.VueNodes.Enabled"));
@@ -340,6 +341,17 @@ async function scenario(page, mode, small, large) {
   r.reloaded = await observe(page);
   await shot(page, `scrub-${mode}-reloaded`);
 
+  // The mixer grid node gets the same widget; Up/Down walk scale_a, Left/Right scale_b.
+  const mixerId = await addScrubNode(page, MIXER_TYPE);
+  await deliver(page, mixerId, mixer);
+  r.mixer = { start: await observe(page), keys: [] };
+  await page.locator(`${ROOT} [data-testid="klein-scrub-stage"]`).click();
+  for (const key of ["ArrowRight", "ArrowUp", "ArrowUp", "ArrowDown"]) {
+    await page.keyboard.press(key);
+    r.mixer.keys.push({ key, ...(await observe(page)) });
+  }
+  await shot(page, `scrub-${mode}-mixer`);
+
   // Large batch.
   const largeId = await addScrubNode(page);
   r.large = await largeBatch(page, largeId, large);
@@ -396,10 +408,9 @@ async function prepareWorkflow(page, workflow, widgets, small) {
         }
       }
       const scrub = app.graph.nodes.find((n) => n.type === type);
-      app.canvas.ds.offset = [80, 40];
+      // The scrub node at the top left of the window, at scale 1, so its widget is on screen.
       app.canvas.ds.scale = 1;
-      // The scrub node at the top left, so its widget is on screen.
-      scrub.pos = [40, 60];
+      app.canvas.ds.offset = [120 - scrub.pos[0], 80 - scrub.pos[1]];
       app.graph.setDirtyCanvas(true, true);
       return { scrubId: String(scrub.id), changed, types: app.graph.nodes.map((n) => n.type) };
     },
@@ -504,9 +515,10 @@ async function main() {
     await page.goto(url, { waitUntil: "domcontentloaded" });
     await waitReady(page);
     result.extensions = await page.evaluate(() => window.app.extensions.map((e) => e.name));
-    result.nodeType = await ensureNodeType(page);
+    result.nodeType = await ensureNodeType(page, NODE_TYPE);
+    result.mixerType = await ensureNodeType(page, MIXER_TYPE);
     for (const mode of ["classic", "vue"]) {
-      result.modes[mode] = await scenario(page, mode, config.small, config.large);
+      result.modes[mode] = await scenario(page, mode, config);
     }
     if (config.workflow) result.workflow = await workflowScenario(page, config.workflow);
   } catch (err) {

@@ -32,10 +32,11 @@ RUN_NAME = "scrub_browser"
 RUN_STEPS = (1, 2, 3)
 FRAME_SIZE = 64  # a 4x4 latent, as the tiny run was trained
 WORKFLOW_TIMEOUT_MS = 240_000
-DOCS_IMAGES = {
-    "scrub-vue-widget.png": "scrubber.png",
+DOCS_IMAGES = {  # test artifact -> docs/images name (the workflow one only when the workflow ran)
+    "scrub-vue-keys-widget.png": "scrubber.png",
     "scrub-classic-ab-side-widget.png": "scrubber-ab-side.png",
     "scrub-vue-ab-wipe-widget.png": "scrubber-ab-wipe.png",
+    "scrub-workflow-vue-moved-widget.png": "scrubber-tiny-run.png",
 }
 
 
@@ -118,6 +119,16 @@ def workflow_case(comfy_server) -> tuple[dict[str, Any] | None, str]:
     return {**spec, "timeoutMs": WORKFLOW_TIMEOUT_MS}, ""
 
 
+def mixer_meta(output_dir: Path, scales: list[float], size: int) -> dict[str, Any]:
+    """A mixer-grid result (scale of LoRA A x scale of LoRA B) in the node's order and labels, with files."""
+    from klein_lora_lab.trainer_core.scrub import mixer_plan
+
+    frames = mixer_plan("tok", "tokstyle", scales, scales)
+    axes = [{"name": "scale_a", "values": scales}, {"name": "scale_b", "values": scales}]
+    meta = _write_frames(output_dir, "mixer", frames, axes, size)
+    return {**meta, "node": "KleinLabMixerGrid"}
+
+
 @pytest.fixture(scope="module")
 def scrub_case(comfy_server, tmp_path_factory) -> dict[str, Any]:
     output = comfy_server.base_dir / "output"
@@ -125,9 +136,10 @@ def scrub_case(comfy_server, tmp_path_factory) -> dict[str, Any]:
     large_steps = [100 * (i + 1) for i in range(LARGE_STEPS)]
     large_scales = [round(0.2 * i, 1) for i in range(LARGE_SCALES)]
     large = scrub_meta(output, "large", large_steps, large_scales, size=96)
+    mixer = mixer_meta(output, [0.0, 0.5, 1.0], size=128)
     workflow, why_not = workflow_case(comfy_server)
     config = tmp_path_factory.mktemp("scrub") / "config.json"
-    config.write_text(json.dumps({"small": small, "large": large, "workflow": workflow}))
+    config.write_text(json.dumps({"small": small, "large": large, "mixer": mixer, "workflow": workflow}))
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KLEIN_LAB_SCRUB_CONFIG", str(config))
         result = run_driver("scrub.mjs", comfy_server.url, timeout_s=400)
@@ -138,9 +150,17 @@ def scrub_case(comfy_server, tmp_path_factory) -> dict[str, Any]:
         docs = PACK_ROOT / "docs" / "images"
         docs.mkdir(parents=True, exist_ok=True)
         for src, dst in DOCS_IMAGES.items():
-            shutil.copyfile(ARTIFACTS / src, docs / dst)
+            if not src.startswith("scrub-workflow") or result.get("workflow", {}).get("meta"):
+                shutil.copyfile(ARTIFACTS / src, docs / dst)
     history = comfy_server.get_json("/history") if workflow else {}
-    return {"small": small, "large": large, "result": result, "why_no_workflow": why_not, "history": history}
+    return {
+        "small": small,
+        "large": large,
+        "mixer": mixer,
+        "result": result,
+        "why_no_workflow": why_not,
+        "history": history,
+    }
 
 
 def _figures(result: dict[str, Any]) -> dict[str, Any]:
@@ -191,7 +211,7 @@ def test_widget_lives_in_the_renderer(scrub_case, mode: str) -> None:
     assert r["empty"]["frame"] is None and r["empty"]["label"] == "" and r["empty"]["props"]["frames"] == 0
     frame_of(scrub_case["small"], r["initial"], 0)
     assert r["initial"]["props"]["frames"] == 9
-    for suffix in ("", "-ab-side", "-ab-wipe", "-reloaded", "-large"):
+    for suffix in ("", "-ab-side", "-ab-wipe", "-reloaded", "-mixer", "-large"):
         assert (ARTIFACTS / f"scrub-{mode}{suffix}.png").stat().st_size > 0
 
 
@@ -253,6 +273,18 @@ def test_position_survives_save_and_reload(scrub_case, mode: str) -> None:
     assert after["props"] == before["props"] and after["loaded"]
     for key in ("mode", "aLabel", "bLabel", "src", "srcB"):
         assert after[key] == before[key], key
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_mixer_grid_node_gets_the_scrubber(scrub_case, mode: str) -> None:
+    """A KleinLabMixerGrid node shows its result in the same widget: Left/Right walk the scale of LoRA B,
+    Up/Down the scale of LoRA A (3 x 3, scale_a-major)."""
+    r, meta = scrub_case["result"]["modes"][mode]["mixer"], scrub_case["mixer"]
+    frame_of(meta, r["start"], 0)
+    expected = [1, 4, 7, 4]  # Right, Up, Up, Down
+    for obs, want in zip(r["keys"], expected, strict=True):
+        frame_of(meta, obs, want)
+    assert r["keys"][1]["axisValues"] == ["scale_b 0.5", "scale_a 0.5"]
 
 
 @pytest.mark.parametrize("mode", MODES)
