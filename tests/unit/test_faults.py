@@ -20,7 +20,15 @@ from klein_lora_lab.trainer_core.trainer import TrainCallbacks, train
 
 SPEC = TinySpec(hidden=128, double_blocks=1, single_blocks=1, context_dim=16)
 SETTINGS = TrainSettings(
-    rank=16, alpha=16, learning_rate=1e-3, steps=6, checkpoint_every=2, save_dtype="fp32", batch_size=2
+    rank=16,
+    alpha=16,
+    learning_rate=1e-3,
+    steps=6,
+    checkpoint_every=2,
+    save_dtype="fp32",
+    batch_size=2,
+    gradient_checkpointing=False,  # the OOM test turns it on; the others need no recomputation
+    mixed_precision="fp32",
 )
 
 
@@ -166,7 +174,10 @@ def test_out_of_memory_names_the_fixes_frees_memory_and_resumes(
     that reduce memory for this run (checkpointing, batch size, resolution, rank, fp8 weights) and the last good
     checkpoint (step 3, saved on the way out); neither the failed step's tensors nor the LoRA stay referenced by
     the error; run.json says out_of_memory; resume finishes the run."""
-    s = TrainSettings(**{**SETTINGS.to_dict(), "checkpoint_every": 0, "sample_every": 1, "checkpoint_share": 0.5})
+    s = TrainSettings(
+        **{**SETTINGS.to_dict(), "checkpoint_every": 0, "sample_every": 1, "checkpoint_share": 0.5}
+        | {"gradient_checkpointing": True}
+    )
     run = RunFolder.create(tmp_path / "run", s, {})
     real_forward = trainer_module.klein_forward
     calls, activations = [0], []
