@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import statistics
 from pathlib import Path
 from typing import Any
@@ -151,7 +150,7 @@ def scrub_case(comfy_server, tmp_path_factory) -> dict[str, Any]:
         docs.mkdir(parents=True, exist_ok=True)
         for src, dst in DOCS_IMAGES.items():
             if not src.startswith("scrub-workflow") or result.get("workflow", {}).get("meta"):
-                shutil.copyfile(ARTIFACTS / src, docs / dst)
+                small_png(ARTIFACTS / src, docs / dst)
     history = comfy_server.get_json("/history") if workflow else {}
     return {
         "small": small,
@@ -161,6 +160,14 @@ def scrub_case(comfy_server, tmp_path_factory) -> dict[str, Any]:
         "why_no_workflow": why_not,
         "history": history,
     }
+
+
+def small_png(src: Path, dst: Path) -> None:
+    """Copy a screenshot as a 128-colour PNG (docs images stay small in the repository)."""
+    from PIL import Image
+
+    with Image.open(src) as image:
+        image.convert("RGB").quantize(colors=128).save(dst, optimize=True)
 
 
 def _figures(result: dict[str, Any]) -> dict[str, Any]:
