@@ -10,14 +10,13 @@ workflow (tests/comfy/test_workflows_run.py) a run of what users queue.
 The standard Klein file names the workflows use (models, text encoder, VAE, LoRAs, input images) get listing
 stand-ins in the test server's folders while the page loads, so the screenshots show the workflows as a user
 with the models sees them; they are removed afterwards. Screenshots: test-artifacts/browser/workflow-*.png;
-with KLEIN_LAB_UPDATE_DOCS_IMAGES=1 the classic ones are also copied to docs/images/ for the guide.
+with KLEIN_LAB_UPDATE_DOCS_IMAGES=1 the classic ones are also saved (128 colours) to docs/images/ for the guide.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +86,9 @@ def loaded(comfy_server, tiny_model_file) -> dict[str, Any]:
     if os.environ.get("KLEIN_LAB_UPDATE_DOCS_IMAGES") == "1":
         DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
         for name, report in result["modes"]["classic"].items():
-            shutil.copyfile(report["screenshot"], DOCS_IMAGES / f"{name}.png")
+            # 128 colours: the canvas has few, and the guide's images stay small in the repository.
+            with Image.open(report["screenshot"]) as shot:
+                shot.convert("RGB").quantize(128).save(DOCS_IMAGES / f"{name}.png", optimize=True)
     return result
 
 
