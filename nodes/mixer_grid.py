@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+from dataclasses import asdict
 
 from comfy_api.latest import io
 
@@ -26,7 +27,7 @@ from .comfy_render import (
     to_pil,
     write_scrub_output,
 )
-from .scrub_run import conditioning_identity, file_identity, render_inputs, resolve_negative
+from .scrub_run import POSITIVE_PROMPT, conditioning_identity, file_identity, render_inputs, resolve_negative
 
 LOG = logging.getLogger("klein_lora_lab")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -135,7 +136,7 @@ class KleinLabMixerGrid(io.ComfyNode):
             positive = encode_prompts(clip, [prompt])[0]
             shown_prompt = prompt
         else:
-            shown_prompt = "(positive input)"
+            shown_prompt = POSITIVE_PROMPT
         settings = RenderSettings(seed, steps, cfg, sampler_name, scheduler, width, height)
         neg = resolve_negative(negative, clip, positive, cfg)
 
@@ -165,7 +166,7 @@ class KleinLabMixerGrid(io.ComfyNode):
                 "prompt": prompt if given_positive is None else "",
                 "positive": conditioning_identity(given_positive),
                 "negative": conditioning_identity(negative),
-                "settings": settings.__dict__,
+                "settings": asdict(settings),
             }
         )
         meta = write_scrub_output(

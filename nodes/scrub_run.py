@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 import comfy.samplers
@@ -260,8 +261,8 @@ class KleinLabScrubRun(io.ComfyNode):
         # New or re-trained checkpoints re-render; an unchanged run reuses ComfyUI's cached frames.
         if run == FILES_OPTION:
             return "|".join(file_identity([n.strip() for n in lora_files.splitlines() if n.strip()]))
-        folder = comfy_glue.runs_dir() / run
-        return comfy_glue.folder_fingerprint(folder / "checkpoints")
+        root = comfy_glue.runs_dir()
+        return comfy_glue.folder_fingerprint(resolve_inside(run, [root], "run", base=root) / "checkpoints")
 
     @classmethod
     def execute(
@@ -299,7 +300,7 @@ class KleinLabScrubRun(io.ComfyNode):
                 "prompts": texts,
                 "positive": conditioning_identity(positive),
                 "negative": conditioning_identity(negative),
-                "settings": settings.__dict__,
+                "settings": asdict(settings),
                 "preset": block_preset,
             }
         )
