@@ -114,7 +114,9 @@ def test_album_folders_cannot_leave_comfyui_folders(comfy_server, outside):
 
 def test_loss_curve_run_path_cannot_leave_comfyui_folders(comfy_server, outside):
     """The loss-curve node's run (a name or a path) refuses '..', absolute paths outside, symlinked runs and NUL."""
-    for _name, path in [*hostile_paths(outside), ("symlinked run", "linked_run")]:
+    # 'linked_out' is relative to the input folder; the run's own symlink row is 'linked_run' (in the runs folder).
+    rows = [row for row in hostile_paths(outside) if row[0] != "symlink out"] + [("symlinked run", "linked_run")]
+    for _name, path in rows:
         inputs = {"run": path, "width": 400, "height": 200, "smoothing": 0.9}
         prompt = {"1": {"class_type": "KleinLabLossCurve", "inputs": inputs}}
         _fails_with(comfy_server, prompt, "run")
@@ -202,7 +204,10 @@ def test_run_and_lora_selections_are_validated_before_running(comfy_server, outs
     validation (HTTP 400 naming the input), so no node code runs with it."""
     info = comfy_server.object_info()[node]["input"]
     spec = {**info.get("required", {}), **info.get("optional", {})}
-    assert field in spec and isinstance(spec[field][0], list), f"{node}.{field} is not a combo: {spec.get(field)}"
+    kind = spec[field][0] if field in spec else None
+    assert kind == "COMBO" or isinstance(kind, list), f"{node}.{field} is not a combo: {spec.get(field)}"
     prompt = {"1": {"class_type": node, "inputs": {field: value}}}
+    if not comfy_server.object_info()[node]["output_node"]:  # a prompt needs an output: show the MODEL's info
+        prompt["2"] = {"class_type": "KleinLabModelInfo", "inputs": {"model": ["1", 0]}}
     with pytest.raises(ServerError, match=rf"(?s)HTTP 400.*{field}"):
         comfy_server.queue_prompt(prompt)
