@@ -41,6 +41,8 @@ class TrainSettings:
     checkpoint_share: with gradient_checkpointing, the share of blocks recomputed in backward (1.0 = all: least
     memory; lower = faster, more memory; see docs/gpu-performance.md).
     compile_blocks: torch.compile the blocks ("auto" = on CUDA only: faster after a one-off compile).
+    validation_holdout: share of an album of at least 10 items held out of training for the validation loss
+    (a fixed, seeded choice: diagnostics.holdout_split); 0, or a smaller album, validates on training items.
     """
 
     rank: int = 16
@@ -66,6 +68,7 @@ class TrainSettings:
     save_dtype: str = "bf16"
     checkpoint_share: float = 1.0
     compile_blocks: str = "auto"
+    validation_holdout: float = 0.0
 
     def __post_init__(self) -> None:
         self._check_int("rank", 1, 1024, "use a rank between 4 and 128 (the course uses 16-32)")
@@ -106,6 +109,7 @@ class TrainSettings:
         self._check_choice("save_dtype", SAVE_DTYPES)
         self._check_float("checkpoint_share", 0.0, 1.0, "use 1.0 (least memory) or e.g. 0.5 for speed")
         self._check_choice("compile_blocks", COMPILE_BLOCKS)
+        self._check_float("validation_holdout", 0.0, 0.5, "use 0.1 (one item in ten held out) or 0 to train on all")
 
     # -- validation helpers -------------------------------------------------------------------------------
 

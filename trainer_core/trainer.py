@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from .adapters import LoraTrainable
 from .data import BatchOrder, TrainItem, collate, dataset_hash, derive_seed
+from .diagnostics import holdout_split
 from .faults import TrainingOutOfMemoryError, out_of_memory_message
 from .klein import klein_forward, read_shape
 from .lora_file import DiskFullError, save_lora
@@ -168,6 +169,12 @@ class _Run:
         device: torch.device,
     ) -> None:
         self.model, self.items, self.s, self.run, self.cb = model, items, settings, run, callbacks
+        # Albums of 10+ items may hold a fixed, seeded share out for the validation loss (never trained on);
+        # with validation_holdout 0 or a smaller album every item trains, as before.
+        train_idx, held_idx = holdout_split(len(items), settings.validation_holdout, settings.seed)
+        self.held_out = [items[i] for i in held_idx]
+        if held_idx:
+            self.items = [items[i] for i in train_idx]
         self.device = device
         self.empty = None if empty_context is None else empty_context.reshape(-1, empty_context.shape[-1])
         if settings.caption_dropout > 0 and self.empty is None:
@@ -179,7 +186,7 @@ class _Run:
         self.compile_blocks = settings.compile_blocks == "on" or (
             settings.compile_blocks == "auto" and device.type == "cuda"
         )
-        self.order = BatchOrder(items, settings.batch_size, settings.seed)
+        self.order = BatchOrder(self.items, settings.batch_size, settings.seed)
         self.targets = resolve_targets(model, settings.targets)
         gen = torch.Generator().manual_seed(derive_seed(settings.seed, "init"))
         self.lora = LoraTrainable(self.targets, settings.rank, settings.alpha, generator=gen, device=device)
@@ -280,14 +287,16 @@ class _Run:
 
     @torch.no_grad()
     def validation_loss(self) -> float:
-        """Mean velocity loss over fixed items, noise and σ (same every time: a comparable curve)."""
+        """Mean velocity loss over fixed items (the held-out ones when there are, else training items), noise
+        and σ (same every time: a comparable curve)."""
         s = self.s
-        n = len(self.items)
+        items = self.held_out or self.items
+        n = len(items)
         k = min(n, VALIDATION_ITEMS)
         chosen = sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)})  # spread over the dataset
         losses = []
         for i in chosen:
-            batch = collate(self.items, [i] * len(VALIDATION_T), self.device)
+            batch = collate(items, [i] * len(VALIDATION_T), self.device)
             g = torch.Generator().manual_seed(derive_seed(s.seed, "validation", i))
             noise = torch.randn(batch.x0.shape, generator=g).to(self.device)
             h, w = batch.x0.shape[-2:]
@@ -406,6 +415,8 @@ def train(
     with torch.inference_mode(False), torch.enable_grad(), _frozen_base(model):
         state = _Run(model, items, settings, run, cb, empty_context, device)
         step = state.resume() if resume else 0
+        if state.held_out:
+            run.update(held_out=[item.name for item in state.held_out])
         stopped = False
         out_of_memory = ""
         state.lora.train()

@@ -8,6 +8,8 @@ from collections.abc import Callable
 
 import pytest
 import torch
+from klein_lora_lab.trainer_core import trainer as trainer_module
+from klein_lora_lab.trainer_core.data import TrainItem
 from klein_lora_lab.trainer_core.diagnostics import (
     COLLAPSED_BELOW,
     HOLDOUT_MIN_ITEMS,
@@ -23,6 +25,10 @@ from klein_lora_lab.trainer_core.diagnostics import (
     normalised_l2,
     pixel_features,
 )
+from klein_lora_lab.trainer_core.runfolder import RunFolder
+from klein_lora_lab.trainer_core.settings import TrainSettings
+from klein_lora_lab.trainer_core.tiny import TinySpec, tiny_klein
+from klein_lora_lab.trainer_core.trainer import train
 
 GROUPS = {"trigger": [0, 1], "novel": [2, 3], "trigger_free": [4, 5]}
 PROMPTS = 6
@@ -173,3 +179,70 @@ def test_holdout_split_fixed_seeded_and_small_albums_untouched():
     assert holdout_split(40, 0.0, seed=3)[1] == []
     with pytest.raises(ValueError, match="holdout"):
         holdout_split(40, 1.0, seed=0)
+
+
+# ---------------------------------------------------------------------------------------------- held-out training
+
+TRAIN_SPEC = TinySpec(hidden=128, double_blocks=1, single_blocks=1, context_dim=16)
+
+
+def _album(n: int) -> list[TrainItem]:
+    g = torch.Generator().manual_seed(5)
+    return [
+        TrainItem(torch.randn(128, 2, 2, generator=g), torch.randn(3, 16, generator=g), name=f"img{i:02d}")
+        for i in range(n)
+    ]
+
+
+def _train_recording(tmp_path, items: list[TrainItem], holdout: float, monkeypatch) -> tuple[RunFolder, set, set]:
+    """Train 4 steps with validation every 2; returns the run and the item names seen by training batches and
+    by validation batches (validation stacks one item len(VALIDATION_T) times)."""
+    seen_train, seen_val = set(), set()
+    real = trainer_module.collate
+
+    def recording(items_, indices, *args, **kwargs):
+        batch = real(items_, indices, *args, **kwargs)
+        is_val = len(indices) == len(trainer_module.VALIDATION_T) and len(set(indices)) == 1 and not args[1:]
+        (seen_val if is_val else seen_train).update(batch.names)
+        return batch
+
+    monkeypatch.setattr(trainer_module, "collate", recording)
+    settings = TrainSettings(
+        rank=4,
+        alpha=4,
+        learning_rate=1e-3,
+        steps=4,
+        checkpoint_every=4,
+        validation_every=2,
+        gradient_checkpointing=False,
+        batch_size=2,
+        save_dtype="fp32",
+        validation_holdout=holdout,
+        seed=9,
+    )
+    run = RunFolder.create(tmp_path / f"run_{len(items)}_{holdout}", settings, {"trigger": "TOK"})
+    train(tiny_klein(TRAIN_SPEC), items, settings, run)
+    return run, seen_train, seen_val
+
+
+def test_trainer_never_trains_on_held_out_items(tmp_path, monkeypatch):
+    """With 12 items and a 0.25 holdout, the items holdout_split names are recorded in run.json, never appear in
+    a training batch, and are exactly the items the validation loss is measured on."""
+    items = _album(12)
+    run, seen_train, seen_val = _train_recording(tmp_path, items, 0.25, monkeypatch)
+    held = [items[i].name for i in holdout_split(12, 0.25, 9)[1]]
+    assert len(held) == 3 and RunFolder.open(run.path).meta["held_out"] == held
+    assert seen_val == set(held) and not seen_train & set(held)
+    assert [r["step"] for r in run.read_metrics() if "val_loss" in r] == [2, 4]
+
+
+def test_small_album_trains_as_before(tmp_path, monkeypatch):
+    """Below HOLDOUT_MIN_ITEMS items a holdout share changes nothing: the same losses as holdout 0, validation on
+    training items, no held_out entry in run.json."""
+    items = _album(HOLDOUT_MIN_ITEMS - 1)
+    run_a, train_a, val_a = _train_recording(tmp_path, items, 0.0, monkeypatch)
+    run_b, train_b, val_b = _train_recording(tmp_path, items, 0.3, monkeypatch)
+    assert [r["loss"] for r in run_a.read_metrics()] == [r["loss"] for r in run_b.read_metrics()]
+    assert [r.get("val_loss") for r in run_a.read_metrics()] == [r.get("val_loss") for r in run_b.read_metrics()]
+    assert val_a == val_b and len(val_b) == trainer_module.VALIDATION_ITEMS  # training items, spread as before
+    assert train_a == train_b and "held_out" not in RunFolder.open(run_b.path).meta
