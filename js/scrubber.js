@@ -473,11 +473,13 @@ function attachScrubber(node) {
   if (node.kleinScrub) return node.kleinScrub;
   const scrub = new Scrubber(node);
   node.kleinScrub = scrub;
-  node.addDOMWidget(WIDGET_NAME, "klein_scrub", scrub.root, {
+  const widget = node.addDOMWidget(WIDGET_NAME, "klein_scrub", scrub.root, {
     serialize: false,
     hideOnZoom: false,
     getMinHeight: () => MIN_HEIGHT_PX,
   });
+  // options.serialize keeps the widget out of the prompt; the node's widgets_values reads widget.serialize.
+  widget.serialize = false;
   const size = node.computeSize?.() ?? node.size;
   node.setSize?.([Math.max(node.size?.[0] ?? 0, 460), Math.max(size[1], node.size?.[1] ?? 0)]);
 

@@ -332,7 +332,13 @@ async function scenario(page, mode, { small, large, mixer }) {
   await page.locator(`${ROOT} [data-testid="klein-scrub-mode-side"]`).click();
   r.beforeSave = await observe(page);
   const saved = await page.evaluate(() => JSON.stringify(window.app.graph.serialize()));
-  r.savedProps = JSON.parse(saved).nodes.find((n) => n.type === NODE_TYPE)?.properties ?? null;
+  const savedNode = JSON.parse(saved).nodes.find((n) => n.type === NODE_TYPE);
+  r.savedProps = savedNode?.properties ?? null;
+  r.savedWidgetValues = savedNode?.widgets_values ?? [];
+  r.widgetNames = await page.evaluate(
+    (type) => window.app.graph.nodes.find((n) => n.type === type).widgets.map((w) => w.name),
+    NODE_TYPE,
+  );
   await page.evaluate(async (saved) => {
     window.app.graph.clear();
     await window.app.loadGraphData(JSON.parse(saved));

@@ -269,13 +269,17 @@ def test_ab_compare(scrub_case, mode: str) -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 def test_position_survives_save_and_reload(scrub_case, mode: str) -> None:
-    """The saved workflow carries the meta, frame and A/B in the node's properties; loading it into a fresh graph
-    shows the same frame, label, compare mode and A/B labels without running the node."""
+    """The saved workflow carries the meta, frame and A/B in the node's properties (and no value for the widget
+    in widgets_values); loading it into a fresh graph shows the same frame, label, compare mode and A/B labels
+    without running the node."""
     r, meta = scrub_case["result"]["modes"][mode], scrub_case["small"]
     before, after = r["beforeSave"], r["reloaded"]
     assert r["savedProps"]["klein_scrub_frame"] == before["frame"] == 6
     assert r["savedProps"]["klein_scrub_meta"] == meta
     assert r["savedProps"]["klein_scrub_ab"]["mode"] == "side"
+    # The widget itself is not saved: widgets_values holds only the node's own widgets, in order.
+    assert r["widgetNames"][-1] == "klein_scrub"
+    assert len(r["savedWidgetValues"]) == len(r["widgetNames"]) - 1
     assert after["frame"] == before["frame"] and after["label"] == meta["frames"][6]["label"]
     assert after["props"] == before["props"] and after["loaded"]
     for key in ("mode", "aLabel", "bLabel", "src", "srcB"):
