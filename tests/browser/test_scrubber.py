@@ -179,7 +179,7 @@ def _figures(result: dict[str, Any]) -> dict[str, Any]:
             "show_frame_ms_cached_median": statistics.median(r["showMs"]["cached"]),
             "show_frame_ms_all": r["showMs"],
             "large_frames": large["frames"],
-            "large_deliver_ms": large["deliverMs"],
+            "large_deliver_ms": round(large["deliverMs"], 1),
             "large_max_img_elements": large["maxImgs"],
             "large_max_frame_gap_ms": round(large["maxFrameGapMs"], 1),
             "large_long_tasks_ms": [round(t) for t in large["longTasksMs"]],
@@ -216,6 +216,7 @@ def test_widget_lives_in_the_renderer(scrub_case, mode: str) -> None:
     assert r["vueNodesSetting"] is (mode == "vue")
     assert r["inVueNode"] is (mode == "vue")
     assert r["empty"]["frame"] is None and r["empty"]["label"] == "" and r["empty"]["props"]["frames"] == 0
+    assert r["delivered"]["how"] == "api"  # through the frontend's `executed` handling, not a direct call
     frame_of(scrub_case["small"], r["initial"], 0)
     assert r["initial"]["props"]["frames"] == 9
     for suffix in ("", "-ab-side", "-ab-wipe", "-reloaded", "-mixer", "-large"):
