@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 from comfy_api.latest import io
 
@@ -23,8 +24,10 @@ def settings_from_widgets(preset_name: str, **widgets) -> TrainSettings:
     """The preset with every widget applied on top; a 0 in rank/alpha/learning_rate/steps keeps the preset's."""
     keep_preset = ("rank", "alpha", "learning_rate", "steps")
     overrides = {k: v for k, v in widgets.items() if not (k in keep_preset and v == 0)}
-    # Validation loss is measured whenever previews are taken, so the curve gets a validation line.
-    overrides.setdefault("validation_every", widgets.get("sample_every", 0))
+    # validation_every 0 (or absent) measures the validation loss whenever previews are taken, so the curve gets
+    # a validation line.
+    if not overrides.get("validation_every"):
+        overrides["validation_every"] = widgets.get("sample_every", 0)
     return preset(preset_name, **overrides)
 
 
@@ -154,6 +157,22 @@ class KleinLabTrainLora(io.ComfyNode):
                     tooltip="Which layers train: attention (default), all_linear, block groups ('binding,identity'), "
                     "'blocks:double.0,single.5-9' or 'regex:<pattern>'.",
                 ),
+                _int(
+                    "validation_every",
+                    0,
+                    0,
+                    100000,
+                    "Validation loss (fixed noise and σ) every N steps, on the loss curve; 0 = with every preview.",
+                ),
+                io.Float.Input(
+                    "validation_holdout",
+                    default=0.1,
+                    min=0.0,
+                    max=0.5,
+                    step=0.05,
+                    tooltip="Share of an album of 10+ images held out of training for the validation loss (0 = "
+                    "train on all; smaller albums validate on training images). A resumed run keeps its own.",
+                ),
                 io.Vae.Input(
                     "vae",
                     optional=True,
@@ -184,6 +203,8 @@ class KleinLabTrainLora(io.ComfyNode):
     ) -> io.NodeOutput:
         settings = settings_from_widgets(preset, **widgets)
         run = open_run(run_name, settings, encoded_dataset, resume)
+        if resume:  # which items train was decided when the run started: keep its held-out share
+            settings = replace(settings, validation_holdout=run.settings.validation_holdout)
         samples = sample_config(encoded_dataset, sample_steps, sample_cfg, settings.seed)
         outcome = comfy_glue.train_in_comfy(
             model,
