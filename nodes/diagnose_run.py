@@ -165,7 +165,14 @@ class KleinLabDiagnoseRun(io.ComfyNode):
                     io.String.Input(f"{g}_prompts", default=DEFAULT_PROMPTS[g], multiline=True, tooltip=PROMPT_TIPS[g])
                     for g in GROUPS
                 ],
-                io.Int.Input("seed", default=0, min=0, max=MAX_SEED, tooltip="One seed for every generation."),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=MAX_SEED,
+                    control_after_generate=False,  # a diagnosis compares passes: the seed must stay put
+                    tooltip="One seed for every generation (keep it fixed to compare passes).",
+                ),
                 io.Int.Input("steps", default=20, min=1, max=200, tooltip="Sampling steps (Klein Base: ~50)."),
                 io.Float.Input("cfg", default=4.0, min=1.0, max=30.0, step=0.1, tooltip="CFG (Klein Base ~4)."),
                 io.Combo.Input(
