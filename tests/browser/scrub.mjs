@@ -310,6 +310,9 @@ async function scenario(page, mode, { small, large, mixer }) {
     r.keys[`${Object.keys(r.keys).length}:${key}`] = await observe(page);
   }
   await shot(page, `scrub-${mode}-keys`);
+  // The thumbnail strip: a click on a thumb shows its frame.
+  await page.locator(`${ROOT} [data-testid="klein-scrub-thumb"] >> nth=3`).click();
+  r.thumbClick = await observe(page);
 
   // A/B: A = frame 1, B = frame 7, side by side, then wipe; then B follows the slider.
   await page.keyboard.press("Home");

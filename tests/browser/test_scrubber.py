@@ -249,6 +249,16 @@ def test_arrow_keys_walk_frames_and_axes(scrub_case, mode: str) -> None:
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_thumbnail_strip(scrub_case, mode: str) -> None:
+    """The strip has one thumb per frame, each showing its (small) thumbnail image while in view; clicking the
+    4th shows frame 3."""
+    r, meta = scrub_case["result"]["modes"][mode], scrub_case["small"]
+    obs = r["thumbClick"]
+    assert obs["thumbCells"] == len(meta["frames"]) == obs["thumbImgs"]
+    frame_of(meta, obs, 3)
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_ab_compare(scrub_case, mode: str) -> None:
     """Set A on frame 1 and B on frame 7: side by side shows both images with both labels, the wipe clips B at the
     dragged position, and while comparing B follows the slider with A pinned."""
