@@ -27,7 +27,14 @@ from .comfy_render import (
     to_pil,
     write_scrub_output,
 )
-from .scrub_run import POSITIVE_PROMPT, conditioning_identity, file_identity, render_inputs, resolve_negative
+from .scrub_run import (
+    POSITIVE_PROMPT,
+    conditioning_identity,
+    file_identity,
+    model_identity,
+    render_inputs,
+    resolve_negative,
+)
 
 LOG = logging.getLogger("klein_lora_lab")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")
@@ -160,6 +167,7 @@ class KleinLabMixerGrid(io.ComfyNode):
         )
         key = inputs_key(
             {
+                "model": model_identity(model, vae),
                 "loras": file_identity([lora_a, lora_b]),
                 "scales": [values_a, values_b],
                 "presets": [preset_a, preset_b],

@@ -37,7 +37,7 @@ from ..trainer_core.scrub import (
     select_checkpoints,
 )
 from . import comfy_glue
-from .comfy_adapters import StackItem, apply_items, lora_list, lora_path, preset_input
+from .comfy_adapters import StackItem, apply_items, forward_loras_of, lora_list, lora_path, preset_input
 from .comfy_render import (
     SCRUB_UI_KEY,
     RenderSettings,
@@ -120,6 +120,18 @@ def file_identity(names: list[str]) -> list[str]:
         st = os.stat(lora_path(name))
         out.append(f"{name}:{st.st_size}:{st.st_mtime_ns}")
     return out
+
+
+def model_identity(model, vae) -> str:
+    """What the frames depend on besides the widgets: the base weights (sampled), weight patches and the pack's
+    forward-time LoRAs already on the MODEL (a LoRA loader upstream), and the VAE."""
+    upstream = forward_loras_of(model)
+    loras = (
+        [(s.label, s.strength, sorted((s.module_strength or {}).items())) for s in upstream.specs] if upstream else []
+    )
+    patches = model.patches_uuid if model.patches else ""
+    weights = fingerprint_tensors(model.model.diffusion_model.state_dict().items(), extra=f"{loras}|{patches}")
+    return f"{weights}|{comfy_glue.vae_identity(vae)}"
 
 
 def conditioning_identity(conditioning) -> str:
@@ -295,6 +307,7 @@ class KleinLabScrubRun(io.ComfyNode):
         name = "lora_files" if run == FILES_OPTION else run
         key = inputs_key(
             {
+                "model": model_identity(model, vae),
                 "loras": file_identity([c.lora for c in ckpts]),
                 "scales": scale_values,
                 "prompts": texts,
