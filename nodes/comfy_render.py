@@ -24,7 +24,6 @@ whose default preview would show every frame. Frames and thumbnails are PNG/JPEG
 
 from __future__ import annotations
 
-import logging
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -41,8 +40,6 @@ from torch import Tensor
 
 from ..trainer_core.safe_paths import child_path
 from ..trainer_core.scrub import thumbnail
-
-LOG = logging.getLogger("klein_lora_lab")
 
 SCRUB_UI_KEY = "klein_scrub"
 SCRUB_UI_VERSION = 1
