@@ -125,6 +125,8 @@ class Scrubber {
     this.ab = { a: null, b: null, mode: "off", wipe: 50 };
     this.thumbs = [];
     this.axisSliders = [];
+    this.marked = {}; // thumb marks (current, is-a, is-b) -> the frame index whose cell carries them
+    this.scrollPending = false;
     this.problem = metaProblem(null);
     this.build();
   }
@@ -357,6 +359,7 @@ class Scrubber {
     this.observer.disconnect();
     this.thumbStrip.replaceChildren();
     this.thumbs = [];
+    this.marked = {};
     if (!this.meta) return;
     // One light cell per frame; the <img> inside exists only while the cell is near the visible part of the
     // strip, so hundreds of frames never mean hundreds of decoded images.
@@ -443,16 +446,27 @@ class Scrubber {
   renderThumbMarks() {
     const marks = { current: this.frame, "is-a": this.ab.a, "is-b": this.ab.b };
     for (const [cls, i] of Object.entries(marks)) {
-      for (const cell of this.thumbStrip.querySelectorAll(`.${cls}`)) cell.classList.remove(cls);
-      if (i !== null && this.thumbs[i]) this.thumbs[i].classList.add(cls);
+      if (this.marked[cls] !== i) this.thumbs[this.marked[cls]]?.classList.remove(cls);
+      if (i !== null) this.thumbs[i]?.classList.add(cls);
+      this.marked[cls] = i;
     }
-    // Keep the current thumb in view without scrollIntoView, which would also scroll the page or the canvas.
+    // Scroll in the next animation frame: reading the strip's width right after the writes above would force
+    // an extra layout of the whole page on every step.
+    if (this.scrollPending) return;
+    this.scrollPending = true;
+    requestAnimationFrame(() => {
+      this.scrollPending = false;
+      this.scrollToCurrent();
+    });
+  }
+
+  /** Keep the current thumb in view (not scrollIntoView, which would also scroll the page or the canvas). */
+  scrollToCurrent() {
     const strip = this.thumbStrip;
     const left = this.frame * THUMB_WIDTH_PX;
+    const width = strip.clientWidth;
     if (left < strip.scrollLeft) strip.scrollLeft = left;
-    else if (left + THUMB_WIDTH_PX > strip.scrollLeft + strip.clientWidth) {
-      strip.scrollLeft = left + THUMB_WIDTH_PX - strip.clientWidth;
-    }
+    else if (left + THUMB_WIDTH_PX > strip.scrollLeft + width) strip.scrollLeft = left + THUMB_WIDTH_PX - width;
   }
 
   destroy() {
