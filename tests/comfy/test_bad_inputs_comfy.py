@@ -219,9 +219,20 @@ def _train_prompt(album: Path, cond: Path, run_name: str, resume: bool, inject_a
     return prompt
 
 
+def with_defaults(server, prompt: dict) -> dict:
+    """Fill every required widget a prompt leaves out with its default from /object_info, so the prompt keeps
+    working when a node gains a widget."""
+    info = server.object_info()
+    for node in prompt.values():
+        for name, spec in info[node["class_type"]]["input"].get("required", {}).items():
+            if name not in node["inputs"] and len(spec) > 1 and "default" in spec[1]:
+                node["inputs"][name] = spec[1]["default"]
+    return prompt
+
+
 def execution_error(server, prompt: dict) -> dict:
     """Queue a prompt that must fail while executing; return ComfyUI's execution_error record."""
-    entry = server.wait_history(server.queue_prompt(prompt), timeout_s=300)
+    entry = server.wait_history(server.queue_prompt(with_defaults(server, prompt)), timeout_s=300)
     assert entry["status"]["status_str"] == "error", json.dumps(entry["status"])[:2000]
     errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
     assert errors, entry["status"]["messages"]
@@ -242,6 +253,7 @@ def test_out_of_memory_through_the_server_explains_and_the_next_prompt_trains(co
     assert "last good checkpoint is step_000002.safetensors" in message
     run = comfy_server.base_dir / "output" / "klein_lora_lab" / "runs" / "oom_run"
     assert json.loads((run / "run.json").read_text())["meta"]["status"] == "out_of_memory"
-    outputs = comfy_server.run_prompt(_train_prompt(album, cond, "oom_run", True, inject_at=None), timeout_s=300)
+    resume = with_defaults(comfy_server, _train_prompt(album, cond, "oom_run", True, inject_at=None))
+    outputs = comfy_server.run_prompt(resume, timeout_s=300)
     assert "oom_run/checkpoints/step_000004.safetensors" in json.dumps(outputs)
     assert json.loads((run / "run.json").read_text())["meta"]["status"] == "finished"

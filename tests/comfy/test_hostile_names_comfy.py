@@ -42,8 +42,19 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
 
 
+def with_defaults(server, prompt: dict) -> dict:
+    """Fill every required widget a prompt leaves out with its default from /object_info, so the prompt keeps
+    working when a node gains a widget."""
+    info = server.object_info()
+    for node in prompt.values():
+        for name, spec in info[node["class_type"]]["input"].get("required", {}).items():
+            if name not in node["inputs"] and len(spec) > 1 and "default" in spec[1]:
+                node["inputs"][name] = spec[1]["default"]
+    return prompt
+
+
 def _fails_with(server, prompt: dict, *words: str) -> str:
-    entry = server.wait_history(server.queue_prompt(prompt), timeout_s=300)
+    entry = server.wait_history(server.queue_prompt(with_defaults(server, prompt)), timeout_s=300)
     assert entry["status"]["status_str"] == "error", json.dumps(entry["status"])[:1500]
     error = next(m[1] for m in entry["status"]["messages"] if m[0] == "execution_error")
     assert error["exception_type"].endswith(("UnsafePathError", "ValueError")), error
