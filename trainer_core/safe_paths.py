@@ -42,8 +42,11 @@ def _shown(text: str, limit: int = 80) -> str:
 
 
 def _check_text(text: object, what: str) -> str:
+    """`text` without surrounding whitespace (a pasted path often ends in a newline), checked for NUL and control
+    characters."""
     if not isinstance(text, str):
         raise UnsafePathError(f"{what} must be text, got {type(text).__name__}: pass a string.")
+    text = text.strip()
     if "\x00" in text:
         raise UnsafePathError(f"{what} {_shown(text)} contains a NUL byte: remove it (no file name can hold one).")
     if _CONTROL.search(text):
@@ -53,7 +56,7 @@ def _check_text(text: object, what: str) -> str:
 
 def safe_name(text: str, what: str = "name", max_bytes: int = MAX_NAME_BYTES) -> str:
     """`text` stripped of surrounding spaces, checked to be a single safe file/folder name; returns it."""
-    name = _check_text(text, what).strip()
+    name = _check_text(text, what)
     fix = "use letters, digits, '_', '-' and '.' (e.g. 'tok_style_v1')"
     if not name:
         raise UnsafePathError(f"{what} is empty: {fix}.")
@@ -99,7 +102,7 @@ def resolve_inside(
     """
     if not roots:
         raise UnsafePathError(f"no allowed folders are configured, so {what} cannot be opened.")
-    raw = _check_text(text, what).strip().strip('"').strip("'").strip()
+    raw = _check_text(text, what).strip('"').strip("'").strip()
     if not raw:
         raise UnsafePathError(f"{what} is empty: give a folder inside {Path(base or roots[0])}.")
     if len(raw.encode("utf-8")) > MAX_PATH_BYTES:

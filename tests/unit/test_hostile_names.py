@@ -150,6 +150,7 @@ ALLOWED_PATHS = [
         "models/loras",
     ),
     ("quoted and padded", lambda r: '  "album"  ', "input/album"),
+    ("pasted with a newline", lambda r: "album\n", "input/album"),
 ]
 
 
