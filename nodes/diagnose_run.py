@@ -193,6 +193,11 @@ class KleinLabDiagnoseRun(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, run: str, **kwargs) -> str:
+        # New checkpoints (with 'all' or 'last N') measure again; an unchanged run reuses ComfyUI's cached result.
+        return comfy_glue.folder_fingerprint(comfy_glue.runs_dir() / run / "checkpoints")
+
+    @classmethod
     def execute(
         cls,
         model,
