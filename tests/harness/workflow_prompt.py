@@ -219,6 +219,14 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     "KSampler": {"steps": 2},
     "ImageScaleToTotalPixels": {"megapixels": 0.01},  # about 100 x 100 px
     "KSamplerAdvanced": {"steps": 2, "start_at_step": 0, "end_at_step": 2},
+    # One checkpoint at one scale, one prompt per group: 6 generations instead of (1 + 3 × 4) × 5.
+    "KleinLabDiagnoseRun": {
+        "checkpoints": "last 1",
+        "scales": "1",
+        "trigger_prompts": "a photo of [trigger]",
+        "novel_prompts": "a photo of [trigger] riding a bicycle",
+        "trigger_free_prompts": "a bowl of fruit on a wooden table",
+    },
 }
 # By input name on any node, clamped to the input's min/max/step: sizes, steps, batch and frame counts.
 TINY_BY_NAME: dict[str, int] = {
