@@ -218,6 +218,7 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     },
     "KSampler": {"steps": 2},
     "ImageScaleToTotalPixels": {"megapixels": 0.01},  # about 100 x 100 px
+    "KleinLabScrubRun": {"checkpoints": "last 2"},  # 2 checkpoints x the workflow's scales and prompts
     "KSamplerAdvanced": {"steps": 2, "start_at_step": 0, "end_at_step": 2},
     # One checkpoint at one scale, one prompt per group: 6 generations instead of (1 + 3 × 4) × 5.
     "KleinLabDiagnoseRun": {
