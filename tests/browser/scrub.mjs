@@ -28,25 +28,12 @@ const ROOT = '[data-testid="klein-scrub"][data-test-current]';
 
 // --- page helpers (run inside the page) ---------------------------------------------------------------------
 
-// Without the Python node on the server (the widget can be tested on its own), register a stand-in node def
-// of the same class so the extension's nodeCreated hook sees a KleinLabScrubRun.
-async function ensureNodeType(page, type) {
-  return page.evaluate(async (type) => {
-    if (window.LiteGraph.registered_node_types[type]) return "server";
-    await window.app.registerNodeDef(type, {
-      name: type,
-      display_name: "Klein Scrub (stand-in)",
-      category: "Klein LoRA Lab/test",
-      description: "test stand-in",
-      python_module: "custom_nodes.klein_lora_lab",
-      input: { required: {} },
-      output: [],
-      output_is_list: [],
-      output_name: [],
-      output_node: true,
-    });
-    return "stand-in";
-  }, type);
+// The node types the frontend got from the server's /object_info.
+async function registeredTypes(page) {
+  return page.evaluate(
+    (types) => types.filter((type) => !!window.LiteGraph.registered_node_types[type]),
+    [NODE_TYPE, MIXER_TYPE],
+  );
 }
 
 async function setRenderer(page, mode) {
@@ -526,8 +513,8 @@ async function main() {
     await page.goto(url, { waitUntil: "domcontentloaded" });
     await waitReady(page);
     result.extensions = await page.evaluate(() => window.app.extensions.map((e) => e.name));
-    result.nodeType = await ensureNodeType(page, NODE_TYPE);
-    result.mixerType = await ensureNodeType(page, MIXER_TYPE);
+    result.nodeTypes = await registeredTypes(page);
+    if (result.nodeTypes.length < 2) throw new Error(`the server lacks a node type: has only ${result.nodeTypes}`);
     for (const mode of ["classic", "vue"]) {
       result.modes[mode] = await scenario(page, mode, config);
     }

@@ -1,11 +1,16 @@
 """The scrubber widget (js/scrubber.js) in the real ComfyUI frontend, classic canvas and Vue nodes.
 
-A result is delivered to a KleinLabScrubRun node as the server sends it (`executed` with `klein_scrub`), with
-frame images written into the server's output folder; tests/browser/scrub.mjs then drags the sliders with the
-mouse, walks with the keyboard, sets A/B, saves and reloads the workflow, times frame display and loads a
-400-frame result. It prints what the widget showed; the tests compare that with the meta. Screenshots and the
-measured figures (scrub-figures.json) go to test-artifacts/browser/; with KLEIN_LAB_UPDATE_DOCS_IMAGES=1 a few
-widget screenshots are also copied to docs/images/.
+Two parts, in one browser run (tests/browser/scrub.mjs):
+1. A result is delivered to a KleinLabScrubRun node as the server sends it (`executed` with `klein_scrub`), with
+   labelled frame images written into the server's output folder: the driver drags the sliders with the mouse,
+   walks with the keyboard, clicks a thumbnail, sets A/B, saves and reloads the workflow, times frame display,
+   checks a KleinLabMixerGrid node and loads a 400-frame result.
+2. The example workflow workflows/klein_lab_scrub_checkpoints.json is loaded in the page, its loaders swapped for
+   the tiny model, the random VAE and the fake CLIP loader, pointed at a tiny 3-checkpoint run, queued like the
+   Run button, and the widget driven on the rendered frames in both renderers and across a page reload.
+The driver prints what the widget showed; the tests compare that with the metas. Screenshots and the measured
+figures (scrub-figures.json) go to test-artifacts/browser/; with KLEIN_LAB_UPDATE_DOCS_IMAGES=1 a few widget
+screenshots are also copied to docs/images/.
 """
 
 from __future__ import annotations
@@ -202,8 +207,10 @@ def frame_of(meta: dict[str, Any], obs: dict[str, Any], expected: int) -> None:
 
 
 def test_extension_registered_once_without_errors(scrub_case) -> None:
-    """The scrubber extension registers exactly once and nothing the pages logs as an error mentions the pack."""
+    """The frontend knows both grid nodes from the server, the scrubber extension registers exactly once, and
+    nothing the page logs as an error mentions the pack."""
     result = scrub_case["result"]
+    assert result["nodeTypes"] == ["KleinLabScrubRun", "KleinLabMixerGrid"]
     assert result["extensions"].count(EXTENSION) == 1
     assert [e for e in result["pageErrors"] if "klein" in e.lower() or "scrub" in e.lower()] == []
 
