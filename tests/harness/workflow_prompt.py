@@ -218,7 +218,9 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     },
     "KSampler": {"steps": 2},
     "ImageScaleToTotalPixels": {"megapixels": 0.01},  # about 100 x 100 px
-    "KleinLabScrubRun": {"checkpoints": "last 2"},  # 2 checkpoints x the workflow's scales and prompts
+    # Grids: every cell is a render plus a VAE decode; 2 x 2 cells (x the workflow's prompts) prove the wiring.
+    "KleinLabScrubRun": {"checkpoints": "last 2", "scales": "0,1"},
+    "KleinLabMixerGrid": {"scales_a": "0,1", "scales_b": "0,1"},
     "KSamplerAdvanced": {"steps": 2, "start_at_step": 0, "end_at_step": 2},
     # One checkpoint at one scale, one prompt per group: 6 generations instead of (1 + 3 × 4) × 5.
     "KleinLabDiagnoseRun": {
