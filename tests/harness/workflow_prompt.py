@@ -221,6 +221,7 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
     # Grids: every cell is a render plus a VAE decode; 2 x 2 cells (x the workflow's prompts) prove the wiring.
     "KleinLabScrubRun": {"checkpoints": "last 2", "scales": "0,1"},
     "KleinLabMixerGrid": {"scales_a": "0,1", "scales_b": "0,1"},
+    "KleinLabCompareFrames": {"index_a": 0, "index_b": 3},  # first and last cell of a 2 x 2 grid
     "KSamplerAdvanced": {"steps": 2, "start_at_step": 0, "end_at_step": 2},
     # One checkpoint at one scale, one prompt per group: 6 generations instead of (1 + 3 × 4) × 5.
     "KleinLabDiagnoseRun": {
