@@ -17,7 +17,7 @@ from PIL import Image
 
 SIZE = 64  # a 4×4 latent, as the run was trained
 RUN_STEPS = (1, 2, 3)
-RENDER = dict(seed=5, steps=3, cfg=1.0, sampler_name="euler", scheduler="simple", width=SIZE, height=SIZE)
+RENDER = dict(seed=5, steps=2, cfg=1.0, sampler_name="euler", scheduler="simple", width=SIZE, height=SIZE)
 PROMPTS = dict(
     trigger_prompts=DEFAULT_CAPTION,
     novel_prompts="a photo of [trigger] riding a bicycle",
@@ -106,6 +106,10 @@ def test_diagnose_writes_a_record_per_checkpoint_and_scale(diag_env):
             assert isinstance(r[key], float), (key, r)
         assert isinstance(r["trigger_free_drift"], float) and isinstance(r["findings"], list)
         assert r["lora"] in loras and r["lora"].endswith(f"step_{r['step']:06d}.safetensors")
+    # Three steps barely move this LoRA (it changes the picture, but not toward the album): the clinic calls
+    # every record timid and the suggestion says to train longer.
+    assert all(r["findings"] == ["underfit/timid"] for r in data["records"])
+    assert "underfit/timid" in report.split("sweet spot:", 1)[1] and "Train longer" in report
     by = {(r["step"], r["scale"]): r for r in data["records"]}
     for step in RUN_STEPS:
         assert 0 < by[(step, 1.0)]["change"] < by[(step, 2.0)]["change"]
