@@ -159,3 +159,15 @@ def test_lint_node_reports_an_album(diag_env):
     findings = json.loads(payload)["findings"]
     assert [f["files"] for f in findings if f["code"] == "missing_caption"] == [["001.png"]]
     assert "001.png" in text and "add 18" in text
+
+
+def test_train_node_validation_widgets(comfy_root):
+    """The train node's validation_every widget: 0 (or absent, as in workflows saved before it existed) follows
+    sample_every, any other value is its own cadence; validation_holdout reaches the settings."""
+    from klein_lora_lab.nodes.train_lora import settings_from_widgets
+
+    assert settings_from_widgets("style", sample_every=5).validation_every == 5
+    assert settings_from_widgets("style", sample_every=5, validation_every=0).validation_every == 5
+    assert settings_from_widgets("style", sample_every=5, validation_every=3).validation_every == 3
+    assert settings_from_widgets("style", validation_holdout=0.2).validation_holdout == 0.2
+    assert settings_from_widgets("style").validation_holdout == 0.0  # callers without the widget: as before
