@@ -120,7 +120,7 @@ def test_manager_style_install_keeps_torch_and_loads_every_node(tmp_path, capsys
     assert pack_import_errors(log, CLONE_NAME) == []
     with capsys.disabled():
         print(
-            f"\n[install] git clone + pip (dry-run report, then install -r requirements.txt): {pip_s:.1f} s; "
+            f"\n[install] pip (dry-run report, then install -r requirements.txt): {pip_s:.1f} s; "
             f"planned installs: {planned or 'none'}; freeze changes: {sorted(changed) or 'none'}; "
             f"torch packages before = after = {after}; ComfyUI start {server.startup_s:.1f} s, "
             f"{len(declared)} pack nodes listed; pip said: {installed.stdout.strip().splitlines()[-1]}"
