@@ -157,12 +157,16 @@ class KleinLabTrainLora(io.ComfyNode):
                     tooltip="Which layers train: attention (default), all_linear, block groups ('binding,identity'), "
                     "'blocks:double.0,single.5-9' or 'regex:<pattern>'.",
                 ),
-                _int(
+                # The two validation widgets are optional so API prompts written before they existed still run
+                # (absent: validation with every preview, no hold-out, as those runs trained).
+                io.Int.Input(
                     "validation_every",
-                    0,
-                    0,
-                    100000,
-                    "Validation loss (fixed noise and σ) every N steps, on the loss curve; 0 = with every preview.",
+                    default=0,
+                    min=0,
+                    max=100000,
+                    optional=True,
+                    tooltip="Validation loss (fixed noise and σ) every N steps, on the loss curve; 0 = with every "
+                    "preview.",
                 ),
                 io.Float.Input(
                     "validation_holdout",
@@ -170,6 +174,7 @@ class KleinLabTrainLora(io.ComfyNode):
                     min=0.0,
                     max=0.5,
                     step=0.05,
+                    optional=True,
                     tooltip="Share of an album of 10+ images held out of training for the validation loss (0 = "
                     "train on all; smaller albums validate on training images). A resumed run keeps its own.",
                 ),

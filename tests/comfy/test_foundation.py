@@ -113,8 +113,9 @@ def test_inprocess_ksampler_samples_tiny_klein(inprocess_nodes, inprocess_model,
 
 
 def test_server_loads_pack_without_import_error(comfy_server) -> None:
-    """The server log lists the pack among loaded custom nodes and shows no import failure/traceback for it."""
-    log = comfy_server.log_text()
+    """The server's startup log lists the pack among loaded custom nodes and shows no import failure/traceback for
+    it (only the startup part: later prompts of the shared session server may log errors on purpose)."""
+    log = comfy_server.startup_log
     assert pack_import_errors(log) == [], comfy_server.log_tail()
     loaded = [line for line in log.splitlines() if line.rstrip().endswith(PACK_DIR_NAME)]
     assert loaded and not any("IMPORT FAILED" in line for line in loaded), comfy_server.log_tail()

@@ -82,6 +82,7 @@ class ComfyServer:
     process: subprocess.Popen
     log_path: Path
     startup_s: float = 0.0
+    startup_log: str = ""  # the log up to the moment the server answered: import errors show up here
     client_id: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     @property
@@ -122,6 +123,7 @@ class ComfyServer:
             server.stop()
             raise
         server.startup_s = time.perf_counter() - start
+        server.startup_log = server.log_text()
         return server
 
     def _wait_ready(self, timeout_s: float) -> None:
