@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import logging
 import time
+from pathlib import Path
 
 import comfy.samplers
-import comfy.utils
 import torch
 from comfy_api.latest import io, ui
 
@@ -28,12 +28,11 @@ from ..trainer_core.scrub import parse_prompts, parse_scales, select_checkpoints
 from ..trainer_core.sweet_spot import read_diagnostics, render_sweet_spot, suggest, write_diagnostics
 from . import comfy_glue
 from .comfy_adapters import StackItem, apply_items
-from .comfy_render import RenderSettings, decode, encode_prompts, render_latent
+from .comfy_render import RenderSettings, decode_frames, encode_prompts, render_frames
 from .encode_dataset import ENCODED_DATASET
+from .scrub_run import MAX_SEED, runs_with_checkpoints
 
 LOG = logging.getLogger("klein_lora_lab")
-DECODE_CHUNK = 8  # frames per VAE call: bounds the decoder's activation memory
-MAX_SEED = 0xFFFFFFFFFFFFFFFF
 DEFAULT_PROMPTS = {
     "trigger": "a photo of [trigger]",
     "novel": "a photo of [trigger] riding a bicycle\na photo of [trigger] on a striped beach towel by the sea",
@@ -49,19 +48,20 @@ PROMPT_TIPS = {
 
 
 def run_names() -> list[str]:
-    """Runs under <output>/klein_lora_lab/runs that have checkpoints, newest first (read from the file names
-    only: a damaged run.json must not keep the node from registering)."""
-    root = comfy_glue.runs_dir()
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if (p / "run.json").is_file() and any(p.glob("checkpoints/step_*.safetensors"))]
-    return [p.name for p in sorted(found, key=lambda p: p.stat().st_mtime_ns, reverse=True)]
+    """The scrub node's runs (with checkpoints, newest first) that also have a run.json (settings and trigger are
+    read from it); the file is only checked for existence: a damaged run.json must not keep the node from
+    registering."""
+    return [name for name in runs_with_checkpoints() if (comfy_glue.runs_dir() / name / "run.json").is_file()]
+
+
+def run_folder(run: str) -> Path:
+    """The folder of a run name, resolved inside the runs folder (no '..', absolute path or symlink out)."""
+    root = comfy_glue.register_runs_folder()
+    return resolve_inside(run, [root], "run", base=root)
 
 
 def open_run(run: str) -> RunFolder:
-    """The run folder of a run name, resolved inside the runs folder."""
-    root = comfy_glue.register_runs_folder()
-    return RunFolder.open(resolve_inside(run, [root], "run", base=root))
+    return RunFolder.open(run_folder(run))
 
 
 def run_combo(runs: list[str], tooltip: str) -> io.Combo.Input:
@@ -90,26 +90,10 @@ def album_renders(encoded: EncodedDataset, vae) -> Renders:
         by_size.setdefault(tuple(latent.shape), []).append(i)
     images: list[torch.Tensor | None] = [None] * len(latents)
     for rows in by_size.values():
-        decoded = decode_chunks(vae, torch.stack([latents[i] for i in rows]))
+        decoded = decode_frames(vae, torch.stack([latents[i] for i in rows]))
         for i, image in zip(rows, decoded, strict=True):
             images[i] = image
     return Renders(latent_features(latents), pixel_features(images))
-
-
-def decode_chunks(vae, samples: torch.Tensor) -> torch.Tensor:
-    """Latents [n, 128, h, w] -> IMAGE [n, 16h, 16w, 3], DECODE_CHUNK at a time."""
-    return torch.cat([decode(vae, samples[i : i + DECODE_CHUNK]) for i in range(0, samples.shape[0], DECODE_CHUNK)])
-
-
-def render_all(jobs, negative, settings: RenderSettings, total: int) -> torch.Tensor:
-    """One frame per (model, positive) job, same seed and settings, in job order -> latents [total, 128, h, w].
-    Jobs are made lazily, so each LoRA clone lives only while its frames render."""
-    bar = comfy.utils.ProgressBar(total)
-    latents = []
-    for model, positive in jobs:
-        latents.append(render_latent(model, positive, negative, settings))
-        bar.update_absolute(len(latents), total)
-    return torch.cat(latents)
 
 
 def report_lines(records: list[dict], album_note: str, timing: str) -> list[str]:
@@ -195,7 +179,7 @@ class KleinLabDiagnoseRun(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, run: str, **kwargs) -> str:
         # New checkpoints (with 'all' or 'last N') measure again; an unchanged run reuses ComfyUI's cached result.
-        return comfy_glue.folder_fingerprint(comfy_glue.runs_dir() / run / "checkpoints")
+        return comfy_glue.folder_fingerprint(run_folder(run) / "checkpoints")
 
     @classmethod
     def execute(
@@ -264,9 +248,9 @@ def diagnose(model, clip, vae, encoded, files, chosen, scales, prompts, groups, 
     n = len(prompts)
     total = n * (1 + len(chosen) * len(scales))
     start = time.perf_counter()
-    samples = render_all(jobs(), negative, settings, total)
+    samples, _times = render_frames(jobs(), negative, settings, total)  # jobs run lazily: one clone at a time
     sampled = time.perf_counter()
-    images = decode_chunks(vae, samples)
+    images = decode_frames(vae, samples)
     album = album_renders(encoded, vae)
     decoded = time.perf_counter()
     feats = Renders(latent_features(samples), pixel_features(images))

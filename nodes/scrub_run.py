@@ -209,10 +209,6 @@ def positives_of(clip, prompts: str, positive) -> tuple[list[str], list]:
     return texts, encode_prompts(clip, texts)
 
 
-def settings_of(seed, steps, cfg, sampler_name, scheduler, width, height) -> RenderSettings:
-    return RenderSettings(seed, steps, cfg, sampler_name, scheduler, width, height)
-
-
 class KleinLabScrubRun(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -302,7 +298,7 @@ class KleinLabScrubRun(io.ComfyNode):
         scale_values = parse_scales(scales)
         texts, positives = positives_of(clip, prompts, positive)
         frames = frame_plan(ckpts, scale_values, texts)  # validates the frame count before any rendering
-        settings = settings_of(seed, steps, cfg, sampler_name, scheduler, width, height)
+        settings = RenderSettings(seed, steps, cfg, sampler_name, scheduler, width, height)
         neg = resolve_negative(negative, clip, positives[0], cfg)
         name = "lora_files" if run == FILES_OPTION else run
         key = inputs_key(
