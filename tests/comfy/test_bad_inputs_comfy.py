@@ -10,12 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 from harness.fixtures import tiny_conditioning_path
-from harness.server import TINY_MODEL_NAME, VAE_NAME
+from harness.prompts import SIZE, execution_error, train_prompt, with_defaults
 from PIL import Image
 from safetensors.torch import save_file
 
 FLUX1_NAME = "tiny_flux1.safetensors"
-SIZE = 32
 
 
 def tiny_flux1_state_dict() -> dict[str, torch.Tensor]:
@@ -171,72 +170,13 @@ def _album(folder: Path) -> Path:
 
 
 def _train_prompt(album: Path, cond: Path, run_name: str, resume: bool, inject_at: int | None) -> dict:
-    model = ["1", 0]
-    prompt = {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": TINY_MODEL_NAME, "weight_dtype": "default"}},
-        "2": {"class_type": "VAELoader", "inputs": {"vae_name": VAE_NAME}},
-        "3": {"class_type": "KleinLabTestConditioning", "inputs": {"path": str(cond)}},
-        "4": {
-            "class_type": "KleinLabDatasetFolder",
-            "inputs": {
-                "folder": str(album),
-                "trigger": "TOK",
-                "trigger_mode": "prepend",
-                "resolution": SIZE,
-                "default_caption": "",
-            },
-        },
-        "5": {
-            "class_type": "KleinLabEncodeDataset",
-            "inputs": {"dataset": ["4", 0], "vae": ["2", 0], "conditioning": ["3", 0], "validation_prompts": "TOK"},
-        },
-    }
+    """4 steps, no checkpoints or previews on the way; with `inject_at` the model passes through the test node
+    that raises out-of-memory at that forward call."""
+    prompt = train_prompt(album, cond, run_name, 4, resume=resume, checkpoint_every=0, sample_every=0)
     if inject_at is not None:
         prompt["9"] = {"class_type": "KleinLabTestInjectOOM", "inputs": {"model": ["1", 0], "at_call": inject_at}}
-        model = ["9", 0]
-    prompt["6"] = {
-        "class_type": "KleinLabTrainLora",
-        "inputs": {
-            "model": model,
-            "encoded_dataset": ["5", 0],
-            "preset": "style",
-            "run_name": run_name,
-            "resume": resume,
-            "rank": 4,
-            "alpha": 0.0,
-            "learning_rate": 1e-3,
-            "steps": 4,
-            "batch_size": 1,
-            "checkpoint_every": 0,
-            "sample_every": 0,
-            "sample_steps": 0,
-            "sample_cfg": 1.0,
-            "seed": 3,
-            "targets": "attention",
-        },
-    }
-    prompt["7"] = {"class_type": "PreviewAny", "inputs": {"source": ["6", 1]}}
+        prompt["6"]["inputs"]["model"] = ["9", 0]
     return prompt
-
-
-def with_defaults(server, prompt: dict) -> dict:
-    """Fill every required widget a prompt leaves out with its default from /object_info, so the prompt keeps
-    working when a node gains a widget."""
-    info = server.object_info()
-    for node in prompt.values():
-        for name, spec in info[node["class_type"]]["input"].get("required", {}).items():
-            if name not in node["inputs"] and len(spec) > 1 and "default" in spec[1]:
-                node["inputs"][name] = spec[1]["default"]
-    return prompt
-
-
-def execution_error(server, prompt: dict) -> dict:
-    """Queue a prompt that must fail while executing; return ComfyUI's execution_error record."""
-    entry = server.wait_history(server.queue_prompt(with_defaults(server, prompt)), timeout_s=300)
-    assert entry["status"]["status_str"] == "error", json.dumps(entry["status"])[:2000]
-    errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
-    assert errors, entry["status"]["messages"]
-    return errors[0]
 
 
 def test_out_of_memory_through_the_server_explains_and_the_next_prompt_trains(comfy_server):

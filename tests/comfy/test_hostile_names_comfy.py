@@ -10,15 +10,13 @@ file may appear outside the base directory.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 from harness.fixtures import tiny_conditioning_path
-from harness.server import TINY_MODEL_NAME, VAE_NAME, ServerError
+from harness.prompts import SIZE, execution_error, train_prompt
+from harness.server import ServerError
 from PIL import Image
-
-SIZE = 32
 
 
 @pytest.fixture(scope="module")
@@ -42,21 +40,8 @@ def _snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     return {str(p): (p.stat().st_size, p.stat().st_mtime_ns) for p in folder.rglob("*")}
 
 
-def with_defaults(server, prompt: dict) -> dict:
-    """Fill every required widget a prompt leaves out with its default from /object_info, so the prompt keeps
-    working when a node gains a widget."""
-    info = server.object_info()
-    for node in prompt.values():
-        for name, spec in info[node["class_type"]]["input"].get("required", {}).items():
-            if name not in node["inputs"] and len(spec) > 1 and "default" in spec[1]:
-                node["inputs"][name] = spec[1]["default"]
-    return prompt
-
-
 def _fails_with(server, prompt: dict, *words: str) -> str:
-    entry = server.wait_history(server.queue_prompt(with_defaults(server, prompt)), timeout_s=300)
-    assert entry["status"]["status_str"] == "error", json.dumps(entry["status"])[:1500]
-    error = next(m[1] for m in entry["status"]["messages"] if m[0] == "execution_error")
+    error = execution_error(server, prompt)
     assert error["exception_type"].endswith(("UnsafePathError", "ValueError")), error
     message = error["exception_message"]
     for word in words:
@@ -134,38 +119,7 @@ def test_loss_curve_run_path_cannot_leave_comfyui_folders(comfy_server, outside)
 
 
 def _train_prompt(album: Path, run_name: str) -> dict:
-    return {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": TINY_MODEL_NAME, "weight_dtype": "default"}},
-        "2": {"class_type": "VAELoader", "inputs": {"vae_name": VAE_NAME}},
-        "3": {"class_type": "KleinLabTestConditioning", "inputs": {"path": str(tiny_conditioning_path())}},
-        **{k: v for k, v in _dataset_prompt(str(album)).items() if k == "4"},
-        "5": {
-            "class_type": "KleinLabEncodeDataset",
-            "inputs": {"dataset": ["4", 0], "vae": ["2", 0], "conditioning": ["3", 0], "validation_prompts": "TOK"},
-        },
-        "6": {
-            "class_type": "KleinLabTrainLora",
-            "inputs": {
-                "model": ["1", 0],
-                "encoded_dataset": ["5", 0],
-                "preset": "style",
-                "run_name": run_name,
-                "resume": False,
-                "rank": 4,
-                "alpha": 0.0,
-                "learning_rate": 1e-3,
-                "steps": 1,
-                "batch_size": 1,
-                "checkpoint_every": 0,
-                "sample_every": 0,
-                "sample_steps": 0,
-                "sample_cfg": 1.0,
-                "seed": 0,
-                "targets": "attention",
-            },
-        },
-        "7": {"class_type": "PreviewAny", "inputs": {"source": ["6", 1]}},
-    }
+    return train_prompt(album, tiny_conditioning_path(), run_name, 1, checkpoint_every=0, sample_every=0)
 
 
 HOSTILE_RUN_NAMES = [

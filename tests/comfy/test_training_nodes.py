@@ -20,10 +20,9 @@ import pytest
 import torch
 from harness.comfy_test_nodes import FakeClip
 from harness.fixtures import tiny_conditioning_path
-from harness.server import TINY_MODEL_NAME, VAE_NAME
+from harness.prompts import SIZE, train_prompt
+from harness.server import TINY_MODEL_NAME
 from PIL import Image
-
-SIZE = 32  # pixels: a 2x2 latent, so the random VAE and the tiny model stay fast on the CPU
 
 
 def make_album(folder: Path, count: int = 3, label: str = "square", tint: int = 0) -> Path:
@@ -162,66 +161,6 @@ def test_glue_training_writes_checkpoints_stock_loader_applies(comfy_env, tiny_s
 # ----------------------------------------------------------------------------------------------- server
 
 RUN_STEPS = 4
-
-
-def train_prompt(
-    album: Path,
-    cond_file: Path,
-    run_name: str,
-    steps: int,
-    *,
-    resume: bool = False,
-    checkpoint_every: int = 2,
-    sample_every: int = 2,
-) -> dict:
-    """API-format workflow: tiny Klein + random VAE + test conditioning -> dataset -> encode -> train -> preview."""
-    return {
-        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": TINY_MODEL_NAME, "weight_dtype": "default"}},
-        "2": {"class_type": "VAELoader", "inputs": {"vae_name": VAE_NAME}},
-        "3": {"class_type": "KleinLabTestConditioning", "inputs": {"path": str(cond_file)}},
-        "4": {
-            "class_type": "KleinLabDatasetFolder",
-            "inputs": {
-                "folder": str(album),
-                "trigger": "TOK",
-                "trigger_mode": "prepend",
-                "resolution": SIZE,
-                "default_caption": "",
-            },
-        },
-        "5": {
-            "class_type": "KleinLabEncodeDataset",
-            "inputs": {
-                "dataset": ["4", 0],
-                "vae": ["2", 0],
-                "conditioning": ["3", 0],
-                "validation_prompts": "a photo of [trigger] riding a bicycle",
-            },
-        },
-        "6": {
-            "class_type": "KleinLabTrainLora",
-            "inputs": {
-                "model": ["1", 0],
-                "encoded_dataset": ["5", 0],
-                "preset": "style",
-                "run_name": run_name,
-                "resume": resume,
-                "rank": 4,
-                "alpha": 0.0,
-                "learning_rate": 1e-3,
-                "steps": steps,
-                "batch_size": 1,
-                "checkpoint_every": checkpoint_every,
-                "sample_every": sample_every,
-                "sample_steps": 2,
-                "sample_cfg": 1.0,
-                "seed": 3,
-                "targets": "attention",
-                "vae": ["2", 0],
-            },
-        },
-        "7": {"class_type": "PreviewImage", "inputs": {"images": ["6", 2]}},
-    }
 
 
 def encode_prompt(album: Path, cond_file: Path, trigger: str) -> dict:
