@@ -1,22 +1,10 @@
 // Drives the real ComfyUI frontend in Debian's Chromium (playwright-core, no downloaded browsers).
 // Usage: node drive.mjs <server-url> <profile-dir> <artifacts-dir>
 // Prints one JSON line: {modes: {classic: {...}, vue: {...}}, pageErrors: [...]}; pytest asserts on it.
-import { chromium } from "playwright-core";
 import path from "node:path";
+import { openBrowser, openFrontend } from "./comfy_page.mjs";
 
 const [url, profileDir, artifactsDir] = process.argv.slice(2);
-const CHROMIUM = process.env.KLEIN_LAB_CHROMIUM || "/usr/bin/chromium";
-const FLAGS = [
-  "--headless",
-  "--no-sandbox",
-  "--disable-gpu",
-  "--disable-quic",
-  "--no-first-run",
-  "--disable-background-networking",
-  "--disable-component-update",
-  "--disable-sync",
-];
-const READY_TIMEOUT_MS = 120_000;
 
 // Adds one KleinLabModelInfo node through LiteGraph and reports what the graph and the DOM show for it.
 async function addModelInfoNode(page, mode) {
@@ -49,26 +37,10 @@ async function addModelInfoNode(page, mode) {
 }
 
 async function main() {
-  const context = await chromium.launchPersistentContext(profileDir, {
-    executablePath: CHROMIUM,
-    headless: true,
-    args: FLAGS,
-    viewport: { width: 1280, height: 800 },
-  });
-  const pageErrors = [];
+  const { context, page, pageErrors } = await openBrowser(profileDir, { width: 1280, height: 800 });
   const result = { modes: {}, pageErrors };
   try {
-    const page = context.pages()[0] || (await context.newPage());
-    page.on("pageerror", (err) => pageErrors.push(String(err)));
-    page.on("console", (msg) => {
-      if (msg.type() === "error") pageErrors.push(`console: ${msg.text()}`);
-    });
-    await page.goto(url, { waitUntil: "domcontentloaded" });
-    await page.waitForFunction(
-      () => window.app?.vueAppReady && window.app.graph && window.app.extensionManager?.workflow?.activeWorkflow,
-      null,
-      { timeout: READY_TIMEOUT_MS },
-    );
+    await openFrontend(page, url);
     result.extensions = await page.evaluate(() => window.app.extensions.map((e) => e.name));
     for (const mode of ["classic", "vue"]) {
       await page.evaluate(async (vue) => {

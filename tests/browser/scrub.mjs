@@ -3,24 +3,12 @@
 // $KLEIN_LAB_SCRUB_CONFIG: {small: meta, large: meta, workflow?: {workflow, widgets, small, timeoutMs}} (metas as
 // the node sends them; `workflow` runs an example workflow from the page on the tiny model).
 // Prints one JSON line of observations ({modes: {classic, vue}, ...}); pytest compares them with the metas.
-import { chromium } from "playwright-core";
 import fs from "node:fs";
 import path from "node:path";
+import { openBrowser, openFrontend, waitReady } from "./comfy_page.mjs";
 
 const [url, profileDir, artifactsDir] = process.argv.slice(2);
 const config = JSON.parse(fs.readFileSync(process.env.KLEIN_LAB_SCRUB_CONFIG, "utf8"));
-const CHROMIUM = process.env.KLEIN_LAB_CHROMIUM || "/usr/bin/chromium";
-const FLAGS = [
-  "--headless",
-  "--no-sandbox",
-  "--disable-gpu",
-  "--disable-quic",
-  "--no-first-run",
-  "--disable-background-networking",
-  "--disable-component-update",
-  "--disable-sync",
-];
-const READY_TIMEOUT_MS = 120_000;
 const NODE_TYPE = "KleinLabScrubRun";
 const MIXER_TYPE = "KleinLabMixerGrid";
 // The widget of the node under test (addScrubNode marks it; earlier nodes' widgets may still be in the DOM).
@@ -492,31 +480,11 @@ async function workflowScenario(page, spec) {
   return w;
 }
 
-async function waitReady(page) {
-  await page.waitForFunction(
-    () => window.app?.vueAppReady && window.app.graph && window.app.extensionManager?.workflow?.activeWorkflow,
-    null,
-    { timeout: READY_TIMEOUT_MS },
-  );
-}
-
 async function main() {
-  const context = await chromium.launchPersistentContext(profileDir, {
-    executablePath: CHROMIUM,
-    headless: true,
-    args: FLAGS,
-    viewport: { width: 1280, height: 960 },
-  });
-  const pageErrors = [];
+  const { context, page, pageErrors } = await openBrowser(profileDir, { width: 1280, height: 960 });
   const result = { modes: {}, pageErrors };
   try {
-    const page = context.pages()[0] || (await context.newPage());
-    page.on("pageerror", (err) => pageErrors.push(String(err)));
-    page.on("console", (msg) => {
-      if (msg.type() === "error") pageErrors.push(`console: ${msg.text()}`);
-    });
-    await page.goto(url, { waitUntil: "domcontentloaded" });
-    await waitReady(page);
+    await openFrontend(page, url);
     result.extensions = await page.evaluate(() => window.app.extensions.map((e) => e.name));
     result.nodeTypes = await registeredTypes(page);
     if (result.nodeTypes.length < 2) throw new Error(`the server lacks a node type: has only ${result.nodeTypes}`);
@@ -526,8 +494,7 @@ async function main() {
     if (config.workflow) result.workflow = await workflowScenario(page, config.workflow);
   } catch (err) {
     // The page as it was when a step failed, for the report.
-    const page = context.pages()[0];
-    if (page) await page.screenshot({ path: path.join(artifactsDir, "scrub-failure.png") });
+    await page.screenshot({ path: path.join(artifactsDir, "scrub-failure.png") });
     throw err;
   } finally {
     await context.close();

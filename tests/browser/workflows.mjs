@@ -4,23 +4,11 @@
 // itself builds (app.graphToPrompt) and a screenshot.
 // Usage: node workflows.mjs <server-url> <profile-dir> <artifacts-dir>
 // Prints one JSON line: {pack, modes: {classic: {<name>: report}, vue: {...}}, pageErrors}.
-import { chromium } from "playwright-core";
 import path from "node:path";
+import { openBrowser, openFrontend } from "./comfy_page.mjs";
 
 const [url, profileDir, artifactsDir] = process.argv.slice(2);
-const CHROMIUM = process.env.KLEIN_LAB_CHROMIUM || "/usr/bin/chromium";
 const PACK = process.env.KLEIN_LAB_PACK_DIR || "klein_lora_lab";
-const FLAGS = [
-  "--headless",
-  "--no-sandbox",
-  "--disable-gpu",
-  "--disable-quic",
-  "--no-first-run",
-  "--disable-background-networking",
-  "--disable-component-update",
-  "--disable-sync",
-];
-const READY_TIMEOUT_MS = 120_000;
 
 // Loads one workflow and inspects the graph the frontend built from it.
 async function inspectWorkflow(page, workflow, mode) {
@@ -74,26 +62,10 @@ async function inspectWorkflow(page, workflow, mode) {
 }
 
 async function main() {
-  const context = await chromium.launchPersistentContext(profileDir, {
-    executablePath: CHROMIUM,
-    headless: true,
-    args: FLAGS,
-    viewport: { width: 1920, height: 1080 },
-  });
-  const pageErrors = [];
+  const { context, page, pageErrors } = await openBrowser(profileDir, { width: 1920, height: 1080 });
   const result = { pack: PACK, templates: [], modes: {}, pageErrors };
   try {
-    const page = context.pages()[0] || (await context.newPage());
-    page.on("pageerror", (err) => pageErrors.push(String(err)));
-    page.on("console", (msg) => {
-      if (msg.type() === "error") pageErrors.push(`console: ${msg.text()}`);
-    });
-    await page.goto(url, { waitUntil: "domcontentloaded" });
-    await page.waitForFunction(
-      () => window.app?.vueAppReady && window.app.graph && window.app.extensionManager?.workflow?.activeWorkflow,
-      null,
-      { timeout: READY_TIMEOUT_MS },
-    );
+    await openFrontend(page, url);
     // The workflows exactly as ComfyUI serves them to users (the pack's templates).
     const templates = await page.evaluate(async (pack) => {
       const list = await (await fetch("/api/workflow_templates")).json();
