@@ -42,9 +42,9 @@ def load(variant: str, folder: Path, dtype: torch.dtype):
 
 def run(patcher, variant: str, res: int, steps: int, share: float, compiled: bool) -> dict:
     """A fixed short training run (same seed, same data for every weight dtype)."""
-    from klein_lora_lab.trainer_core.runfolder import RunFolder
-    from klein_lora_lab.trainer_core.settings import TrainSettings
-    from klein_lora_lab.trainer_core.trainer import TrainCallbacks, train
+    from klein_lora_lab.trainer_core.runs.runfolder import RunFolder
+    from klein_lora_lab.trainer_core.training.settings import TrainSettings
+    from klein_lora_lab.trainer_core.training.trainer import TrainCallbacks, train
 
     items = bench_items(variant, res, 4)
     settings = TrainSettings(

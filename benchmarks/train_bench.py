@@ -35,7 +35,7 @@ BF16_PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16 spec sheet; ~790
 
 def random_klein_state_dict(variant: str, device: str) -> dict[str, torch.Tensor]:
     """Checkpoint-style keys of a full-size Klein, random bf16 values made directly on `device`."""
-    from klein_lora_lab.trainer_core.tiny import TinySpec, random_checkpoint
+    from klein_lora_lab.trainer_core.model.tiny import TinySpec, random_checkpoint
 
     hidden, double, single, ctx = VARIANTS[variant]
     return random_checkpoint(
@@ -45,7 +45,7 @@ def random_klein_state_dict(variant: str, device: str) -> dict[str, torch.Tensor
 
 def bench_items(variant: str, res: int, count: int) -> list:
     """`count` fixed random training items (latent + 512-token context) on the GPU."""
-    from klein_lora_lab.trainer_core.data import TrainItem
+    from klein_lora_lab.trainer_core.training.data import TrainItem
 
     gen = torch.Generator().manual_seed(0)
     return [
@@ -107,9 +107,9 @@ def bench_ours(
     import tempfile
 
     import comfy.model_management
-    from klein_lora_lab.trainer_core.runfolder import RunFolder
-    from klein_lora_lab.trainer_core.settings import TrainSettings
-    from klein_lora_lab.trainer_core.trainer import TrainCallbacks, train
+    from klein_lora_lab.trainer_core.runs.runfolder import RunFolder
+    from klein_lora_lab.trainer_core.training.settings import TrainSettings
+    from klein_lora_lab.trainer_core.training.trainer import TrainCallbacks, train
 
     # Core's trainer leaves its own reloaded copy resident: unload everything so the peak is ours alone.
     comfy.model_management.unload_all_models()

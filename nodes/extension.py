@@ -8,21 +8,21 @@ from comfy_api.latest import ComfyExtension, io
 
 # One entry per node file; each module exposes NODES: list[type[io.ComfyNode]].
 NODE_MODULES: tuple[str, ...] = (
-    "model_info",
-    "dataset_folder",
-    "dataset_pairs",
-    "encode_dataset",
-    "train_lora",
-    "loss_curve",
-    "lora_loader_blocks",
-    "lora_stack",
-    "lora_mixer",
-    "dataset_lint",
-    "diagnose_run",
-    "sweet_spot",
-    "scrub_run",
-    "mixer_grid",
-    "compare_frames",
+    "loras.model_info",
+    "train.dataset_folder",
+    "train.dataset_pairs",
+    "train.encode_dataset",
+    "train.train_lora",
+    "train.loss_curve",
+    "loras.lora_loader_blocks",
+    "loras.lora_stack",
+    "loras.lora_mixer",
+    "diagnose.dataset_lint",
+    "diagnose.diagnose_run",
+    "diagnose.sweet_spot",
+    "scrub.scrub_run",
+    "scrub.mixer_grid",
+    "scrub.compare_frames",
 )
 
 

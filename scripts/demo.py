@@ -83,7 +83,7 @@ def import_comfyui(root: Path, cpu: bool) -> None:
 
 def write_tiny_klein(models_dir: Path, seed: int) -> Path:
     """Step 1: the embedded tiny Klein as a checkpoint file that ComfyUI's UNETLoader detects as flux2."""
-    from klein_lora_lab.trainer_core.tiny import TinySpec, tiny_klein_state_dict
+    from klein_lora_lab.trainer_core.model.tiny import TinySpec, tiny_klein_state_dict
     from safetensors.torch import save_file
 
     models_dir.mkdir(parents=True, exist_ok=True)
@@ -95,7 +95,7 @@ def write_tiny_klein(models_dir: Path, seed: int) -> Path:
 def load_model(model_file: Path):
     """ComfyUI's UNETLoader on the tiny Klein file; returns (MODEL, model info text)."""
     import folder_paths
-    from klein_lora_lab.nodes.model_info import describe_model
+    from klein_lora_lab.nodes.loras.model_info import describe_model
 
     import nodes  # ComfyUI's nodes.py: import_comfyui put ComfyUI's root first on sys.path
 
@@ -118,8 +118,8 @@ def make_toy_album(size: int, count: int = 8, seed: int = 0) -> ToyAlbum:
     """A generated album in latent space: a smooth shared pattern plus a little per-image variation."""
     import torch
     import torch.nn.functional as F
-    from klein_lora_lab.trainer_core.data import TrainItem
-    from klein_lora_lab.trainer_core.tiny import TinySpec, tiny_conditioning
+    from klein_lora_lab.trainer_core.training.data import TrainItem
+    from klein_lora_lab.trainer_core.model.tiny import TinySpec, tiny_conditioning
 
     h = w = size // 16
     gen = torch.Generator().manual_seed(seed)
@@ -144,9 +144,9 @@ def train_lora(model, album: ToyAlbum, output_dir: Path, steps: int) -> tuple[st
     import folder_paths
     import torch
     from klein_lora_lab.nodes import comfy_glue
-    from klein_lora_lab.nodes.train_lora import open_run, sample_config, settings_from_widgets
-    from klein_lora_lab.trainer_core.data import dataset_hash
-    from klein_lora_lab.trainer_core.latent_cache import EncodedDataset
+    from klein_lora_lab.nodes.train.train_lora import open_run, sample_config, settings_from_widgets
+    from klein_lora_lab.trainer_core.training.data import dataset_hash
+    from klein_lora_lab.trainer_core.album.latent_cache import EncodedDataset
 
     folder_paths.set_output_directory(str(output_dir))
     comfy_glue.register_runs_folder()
@@ -195,7 +195,7 @@ def train_lora(model, album: ToyAlbum, output_dir: Path, steps: int) -> tuple[st
 
 def save_loss_curve(run) -> Path:
     """The run's loss curve (the Loss Curve node's picture) as PNG in the run folder."""
-    from klein_lora_lab.nodes.loss_curve import run_loss_curve
+    from klein_lora_lab.nodes.train.loss_curve import run_loss_curve
     from PIL import Image
 
     image = run_loss_curve(run, 768, 384, 0.9)[0]  # [H, W, 3] in 0..1

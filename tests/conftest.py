@@ -101,7 +101,7 @@ def comfy_root() -> Path:
 @pytest.fixture(scope="session")
 def tiny_spec():
     """The tiny Klein spec every comfy/browser-tier fixture file is built from."""
-    from klein_lora_lab.trainer_core.tiny import TinySpec
+    from klein_lora_lab.trainer_core.model.tiny import TinySpec
 
     return TinySpec()
 

@@ -82,7 +82,7 @@ def scrub_meta(output_dir: Path, key: str, steps: list[int], scales: list[float]
 
     The node renders at most scrub.MAX_FRAMES frames; the widget must cope with more (a large mixer grid, a
     future limit), so the plan is built here with the node's own label function and order, without the cap."""
-    from klein_lora_lab.trainer_core.scrub import Checkpoint, Frame, frame_label, scrub_axes
+    from klein_lora_lab.trainer_core.analysis.scrub import Checkpoint, Frame, frame_label, scrub_axes
 
     checkpoints = [Checkpoint(f"run/step_{s:06d}.safetensors", s) for s in steps]
     prompts = ["a TOK cat"]
@@ -125,7 +125,7 @@ def workflow_case(comfy_server) -> tuple[dict[str, Any] | None, str]:
 
 def mixer_meta(output_dir: Path, scales: list[float], size: int) -> dict[str, Any]:
     """A mixer-grid result (scale of LoRA A x scale of LoRA B) in the node's order and labels, with files."""
-    from klein_lora_lab.trainer_core.scrub import mixer_plan
+    from klein_lora_lab.trainer_core.analysis.scrub import mixer_plan
 
     frames = mixer_plan("tok", "tokstyle", scales, scales)
     axes = [{"name": "scale_a", "values": scales}, {"name": "scale_b", "values": scales}]

@@ -20,9 +20,9 @@ CORE_DIFFUSERS_GLOBALS = ("img_in", "txt_in", "final_layer.linear", "final_layer
 
 
 def _random_lora(shape, seed: int, globals_: tuple[str, ...], rank: int = 4, scale: float = 0.08) -> dict:
-    from klein_lora_lab.trainer_core.adapters import LoraWeights
-    from klein_lora_lab.trainer_core.block_weights import block_of
-    from klein_lora_lab.trainer_core.lora_formats import klein_linear_shapes
+    from klein_lora_lab.trainer_core.lora.adapters import LoraWeights
+    from klein_lora_lab.trainer_core.model.block_weights import block_of
+    from klein_lora_lab.trainer_core.lora.lora_formats import klein_linear_shapes
 
     gen = torch.Generator().manual_seed(seed)
     out = {}
@@ -35,7 +35,7 @@ def _random_lora(shape, seed: int, globals_: tuple[str, ...], rank: int = 4, sca
 
 
 def _write(weights: dict, style: str, path: Path) -> dict[str, torch.Tensor]:
-    from klein_lora_lab.trainer_core.lora_formats import write_diffusers, write_kohya, write_peft
+    from klein_lora_lab.trainer_core.lora.lora_formats import write_diffusers, write_kohya, write_peft
     from safetensors.torch import save_file
 
     sd = {"ours": write_peft, "kohya": write_kohya, "diffusers": write_diffusers}[style](weights)
@@ -47,7 +47,7 @@ def _write(weights: dict, style: str, path: Path) -> dict[str, torch.Tensor]:
 def env(comfy_root, tiny_model_file, tmp_path_factory):
     """ComfyUI in-process, the tiny Klein loaded by UNETLoader, LoRA files of every style in a loras folder."""
     import folder_paths
-    from klein_lora_lab.trainer_core.klein import read_shape
+    from klein_lora_lab.trainer_core.model.klein import read_shape
 
     import nodes
 
@@ -90,7 +90,7 @@ def core_merged(model, *loras: tuple[dict, float]):
 
 
 def loader(model, name: str, strength: float, preset: str = "all", vector: str = "", global_strength: float = 1.0):
-    from klein_lora_lab.nodes.lora_loader_blocks import KleinLabLoraLoaderBlocks
+    from klein_lora_lab.nodes.loras.lora_loader_blocks import KleinLabLoraLoaderBlocks
 
     groups = {f"{g}_strength": 1.0 for g in ("binding", "texture", "identity", "composition")}
     return KleinLabLoraLoaderBlocks.execute(model, name, strength, preset, global_strength, vector, **groups)
@@ -123,8 +123,8 @@ def test_forward_time_equals_core_merged(env, style: str, side: str) -> None:
 
 def test_two_stacked_loras_equal_core_merging_both(env, side: str) -> None:
     """Mixer slots, Stack -> Mixer and two chained loaders all equal core merging both LoRAs (one negative)."""
-    from klein_lora_lab.nodes.lora_mixer import KleinLabLoraMixer
-    from klein_lora_lab.nodes.lora_stack import KleinLabLoraStack
+    from klein_lora_lab.nodes.loras.lora_mixer import KleinLabLoraMixer
+    from klein_lora_lab.nodes.loras.lora_stack import KleinLabLoraStack
 
     ctx_dim = env["shape"].context_dim
     a, b = "lora_kohya.safetensors", "lora_diffusers.safetensors"
@@ -143,8 +143,8 @@ def test_two_stacked_loras_equal_core_merging_both(env, side: str) -> None:
 
 def test_block_preset_equals_core_merging_only_those_blocks(env) -> None:
     """Preset 'texture' equals core merging only the texture blocks' keys (absolute block indices)."""
-    from klein_lora_lab.trainer_core.block_weights import block_of
-    from klein_lora_lab.trainer_core.variants import block_groups
+    from klein_lora_lab.trainer_core.model.block_weights import block_of
+    from klein_lora_lab.trainer_core.model.variants import block_groups
 
     texture = set(block_groups(env["shape"])["texture"])
     sd = {k: v for k, v in env["files"]["ours"].items() if block_of(k.removeprefix("diffusion_model.")) in texture}
@@ -159,7 +159,7 @@ def test_strength_change_never_repatches_weights(env, monkeypatch) -> None:
     """A new strength changes the output, but the clone has no weight patches, load_models_gpu patches no weight,
     the base weights stay bit-identical and the MODEL the node received is left without our wrapper."""
     import comfy.model_patcher
-    from klein_lora_lab.nodes.comfy_adapters import WRAPPER_KEY
+    from klein_lora_lab.nodes.comfy.forward_loras import WRAPPER_KEY
 
     ctx_dim = env["shape"].context_dim
     model = env["model"]
@@ -282,8 +282,8 @@ def test_unmatched_keys_on_node_and_in_log(env, caplog) -> None:
 
 def test_foreign_lora_is_refused_by_the_node(env) -> None:
     """A LoRA for a bigger Klein (more blocks) is refused through the node, naming the file and the blocks."""
-    from klein_lora_lab.trainer_core.klein import KleinShape
-    from klein_lora_lab.trainer_core.lora_formats import LoraFormatError
+    from klein_lora_lab.trainer_core.model.klein import KleinShape
+    from klein_lora_lab.trainer_core.lora.lora_formats import LoraFormatError
 
     s = env["shape"]
     bigger = KleinShape(s.hidden, s.heads, s.double_blocks + 3, s.single_blocks + 4, s.context_dim)
@@ -299,9 +299,9 @@ def test_example_workflow_matches_the_nodes(comfy_root) -> None:
     import json
 
     from comfy_api.latest import io
-    from klein_lora_lab.nodes.lora_loader_blocks import KleinLabLoraLoaderBlocks
-    from klein_lora_lab.nodes.lora_mixer import KleinLabLoraMixer
-    from klein_lora_lab.nodes.lora_stack import KleinLabLoraStack
+    from klein_lora_lab.nodes.loras.lora_loader_blocks import KleinLabLoraLoaderBlocks
+    from klein_lora_lab.nodes.loras.lora_mixer import KleinLabLoraMixer
+    from klein_lora_lab.nodes.loras.lora_stack import KleinLabLoraStack
 
     ours = {cls.__name__: cls for cls in (KleinLabLoraLoaderBlocks, KleinLabLoraMixer, KleinLabLoraStack)}
     path = Path(__file__).parents[2] / "workflows" / "klein_lab_block_lora_and_mixer.json"
@@ -332,7 +332,7 @@ def test_weight_side_only_for_plain_linears(env, tiny_model_file) -> None:
     (manual-cast) Linears and a wrong compute dtype do not, so they keep ComfyUI's casting forward."""
     import comfy.model_management
     import comfy.sd
-    from klein_lora_lab.nodes.comfy_adapters import _plain_linear
+    from klein_lora_lab.nodes.comfy.forward_loras import _plain_linear
 
     comfy.model_management.load_models_gpu([env["model"]])
     qkv = env["model"].model.diffusion_model.double_blocks[0].img_attn.qkv
@@ -349,7 +349,7 @@ def test_same_file_is_read_once_until_it_changes(env) -> None:
     (a new checkpoint under the same name) is read again."""
     import os
 
-    from klein_lora_lab.nodes.comfy_adapters import load_lora_cached
+    from klein_lora_lab.nodes.comfy.forward_loras import load_lora_cached
 
     path = env["loras"] / "cached.safetensors"
     _write(_random_lora(env["shape"], 3, ()), "ours", path)

@@ -66,9 +66,9 @@ def env(comfy_root, tiny_model_file, tmp_path_factory):
 def test_flux1_model_from_unet_loader_is_refused_by_name(env):
     """A FLUX.1 model that ComfyUI's UNETLoader loaded is refused by the pack's nodes with a ValueError that says it
     is not FLUX.2 [klein] and which model to load (model info, the LoRA loader path and the trainer's model check)."""
-    from klein_lora_lab.nodes.comfy_adapters import StackItem, apply_items
-    from klein_lora_lab.nodes.model_info import KleinLabModelInfo
-    from klein_lora_lab.trainer_core.klein import read_shape
+    from klein_lora_lab.nodes.comfy.forward_loras import StackItem, apply_items
+    from klein_lora_lab.nodes.loras.model_info import KleinLabModelInfo
+    from klein_lora_lab.trainer_core.model.klein import read_shape
 
     assert type(env["flux1"].model.diffusion_model).__name__ == "Flux"
     for attempt in (
@@ -147,8 +147,8 @@ def test_bad_lora_through_the_loader_path_is_refused_by_name(env, make, words):
     """LoRAs of another Klein size or architecture, cut files and NaN files, picked from ComfyUI's loras list and
     applied to the loaded tiny Klein through the loader nodes' path, raise a LoraFormatError (a ValueError) naming
     the file; the MODEL given in is left without forward LoRAs."""
-    from klein_lora_lab.nodes.comfy_adapters import StackItem, apply_items, forward_loras_of
-    from klein_lora_lab.trainer_core.lora_formats import LoraFormatError
+    from klein_lora_lab.nodes.comfy.forward_loras import StackItem, apply_items, forward_loras_of
+    from klein_lora_lab.trainer_core.lora.lora_formats import LoraFormatError
 
     name = make(env["loras"])
     with pytest.raises(LoraFormatError) as info:

@@ -31,8 +31,8 @@ def diag_env(comfy_root, tiny_model_file, flux2_vae_file, tmp_path_factory):
     the encoded album it trained on (its one latent with FakeClip's conditioning of its caption)."""
     import folder_paths
     from klein_lora_lab.nodes import comfy_glue
-    from klein_lora_lab.trainer_core.data import TrainItem
-    from klein_lora_lab.trainer_core.latent_cache import EncodedDataset
+    from klein_lora_lab.trainer_core.training.data import TrainItem
+    from klein_lora_lab.trainer_core.album.latent_cache import EncodedDataset
 
     import nodes
 
@@ -65,7 +65,7 @@ def diag_env(comfy_root, tiny_model_file, flux2_vae_file, tmp_path_factory):
 
 
 def diagnose(env, **overrides):
-    from klein_lora_lab.nodes.diagnose_run import KleinLabDiagnoseRun
+    from klein_lora_lab.nodes.diagnose.diagnose_run import KleinLabDiagnoseRun
 
     args = dict(
         model=env["model"],
@@ -88,8 +88,8 @@ def test_diagnose_writes_a_record_per_checkpoint_and_scale(diag_env):
     clinic's findings; the LoRA changes the picture more at scale 2 than at 1; the input MODEL keeps no patch and
     the base frame of a prompt equals a plain render of that prompt on the input MODEL."""
     import folder_paths
-    from klein_lora_lab.nodes.comfy_render import RenderSettings, decode, encode_prompts, render_latent
-    from klein_lora_lab.trainer_core.sweet_spot import read_diagnostics
+    from klein_lora_lab.nodes.comfy.render import RenderSettings, decode, encode_prompts, render_latent
+    from klein_lora_lab.trainer_core.analysis.sweet_spot import read_diagnostics
 
     model = diag_env["model"]
     patches = dict(model.patches)
@@ -128,8 +128,8 @@ def test_sweet_spot_node_reads_the_diagnostics(diag_env):
     """The sweet-spot node returns a checkpoint of the run (as the loras list names it) and a scale that was
     measured, with the reasons and a chart of the asked size."""
     import folder_paths
-    from klein_lora_lab.nodes.sweet_spot import KleinLabSweetSpot
-    from klein_lora_lab.trainer_core.sweet_spot import read_diagnostics
+    from klein_lora_lab.nodes.diagnose.sweet_spot import KleinLabSweetSpot
+    from klein_lora_lab.trainer_core.analysis.sweet_spot import read_diagnostics
 
     if read_diagnostics(diag_env["run"].path) is None:
         diagnose(diag_env)
@@ -145,7 +145,7 @@ def test_sweet_spot_node_reads_the_diagnostics(diag_env):
 def test_lint_node_reports_an_album(diag_env):
     """The lint node resolves an album inside ComfyUI's folders and names the files of each finding, in text
     and JSON."""
-    from klein_lora_lab.nodes.dataset_lint import KleinLabDatasetLint
+    from klein_lora_lab.nodes.diagnose.dataset_lint import KleinLabDatasetLint
 
     album = diag_env["output"] / "lint_album"
     album.mkdir()
@@ -164,7 +164,7 @@ def test_lint_node_reports_an_album(diag_env):
 def test_train_node_validation_widgets(comfy_root):
     """The train node's validation_every widget: 0 (or absent, as in workflows saved before it existed) follows
     sample_every, any other value is its own cadence; validation_holdout reaches the settings."""
-    from klein_lora_lab.nodes.train_lora import settings_from_widgets
+    from klein_lora_lab.nodes.train.train_lora import settings_from_widgets
 
     assert settings_from_widgets("style", sample_every=5).validation_every == 5
     assert settings_from_widgets("style", sample_every=5, validation_every=0).validation_every == 5

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from klein_lora_lab.trainer_core.runfolder import RunFolder
-from klein_lora_lab.trainer_core.settings import TrainSettings
+from klein_lora_lab.trainer_core.runs.runfolder import RunFolder
+from klein_lora_lab.trainer_core.training.settings import TrainSettings
 
 
 def test_loras_list_offers_checkpoints_not_resume_state(comfy_root: Path, tmp_path: Path) -> None:

@@ -46,7 +46,7 @@ def scrub_env(comfy_root, tiny_model_file, flux2_vae_file, tmp_path_factory):
 
 def scrub(env, **overrides):
     """KleinLabScrubRun.execute as ComfyUI calls it (under inference mode), defaults: the run, 3 scales, 1 prompt."""
-    from klein_lora_lab.nodes.scrub_run import KleinLabScrubRun
+    from klein_lora_lab.nodes.scrub.scrub_run import KleinLabScrubRun
 
     args = dict(
         model=env["model"],
@@ -67,7 +67,7 @@ def scrub(env, **overrides):
 
 def base_render(env, prompt: str = PROMPT) -> torch.Tensor:
     """The frame the base model (no LoRA) gives with the same widgets, through the shared render helper."""
-    from klein_lora_lab.nodes.comfy_render import RenderSettings, decode, encode_prompts, render_latent
+    from klein_lora_lab.nodes.comfy.render import RenderSettings, decode, encode_prompts, render_latent
 
     clip = FakeClip()
     positive, negative = encode_prompts(clip, [prompt, ""])
@@ -85,8 +85,8 @@ def test_scrub_grid_order_scale_zero_and_no_reload(scrub_env, monkeypatch, caplo
     never reloaded or patched, the input MODEL is untouched, and the UI metadata points at files on disk."""
     import comfy.model_patcher
     import comfy.sd
-    from klein_lora_lab.nodes.comfy_adapters import forward_loras_of
-    from klein_lora_lab.nodes.comfy_render import SCRUB_UI_KEY, THUMB_SIZE
+    from klein_lora_lab.nodes.comfy.forward_loras import forward_loras_of
+    from klein_lora_lab.nodes.comfy.render import SCRUB_UI_KEY, THUMB_SIZE
     from PIL import Image
 
     model = scrub_env["model"]
@@ -171,7 +171,7 @@ def test_scrub_grid_order_scale_zero_and_no_reload(scrub_env, monkeypatch, caplo
 def test_scrub_prompts_axis_and_lora_files(scrub_env):
     """Two prompts make a third axis (checkpoint, scale, prompt order); LoRA files given by name work without a
     run, with a positive conditioning and cfg 1 (no negative needed), keeping the order given."""
-    from klein_lora_lab.nodes.comfy_render import SCRUB_UI_KEY, encode_prompts
+    from klein_lora_lab.nodes.comfy.render import SCRUB_UI_KEY, encode_prompts
 
     result = scrub(scrub_env, checkpoints="last 1", scales="0,1", prompts=f"{PROMPT}\n\na bicycle\n")
     labels = json.loads(result.result[2])
@@ -209,8 +209,8 @@ def test_scrub_prompts_axis_and_lora_files(scrub_env):
 )
 def test_scrub_input_errors(scrub_env, overrides, needle):
     """Bad inputs stop before any rendering, with a message naming the value and the fix."""
-    from klein_lora_lab.nodes.comfy_render import encode_prompts
-    from klein_lora_lab.trainer_core.scrub import ScrubError
+    from klein_lora_lab.nodes.comfy.render import encode_prompts
+    from klein_lora_lab.trainer_core.analysis.scrub import ScrubError
 
     if overrides.get("positive") == "cond":
         overrides["positive"] = encode_prompts(FakeClip(), [PROMPT])[0]
@@ -222,7 +222,7 @@ def test_scrub_honours_cancel(scrub_env):
     """Cancel (ComfyUI's interrupt flag) stops a scrub with ComfyUI's own interruption, not an error or a result,
     and the input MODEL stays untouched."""
     import comfy.model_management as mm
-    from klein_lora_lab.nodes.comfy_adapters import forward_loras_of
+    from klein_lora_lab.nodes.comfy.forward_loras import forward_loras_of
 
     mm.interrupt_current_processing(True)
     try:
@@ -236,8 +236,8 @@ def test_scrub_honours_cancel(scrub_env):
 def test_mixer_grid_cells(scrub_env):
     """LoRA A × LoRA B scales: cells are scale_a-major, the (0, 0) cell is the base render, each LoRA changes the
     image, both together differ from either alone, and the UI metadata has the scale_a/scale_b axes."""
-    from klein_lora_lab.nodes.comfy_render import SCRUB_UI_KEY
-    from klein_lora_lab.nodes.mixer_grid import KleinLabMixerGrid
+    from klein_lora_lab.nodes.comfy.render import SCRUB_UI_KEY
+    from klein_lora_lab.nodes.scrub.mixer_grid import KleinLabMixerGrid
 
     lora_a, lora_b = "arc/checkpoints/step_000001.safetensors", "arc/checkpoints/step_000003.safetensors"
     with torch.inference_mode():
@@ -271,8 +271,8 @@ def test_mixer_grid_cells(scrub_env):
 
 def test_compare_frames_by_index_and_label(comfy_root):
     """A/B compare picks frames by index or label, puts A left and B right, and reports |A − B| and its mean."""
-    from klein_lora_lab.nodes.compare_frames import KleinLabCompareFrames
-    from klein_lora_lab.trainer_core.scrub import ScrubError
+    from klein_lora_lab.nodes.scrub.compare_frames import KleinLabCompareFrames
+    from klein_lora_lab.trainer_core.analysis.scrub import ScrubError
 
     gen = torch.Generator().manual_seed(0)
     frames = torch.rand(3, 16, 16, 3, generator=gen)
@@ -351,7 +351,7 @@ def test_scrub_workflow_renders_a_3x3_grid_through_the_server(comfy_root, comfy_
     import uuid
 
     from harness.workflow_prompt import swap_for_tiny, workflow_to_prompt
-    from klein_lora_lab.nodes.comfy_render import SCRUB_UI_KEY, THUMB_SIZE
+    from klein_lora_lab.nodes.comfy.render import SCRUB_UI_KEY, THUMB_SIZE
     from PIL import Image
 
     run_name = f"scrub_srv_{uuid.uuid4().hex[:6]}"

@@ -65,8 +65,8 @@ def comfy_env(comfy_root, tiny_model_file, flux2_vae_file, tmp_path_factory):
 def test_encode_node_clip_path_caches(comfy_env, tiny_spec, tmp_path):
     """Through the CLIP interface every distinct caption (plus the empty prompt and the bicycle prompt) is
     encoded once; a second pass encodes nothing and returns identical tensors."""
-    from klein_lora_lab.nodes.dataset_folder import KleinLabDatasetFolder
-    from klein_lora_lab.nodes.encode_dataset import KleinLabEncodeDataset
+    from klein_lora_lab.nodes.train.dataset_folder import KleinLabDatasetFolder
+    from klein_lora_lab.nodes.train.encode_dataset import KleinLabEncodeDataset
 
     album = make_album(tmp_path / "album")
     dataset, summary = KleinLabDatasetFolder.execute(str(album), "TOK", "prepend", SIZE, "").result
@@ -98,11 +98,11 @@ def test_glue_training_writes_checkpoints_stock_loader_applies(comfy_env, tiny_s
     import comfy.utils
     import folder_paths
     from klein_lora_lab.nodes import comfy_glue
-    from klein_lora_lab.nodes.comfy_adapters import forward_loras_of
-    from klein_lora_lab.nodes.dataset_folder import KleinLabDatasetFolder
-    from klein_lora_lab.nodes.encode_dataset import KleinLabEncodeDataset
-    from klein_lora_lab.nodes.loss_curve import KleinLabLossCurve
-    from klein_lora_lab.nodes.train_lora import open_run, sample_config, settings_from_widgets
+    from klein_lora_lab.nodes.comfy.forward_loras import forward_loras_of
+    from klein_lora_lab.nodes.train.dataset_folder import KleinLabDatasetFolder
+    from klein_lora_lab.nodes.train.encode_dataset import KleinLabEncodeDataset
+    from klein_lora_lab.nodes.train.loss_curve import KleinLabLossCurve
+    from klein_lora_lab.nodes.train.train_lora import open_run, sample_config, settings_from_widgets
 
     comfy_glue.register_runs_folder()
     album = make_album(tmp_path / "album")
@@ -252,8 +252,8 @@ def test_cancel_keeps_a_resumable_run_and_resume_finishes_it_exactly(comfy_serve
     """/interrupt mid-run ends the prompt as interrupted but leaves a LoRA checkpoint that loads, with its
     resume state; resume=true continues from there to the end, and the final LoRA equals the one an
     uninterrupted run with the same settings produces."""
-    from klein_lora_lab.trainer_core.lora_file import load_lora
-    from klein_lora_lab.trainer_core.runfolder import RunFolder, checkpoint_step
+    from klein_lora_lab.trainer_core.lora.lora_file import load_lora
+    from klein_lora_lab.trainer_core.runs.runfolder import RunFolder, checkpoint_step
 
     album = make_album(comfy_server.base_dir / "input" / "album_cancel")
     run_dir = runs_folder(comfy_server) / "cancel"
@@ -334,10 +334,10 @@ def test_image_pairs_train_with_reference_latents(comfy_env, tiny_spec, tmp_path
     """An image-to-image album trains through the glue: items carry the encoded reference, previews sample
     with it, and the checkpoint records the image_to_image preset's rank."""
     from klein_lora_lab.nodes import comfy_glue
-    from klein_lora_lab.nodes.dataset_pairs import KleinLabDatasetPairs
-    from klein_lora_lab.nodes.encode_dataset import KleinLabEncodeDataset
-    from klein_lora_lab.nodes.train_lora import open_run, sample_config, settings_from_widgets
-    from klein_lora_lab.trainer_core.lora_file import load_lora
+    from klein_lora_lab.nodes.train.dataset_pairs import KleinLabDatasetPairs
+    from klein_lora_lab.nodes.train.encode_dataset import KleinLabEncodeDataset
+    from klein_lora_lab.nodes.train.train_lora import open_run, sample_config, settings_from_widgets
+    from klein_lora_lab.trainer_core.lora.lora_file import load_lora
 
     make_album(tmp_path / "pimpmyride", label="pimped car", tint=40)
     make_album(tmp_path / "pimpmyride_control", label="plain car", tint=80)

@@ -56,7 +56,7 @@ def _spec_key(spec) -> str:
 
 def tiny_klein_path(spec=None, seed: int = 0) -> Path:
     """Path of a safetensors file holding `tiny_klein_state_dict(spec, seed)`; ComfyUI's UNETLoader sees flux2."""
-    from klein_lora_lab.trainer_core.tiny import TinySpec, tiny_klein_state_dict
+    from klein_lora_lab.trainer_core.model.tiny import TinySpec, tiny_klein_state_dict
     from safetensors.torch import save_file
 
     spec = TinySpec() if spec is None else spec
@@ -70,15 +70,15 @@ def tiny_klein_path(spec=None, seed: int = 0) -> Path:
 
 def tiny_conditioning(spec=None, tokens: int = 8, batch: int = 1, seed: int = 0):
     """Text conditioning [batch, tokens, context_dim] matching `spec`'s context width (stands in for Qwen3)."""
-    from klein_lora_lab.trainer_core.tiny import TinySpec
-    from klein_lora_lab.trainer_core.tiny import tiny_conditioning as make
+    from klein_lora_lab.trainer_core.model.tiny import TinySpec
+    from klein_lora_lab.trainer_core.model.tiny import tiny_conditioning as make
 
     return make(TinySpec() if spec is None else spec, tokens=tokens, batch=batch, seed=seed)
 
 
 def tiny_conditioning_path(spec=None, tokens: int = 8, batch: int = 1, seed: int = 0) -> Path:
     """`tiny_conditioning(...)` saved as safetensors under the key `cond` (for the server-side loader node)."""
-    from klein_lora_lab.trainer_core.tiny import TinySpec
+    from klein_lora_lab.trainer_core.model.tiny import TinySpec
     from safetensors.torch import save_file
 
     spec = TinySpec() if spec is None else spec

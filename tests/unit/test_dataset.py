@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from klein_lora_lab.trainer_core.dataset import (
+from klein_lora_lab.trainer_core.album.dataset import (
     DatasetError,
     bucket_sizes,
     choose_bucket,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from klein_lora_lab.trainer_core.dataset_lint import CHECK_ORDER, dhash, hamming, lint_album
+from klein_lora_lab.trainer_core.album.dataset_lint import CHECK_ORDER, dhash, hamming, lint_album
 from PIL import Image
 
 SIDE = 512

@@ -12,15 +12,15 @@ import os
 from pathlib import Path
 
 import pytest
-from klein_lora_lab.trainer_core.runfolder import RunFolder
-from klein_lora_lab.trainer_core.safe_paths import (
+from klein_lora_lab.trainer_core.runs.runfolder import RunFolder
+from klein_lora_lab.trainer_core.files.safe_paths import (
     MAX_NAME_BYTES,
     UnsafePathError,
     child_path,
     resolve_inside,
     safe_name,
 )
-from klein_lora_lab.trainer_core.settings import TrainSettings
+from klein_lora_lab.trainer_core.training.settings import TrainSettings
 
 PACK_ROOT = Path(__file__).resolve().parents[2]
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from klein_lora_lab.trainer_core.lora_file import load_lora
-from klein_lora_lab.trainer_core.runfolder import RunFolder, checkpoint_step
+from klein_lora_lab.trainer_core.lora.lora_file import load_lora
+from klein_lora_lab.trainer_core.runs.runfolder import RunFolder, checkpoint_step
 from safetensors import safe_open
 
 WORKER = Path(__file__).resolve().parents[1] / "harness" / "kill_worker.py"

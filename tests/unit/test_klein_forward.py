@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import torch
-from klein_lora_lab.trainer_core.adapters import AdapterStack, LoraTrainable
-from klein_lora_lab.trainer_core.klein import klein_forward, read_shape
-from klein_lora_lab.trainer_core.tiny import TinySpec, tiny_conditioning, tiny_klein
+from klein_lora_lab.trainer_core.lora.adapters import AdapterStack, LoraTrainable
+from klein_lora_lab.trainer_core.model.klein import klein_forward, read_shape
+from klein_lora_lab.trainer_core.model.tiny import TinySpec, tiny_conditioning, tiny_klein
 
 SPEC = TinySpec()
 
@@ -112,7 +112,7 @@ def test_compiled_blocks_match_eager() -> None:
 def test_random_checkpoint_has_the_checkpoint_layout() -> None:
     """The random (benchmark) checkpoint has exactly the keys and shapes of a tiny Klein checkpoint, in bf16,
     with unit RMSNorm scales."""
-    from klein_lora_lab.trainer_core.tiny import random_checkpoint, tiny_klein_state_dict
+    from klein_lora_lab.trainer_core.model.tiny import random_checkpoint, tiny_klein_state_dict
 
     spec = TinySpec(hidden=128, double_blocks=1, single_blocks=2, context_dim=16)
     ref = tiny_klein_state_dict(spec)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from klein_lora_lab.trainer_core.latent_cache import (
+from klein_lora_lab.trainer_core.album.latent_cache import (
     LatentCache,
     content_key,
     fingerprint_tensors,
@@ -120,8 +120,8 @@ class _FakeEncoders:
 def test_encode_album_encodes_once_then_hits(tmp_path: Path):
     """First pass encodes each image and each distinct caption once; the second pass encodes nothing and gives
     identical tensors; items carry latents at their bucket size and the captions' contexts."""
-    from klein_lora_lab.trainer_core.dataset import scan_folder
-    from klein_lora_lab.trainer_core.latent_cache import encode_album
+    from klein_lora_lab.trainer_core.album.dataset import scan_folder
+    from klein_lora_lab.trainer_core.album.latent_cache import encode_album
 
     _album(tmp_path)
     ds = scan_folder(tmp_path / "tgt", resolution=32, trigger="TOK")
@@ -150,8 +150,8 @@ def test_encode_album_encodes_once_then_hits(tmp_path: Path):
 
 def test_encode_album_pairs_carry_reference_latents(tmp_path: Path):
     """Image-to-image items hold the encoded reference at the target's bucket size."""
-    from klein_lora_lab.trainer_core.dataset import scan_pairs
-    from klein_lora_lab.trainer_core.latent_cache import encode_album
+    from klein_lora_lab.trainer_core.album.dataset import scan_pairs
+    from klein_lora_lab.trainer_core.album.latent_cache import encode_album
 
     _album(tmp_path, pairs=True)
     ds = scan_pairs(tmp_path / "ref", tmp_path / "tgt", resolution=32, trigger="TOK")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from klein_lora_lab.trainer_core.adapters import LoraWeights
-from klein_lora_lab.trainer_core.lora_file import load_lora, save_lora
+from klein_lora_lab.trainer_core.lora.adapters import LoraWeights
+from klein_lora_lab.trainer_core.lora.lora_file import load_lora, save_lora
 from safetensors import safe_open
 from safetensors.torch import save_file
 

@@ -6,9 +6,9 @@ import copy
 
 import pytest
 import torch
-from klein_lora_lab.trainer_core.adapters import AdapterStack, LoraWeights
-from klein_lora_lab.trainer_core.klein import KleinShape, klein_forward, read_shape
-from klein_lora_lab.trainer_core.lora_formats import (
+from klein_lora_lab.trainer_core.lora.adapters import AdapterStack, LoraWeights
+from klein_lora_lab.trainer_core.model.klein import KleinShape, klein_forward, read_shape
+from klein_lora_lab.trainer_core.lora.lora_formats import (
     LoraFormatError,
     klein_linear_shapes,
     read_lora,
@@ -17,7 +17,7 @@ from klein_lora_lab.trainer_core.lora_formats import (
     write_kohya,
     write_peft,
 )
-from klein_lora_lab.trainer_core.tiny import TinySpec, tiny_conditioning, tiny_klein
+from klein_lora_lab.trainer_core.model.tiny import TinySpec, tiny_conditioning, tiny_klein
 
 SPEC = TinySpec(hidden=128, double_blocks=2, single_blocks=3, context_dim=48)
 
@@ -230,7 +230,7 @@ def test_refuses_9b_lora_on_4b_by_hidden_size() -> None:
 
 def test_refuses_9b_shaped_lora_on_4b_shaped_model_by_blocks() -> None:
     """Same hidden, more blocks (9B layout on a 4B-shaped model): the message names the blocks and Klein 9B."""
-    from klein_lora_lab.trainer_core.tiny import SPEC_4B_SHAPED, SPEC_9B_SHAPED
+    from klein_lora_lab.trainer_core.model.tiny import SPEC_4B_SHAPED, SPEC_9B_SHAPED
 
     weights = _random_lora(_shape(SPEC_9B_SHAPED), names=["double_blocks.7.txt_attn.proj", "single_blocks.23.linear2"])
     with pytest.raises(LoraFormatError, match=r"double_blocks\.7 / single_blocks\.23.*Klein 9B \(8 double \+ 24"):
@@ -267,7 +267,7 @@ def test_wrong_context_dim_names_the_module() -> None:
 
 def test_reads_files_written_by_the_trainer(tmp_path) -> None:
     """A checkpoint saved by lora_file.save_lora (bf16, with metadata) reads back as the same weights, as 'native'."""
-    from klein_lora_lab.trainer_core.lora_file import save_lora
+    from klein_lora_lab.trainer_core.lora.lora_file import save_lora
 
     shape = _shape()
     weights = {k: LoraWeights(w.down.bfloat16(), w.up.bfloat16(), w.alpha) for k, w in _random_lora(shape).items()}

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from klein_lora_lab.trainer_core.loss_curve import (
+from klein_lora_lab.trainer_core.analysis.loss_curve import (
     CHECKPOINT,
     SMOOTH,
     VALIDATION,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
-from klein_lora_lab.trainer_core.objective import (
+from klein_lora_lab.trainer_core.training.objective import (
     add_noise,
     compute_empirical_mu,
     flow_loss,
@@ -13,7 +13,7 @@ from klein_lora_lab.trainer_core.objective import (
     sample_sigmas,
     velocity_target,
 )
-from klein_lora_lab.trainer_core.sampling import flux2_sigmas
+from klein_lora_lab.trainer_core.training.sampling import flux2_sigmas
 
 
 def test_denoised_of_the_target_is_the_clean_latent() -> None:

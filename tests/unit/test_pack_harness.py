@@ -22,7 +22,7 @@ def cache_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def test_tiny_klein_file_is_cached_and_holds_the_seeded_weights(cache_root: Path) -> None:
     """The file is built once per (spec, seed, code), holds exactly tiny_klein_state_dict, and seeds differ."""
-    from klein_lora_lab.trainer_core.tiny import TinySpec, tiny_klein_state_dict
+    from klein_lora_lab.trainer_core.model.tiny import TinySpec, tiny_klein_state_dict
 
     spec = TinySpec(hidden=128, double_blocks=1, single_blocks=1, context_dim=16)
     first = fixtures.tiny_klein_path(spec, seed=3)
@@ -38,7 +38,7 @@ def test_tiny_klein_file_is_cached_and_holds_the_seeded_weights(cache_root: Path
 
 def test_conditioning_file_matches_context_width(cache_root: Path) -> None:
     """The saved conditioning has the spec's context width and equals tiny_conditioning for the same seed."""
-    from klein_lora_lab.trainer_core.tiny import TinySpec
+    from klein_lora_lab.trainer_core.model.tiny import TinySpec
 
     spec = TinySpec(context_dim=24)
     cond = load_file(str(fixtures.tiny_conditioning_path(spec, tokens=5, seed=1)))["cond"]

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from klein_lora_lab.trainer_core.runfolder import RunFolder, checkpoint_step
-from klein_lora_lab.trainer_core.settings import TrainSettings
+from klein_lora_lab.trainer_core.runs.runfolder import RunFolder, checkpoint_step
+from klein_lora_lab.trainer_core.training.settings import TrainSettings
 
 
 def test_create_and_open_round_trip(tmp_path: Path) -> None:

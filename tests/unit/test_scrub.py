@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from klein_lora_lab.trainer_core.scrub import (
+from klein_lora_lab.trainer_core.analysis.scrub import (
     MAX_FRAMES,
     MIN_CELL,
     Checkpoint,

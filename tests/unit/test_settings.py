@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from klein_lora_lab.trainer_core.settings import PRESETS, SettingsError, TrainSettings, preset
+from klein_lora_lab.trainer_core.training.settings import PRESETS, SettingsError, TrainSettings, preset
 
 
 def test_defaults_match_the_contract() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from klein_lora_lab.trainer_core.sweet_spot import (
+from klein_lora_lab.trainer_core.analysis.sweet_spot import (
     COLOURS,
     DIAGNOSTICS_FILE,
     read_diagnostics,

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from klein_lora_lab.trainer_core.targeting import resolve_targets
-from klein_lora_lab.trainer_core.tiny import SPEC_4B_SHAPED, TinySpec, tiny_klein
+from klein_lora_lab.trainer_core.model.targeting import resolve_targets
+from klein_lora_lab.trainer_core.model.tiny import SPEC_4B_SHAPED, TinySpec, tiny_klein
 
 MODEL_4B = tiny_klein(SPEC_4B_SHAPED)  # 5 double + 20 single blocks, hidden 128
 

@@ -6,15 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from klein_lora_lab.trainer_core.adapters import LoraTrainable
-from klein_lora_lab.trainer_core.data import TrainItem
-from klein_lora_lab.trainer_core.klein import klein_forward
-from klein_lora_lab.trainer_core.lora_file import load_lora
-from klein_lora_lab.trainer_core.runfolder import RunFolder
-from klein_lora_lab.trainer_core.settings import TrainSettings
-from klein_lora_lab.trainer_core.targeting import resolve_targets
-from klein_lora_lab.trainer_core.tiny import TinySpec, tiny_conditioning, tiny_klein
-from klein_lora_lab.trainer_core.trainer import NonFiniteLossError, TrainCallbacks, lr_at, train
+from klein_lora_lab.trainer_core.lora.adapters import LoraTrainable
+from klein_lora_lab.trainer_core.training.data import TrainItem
+from klein_lora_lab.trainer_core.model.klein import klein_forward
+from klein_lora_lab.trainer_core.lora.lora_file import load_lora
+from klein_lora_lab.trainer_core.runs.runfolder import RunFolder
+from klein_lora_lab.trainer_core.training.settings import TrainSettings
+from klein_lora_lab.trainer_core.model.targeting import resolve_targets
+from klein_lora_lab.trainer_core.model.tiny import TinySpec, tiny_conditioning, tiny_klein
+from klein_lora_lab.trainer_core.training.trainer import NonFiniteLossError, TrainCallbacks, lr_at, train
 
 SPEC = TinySpec(hidden=128, double_blocks=1, single_blocks=1, context_dim=16)
 BASE = dict(rank=4, alpha=4, learning_rate=1e-3, steps=6, checkpoint_every=3, save_dtype="fp32")
@@ -252,7 +252,7 @@ def test_training_works_when_called_under_inference_mode(tmp_path: Path) -> None
 def test_batches_never_mix_sizes_and_cover_every_item() -> None:
     """Each epoch visits every item exactly once, a batch holds one latent size only, and the order is a pure
     function of (seed, micro-step): the same seed gives the same batches, another seed another order."""
-    from klein_lora_lab.trainer_core.data import BatchOrder
+    from klein_lora_lab.trainer_core.training.data import BatchOrder
 
     items = _items(7)
     order = BatchOrder(items, batch_size=2, seed=3)

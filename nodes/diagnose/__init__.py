@@ -1,0 +1,1 @@
+"""Nodes of the clinic: dataset lint, diagnosing a run, the sweet spot."""

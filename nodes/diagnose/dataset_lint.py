@@ -1,0 +1,70 @@
+"""Klein Dataset Lint: what to fix in an album before training (duplicates, sizes, captions, trigger,
+backdrops, album size for the preset), each finding with its files. Needs no model: run it before encoding."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ...trainer_core.album.dataset_lint import PRESET_ALBUM_SIZES, lint_album
+from ..comfy import glue as comfy_glue
+from ..train.dataset_folder import FOLDER_TIP, TRIGGER_TIP
+
+
+class KleinLabDatasetLint(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="KleinLabDatasetLint",
+            display_name="Klein Dataset Lint",
+            category="Klein LoRA Lab/diagnostics",
+            description=(
+                "Checks an album before training: near-duplicates, small or oddly shaped images, missing or empty "
+                "captions, captions without the trigger, flat backdrops, unpaired files and too few images for "
+                "the preset. Each warning names the files."
+            ),
+            inputs=[
+                io.String.Input("folder", default="", tooltip=FOLDER_TIP + " For pairs: the target folder."),
+                io.String.Input(
+                    "pairs_folder",
+                    default="",
+                    tooltip="Image-to-image only: the reference (control) folder, matched by file name. Empty for "
+                    "a plain album.",
+                ),
+                io.String.Input("trigger", default="TOK", tooltip=TRIGGER_TIP),
+                io.Combo.Input(
+                    "preset",
+                    options=list(PRESET_ALBUM_SIZES),
+                    default="style",
+                    tooltip="The preset you will train with: sets the album size the course recommends (style "
+                    "50-200, character 20-60, object 30-100, image_to_image 30-100 pairs).",
+                ),
+                io.Int.Input(
+                    "resolution",
+                    default=512,
+                    min=16,
+                    max=4096,
+                    step=16,
+                    tooltip="The base resolution you will bucket at (for the crop notes).",
+                ),
+            ],
+            outputs=[
+                io.String.Output(display_name="report", tooltip="The findings, one line each, with file names."),
+                io.String.Output(display_name="warnings_json", tooltip="The findings as JSON (code, severity, files)."),
+            ],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, folder: str, pairs_folder: str, **kwargs) -> str:
+        folders = [comfy_glue.resolve_album_folder(f) for f in (folder, pairs_folder) if f.strip()]
+        return comfy_glue.folder_fingerprint(*folders) + "|" + "|".join(f"{k}={v}" for k, v in sorted(kwargs.items()))
+
+    @classmethod
+    def execute(cls, folder: str, pairs_folder: str, trigger: str, preset: str, resolution: int) -> io.NodeOutput:
+        pairs = comfy_glue.resolve_album_folder(pairs_folder) if pairs_folder.strip() else None
+        report = lint_album(comfy_glue.resolve_album_folder(folder), trigger, preset, pairs, resolution)
+        text = report.to_text()
+        return io.NodeOutput(text, report.to_json(), ui={"text": [text]})
+
+
+NODES = [KleinLabDatasetLint]

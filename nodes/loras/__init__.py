@@ -1,0 +1,1 @@
+"""Nodes that load, stack and mix LoRAs, and describe the loaded model."""

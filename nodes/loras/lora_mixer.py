@@ -1,0 +1,56 @@
+"""Klein LoRA Mixer: several LoRAs at forward time on one model, each with its own scale and block preset."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..comfy.forward_loras import LORA_STACK, StackItem, apply_items, lora_list, preset_input, strength_input
+
+SLOTS = 4
+NONE = "None"
+
+
+def _slot_inputs(i: int) -> list:
+    return [
+        io.Combo.Input(
+            f"lora_{i}",
+            options=[NONE, *lora_list()],
+            default=NONE,
+            tooltip=f"LoRA of slot {i} ('None' = empty slot).",
+        ),
+        strength_input(f"scale_{i}", f"Scale of slot {i}; negative values push away from the LoRA."),
+        preset_input(f"preset_{i}", custom=False),
+    ]
+
+
+class KleinLabLoraMixer(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="KleinLabLoraMixer",
+            display_name="Klein LoRA Mixer",
+            category="Klein LoRA Lab/loaders",
+            description=(
+                "Mixes several FLUX.2 [klein] LoRAs at forward time (e.g. a subject and a style LoRA), each with "
+                "its own scale and block preset. Changing a scale never re-patches the model weights."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="A FLUX.2 [klein] model."),
+                *[inp for i in range(1, SLOTS + 1) for inp in _slot_inputs(i)],
+                LORA_STACK.Input("lora_stack", optional=True, tooltip="More LoRAs from Klein LoRA Stack nodes."),
+            ],
+            outputs=[io.Model.Output(display_name="model")],
+        )
+
+    @classmethod
+    def execute(cls, model, lora_stack=None, **slots) -> io.NodeOutput:
+        items = [
+            StackItem(slots[f"lora_{i}"], slots[f"scale_{i}"], slots[f"preset_{i}"])
+            for i in range(1, SLOTS + 1)
+            if slots[f"lora_{i}"] != NONE
+        ]
+        patched, report = apply_items(model, [*items, *(lora_stack or ())])
+        return io.NodeOutput(patched, ui={"text": [report]})
+
+
+NODES = [KleinLabLoraMixer]

@@ -1,0 +1,1 @@
+"""Nodes that render a run's checkpoints × scales, mixer grids and A/B comparisons."""

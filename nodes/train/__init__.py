@@ -1,0 +1,1 @@
+"""Nodes of the Train job: album, encoding, training, the loss curve."""

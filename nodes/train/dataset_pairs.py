@@ -1,0 +1,67 @@
+"""Image-to-image dataset: a reference folder and a target folder matched by file name."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ...trainer_core.album.dataset import scan_pairs
+from ..comfy import glue as comfy_glue
+from .dataset_folder import DATASET, trigger_inputs
+
+
+class KleinLabDatasetPairs(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="KleinLabDatasetPairs",
+            display_name="Klein Dataset (Image Pairs)",
+            category="Klein LoRA Lab/train",
+            description=(
+                "Reference → target pairs for an edit LoRA, matched by file name (e.g. pimpmyride_control/001.png → "
+                "pimpmyride/001.png). Captions come from the target folder. Unmatched files are listed in one error."
+            ),
+            inputs=[
+                io.String.Input(
+                    "reference_folder",
+                    default="",
+                    tooltip="Folder of the input images (what the LoRA gets): absolute, or inside ComfyUI's input.",
+                ),
+                io.String.Input(
+                    "target_folder",
+                    default="",
+                    tooltip="Folder of the wanted results, same file names as the references, with .txt captions.",
+                ),
+                *trigger_inputs(),
+            ],
+            outputs=[DATASET.Output(display_name="dataset"), io.String.Output(display_name="summary")],
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, reference_folder: str, target_folder: str, **kwargs) -> str:
+        return comfy_glue.folder_fingerprint(
+            comfy_glue.resolve_album_folder(reference_folder), comfy_glue.resolve_album_folder(target_folder)
+        )
+
+    @classmethod
+    def execute(
+        cls,
+        reference_folder: str,
+        target_folder: str,
+        trigger: str,
+        trigger_mode: str,
+        resolution: int,
+        default_caption: str,
+    ) -> io.NodeOutput:
+        dataset = scan_pairs(
+            comfy_glue.resolve_album_folder(reference_folder),
+            comfy_glue.resolve_album_folder(target_folder),
+            resolution,
+            trigger,
+            trigger_mode,
+            default_caption,
+        )
+        summary = dataset.summary()
+        return io.NodeOutput(dataset, summary, ui={"text": [summary]})
+
+
+NODES = [KleinLabDatasetPairs]

@@ -1,0 +1,91 @@
+"""Encode a dataset once: captions through the user's CLIP, images through the user's VAE, into a disk cache.
+
+A second run on the same album with the same encoders reads everything from the cache, so the text encoder and
+VAE can leave the GPU during training (the train node unloads them).
+"""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ...trainer_core.album.dataset import Dataset, insert_trigger
+from ...trainer_core.album.latent_cache import LatentCache, encode_album, fingerprint_tensors
+from ..comfy import glue as comfy_glue
+from .dataset_folder import DATASET
+
+ENCODED_DATASET = io.Custom("KLEIN_ENCODED_DATASET")
+DEFAULT_VALIDATION_PROMPTS = "a photo of [trigger] riding a bicycle"
+
+
+def parse_validation_prompts(text: str, trigger: str) -> list[str]:
+    """One prompt per non-empty line, '[trigger]' replaced by the dataset's trigger word."""
+    return [insert_trigger(line, trigger, "none") for line in text.splitlines() if line.strip()]
+
+
+class KleinLabEncodeDataset(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="KleinLabEncodeDataset",
+            display_name="Klein Encode Dataset (cached)",
+            category="Klein LoRA Lab/train",
+            description=(
+                "Encodes every caption with the CLIP (Klein's Qwen3 text encoder) and every image with the VAE, once, "
+                "into a cache keyed by content. A second run on the same album encodes nothing."
+            ),
+            inputs=[
+                DATASET.Input("dataset", tooltip="From 'Klein Dataset (Folder)' or 'Klein Dataset (Image Pairs)'."),
+                io.Vae.Input("vae", tooltip="The FLUX.2 VAE ('Load VAE', flux2-vae.safetensors)."),
+                io.Clip.Input(
+                    "clip",
+                    optional=True,
+                    tooltip="Klein's text encoder (Load CLIP, type flux2). Encodes each caption once.",
+                ),
+                io.String.Input(
+                    "validation_prompts",
+                    default=DEFAULT_VALIDATION_PROMPTS,
+                    multiline=True,
+                    tooltip=(
+                        "Prompts sampled during training at a fixed seed, one per line; [trigger] becomes the "
+                        "trigger word. Keep one the album never showed (the bicycle test)."
+                    ),
+                ),
+                io.Conditioning.Input(
+                    "conditioning",
+                    optional=True,
+                    tooltip=(
+                        "Advanced: one conditioning used for every caption and validation prompt instead of the "
+                        "CLIP (single-caption albums, tests). Leave empty to encode the captions with the CLIP."
+                    ),
+                ),
+            ],
+            outputs=[ENCODED_DATASET.Output(display_name="encoded_dataset"), io.String.Output(display_name="report")],
+        )
+
+    @classmethod
+    def execute(cls, dataset: Dataset, vae, validation_prompts: str, clip=None, conditioning=None) -> io.NodeOutput:
+        prompts = parse_validation_prompts(validation_prompts, dataset.trigger)
+        if conditioning is not None:
+            fixed = comfy_glue.conditioning_tensor(conditioning)
+            encode_text, text_id = (lambda _text: fixed), "fixed:" + fingerprint_tensors([("cond", fixed)])
+        elif clip is not None:
+            encode_text, text_id = comfy_glue.clip_text_encoder(clip), comfy_glue.clip_identity(clip)
+        else:
+            raise ValueError("Klein Encode Dataset needs a text encoder: connect 'clip' (Load CLIP, type flux2).")
+        encoded = encode_album(
+            dataset,
+            comfy_glue.vae_image_encoder(vae),
+            encode_text,
+            comfy_glue.vae_identity(vae),
+            text_id,
+            LatentCache(comfy_glue.cache_dir()),
+            validation_prompts=prompts,
+            # A fixed conditioning has no empty-caption counterpart, so caption dropout needs the CLIP.
+            with_empty_caption=conditioning is None,
+            on_progress=comfy_glue.counter_progress(),
+        )
+        report = encoded.report()
+        return io.NodeOutput(encoded, report, ui={"text": [report]})
+
+
+NODES = [KleinLabEncodeDataset]

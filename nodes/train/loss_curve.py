@@ -1,0 +1,68 @@
+"""Loss curve of a run folder: training loss, its EMA, validation loss and checkpoint marks, as an IMAGE."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from comfy_api.latest import io, ui
+
+from ...trainer_core.analysis.loss_curve import history_from_records, loss_curve_image
+from ...trainer_core.runs.runfolder import RunFolder, checkpoint_step
+from ...trainer_core.files.safe_paths import resolve_inside
+from ..comfy import glue as comfy_glue
+
+
+def resolve_run(run: str) -> Path:
+    """A run as typed: a run name under <output>/klein_lora_lab/runs, or an absolute path to a run folder inside
+    an allowed folder (safe_paths refuses '..', NUL bytes and symlinks out of those folders)."""
+    return resolve_inside(run, comfy_glue.allowed_roots(), "run", base=comfy_glue.runs_dir())
+
+
+def run_loss_curve(run: RunFolder, width: int, height: int, smoothing: float):
+    """[1, height, width, 3] IMAGE of the run's metrics, with its checkpoints marked."""
+    history = history_from_records(run.read_metrics(), [checkpoint_step(p) for p in run.checkpoints()])
+    return loss_curve_image(history, width, height, smoothing, title=run.path.name)
+
+
+class KleinLabLossCurve(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="KleinLabLossCurve",
+            display_name="Klein Loss Curve",
+            category="Klein LoRA Lab/train",
+            description="Draws a run's loss curve: raw loss, smoothed loss, validation loss and checkpoint marks.",
+            inputs=[
+                io.String.Input(
+                    "run",
+                    default="klein_lora",
+                    tooltip="Run name (a folder of output/klein_lora_lab/runs) or the absolute path of a run folder.",
+                ),
+                io.Int.Input("width", default=768, min=200, max=4096, tooltip="Picture width in pixels."),
+                io.Int.Input("height", default=384, min=120, max=4096, tooltip="Picture height in pixels."),
+                io.Float.Input(
+                    "smoothing",
+                    default=0.9,
+                    min=0.0,
+                    max=0.999,
+                    step=0.01,
+                    tooltip="EMA factor of the smoothed curve: 0 = raw, 0.9 ≈ the last 10 steps, 0.99 ≈ the last 100.",
+                ),
+            ],
+            outputs=[io.Image.Output(display_name="loss_curve")],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def fingerprint_inputs(cls, run: str, **kwargs) -> str:
+        # New metrics or checkpoints redraw the curve; an unchanged run reuses ComfyUI's cached picture.
+        folder = resolve_run(run)
+        return comfy_glue.folder_fingerprint(folder, folder / "checkpoints")
+
+    @classmethod
+    def execute(cls, run: str, width: int, height: int, smoothing: float) -> io.NodeOutput:
+        image = run_loss_curve(RunFolder.open(resolve_run(run)), width, height, smoothing)
+        return io.NodeOutput(image, ui=ui.PreviewImage(image, cls=cls))
+
+
+NODES = [KleinLabLossCurve]

@@ -1,0 +1,234 @@
+"""Train a Klein LoRA on the MODEL ComfyUI loaded: presets, live loss and previews, Cancel keeps the run."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import replace
+
+from comfy_api.latest import io
+
+from ...trainer_core.album.latent_cache import EncodedDataset
+from ...trainer_core.runs.runfolder import RunFolder
+from ...trainer_core.files.safe_paths import child_path, safe_name
+from ...trainer_core.training.settings import PRESETS, TrainSettings, preset
+from ..comfy import glue as comfy_glue
+from .encode_dataset import ENCODED_DATASET
+from .loss_curve import run_loss_curve
+
+comfy_glue.register_runs_folder()  # checkpoints of earlier runs show in the loras list from startup on
+
+RUN_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-. ")
+
+
+def settings_from_widgets(preset_name: str, **widgets) -> TrainSettings:
+    """The preset with every widget applied on top; a 0 in rank/alpha/learning_rate/steps keeps the preset's."""
+    keep_preset = ("rank", "alpha", "learning_rate", "steps")
+    overrides = {k: v for k, v in widgets.items() if not (k in keep_preset and v == 0)}
+    # validation_every 0 (or absent) measures the validation loss whenever previews are taken, so the curve gets
+    # a validation line.
+    if not overrides.get("validation_every"):
+        overrides["validation_every"] = widgets.get("sample_every", 0)
+    return preset(preset_name, **overrides)
+
+
+def open_run(run_name: str, settings: TrainSettings, encoded: EncodedDataset, resume: bool) -> RunFolder:
+    """The run folder under <output>/klein_lora_lab/runs: a new one, or the existing one when resuming."""
+    name = safe_name(run_name, "run name")  # no separators, '..', NUL, reserved or over-long names
+    if set(name) - RUN_NAME_CHARS:
+        raise ValueError(f"run name {run_name!r}: use letters, digits, spaces, '_', '-' and '.' (e.g. 'tok_style_v1').")
+    path = child_path(comfy_glue.runs_dir(), name, what="run name")  # refuses a symlink leading elsewhere
+    if (path / "run.json").is_file():
+        if not resume:
+            raise ValueError(
+                f"run '{name}' already exists in {path}: turn resume on to continue it, or give a new run name."
+            )
+        return RunFolder.open(path)
+    meta = {
+        "trigger": encoded.trigger,
+        "dataset_kind": encoded.kind,
+        "album_hash": encoded.dataset_hash,
+        "items": len(encoded.items),
+        "validation_prompts": list(encoded.validation_prompts),
+    }
+    return RunFolder.create(path, settings, meta)
+
+
+def sample_config(encoded: EncodedDataset, steps: int, cfg: float, seed: int) -> comfy_glue.SampleConfig | None:
+    """Previews at the album's most common latent size, fixed seed, the encoded validation prompts."""
+    if steps == 0 or not encoded.validation_contexts:
+        return None
+    sizes = Counter(tuple(item.latent.shape[-2:]) for item in encoded.items)
+    h, w = sizes.most_common(1)[0][0]
+    first = next(item for item in encoded.items if tuple(item.latent.shape[-2:]) == (h, w))
+    return comfy_glue.SampleConfig(
+        contexts=encoded.validation_contexts,
+        negative=encoded.empty_context,
+        latent_hw=(h, w),
+        refs=first.refs,
+        steps=steps,
+        cfg=cfg if encoded.empty_context is not None else 1.0,
+        seed=seed,
+    )
+
+
+def _int(name: str, default: int, lo: int, hi: int, tip: str, step: int = 1) -> io.Int.Input:
+    return io.Int.Input(name, default=default, min=lo, max=hi, step=step, tooltip=tip)
+
+
+class KleinLabTrainLora(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="KleinLabTrainLora",
+            display_name="Klein Train LoRA",
+            category="Klein LoRA Lab/train",
+            description=(
+                "Trains a LoRA on the loaded Klein Base model. Watch the loss and the previews; press Cancel at the "
+                "sweet spot: the run is kept and a later run with resume on continues exactly where it stopped."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="FLUX.2 [klein] Base from 'Load Diffusion Model' (trained in place)."),
+                ENCODED_DATASET.Input("encoded_dataset", tooltip="From 'Klein Encode Dataset (cached)'."),
+                io.Combo.Input(
+                    "preset",
+                    options=list(PRESETS),
+                    default="style",
+                    tooltip="The course's starting point: style 16/3e-4, character 32/2e-4, object 24/2e-4, "
+                    "image_to_image 32/1e-4 (rank / learning rate).",
+                ),
+                io.String.Input(
+                    "run_name", default="klein_lora", tooltip="Folder of this run under output/klein_lora_lab/runs."
+                ),
+                io.Boolean.Input(
+                    "resume",
+                    default=False,
+                    tooltip="Continue the run of this name from its last checkpoint (after a Cancel).",
+                ),
+                _int("rank", 0, 0, 256, "LoRA rank; 0 = the preset's."),
+                io.Float.Input(
+                    "alpha",
+                    default=0.0,
+                    min=0.0,
+                    max=1024.0,
+                    step=1.0,
+                    tooltip="LoRA alpha; 0 = the preset's (alpha = rank).",
+                ),
+                io.Float.Input(
+                    "learning_rate",
+                    default=0.0,
+                    min=0.0,
+                    max=0.01,
+                    step=0.00001,
+                    round=0.000001,
+                    tooltip="0 = the preset's. The lab: 1e-5 timid, 5e-5 default, 2e-4 frantic.",
+                ),
+                _int("steps", 0, 0, 100000, "Optimizer steps; 0 = the preset's (style 650, character 1000, ...)."),
+                _int("batch_size", 1, 1, 64, "Images per step (same-size buckets are batched together)."),
+                _int(
+                    "checkpoint_every",
+                    100,
+                    0,
+                    100000,
+                    "Save a LoRA every N steps (listed in the loras list); 0 = end only.",
+                ),
+                _int("sample_every", 100, 0, 100000, "Preview the validation prompts every N steps; 0 = no previews."),
+                _int("sample_steps", 20, 0, 200, "Sampling steps of each preview (Klein Base: 50 for final images)."),
+                io.Float.Input(
+                    "sample_cfg",
+                    default=4.0,
+                    min=1.0,
+                    max=20.0,
+                    step=0.1,
+                    tooltip="CFG of the previews (Klein Base ~4).",
+                ),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=2**31 - 1,
+                    # The frontend gives any INT named seed a "randomize after queue" control unless told not to;
+                    # a training seed must stay put (resume continues the same run) and saved workflows stay aligned.
+                    control_after_generate=False,
+                    tooltip="Seed of the LoRA init, data order, noise and the previews.",
+                ),
+                io.String.Input(
+                    "targets",
+                    default="attention",
+                    tooltip="Which layers train: attention (default), all_linear, block groups ('binding,identity'), "
+                    "'blocks:double.0,single.5-9' or 'regex:<pattern>'.",
+                ),
+                # The two validation widgets are optional so API prompts written before they existed still run
+                # (absent: validation with every preview, no hold-out, as those runs trained).
+                io.Int.Input(
+                    "validation_every",
+                    default=0,
+                    min=0,
+                    max=100000,
+                    optional=True,
+                    tooltip="Validation loss (fixed noise and σ) every N steps, on the loss curve; 0 = with every "
+                    "preview.",
+                ),
+                io.Float.Input(
+                    "validation_holdout",
+                    default=0.1,
+                    min=0.0,
+                    max=0.5,
+                    step=0.05,
+                    optional=True,
+                    tooltip="Share of an album of 10+ images held out of training for the validation loss (0 = "
+                    "train on all; smaller albums validate on training images). A resumed run keeps its own.",
+                ),
+                io.Vae.Input(
+                    "vae",
+                    optional=True,
+                    tooltip="Decode previews with this VAE; without it previews are a rough latent view.",
+                ),
+            ],
+            outputs=[
+                io.Model.Output(display_name="model"),
+                io.String.Output(display_name="lora_name"),
+                io.Image.Output(display_name="loss_curve"),
+            ],
+            hidden=[io.Hidden.unique_id],
+            is_output_node=True,
+        )
+
+    @classmethod
+    def execute(
+        cls,
+        model,
+        encoded_dataset: EncodedDataset,
+        preset: str,
+        run_name: str,
+        resume: bool,
+        sample_steps: int,
+        sample_cfg: float,
+        vae=None,
+        **widgets,
+    ) -> io.NodeOutput:
+        settings = settings_from_widgets(preset, **widgets)
+        run = open_run(run_name, settings, encoded_dataset, resume)
+        if resume:  # which items train was decided when the run started: keep its held-out share
+            settings = replace(settings, validation_holdout=run.settings.validation_holdout)
+        samples = sample_config(encoded_dataset, sample_steps, sample_cfg, settings.seed)
+        outcome = comfy_glue.train_in_comfy(
+            model,
+            encoded_dataset.items,
+            settings,
+            run,
+            resume,
+            cls.hidden.unique_id,
+            samples,
+            encoded_dataset.empty_context,
+            vae,
+        )
+        if outcome.interrupted:
+            comfy_glue.raise_interrupt()
+        curve = run_loss_curve(run, 768, 384, 0.9)
+        lora_name = comfy_glue.lora_list_name(outcome.checkpoint)
+        trained = comfy_glue.model_with_lora(model, lora_name)
+        ui = {"text": [outcome.message], "images": [comfy_glue.ui_image(p) for p in outcome.sample_files[-8:]]}
+        return io.NodeOutput(trained, lora_name, curve, ui=ui)
+
+
+NODES = [KleinLabTrainLora]

@@ -1,0 +1,1 @@
+"""Albums: scanning image folders and pairs, captions and triggers, the encoded-latent cache, dataset lint."""

@@ -1,0 +1,247 @@
+"""A disk cache of encoded latents and text conditionings, keyed by content hash.
+
+A key is the sha256 of everything the encoded result depends on: for an image, its file bytes, the encoder's
+identity and the bucket size; for a caption, its text and the encoder's identity. The same album encoded with
+the same encoders hits the cache whatever the files are called or wherever they live, and any change (a
+retouched image, an edited caption, another VAE) is a miss. Entries are safetensors files written atomically
+(temporary file + rename), so an interrupted run never leaves a half-written entry that later reads as valid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from ..training.data import TrainItem
+from .dataset import Dataset, file_hash, load_bucket_image
+from .dataset import dataset_hash as album_hash
+
+CACHE_VERSION = "1"  # bump when the meaning of a cached tensor changes
+
+
+def content_key(kind: str, *parts: str | bytes) -> str:
+    """sha256 over a kind tag and length-prefixed parts (so ('ab','c') and ('a','bc') never collide)."""
+    digest = hashlib.sha256(f"klein-lab-cache/{CACHE_VERSION}/{kind}".encode())
+    for part in parts:
+        data = part.encode("utf-8") if isinstance(part, str) else part
+        digest.update(len(data).to_bytes(8, "little"))
+        digest.update(data)
+    return digest.hexdigest()
+
+
+def image_key(image_sha256: str, encoder_id: str, bucket: tuple[int, int]) -> str:
+    """Key of an image latent: image bytes (as their sha256) + encoder identity + bucket (width, height)."""
+    return content_key("image", image_sha256, encoder_id, f"{bucket[0]}x{bucket[1]}")
+
+
+def text_key(caption: str, encoder_id: str) -> str:
+    """Key of a caption's conditioning: caption text + encoder identity."""
+    return content_key("text", caption, encoder_id)
+
+
+def fingerprint_tensors(named: Iterable[tuple[str, Tensor]], extra: str = "") -> str:
+    """A cheap identity of an encoder's weights: every name, shape and dtype, plus a strided sample of values.
+
+    Hashing all weights of a 4B text encoder would take longer than encoding a small album; names and shapes
+    tell architectures apart and the sampled values tell two checkpoints of one architecture apart.
+    """
+    digest = hashlib.sha256(extra.encode("utf-8"))
+    for name, tensor in named:
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        flat = tensor.detach().reshape(-1)
+        if flat.numel() == 0:
+            continue
+        stride = max(1, flat.numel() // 64)
+        sample = flat[::stride][:64].to(device="cpu", dtype=torch.float32)
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:32]
+
+
+@dataclass
+class CacheStats:
+    """How many entries a pass found in the cache and how many it had to encode."""
+
+    hits: int = 0
+    misses: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.hits + self.misses
+
+
+class LatentCache:
+    """Content-addressed safetensors entries under `root/<key[:2]>/<key>.safetensors`."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+        self.stats = CacheStats()
+
+    def path(self, key: str) -> Path:
+        if len(key) < 8 or not all(c in "0123456789abcdef" for c in key):
+            raise ValueError(f"cache key {key!r}: expected a hex digest from content_key().")
+        return self.root / key[:2] / f"{key}.safetensors"
+
+    def __contains__(self, key: str) -> bool:
+        return self.path(key).is_file()
+
+    def get(self, key: str) -> dict[str, Tensor] | None:
+        """The cached tensors, or None when the entry is absent or unreadable (a damaged entry is a miss)."""
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError):
+            return None
+
+    def put(self, key: str, tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> Path:
+        """Write an entry atomically: a temporary file in the same folder, then os.replace."""
+        path = self.path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        data = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
+        fd, tmp = tempfile.mkstemp(prefix=f".{key[:8]}-", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            save_file(data, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
+    def get_or_compute(
+        self, key: str, compute: Callable[[], Mapping[str, Tensor]], metadata: Mapping[str, str] | None = None
+    ) -> tuple[dict[str, Tensor], bool]:
+        """(tensors, hit). On a miss `compute()` runs and its result is stored before it is returned."""
+        cached = self.get(key)
+        if cached is not None:
+            self.stats.hits += 1
+            return cached, True
+        self.stats.misses += 1
+        tensors = {name: t.detach().to("cpu").contiguous() for name, t in compute().items()}
+        self.put(key, tensors, metadata)
+        return tensors, False
+
+    def describe(self) -> str:
+        return json.dumps({"root": str(self.root), "hits": self.stats.hits, "misses": self.stats.misses})
+
+
+# ------------------------------------------------------------------------------------------------ albums
+
+
+@dataclass(frozen=True)
+class EncodedDataset:
+    """An album ready to train on: items (latent, context, refs), the empty-caption context (caption dropout),
+    validation prompts and their contexts, and how the encode pass went."""
+
+    items: tuple[TrainItem, ...]
+    captions: tuple[str, ...]
+    empty_context: Tensor | None
+    validation_prompts: tuple[str, ...]
+    validation_contexts: tuple[Tensor, ...]
+    dataset_hash: str
+    trigger: str
+    kind: str
+    encoded: int  # entries computed by the encoders in this pass
+    cached: int  # entries read from the cache
+    seconds: float
+
+    def report(self) -> str:
+        total = self.encoded + self.cached
+        return (
+            f"{len(self.items)} {'pairs' if self.kind == 'pairs' else 'images'}: {total} latents/conditionings, "
+            f"{self.encoded} encoded, {self.cached} from cache, {self.seconds:.2f} s"
+        )
+
+
+ImageEncoder = Callable[[Tensor], Tensor]  # [H, W, 3] in 0..1 -> latent [128, H/16, W/16]
+TextEncoder = Callable[[str], Tensor]  # caption -> context [L, ctx]
+
+
+def encode_album(
+    dataset: Dataset,
+    encode_image: ImageEncoder,
+    encode_text: TextEncoder,
+    image_encoder_id: str,
+    text_encoder_id: str,
+    cache: LatentCache,
+    validation_prompts: Iterable[str] = (),
+    with_empty_caption: bool = True,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> EncodedDataset:
+    """Encode every image (and reference) and every distinct caption once, through the cache.
+
+    Captions shared by several images are encoded once; the empty caption (caption dropout) and the validation
+    prompts go through the same cache. `on_progress(done, total)` is called after each entry.
+    """
+    start = time.perf_counter()
+    hits0, misses0 = cache.stats.hits, cache.stats.misses
+    prompts = tuple(p for p in validation_prompts if p.strip())
+    texts = list(dict.fromkeys([*dataset.captions(), *prompts, *([""] if with_empty_caption else [])]))
+    images = list(dict.fromkeys(p for item in dataset.items for p in (item.reference, item.image) if p is not None))
+    total, done = len(texts) + len(images), 0
+
+    def tick() -> None:
+        nonlocal done
+        done += 1
+        if on_progress is not None:
+            on_progress(done, total)
+
+    contexts: dict[str, Tensor] = {}
+    for text in texts:
+        entry, _ = cache.get_or_compute(
+            text_key(text, text_encoder_id), lambda text=text: {"context": encode_text(text)}, {"caption": text}
+        )
+        contexts[text] = entry["context"]
+        tick()
+
+    latents: dict[tuple[Path, tuple[int, int]], Tensor] = {}
+    buckets = {}
+    for item in dataset.items:
+        for path in (item.reference, item.image):
+            if path is not None:
+                buckets.setdefault(path, item.bucket)
+    for path in images:
+        bucket = buckets[path]
+        key = image_key(file_hash(path), image_encoder_id, bucket)
+        entry, _ = cache.get_or_compute(
+            key,
+            lambda path=path, bucket=bucket: {"latent": encode_image(load_bucket_image(path, bucket))},
+            {"file": path.name, "bucket": f"{bucket[0]}x{bucket[1]}"},
+        )
+        latents[(path, bucket)] = entry["latent"]
+        tick()
+
+    items = tuple(
+        TrainItem(
+            latent=latents[(item.image, item.bucket)],
+            context=contexts[item.caption],
+            refs=() if item.reference is None else (latents[(item.reference, item.bucket)],),
+            name=item.image.name,
+        )
+        for item in dataset.items
+    )
+    return EncodedDataset(
+        items=items,
+        captions=tuple(dataset.captions()),
+        empty_context=contexts[""] if with_empty_caption else None,
+        validation_prompts=prompts,
+        validation_contexts=tuple(contexts[p] for p in prompts),
+        dataset_hash=album_hash(dataset),
+        trigger=dataset.trigger,
+        kind=dataset.kind,
+        encoded=cache.stats.misses - misses0,
+        cached=cache.stats.hits - hits0,
+        seconds=time.perf_counter() - start,
+    )

@@ -1,0 +1,1 @@
+"""Files the pack opens or writes: paths confined to allowed folders."""

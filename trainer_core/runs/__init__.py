@@ -1,0 +1,1 @@
+"""Run folders: run.json, checkpoints with optimizer state, metrics, samples; resume."""

@@ -1,0 +1,234 @@
+"""A training run on disk (DESIGN.md §5.6). Every write is atomic; nothing is pickled.
+
+    <run>/run.json                               settings + meta (variant, targets, dataset hash, status, ...)
+    <run>/metrics.jsonl                          one JSON object per line: step, loss, lr, seconds, val_loss, ...
+    <run>/checkpoints/step_000500.safetensors    the LoRA at step 500 (lora_file format, loads in LoraLoader)
+    <run>/checkpoints/step_000500.state          resume state: fp32 master weights, optimizer state (tensors)
+                                                 and a JSON description, in safetensors format. Its suffix is
+                                                 not a model extension, so ComfyUI's `loras` list (which holds
+                                                 the runs folder) never offers it as a LoRA.
+    <run>/samples/                               validation previews written by the nodes
+
+The state file is written before its LoRA file, so every checkpoint that is visible can be resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save
+
+from ..lora.lora_file import atomic_write_bytes, disk_full_error, is_disk_full
+from ..files.safe_paths import child_path
+from ..training.settings import TrainSettings
+
+RUN_FORMAT = "klein_lab.run.v1"
+_CKPT_RE = re.compile(r"^step_(\d+)\.safetensors$")
+_TMP_RE = re.compile(r"^\..+\.tmp$")  # atomic_write_bytes' temporary files
+
+
+def _cut_torn_tail(path: Path) -> None:
+    """Truncate `path` after its last newline when its last byte is not one (a line torn by a crash)."""
+    if not path.is_file():
+        return
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        end = size
+        while end > 0:
+            start = max(0, end - 4096)
+            f.seek(start)
+            cut = f.read(end - start).rfind(b"\n")
+            if cut >= 0:
+                if start + cut + 1 < size:
+                    f.truncate(start + cut + 1)
+                return
+            end = start
+        f.truncate(0)
+
+
+def checkpoint_step(path: str | os.PathLike[str]) -> int:
+    """The step of a checkpoint file name `step_000500.safetensors`."""
+    m = _CKPT_RE.match(Path(path).name)
+    if m is None:
+        raise ValueError(f"{path} is not a checkpoint file name (step_000500.safetensors).")
+    return int(m.group(1))
+
+
+class RunFolder:
+    """One run: settings, metadata, checkpoints with their resume state, samples and metrics."""
+
+    def __init__(self, path: Path, settings: TrainSettings, meta: dict[str, Any]) -> None:
+        self.path = path
+        self.settings = settings
+        self.meta = meta
+        self._tail_checked = False
+
+    # -- creation -----------------------------------------------------------------------------------------
+
+    @classmethod
+    def create(cls, path: str | os.PathLike[str], settings: TrainSettings, meta: Mapping[str, Any]) -> RunFolder:
+        """Start a new run in `path` (created if needed); refuses a folder that already holds a run."""
+        path = Path(path)
+        cls(path, settings, {})._check_layout()
+        if (path / "run.json").exists():
+            raise FileExistsError(
+                f"{path} already holds a run (run.json exists): open it with RunFolder.open to resume, "
+                "or choose a new folder."
+            )
+        run = cls(path, settings, dict(meta))
+        run.checkpoints_dir.mkdir(parents=True, exist_ok=True)
+        run.samples_dir.mkdir(parents=True, exist_ok=True)
+        run._write_run_json()
+        return run
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str]) -> RunFolder:
+        """Open an existing run; raises naming the folder when it has no run.json."""
+        path = Path(path)
+        run_json = path / "run.json"
+        cls(path, TrainSettings(), {})._check_layout()
+        if not run_json.is_file():
+            raise FileNotFoundError(f"{path} is not a run folder: it has no run.json (start it with create).")
+        data = json.loads(run_json.read_text())
+        if data.get("format") != RUN_FORMAT:
+            raise ValueError(f"{run_json}: format {data.get('format')!r} is not {RUN_FORMAT!r}.")
+        return cls(path, TrainSettings.from_json(data["settings"]), dict(data.get("meta", {})))
+
+    def _check_layout(self) -> None:
+        """Refuse a run folder whose files or subfolders are symlinks leading out of it: every write of the run
+        (checkpoints, samples, metrics, run.json) must land inside the folder the user chose."""
+        for entry in (self.path / "run.json", self.metrics_path, self.checkpoints_dir, self.samples_dir):
+            child_path(self.path, entry.name, what=f"run folder entry of {self.path}")
+
+    def _write_run_json(self) -> None:
+        data = {"format": RUN_FORMAT, "settings": self.settings.to_dict(), "meta": self.meta}
+        atomic_write_bytes(self.path / "run.json", (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+    def update(self, settings: TrainSettings | None = None, **meta: Any) -> None:
+        """Change settings and/or meta entries (status, ...) and rewrite run.json atomically."""
+        if settings is not None:
+            self.settings = settings
+        self.meta.update(meta)
+        self._write_run_json()
+
+    # -- layout -------------------------------------------------------------------------------------------
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def samples_dir(self) -> Path:
+        return self.path / "samples"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    def checkpoint_path(self, step: int) -> Path:
+        return self.checkpoints_dir / f"step_{step:06d}.safetensors"
+
+    def state_path(self, step: int) -> Path:
+        return self.checkpoints_dir / f"step_{step:06d}.state"
+
+    def sample_path(self, step: int, name: str) -> Path:
+        """Where a validation preview of `step` goes, e.g. sample_path(500, 'prompt0.png')."""
+        return self.samples_dir / f"step_{step:06d}_{name}"
+
+    def checkpoints(self) -> list[Path]:
+        """LoRA checkpoint files sorted by step."""
+        if not self.checkpoints_dir.is_dir():
+            return []
+        found = [p for p in self.checkpoints_dir.iterdir() if _CKPT_RE.match(p.name)]
+        return sorted(found, key=checkpoint_step)
+
+    def latest_checkpoint(self) -> Path | None:
+        files = self.checkpoints()
+        return files[-1] if files else None
+
+    def latest_resumable(self) -> Path | None:
+        """The latest checkpoint that has its resume state next to it."""
+        for path in reversed(self.checkpoints()):
+            if self.state_path(checkpoint_step(path)).is_file():
+                return path
+        return None
+
+    # -- resume state -------------------------------------------------------------------------------------
+
+    def save_state(self, step: int, tensors: Mapping[str, torch.Tensor], info: Mapping[str, Any]) -> Path:
+        """Atomically write the resume state of `step`: tensors + JSON `info` (in the safetensors metadata)."""
+        path = self.state_path(step)
+        data = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+        atomic_write_bytes(path, save(data, metadata={"klein_lab.state": json.dumps(dict(info), sort_keys=True)}))
+        return path
+
+    def load_state(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        path = self.state_path(step)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing: checkpoint {step} cannot be resumed exactly.")
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            info = json.loads((f.metadata() or {})["klein_lab.state"])
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return tensors, info
+
+    # -- metrics ------------------------------------------------------------------------------------------
+
+    def append_metrics(self, record: Mapping[str, Any]) -> None:
+        """Append one JSON line (a single O_APPEND write, then fsync). A torn last line left by a crash is cut
+        off first, so the new record starts on its own line instead of gluing onto the fragment."""
+        line = (json.dumps(dict(record), sort_keys=True, allow_nan=True) + "\n").encode()
+        if not self._tail_checked:  # once per process: only a crash of an earlier process leaves a torn line
+            _cut_torn_tail(self.metrics_path)
+            self._tail_checked = True
+        fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            os.write(fd, line)
+            os.fsync(fd)
+        except OSError as err:
+            # A short line may be on disk: cut it off next time (_cut_torn_tail), report the full disk now.
+            self._tail_checked = False
+            raise (disk_full_error(self.metrics_path, len(line), err) if is_disk_full(err) else err) from err
+        finally:
+            os.close(fd)
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """All records. A torn last line (a crash during a write) is ignored; a bad line elsewhere is an error."""
+        if not self.metrics_path.is_file():
+            return []
+        lines = self.metrics_path.read_text().splitlines()
+        records = []
+        for n, line in enumerate(lines):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                if n == len(lines) - 1:
+                    break
+                raise ValueError(f"{self.metrics_path}: line {n + 1} is not JSON ({err}).") from err
+        return records
+
+    def discard_partial_writes(self) -> list[Path]:
+        """Delete the temporary files of writes a crash interrupted (`.<name>.<random>.tmp`, never listed as
+        checkpoints or LoRAs); call it only while no other process writes to this run. Returns what was removed."""
+        removed = []
+        for folder in (self.path, self.checkpoints_dir, self.samples_dir):
+            if folder.is_dir():
+                for p in folder.iterdir():
+                    if _TMP_RE.match(p.name) and p.is_file() and not p.is_symlink():
+                        p.unlink()
+                        removed.append(p)
+        return removed
+
+    def truncate_metrics(self, step: int) -> None:
+        """Keep only records up to `step` (resume from that checkpoint), rewriting the file atomically."""
+        kept = [r for r in self.read_metrics() if int(r.get("step", 0)) <= step]
+        text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)
+        atomic_write_bytes(self.metrics_path, text.encode())

@@ -1,0 +1,1 @@
+"""One training run: settings, data batches, the flow-matching objective, the loop, previews and its failure messages."""

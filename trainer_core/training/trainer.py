@@ -1,0 +1,471 @@
+"""The LoRA training loop for Klein: forward-time adapters, velocity loss, checkpoints, exact resume.
+
+Determinism: every random draw comes from a generator seeded by (settings.seed, stream, step, micro-batch)
+(data.derive_seed): LoRA init, data order, noise, σ and caption dropout. The state of a run after step k is
+therefore (LoRA weights, optimizer state, k), which a checkpoint stores exactly; a run stopped and resumed
+produces the same losses, bit for bit on the CPU, as a run that never stopped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..lora.adapters import LoraTrainable
+from .data import BatchOrder, TrainItem, collate, dataset_hash, derive_seed
+from ..analysis.diagnostics import holdout_split
+from .faults import TrainingOutOfMemoryError, out_of_memory_message
+from ..model.klein import klein_forward, read_shape
+from ..lora.lora_file import DiskFullError, save_lora
+from .objective import add_noise, flow_loss, sample_sigmas, shifted_sigmas, velocity_target
+from ..runs.runfolder import RunFolder, checkpoint_step
+from .settings import TrainSettings
+from ..model.targeting import resolve_targets
+from ..model.variants import detect_variant
+
+# Settings that may change between a stop and a resume: run length, cadence, file dtype and memory/speed
+# switches (resuming on a smaller GPU); none of them changes what the steps already done computed.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "steps",
+        "checkpoint_every",
+        "sample_every",
+        "validation_every",
+        "save_dtype",
+        "gradient_checkpointing",
+        "checkpoint_share",
+        "compile_blocks",
+    }
+)
+VALIDATION_T = (0.2, 0.4, 0.6, 0.8)  # fixed times of the validation loss (mapped through the Flux2 shift)
+VALIDATION_ITEMS = 8
+_SAVE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+class TrainCallbacks:
+    """Hooks into a training run; every method is optional (no-op defaults). Callbacks may raise to abort:
+    the trainer then saves a checkpoint of the last finished step before the exception propagates."""
+
+    def on_step(self, step: int, total: int, loss: float, lr: float, seconds: float) -> None:
+        """After every optimizer step (1-based `step` of `total`); `seconds` is that step's wall time."""
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        """After checkpoint `path` (LoRA file) of `step` is on disk."""
+
+    def on_validation(self, step: int, lora: LoraTrainable) -> None:
+        """Every `sample_every` steps, under torch.no_grad(): render validation previews with `lora`."""
+
+    def on_metrics(self, record: dict[str, Any]) -> None:
+        """Every metrics record as it is appended to metrics.jsonl (includes val_loss when measured)."""
+
+    def should_stop(self) -> bool:
+        """Polled after every step; True saves a checkpoint now and returns with stopped_early=True."""
+        return False
+
+
+@dataclass
+class TrainResult:
+    steps_done: int
+    stopped_early: bool
+    last_checkpoint: Path | None
+    lora: LoraTrainable
+    final_loss: float
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or the gradients became NaN/Inf; nothing was written for the bad step."""
+
+    def __init__(self, message: str, step: int, last_checkpoint: Path | None) -> None:
+        super().__init__(message)
+        self.step = step
+        self.last_checkpoint = last_checkpoint
+
+
+def lr_at(settings: TrainSettings, step: int) -> float:
+    """Learning rate of optimizer step `step` (1-based): linear warmup, then constant or cosine to 0."""
+    base = settings.learning_rate
+    if settings.warmup_steps and step <= settings.warmup_steps:
+        return base * step / settings.warmup_steps
+    if settings.lr_schedule == "cosine":
+        span = max(1, settings.steps - settings.warmup_steps)
+        progress = min(1.0, (step - settings.warmup_steps) / span)
+        return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return base
+
+
+def _optimizer(settings: TrainSettings, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    if settings.optimizer == "adamw8bit":
+        import bitsandbytes as bnb  # optional; settings checked that it is importable
+
+        return bnb.optim.AdamW8bit(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    return torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Resume state: fp32 master weights and optimizer state as tensors, everything else as JSON. No pickle.
+
+
+def _state_tensors(lora: LoraTrainable, opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    tensors = {f"lora.{k}": v.detach() for k, v in lora.state_dict().items()}
+    state = opt.state_dict()
+    scalars: dict[str, dict[str, Any]] = {}
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            if isinstance(value, Tensor):
+                tensors[f"opt.{index}.{key}"] = value
+            else:
+                scalars.setdefault(str(index), {})[key] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _load_state(lora: LoraTrainable, opt: torch.optim.Optimizer, tensors: dict[str, Tensor], info: dict) -> None:
+    lora.load_state_dict({k[len("lora.") :]: v for k, v in tensors.items() if k.startswith("lora.")})
+    per_param: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("opt."):
+            _, index, name = key.split(".", 2)
+            per_param.setdefault(int(index), {})[name] = value
+    for index, entries in info["scalars"].items():
+        per_param.setdefault(int(index), {}).update(entries)
+    opt.load_state_dict({"state": per_param, "param_groups": info["param_groups"]})
+
+
+# ----------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _frozen_base(model: nn.Module) -> Iterator[None]:
+    """Base weights need no gradients; restore the caller's flags afterwards (we never keep a change)."""
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+class _Run:
+    """One call of `train`: the loop state and the pieces that need it."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        items: Sequence[TrainItem],
+        settings: TrainSettings,
+        run: RunFolder,
+        callbacks: TrainCallbacks,
+        empty_context: Tensor | None,
+        device: torch.device,
+    ) -> None:
+        self.model, self.items, self.s, self.run, self.cb = model, items, settings, run, callbacks
+        # Albums of 10+ items may hold a fixed, seeded share out for the validation loss (never trained on);
+        # with validation_holdout 0 or a smaller album every item trains, as before.
+        train_idx, held_idx = holdout_split(len(items), settings.validation_holdout, settings.seed)
+        self.held_out = [items[i] for i in held_idx]
+        if held_idx:
+            self.items = [items[i] for i in train_idx]
+        self.device = device
+        self.empty = None if empty_context is None else empty_context.reshape(-1, empty_context.shape[-1])
+        if settings.caption_dropout > 0 and self.empty is None:
+            raise ValueError(
+                f"caption_dropout={settings.caption_dropout} needs the empty-prompt conditioning: pass "
+                "empty_context (the text encoder's output for an empty prompt) or set caption_dropout=0."
+            )
+        self.autocast = device.type == "cuda" and settings.mixed_precision == "bf16"
+        self.compile_blocks = settings.compile_blocks == "on" or (
+            settings.compile_blocks == "auto" and device.type == "cuda"
+        )
+        self.order = BatchOrder(self.items, settings.batch_size, settings.seed)
+        self.targets = resolve_targets(model, settings.targets)
+        gen = torch.Generator().manual_seed(derive_seed(settings.seed, "init"))
+        self.lora = LoraTrainable(self.targets, settings.rank, settings.alpha, generator=gen, device=device)
+        self.opt = _optimizer(settings, list(self.lora.parameters()))
+        self.last_checkpoint: Path | None = None
+        self.last_saved_step = -1
+        self.saving = False  # True while a checkpoint is written: an error there must not trigger another save
+        self.last_loss = float("nan")
+        self.variant = detect_variant(read_shape(model)).name
+        self.dataset_hash = dataset_hash(items)
+
+    # -- one step -------------------------------------------------------------------------------------------
+
+    def _micro_loss(self, step: int, micro: int) -> Tensor:
+        """Loss of micro-batch `micro` of optimizer step `step`, with every random draw derived from them."""
+        s = self.s
+        indices = self.order.batch((step - 1) * s.grad_accum + micro)
+        b = len(indices)
+        drop: list[bool] = []
+        if s.caption_dropout > 0:
+            g = torch.Generator().manual_seed(derive_seed(s.seed, "dropout", step, micro))
+            drop = (torch.rand(b, generator=g) < s.caption_dropout).tolist()
+        batch = collate(self.items, indices, self.device, drop, self.empty)
+        g_noise = torch.Generator().manual_seed(derive_seed(s.seed, "noise", step, micro))
+        noise = torch.randn(batch.x0.shape, generator=g_noise).to(self.device)
+        g_sigma = torch.Generator().manual_seed(derive_seed(s.seed, "sigma", step, micro))
+        sigma = sample_sigmas(b, batch.x0.shape[-2] * batch.x0.shape[-1], g_sigma, s.timestep_sampling)
+        sigma = sigma.to(self.device)
+        share = s.checkpoint_share if s.gradient_checkpointing else 0.0
+        return self._loss(batch.x0, noise, sigma, batch.context, batch.refs, checkpointing=share)
+
+    def _loss(
+        self, x0: Tensor, noise: Tensor, sigma: Tensor, context: Tensor, refs: tuple[Tensor, ...], checkpointing: float
+    ) -> Tensor:
+        x_t = add_noise(x0, noise, sigma)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            v = klein_forward(
+                self.model, x_t, sigma, context, list(refs) or None, self.lora, checkpointing, self.compile_blocks
+            )
+        return flow_loss(v, velocity_target(x0, noise))
+
+    def step(self, step: int) -> tuple[float, float]:
+        """Run optimizer step `step` (1-based). Returns (loss, grad norm); raises on NaN/Inf before updating."""
+        s = self.s
+        lr = lr_at(s, step)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        self.opt.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        for micro in range(s.grad_accum):
+            loss = self._micro_loss(step, micro)
+            (loss / s.grad_accum).backward()
+            total = total + loss.detach()
+        params = list(self.lora.parameters())
+        if s.grad_clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
+        # One host sync per step: the loss is reported every step and the guard must run before the update.
+        loss_value, norm_value = torch.stack([total / s.grad_accum, norm.float()]).tolist()
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+            self._diverged(step, f"the loss is {loss_value} and the gradient norm {norm_value}, not finite")
+        self.opt.step()
+        return loss_value, norm_value
+
+    def _diverged(self, step: int, what: str) -> None:
+        """Stop with a message naming the step, the likely cause and the last good checkpoint."""
+        s = self.s
+        bad_items = [
+            it.name or f"#{i}"
+            for i, it in enumerate(self.items)
+            if not all(torch.isfinite(t).all() for t in (it.latent, it.context, *it.refs))
+        ]
+        where = self.last_checkpoint.name if self.last_checkpoint else "none (no checkpoint was written yet)"
+        # Only looked at once training failed, so a healthy run never pays for a scan of the base weights.
+        bad_weights = [n for n, p in self.model.named_parameters() if not torch.isfinite(p).all()]
+        if bad_weights:
+            cause = (
+                f"the model's own weights hold NaN/Inf values ({', '.join(bad_weights[:3])}"
+                f"{' ...' if len(bad_weights) > 3 else ''}): the model file is broken; download or load it again"
+            )
+        elif bad_items:
+            cause = f"the dataset holds NaN/Inf values in items {bad_items[:5]}: re-encode those images/captions"
+        else:
+            cause = (
+                f"the learning rate is likely too high: lower learning_rate (now {s.learning_rate:g}, the course "
+                "uses 1e-4 to 3e-4), add warmup_steps, keep grad_clip at 1.0"
+                + (" and use mixed_precision='fp32' if it persists" if self.autocast else "")
+            )
+        message = (
+            f"training stopped at step {step}: {what}. "
+            f"Fix: {cause}. Nothing was saved for this step; the last good checkpoint is {where}."
+        )
+        self.run.update(status="diverged", error=message)
+        raise NonFiniteLossError(message, step, self.last_checkpoint)
+
+    # -- validation -----------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """Mean velocity loss over fixed items (the held-out ones when there are, else training items), noise
+        and σ (same every time: a comparable curve)."""
+        s = self.s
+        items = self.held_out or self.items
+        n = len(items)
+        k = min(n, VALIDATION_ITEMS)
+        chosen = sorted({round(i * (n - 1) / max(1, k - 1)) for i in range(k)})  # spread over the dataset
+        losses = []
+        for i in chosen:
+            batch = collate(items, [i] * len(VALIDATION_T), self.device)
+            g = torch.Generator().manual_seed(derive_seed(s.seed, "validation", i))
+            noise = torch.randn(batch.x0.shape, generator=g).to(self.device)
+            h, w = batch.x0.shape[-2:]
+            t = torch.tensor(VALIDATION_T, dtype=torch.float64)
+            sigma = shifted_sigmas(t, h * w).to(self.device)
+            losses.append(self._loss(batch.x0, noise, sigma, batch.context, batch.refs, checkpointing=False))
+        return torch.stack(losses).mean().item()
+
+    # -- checkpoints ----------------------------------------------------------------------------------------
+
+    def metadata(self, step: int) -> dict[str, str]:
+        s = self.s
+        return {
+            "klein_lab.base_model": self.variant,
+            "klein_lab.rank": str(s.rank),
+            "klein_lab.alpha": f"{s.alpha:g}",
+            "klein_lab.targets": s.targets,
+            "klein_lab.target_modules": json.dumps(sorted(self.targets)),
+            "klein_lab.step": str(step),
+            "klein_lab.steps": str(s.steps),
+            "klein_lab.lr": f"{s.learning_rate:g}",
+            "klein_lab.loss": f"{self.last_loss:.6g}",
+            "klein_lab.trigger": str(self.run.meta.get("trigger", "")),
+            "klein_lab.dataset_hash": self.dataset_hash,
+            "klein_lab.dataset_size": str(len(self.items)),
+            "klein_lab.seed": str(s.seed),
+            "klein_lab.settings": s.to_json(),
+        }
+
+    def save_checkpoint(self, step: int) -> Path:
+        """State first, then the LoRA file: a visible checkpoint can always be resumed. Refuses NaN weights."""
+        self.saving = True
+        try:
+            path = self._save_checkpoint(step)
+        except DiskFullError as err:
+            if not self.run.checkpoint_path(step).exists():
+                self.run.state_path(step).unlink(missing_ok=True)  # a state without its LoRA only takes space
+            where = self.last_checkpoint.name if self.last_checkpoint else "none (no checkpoint was written yet)"
+            raise DiskFullError(f"{err} The last good checkpoint is {where}.", err.path) from err
+        # Only a successful save clears the flag: after a failed one the abort handler must not try again.
+        self.saving = False
+        return path
+
+    def _save_checkpoint(self, step: int) -> Path:
+        weights = self.lora.weights()
+        if not all(torch.isfinite(w.down).all() and torch.isfinite(w.up).all() for w in weights.values()):
+            self._diverged(step, "the LoRA weights hold NaN/Inf")
+        tensors, info = _state_tensors(self.lora, self.opt)
+        info.update(step=step, seed=self.s.seed, dataset_hash=self.dataset_hash, rng="derived:seed,stream,step")
+        self.run.save_state(step, tensors, info)
+        path = self.run.checkpoint_path(step)
+        save_lora(path, weights, self.metadata(step), dtype=_SAVE_DTYPES[self.s.save_dtype])
+        self.last_checkpoint, self.last_saved_step = path, step
+        self.run.update(last_step=step, status="running")
+        self.cb.on_checkpoint(step, path)
+        return path
+
+    def resume(self) -> int:
+        """Load the latest resumable checkpoint; returns its step (0 when the run has none)."""
+        self.run.discard_partial_writes()  # temporary files of writes a crash cut short
+        path = self.run.latest_resumable()
+        if path is None:
+            self.run.truncate_metrics(0)  # records of a run that died before its first checkpoint
+            return 0
+        step = checkpoint_step(path)
+        tensors, info = self.run.load_state(step)
+        if info.get("dataset_hash") != self.dataset_hash:
+            raise ValueError(
+                f"cannot resume {self.run.path}: the dataset differs from the one this run was trained on "
+                "(dataset hash changed). Fix: resume with the same images and captions, or start a new run."
+            )
+        _load_state(self.lora, self.opt, tensors, info)
+        self.run.truncate_metrics(step)
+        self.last_checkpoint, self.last_saved_step = path, step
+        earlier = [r["loss"] for r in self.run.read_metrics() if r.get("step") == step and "loss" in r]
+        self.last_loss = float(earlier[-1]) if earlier else float("nan")
+        return step
+
+
+def _check_resume_settings(run: RunFolder, settings: TrainSettings) -> None:
+    diff = {k: v for k, v in run.settings.differences(settings).items() if k not in RESUMABLE_CHANGES}
+    if diff:
+        listed = ", ".join(f"{k}: run {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(
+            f"cannot resume {run.path} with different settings ({listed}). Fix: resume with the run's settings "
+            f"(only {sorted(RESUMABLE_CHANGES)} may change) or start a new run."
+        )
+
+
+def train(
+    model: nn.Module,
+    items: Sequence[TrainItem],
+    settings: TrainSettings,
+    run: RunFolder,
+    callbacks: TrainCallbacks | None = None,
+    empty_context: Tensor | None = None,
+    device: torch.device | str = "cpu",
+    resume: bool = False,
+) -> TrainResult:
+    """Train a LoRA on `model` (Klein module names, already on `device`) and checkpoint it into `run`.
+
+    resume=True continues from the run's latest checkpoint (optimizer state restored); resume=False needs a
+    run without checkpoints. Raises NonFiniteLossError when the loss diverges (no NaN checkpoint is written),
+    TrainingOutOfMemoryError (memory released, last step kept) when the device runs out of memory.
+    """
+    cb = callbacks or TrainCallbacks()
+    device = torch.device(device)
+    if resume:
+        _check_resume_settings(run, settings)
+        if run.settings != settings:
+            run.update(settings=settings)
+    elif run.checkpoints():
+        raise ValueError(f"{run.path} already has checkpoints: pass resume=True to continue it, or use a new folder.")
+    # ComfyUI runs nodes under inference_mode: LoRA parameters and every tensor of the loop must be created
+    # outside it, so the whole run (including LoRA init and resume) happens in inference_mode(False).
+    with torch.inference_mode(False), torch.enable_grad(), _frozen_base(model):
+        state = _Run(model, items, settings, run, cb, empty_context, device)
+        step = state.resume() if resume else 0
+        if state.held_out:
+            run.update(held_out=[item.name for item in state.held_out])
+        stopped = False
+        out_of_memory = ""
+        state.lora.train()
+        try:
+            while step < settings.steps and not stopped:
+                t0 = time.perf_counter()
+                loss, norm = state.step(step + 1)
+                step += 1
+                state.last_loss = loss
+                seconds = time.perf_counter() - t0
+                record: dict[str, Any] = {
+                    "step": step,
+                    "loss": loss,
+                    "lr": lr_at(settings, step),
+                    "grad_norm": norm,
+                    "seconds": seconds,
+                }
+                if settings.validation_every and step % settings.validation_every == 0:
+                    record["val_loss"] = state.validation_loss()
+                run.append_metrics(record)
+                cb.on_metrics(record)
+                cb.on_step(step, settings.steps, loss, record["lr"], seconds)
+                if settings.sample_every and step % settings.sample_every == 0:
+                    with torch.no_grad():
+                        cb.on_validation(step, state.lora)
+                if settings.checkpoint_every and step % settings.checkpoint_every == 0:
+                    state.save_checkpoint(step)
+                stopped = cb.should_stop()
+        except (NonFiniteLossError, DiskFullError):
+            raise  # no further writes: the error already names the last good checkpoint
+        except torch.OutOfMemoryError as err:
+            # Handled below, once this block has dropped the error: its traceback holds the step's activations.
+            out_of_memory = str(err) or "out of memory"
+        except BaseException:
+            # A callback aborted (e.g. ComfyUI's interrupt): keep the work of the last finished step.
+            if step > state.last_saved_step and step > 0 and not state.saving:
+                state.save_checkpoint(step)
+            run.update(status="interrupted")
+            raise
+        if out_of_memory:
+            state.opt.zero_grad(set_to_none=True)
+            if step > state.last_saved_step and step > 0 and not state.saving:
+                state.save_checkpoint(step)
+            message = out_of_memory_message(settings, items, step, state.last_checkpoint, out_of_memory)
+            run.update(status="out_of_memory", error=message)
+            last = state.last_checkpoint
+            del state  # LoRA, optimizer state: freed now, not whenever the caller drops the error
+            raise TrainingOutOfMemoryError(message, step, last)
+        if step > state.last_saved_step and step > 0:
+            state.save_checkpoint(step)
+    run.update(status="stopped" if stopped else "finished", last_step=step)
+    return TrainResult(step, stopped, state.last_checkpoint, state.lora, state.last_loss)
