@@ -64,7 +64,12 @@ def sync(device: str) -> None:
 
 def model_state_dict(full_size: bool, device: str) -> tuple[dict[str, torch.Tensor], object]:
     """Checkpoint-style state dict of a random Klein (full-size 4B in bf16 made on `device`, or the tiny one)."""
-    from klein_lora_lab.trainer_core.model.tiny import SPEC_4B_SHAPED, TinySpec, random_checkpoint, tiny_klein_state_dict
+    from klein_lora_lab.trainer_core.model.tiny import (
+        SPEC_4B_SHAPED,
+        TinySpec,
+        random_checkpoint,
+        tiny_klein_state_dict,
+    )
 
     if not full_size:
         return tiny_klein_state_dict(SPEC_4B_SHAPED), SPEC_4B_SHAPED
@@ -76,8 +81,8 @@ def model_state_dict(full_size: bool, device: str) -> tuple[dict[str, torch.Tens
 def random_lora(shape, rank: int, seed: int) -> dict:
     """A rank-`rank` LoRA over every block Linear (what a trained checkpoint of a run looks like)."""
     from klein_lora_lab.trainer_core.lora.adapters import LoraWeights
-    from klein_lora_lab.trainer_core.model.block_weights import block_of
     from klein_lora_lab.trainer_core.lora.lora_formats import klein_linear_shapes
+    from klein_lora_lab.trainer_core.model.block_weights import block_of
 
     gen = torch.Generator().manual_seed(seed)
     out = {}
@@ -148,11 +153,11 @@ def main() -> None:
     import comfy.sd
     import comfy.utils
     import folder_paths
-    from klein_lora_lab.nodes import comfy_adapters
+    from klein_lora_lab.nodes.comfy import forward_loras as comfy_adapters
     from klein_lora_lab.nodes.comfy.forward_loras import _FILES, forward_loras_of
     from klein_lora_lab.nodes.loras.lora_loader_blocks import KleinLabLoraLoaderBlocks
-    from klein_lora_lab.trainer_core.model.klein import read_shape
     from klein_lora_lab.trainer_core.lora.lora_formats import write_peft
+    from klein_lora_lab.trainer_core.model.klein import read_shape
     from safetensors.torch import save_file
 
     import nodes

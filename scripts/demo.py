@@ -118,8 +118,8 @@ def make_toy_album(size: int, count: int = 8, seed: int = 0) -> ToyAlbum:
     """A generated album in latent space: a smooth shared pattern plus a little per-image variation."""
     import torch
     import torch.nn.functional as F
-    from klein_lora_lab.trainer_core.training.data import TrainItem
     from klein_lora_lab.trainer_core.model.tiny import TinySpec, tiny_conditioning
+    from klein_lora_lab.trainer_core.training.data import TrainItem
 
     h = w = size // 16
     gen = torch.Generator().manual_seed(seed)
@@ -143,10 +143,10 @@ def train_lora(model, album: ToyAlbum, output_dir: Path, steps: int) -> tuple[st
     """
     import folder_paths
     import torch
-    from klein_lora_lab.nodes import comfy_glue
+    from klein_lora_lab.nodes.comfy import glue as comfy_glue
     from klein_lora_lab.nodes.train.train_lora import open_run, sample_config, settings_from_widgets
-    from klein_lora_lab.trainer_core.training.data import dataset_hash
     from klein_lora_lab.trainer_core.album.latent_cache import EncodedDataset
+    from klein_lora_lab.trainer_core.training.data import dataset_hash
 
     folder_paths.set_output_directory(str(output_dir))
     comfy_glue.register_runs_folder()
@@ -258,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import_pack()
     import_comfyui(root, cpu=not args.gpu)
-    from klein_lora_lab.nodes import comfy_glue
+    from klein_lora_lab.nodes.comfy import glue as comfy_glue
 
     out = args.out.resolve()
     report = DemoReport(comfyui=str(root), output_dir=str(out))

@@ -45,9 +45,9 @@ from comfy_api.latest import io
 from torch import Tensor, nn
 
 from ...trainer_core.lora.adapters import AdapterStack, LoraWeights, add_lora
+from ...trainer_core.lora.lora_formats import LoraRead, read_lora_file
 from ...trainer_core.model.block_weights import PRESETS, module_strengths, parse_block_vector
 from ...trainer_core.model.klein import KleinShape, read_shape
-from ...trainer_core.lora.lora_formats import LoraRead, read_lora_file
 from ...trainer_core.model.variants import GROUPS
 
 LOG = logging.getLogger("klein_lora_lab")

@@ -39,10 +39,10 @@ from einops import einsum
 from PIL import Image
 from torch import Tensor, nn
 
-from ...trainer_core.model.klein import LATENT_CHANNELS
 from ...trainer_core.album.latent_cache import fingerprint_tensors
-from ...trainer_core.runs.runfolder import RunFolder, checkpoint_step
 from ...trainer_core.files.safe_paths import resolve_inside
+from ...trainer_core.model.klein import LATENT_CHANNELS
+from ...trainer_core.runs.runfolder import RunFolder, checkpoint_step
 from ...trainer_core.training.sampling import flux2_sigmas, sample
 from ...trainer_core.training.settings import TrainSettings
 from ...trainer_core.training.trainer import TrainCallbacks, TrainResult, train

@@ -38,8 +38,8 @@ import torch
 from PIL import Image
 from torch import Tensor
 
-from ...trainer_core.files.safe_paths import child_path
 from ...trainer_core.analysis.scrub import thumbnail
+from ...trainer_core.files.safe_paths import child_path
 
 SCRUB_UI_KEY = "klein_scrub"
 SCRUB_UI_VERSION = 1

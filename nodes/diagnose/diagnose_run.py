@@ -19,18 +19,18 @@ import torch
 from comfy_api.latest import io, ui
 
 from ...trainer_core.album.dataset import insert_trigger
-from ...trainer_core.analysis.diagnostics import GROUPS, Renders, clinic, latent_features, measure, pixel_features
 from ...trainer_core.album.latent_cache import EncodedDataset
+from ...trainer_core.analysis.diagnostics import GROUPS, Renders, clinic, latent_features, measure, pixel_features
 from ...trainer_core.analysis.loss_curve import to_image_tensor
-from ...trainer_core.runs.runfolder import RunFolder, checkpoint_step
-from ...trainer_core.files.safe_paths import resolve_inside
 from ...trainer_core.analysis.scrub import parse_prompts, parse_scales, select_checkpoints
 from ...trainer_core.analysis.sweet_spot import read_diagnostics, render_sweet_spot, suggest, write_diagnostics
+from ...trainer_core.files.safe_paths import resolve_inside
+from ...trainer_core.runs.runfolder import RunFolder, checkpoint_step
 from ..comfy import glue as comfy_glue
 from ..comfy.forward_loras import StackItem, apply_items
 from ..comfy.render import RenderSettings, decode_frames, encode_prompts, render_frames
-from ..train.encode_dataset import ENCODED_DATASET
 from ..scrub.scrub_run import MAX_SEED, runs_with_checkpoints
+from ..train.encode_dataset import ENCODED_DATASET
 
 LOG = logging.getLogger("klein_lora_lab")
 DEFAULT_PROMPTS = {

@@ -10,8 +10,8 @@ from __future__ import annotations
 from comfy_api.latest import io, ui
 
 from ...trainer_core.analysis.loss_curve import to_image_tensor
-from ...trainer_core.runs.runfolder import checkpoint_step
 from ...trainer_core.analysis.sweet_spot import DIAGNOSTICS_FILE, read_diagnostics, render_sweet_spot, suggest
+from ...trainer_core.runs.runfolder import checkpoint_step
 from ..comfy import glue as comfy_glue
 from .diagnose_run import open_run, run_combo, run_names
 

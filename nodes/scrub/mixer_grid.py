@@ -14,7 +14,15 @@ from dataclasses import asdict
 
 from comfy_api.latest import io
 
-from ...trainer_core.analysis.scrub import SEP, ScrubError, compose_grid, fmt_scale, inputs_key, mixer_plan, parse_scales
+from ...trainer_core.analysis.scrub import (
+    SEP,
+    ScrubError,
+    compose_grid,
+    fmt_scale,
+    inputs_key,
+    mixer_plan,
+    parse_scales,
+)
 from ..comfy.forward_loras import StackItem, apply_items, lora_list, preset_input
 from ..comfy.render import (
     SCRUB_UI_KEY,

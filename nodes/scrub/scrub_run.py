@@ -20,8 +20,6 @@ import comfy.samplers
 from comfy_api.latest import io
 
 from ...trainer_core.album.latent_cache import fingerprint_tensors
-from ...trainer_core.runs.runfolder import checkpoint_step
-from ...trainer_core.files.safe_paths import resolve_inside
 from ...trainer_core.analysis.scrub import (
     SEP,
     Checkpoint,
@@ -36,6 +34,8 @@ from ...trainer_core.analysis.scrub import (
     scrub_axes,
     select_checkpoints,
 )
+from ...trainer_core.files.safe_paths import resolve_inside
+from ...trainer_core.runs.runfolder import checkpoint_step
 from ..comfy import glue as comfy_glue
 from ..comfy.forward_loras import StackItem, apply_items, forward_loras_of, lora_list, lora_path, preset_input
 from ..comfy.render import (

@@ -7,8 +7,8 @@ from pathlib import Path
 from comfy_api.latest import io, ui
 
 from ...trainer_core.analysis.loss_curve import history_from_records, loss_curve_image
-from ...trainer_core.runs.runfolder import RunFolder, checkpoint_step
 from ...trainer_core.files.safe_paths import resolve_inside
+from ...trainer_core.runs.runfolder import RunFolder, checkpoint_step
 from ..comfy import glue as comfy_glue
 
 

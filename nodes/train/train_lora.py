@@ -8,8 +8,8 @@ from dataclasses import replace
 from comfy_api.latest import io
 
 from ...trainer_core.album.latent_cache import EncodedDataset
-from ...trainer_core.runs.runfolder import RunFolder
 from ...trainer_core.files.safe_paths import child_path, safe_name
+from ...trainer_core.runs.runfolder import RunFolder
 from ...trainer_core.training.settings import PRESETS, TrainSettings, preset
 from ..comfy import glue as comfy_glue
 from .encode_dataset import ENCODED_DATASET

@@ -21,8 +21,8 @@ CORE_DIFFUSERS_GLOBALS = ("img_in", "txt_in", "final_layer.linear", "final_layer
 
 def _random_lora(shape, seed: int, globals_: tuple[str, ...], rank: int = 4, scale: float = 0.08) -> dict:
     from klein_lora_lab.trainer_core.lora.adapters import LoraWeights
-    from klein_lora_lab.trainer_core.model.block_weights import block_of
     from klein_lora_lab.trainer_core.lora.lora_formats import klein_linear_shapes
+    from klein_lora_lab.trainer_core.model.block_weights import block_of
 
     gen = torch.Generator().manual_seed(seed)
     out = {}
@@ -99,7 +99,7 @@ def loader(model, name: str, strength: float, preset: str = "all", vector: str =
 @pytest.fixture(params=["output side", "weight side"])
 def side(request, monkeypatch) -> str:
     """Force where the LoRA is added (into each Linear's output, or into a temporary weight) for this test."""
-    from klein_lora_lab.nodes import comfy_adapters
+    from klein_lora_lab.nodes.comfy import forward_loras as comfy_adapters
 
     monkeypatch.setattr(
         comfy_adapters, "WEIGHT_SIDE_TOKENS_PER_IN", float("inf") if request.param == "output side" else 0.0
@@ -208,7 +208,7 @@ def test_ksampler_merge_cache_within_budget(env, monkeypatch, budget: str) -> No
     any budget (all, none, only some modules) the result equals core's merged LoRA, the base weights are
     untouched, the cache holds at most the budget during the run and nothing after it."""
     import comfy.model_management
-    from klein_lora_lab.nodes import comfy_adapters
+    from klein_lora_lab.nodes.comfy import forward_loras as comfy_adapters
 
     nodes = env["nodes"]
     ctx_dim = env["shape"].context_dim
@@ -282,8 +282,8 @@ def test_unmatched_keys_on_node_and_in_log(env, caplog) -> None:
 
 def test_foreign_lora_is_refused_by_the_node(env) -> None:
     """A LoRA for a bigger Klein (more blocks) is refused through the node, naming the file and the blocks."""
-    from klein_lora_lab.trainer_core.model.klein import KleinShape
     from klein_lora_lab.trainer_core.lora.lora_formats import LoraFormatError
+    from klein_lora_lab.trainer_core.model.klein import KleinShape
 
     s = env["shape"]
     bigger = KleinShape(s.hidden, s.heads, s.double_blocks + 3, s.single_blocks + 4, s.context_dim)

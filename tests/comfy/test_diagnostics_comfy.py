@@ -30,9 +30,9 @@ def diag_env(comfy_root, tiny_model_file, flux2_vae_file, tmp_path_factory):
     """ComfyUI in-process with a temporary output folder, the tiny model and VAE loaded, a 3-checkpoint run and
     the encoded album it trained on (its one latent with FakeClip's conditioning of its caption)."""
     import folder_paths
-    from klein_lora_lab.nodes import comfy_glue
-    from klein_lora_lab.trainer_core.training.data import TrainItem
+    from klein_lora_lab.nodes.comfy import glue as comfy_glue
     from klein_lora_lab.trainer_core.album.latent_cache import EncodedDataset
+    from klein_lora_lab.trainer_core.training.data import TrainItem
 
     import nodes
 

@@ -16,13 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 from klein_lora_lab.trainer_core.lora.adapters import AdapterStack
-from klein_lora_lab.trainer_core.training.data import TrainItem, pad_context
-from klein_lora_lab.trainer_core.model.klein import klein_forward
 from klein_lora_lab.trainer_core.lora.lora_file import load_lora
-from klein_lora_lab.trainer_core.training.objective import add_noise, compute_empirical_mu, velocity_target
-from klein_lora_lab.trainer_core.runs.runfolder import RunFolder
-from klein_lora_lab.trainer_core.training.sampling import flux2_sigmas, sample
-from klein_lora_lab.trainer_core.training.settings import TrainSettings
+from klein_lora_lab.trainer_core.model.klein import klein_forward
 from klein_lora_lab.trainer_core.model.tiny import (
     TinyKlein,
     TinySpec,
@@ -31,6 +26,11 @@ from klein_lora_lab.trainer_core.model.tiny import (
     tiny_klein_state_dict,
     to_checkpoint_keys,
 )
+from klein_lora_lab.trainer_core.runs.runfolder import RunFolder
+from klein_lora_lab.trainer_core.training.data import TrainItem, pad_context
+from klein_lora_lab.trainer_core.training.objective import add_noise, compute_empirical_mu, velocity_target
+from klein_lora_lab.trainer_core.training.sampling import flux2_sigmas, sample
+from klein_lora_lab.trainer_core.training.settings import TrainSettings
 from klein_lora_lab.trainer_core.training.trainer import TrainResult, train
 
 PARITY_SPEC = TinySpec(hidden=128, double_blocks=1, single_blocks=2, context_dim=32)

@@ -27,7 +27,7 @@ PROMPT = "a TOK cat"
 def scrub_env(comfy_root, tiny_model_file, flux2_vae_file, tmp_path_factory):
     """ComfyUI in-process with a temporary output folder, the tiny model and VAE loaded, and a 3-checkpoint run."""
     import folder_paths
-    from klein_lora_lab.nodes import comfy_glue
+    from klein_lora_lab.nodes.comfy import glue as comfy_glue
 
     import nodes
 

@@ -97,7 +97,7 @@ def test_glue_training_writes_checkpoints_stock_loader_applies(comfy_env, tiny_s
     import comfy.model_management as mm
     import comfy.utils
     import folder_paths
-    from klein_lora_lab.nodes import comfy_glue
+    from klein_lora_lab.nodes.comfy import glue as comfy_glue
     from klein_lora_lab.nodes.comfy.forward_loras import forward_loras_of
     from klein_lora_lab.nodes.train.dataset_folder import KleinLabDatasetFolder
     from klein_lora_lab.nodes.train.encode_dataset import KleinLabEncodeDataset
@@ -333,7 +333,7 @@ def test_example_workflow_matches_the_nodes(comfy_server, name):
 def test_image_pairs_train_with_reference_latents(comfy_env, tiny_spec, tmp_path):
     """An image-to-image album trains through the glue: items carry the encoded reference, previews sample
     with it, and the checkpoint records the image_to_image preset's rank."""
-    from klein_lora_lab.nodes import comfy_glue
+    from klein_lora_lab.nodes.comfy import glue as comfy_glue
     from klein_lora_lab.nodes.train.dataset_pairs import KleinLabDatasetPairs
     from klein_lora_lab.nodes.train.encode_dataset import KleinLabEncodeDataset
     from klein_lora_lab.nodes.train.train_lora import open_run, sample_config, settings_from_widgets

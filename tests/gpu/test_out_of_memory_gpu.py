@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from klein_lora_lab.trainer_core.model.tiny import TinyKlein, TinySpec
+from klein_lora_lab.trainer_core.runs.runfolder import RunFolder
 from klein_lora_lab.trainer_core.training.data import TrainItem
 from klein_lora_lab.trainer_core.training.faults import TrainingOutOfMemoryError
-from klein_lora_lab.trainer_core.runs.runfolder import RunFolder
 from klein_lora_lab.trainer_core.training.settings import TrainSettings
-from klein_lora_lab.trainer_core.model.tiny import TinyKlein, TinySpec
 from klein_lora_lab.trainer_core.training.trainer import train
 
 KLEIN_4B = TinySpec(hidden=3072, double_blocks=5, single_blocks=20, context_dim=7680)

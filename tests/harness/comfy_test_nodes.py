@@ -93,7 +93,7 @@ class KleinLabTestInjectOOM:
         import sys
 
         # Every loaded copy of the trainer module (the pack may be imported under more than one name).
-        trainers = {id(m): m for n, m in list(sys.modules.items()) if n.endswith("trainer_core.trainer") and m}
+        trainers = {id(m): m for n, m in list(sys.modules.items()) if n.endswith("trainer_core.training.trainer") and m}
         reals = {key: m.klein_forward for key, m in trainers.items()}
         calls = [0]
 

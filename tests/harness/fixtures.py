@@ -1,7 +1,7 @@
 """Seeded, disk-cached test fixtures: tiny Klein diffusion models and matching text conditioning.
 
 Files live under `<repo>/.cache/fixtures/` (gitignored) and are keyed by the spec, the seed and a hash of the
-code that generates them, so a change to `trainer_core/tiny.py` or `klein.py` produces a new file instead of a
+code that generates them, so a change to `trainer_core/model/tiny.py` or `klein.py` produces a new file instead of a
 stale one. Writes are atomic (temp file + rename), so parallel test processes never read half a file.
 """
 
@@ -19,7 +19,7 @@ from .comfy_env import PACK_ROOT
 CACHE_ROOT = Path(os.environ.get("KLEIN_LAB_CACHE", PACK_ROOT / ".cache")) / "fixtures"
 
 # The generating code: its content is part of every cache key.
-_TINY_SOURCES = (PACK_ROOT / "trainer_core" / "tiny.py", PACK_ROOT / "trainer_core" / "klein.py")
+_TINY_SOURCES = (PACK_ROOT / "trainer_core" / "model" / "tiny.py", PACK_ROOT / "trainer_core" / "model" / "klein.py")
 
 
 def source_hash(paths: tuple[Path, ...]) -> str:

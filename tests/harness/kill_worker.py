@@ -28,10 +28,10 @@ from harness.pack import register_pack  # noqa: E402
 
 register_pack()
 
-from klein_lora_lab.trainer_core.training.data import TrainItem  # noqa: E402
-from klein_lora_lab.trainer_core.runs.runfolder import RunFolder  # noqa: E402
-from klein_lora_lab.trainer_core.training.settings import TrainSettings  # noqa: E402
 from klein_lora_lab.trainer_core.model.tiny import TinySpec, tiny_klein  # noqa: E402
+from klein_lora_lab.trainer_core.runs.runfolder import RunFolder  # noqa: E402
+from klein_lora_lab.trainer_core.training.data import TrainItem  # noqa: E402
+from klein_lora_lab.trainer_core.training.settings import TrainSettings  # noqa: E402
 from klein_lora_lab.trainer_core.training.trainer import train  # noqa: E402
 
 SPEC = TinySpec(hidden=128, double_blocks=1, single_blocks=1, context_dim=16)

@@ -44,10 +44,10 @@ def make_tiny_run(
     Each checkpoint is `runs_dir/name/checkpoints/step_000001.safetensors` etc. (our LoRA format, fp32), with its
     resume state. `runs_dir` is usually `<ComfyUI output>/klein_lora_lab/runs` so the scrub node lists the run.
     """
-    from klein_lora_lab.trainer_core.training.data import TrainItem
-    from klein_lora_lab.trainer_core.runs.runfolder import RunFolder, checkpoint_step
-    from klein_lora_lab.trainer_core.training.settings import TrainSettings
     from klein_lora_lab.trainer_core.model.tiny import TinySpec, tiny_klein
+    from klein_lora_lab.trainer_core.runs.runfolder import RunFolder, checkpoint_step
+    from klein_lora_lab.trainer_core.training.data import TrainItem
+    from klein_lora_lab.trainer_core.training.settings import TrainSettings
     from klein_lora_lab.trainer_core.training.trainer import train
 
     wanted = sorted(set(int(s) for s in steps))

@@ -17,15 +17,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from klein_lora_lab.trainer_core.lora.adapters import LoraWeights
-from klein_lora_lab.trainer_core.training.data import TrainItem
 from klein_lora_lab.trainer_core.album.dataset import DatasetError, load_bucket_image, scan_folder, scan_pairs
-from klein_lora_lab.trainer_core.model.klein import KleinShape, read_shape
+from klein_lora_lab.trainer_core.lora.adapters import LoraWeights
 from klein_lora_lab.trainer_core.lora.lora_file import load_lora, save_lora
 from klein_lora_lab.trainer_core.lora.lora_formats import LoraFormatError, read_lora_file
-from klein_lora_lab.trainer_core.runs.runfolder import RunFolder
-from klein_lora_lab.trainer_core.training.settings import SettingsError, TrainSettings
+from klein_lora_lab.trainer_core.model.klein import KleinShape, read_shape
 from klein_lora_lab.trainer_core.model.tiny import TinySpec, tiny_klein
+from klein_lora_lab.trainer_core.runs.runfolder import RunFolder
+from klein_lora_lab.trainer_core.training.data import TrainItem
+from klein_lora_lab.trainer_core.training.settings import SettingsError, TrainSettings
 from klein_lora_lab.trainer_core.training.trainer import NonFiniteLossError, train
 from PIL import Image
 from safetensors.torch import save_file

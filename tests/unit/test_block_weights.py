@@ -7,14 +7,20 @@ import copy
 import pytest
 import torch
 from klein_lora_lab.trainer_core.lora.adapters import AdapterStack, LoraWeights
+from klein_lora_lab.trainer_core.lora.lora_formats import klein_linear_shapes, read_lora, write_kohya
 from klein_lora_lab.trainer_core.model.block_weights import (
     block_strengths,
     module_strengths,
     parse_block_vector,
 )
 from klein_lora_lab.trainer_core.model.klein import KleinShape, klein_forward, read_shape
-from klein_lora_lab.trainer_core.lora.lora_formats import klein_linear_shapes, read_lora, write_kohya
-from klein_lora_lab.trainer_core.model.tiny import SPEC_4B_SHAPED, SPEC_9B_SHAPED, TinySpec, tiny_conditioning, tiny_klein
+from klein_lora_lab.trainer_core.model.tiny import (
+    SPEC_4B_SHAPED,
+    SPEC_9B_SHAPED,
+    TinySpec,
+    tiny_conditioning,
+    tiny_klein,
+)
 
 
 def _shape(spec: TinySpec) -> KleinShape:

@@ -8,8 +8,6 @@ from collections.abc import Callable
 
 import pytest
 import torch
-from klein_lora_lab.trainer_core import trainer as trainer_module
-from klein_lora_lab.trainer_core.training.data import TrainItem
 from klein_lora_lab.trainer_core.analysis.diagnostics import (
     COLLAPSED_BELOW,
     HOLDOUT_MIN_ITEMS,
@@ -25,9 +23,11 @@ from klein_lora_lab.trainer_core.analysis.diagnostics import (
     normalised_l2,
     pixel_features,
 )
-from klein_lora_lab.trainer_core.runs.runfolder import RunFolder
-from klein_lora_lab.trainer_core.training.settings import TrainSettings
 from klein_lora_lab.trainer_core.model.tiny import TinySpec, tiny_klein
+from klein_lora_lab.trainer_core.runs.runfolder import RunFolder
+from klein_lora_lab.trainer_core.training import trainer as trainer_module
+from klein_lora_lab.trainer_core.training.data import TrainItem
+from klein_lora_lab.trainer_core.training.settings import TrainSettings
 from klein_lora_lab.trainer_core.training.trainer import train
 
 GROUPS = {"trigger": [0, 1], "novel": [2, 3], "trigger_free": [4, 5]}

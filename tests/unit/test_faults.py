@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from klein_lora_lab.trainer_core import trainer as trainer_module
+from klein_lora_lab.trainer_core.lora.lora_file import DiskFullError, atomic_write_bytes, load_lora
+from klein_lora_lab.trainer_core.model.tiny import TinySpec, tiny_klein
+from klein_lora_lab.trainer_core.runs.runfolder import RunFolder
+from klein_lora_lab.trainer_core.training import trainer as trainer_module
 from klein_lora_lab.trainer_core.training.data import TrainItem
 from klein_lora_lab.trainer_core.training.faults import TrainingOutOfMemoryError
-from klein_lora_lab.trainer_core.lora.lora_file import DiskFullError, atomic_write_bytes, load_lora
-from klein_lora_lab.trainer_core.runs.runfolder import RunFolder
 from klein_lora_lab.trainer_core.training.settings import TrainSettings
-from klein_lora_lab.trainer_core.model.tiny import TinySpec, tiny_klein
 from klein_lora_lab.trainer_core.training.trainer import TrainCallbacks, train
 
 SPEC = TinySpec(hidden=128, double_blocks=1, single_blocks=1, context_dim=16)

@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 
 import pytest
-from klein_lora_lab.trainer_core.runs.runfolder import RunFolder
 from klein_lora_lab.trainer_core.files.safe_paths import (
     MAX_NAME_BYTES,
     UnsafePathError,
@@ -20,6 +19,7 @@ from klein_lora_lab.trainer_core.files.safe_paths import (
     resolve_inside,
     safe_name,
 )
+from klein_lora_lab.trainer_core.runs.runfolder import RunFolder
 from klein_lora_lab.trainer_core.training.settings import TrainSettings
 
 PACK_ROOT = Path(__file__).resolve().parents[2]

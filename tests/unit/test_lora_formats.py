@@ -7,7 +7,6 @@ import copy
 import pytest
 import torch
 from klein_lora_lab.trainer_core.lora.adapters import AdapterStack, LoraWeights
-from klein_lora_lab.trainer_core.model.klein import KleinShape, klein_forward, read_shape
 from klein_lora_lab.trainer_core.lora.lora_formats import (
     LoraFormatError,
     klein_linear_shapes,
@@ -17,6 +16,7 @@ from klein_lora_lab.trainer_core.lora.lora_formats import (
     write_kohya,
     write_peft,
 )
+from klein_lora_lab.trainer_core.model.klein import KleinShape, klein_forward, read_shape
 from klein_lora_lab.trainer_core.model.tiny import TinySpec, tiny_conditioning, tiny_klein
 
 SPEC = TinySpec(hidden=128, double_blocks=2, single_blocks=3, context_dim=48)

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 from klein_lora_lab.trainer_core.lora.adapters import AdapterStack, LoraTrainable
+from klein_lora_lab.trainer_core.model.targeting import resolve_targets
+from klein_lora_lab.trainer_core.model.tiny import TinySpec, tiny_conditioning, tiny_klein
 from klein_lora_lab.trainer_core.training.data import pad_context
 from klein_lora_lab.trainer_core.training.objective import compute_empirical_mu, flux_time_shift
 from klein_lora_lab.trainer_core.training.sampling import flux2_sigmas, sample
-from klein_lora_lab.trainer_core.model.targeting import resolve_targets
-from klein_lora_lab.trainer_core.model.tiny import TinySpec, tiny_conditioning, tiny_klein
 
 SPEC = TinySpec(hidden=128, double_blocks=1, single_blocks=1, context_dim=16)
 

@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 from klein_lora_lab.trainer_core.lora.adapters import LoraTrainable
-from klein_lora_lab.trainer_core.training.data import TrainItem
-from klein_lora_lab.trainer_core.model.klein import klein_forward
 from klein_lora_lab.trainer_core.lora.lora_file import load_lora
-from klein_lora_lab.trainer_core.runs.runfolder import RunFolder
-from klein_lora_lab.trainer_core.training.settings import TrainSettings
+from klein_lora_lab.trainer_core.model.klein import klein_forward
 from klein_lora_lab.trainer_core.model.targeting import resolve_targets
 from klein_lora_lab.trainer_core.model.tiny import TinySpec, tiny_conditioning, tiny_klein
+from klein_lora_lab.trainer_core.runs.runfolder import RunFolder
+from klein_lora_lab.trainer_core.training.data import TrainItem
+from klein_lora_lab.trainer_core.training.settings import TrainSettings
 from klein_lora_lab.trainer_core.training.trainer import NonFiniteLossError, TrainCallbacks, lr_at, train
 
 SPEC = TinySpec(hidden=128, double_blocks=1, single_blocks=1, context_dim=16)

@@ -33,8 +33,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from .adapters import LoraWeights
 from ..model.klein import LATENT_CHANNELS, TIME_EMBED_DIM, KleinShape
+from .adapters import LoraWeights
 
 # Hidden size -> the Klein it belongs to (for messages).
 KLEIN_SIZE_BY_HIDDEN = {3072: "4B", 4096: "9B"}

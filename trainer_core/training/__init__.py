@@ -1,1 +1,2 @@
-"""One training run: settings, data batches, the flow-matching objective, the loop, previews and its failure messages."""
+"""One training run: settings, data batches, the flow-matching objective, the loop, previews and the failure
+messages."""

@@ -13,8 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from .data import pad_context
 from ..model.klein import AdapterDeltas, klein_forward
+from .data import pad_context
 from .objective import compute_empirical_mu, flux_time_shift
 
 

@@ -20,17 +20,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..lora.adapters import LoraTrainable
-from .data import BatchOrder, TrainItem, collate, dataset_hash, derive_seed
 from ..analysis.diagnostics import holdout_split
-from .faults import TrainingOutOfMemoryError, out_of_memory_message
-from ..model.klein import klein_forward, read_shape
+from ..lora.adapters import LoraTrainable
 from ..lora.lora_file import DiskFullError, save_lora
-from .objective import add_noise, flow_loss, sample_sigmas, shifted_sigmas, velocity_target
-from ..runs.runfolder import RunFolder, checkpoint_step
-from .settings import TrainSettings
+from ..model.klein import klein_forward, read_shape
 from ..model.targeting import resolve_targets
 from ..model.variants import detect_variant
+from ..runs.runfolder import RunFolder, checkpoint_step
+from .data import BatchOrder, TrainItem, collate, dataset_hash, derive_seed
+from .faults import TrainingOutOfMemoryError, out_of_memory_message
+from .objective import add_noise, flow_loss, sample_sigmas, shifted_sigmas, velocity_target
+from .settings import TrainSettings
 
 # Settings that may change between a stop and a resume: run length, cadence, file dtype and memory/speed
 # switches (resuming on a smaller GPU); none of them changes what the steps already done computed.
