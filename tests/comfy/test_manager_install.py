@@ -114,7 +114,7 @@ def test_manager_style_install_keeps_torch_and_loads_every_node(tmp_path, capsys
     finally:
         server.stop()
     declared = set()
-    for source in (clone / "nodes").glob("*.py"):
+    for source in (clone / "nodes").rglob("*.py"):
         declared |= set(re.findall(r'node_id="(KleinLab\w+)"', source.read_text()))
     assert declared and declared <= set(info), sorted(declared - set(info))
     assert pack_import_errors(log, CLONE_NAME) == []
