@@ -143,13 +143,14 @@ def train_lora(model, album: ToyAlbum, output_dir: Path, steps: int) -> tuple[st
     """
     import folder_paths
     import torch
-    from klein_lora_lab.nodes.comfy import glue as comfy_glue
+    from klein_lora_lab.nodes.comfy.paths import lora_list_name, register_runs_folder
+    from klein_lora_lab.nodes.comfy.training import train_in_comfy
     from klein_lora_lab.nodes.train.train_lora import open_run, sample_config, settings_from_widgets
     from klein_lora_lab.trainer_core.album.latent_cache import EncodedDataset
     from klein_lora_lab.trainer_core.training.data import dataset_hash
 
     folder_paths.set_output_directory(str(output_dir))
-    comfy_glue.register_runs_folder()
+    register_runs_folder()
     encoded = EncodedDataset(
         items=album.items,
         captions=(TRIGGER,) * len(album.items),
@@ -177,7 +178,7 @@ def train_lora(model, album: ToyAlbum, output_dir: Path, steps: int) -> tuple[st
     )
     run = open_run(time.strftime("demo-%Y%m%d-%H%M%S"), settings, encoded, resume=False)
     with torch.inference_mode():  # as ComfyUI runs a node
-        outcome = comfy_glue.train_in_comfy(
+        outcome = train_in_comfy(
             model,
             encoded.items,
             settings,
@@ -190,7 +191,7 @@ def train_lora(model, album: ToyAlbum, output_dir: Path, steps: int) -> tuple[st
         )
     if outcome.checkpoint is None:
         raise RuntimeError(f"training wrote no checkpoint: {outcome.message}")
-    return comfy_glue.lora_list_name(outcome.checkpoint), run, outcome.message
+    return lora_list_name(outcome.checkpoint), run, outcome.message
 
 
 def save_loss_curve(run) -> Path:
@@ -258,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import_pack()
     import_comfyui(root, cpu=not args.gpu)
-    from klein_lora_lab.nodes.comfy import glue as comfy_glue
+    from klein_lora_lab.nodes.comfy.training import model_with_lora
 
     out = args.out.resolve()
     report = DemoReport(comfyui=str(root), output_dir=str(out))
@@ -278,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     report.seconds["train"] = time.perf_counter() - timer
 
     timer = time.perf_counter()
-    trained = comfy_glue.model_with_lora(model, lora_name)
+    trained = model_with_lora(model, lora_name)
     for tag, m in (("base", model), ("lora", trained)):
         latents = sample(m, album.trigger_context, args.seeds, args.size, args.steps, out / "samples", tag)
         report.distance_to_album[tag] = distance_to_pattern(latents, album.pattern)

@@ -6,7 +6,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ...trainer_core.album.dataset_lint import PRESET_ALBUM_SIZES, lint_album
-from ..comfy import glue as comfy_glue
+from ..comfy.paths import folder_fingerprint, resolve_album_folder
 from ..train.dataset_folder import FOLDER_TIP, TRIGGER_TIP
 
 
@@ -56,13 +56,13 @@ class KleinLabDatasetLint(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, folder: str, pairs_folder: str, **kwargs) -> str:
-        folders = [comfy_glue.resolve_album_folder(f) for f in (folder, pairs_folder) if f.strip()]
-        return comfy_glue.folder_fingerprint(*folders) + "|" + "|".join(f"{k}={v}" for k, v in sorted(kwargs.items()))
+        folders = [resolve_album_folder(f) for f in (folder, pairs_folder) if f.strip()]
+        return folder_fingerprint(*folders) + "|" + "|".join(f"{k}={v}" for k, v in sorted(kwargs.items()))
 
     @classmethod
     def execute(cls, folder: str, pairs_folder: str, trigger: str, preset: str, resolution: int) -> io.NodeOutput:
-        pairs = comfy_glue.resolve_album_folder(pairs_folder) if pairs_folder.strip() else None
-        report = lint_album(comfy_glue.resolve_album_folder(folder), trigger, preset, pairs, resolution)
+        pairs = resolve_album_folder(pairs_folder) if pairs_folder.strip() else None
+        report = lint_album(resolve_album_folder(folder), trigger, preset, pairs, resolution)
         text = report.to_text()
         return io.NodeOutput(text, report.to_json(), ui={"text": [text]})
 

@@ -26,8 +26,8 @@ from ...trainer_core.analysis.scrub import parse_prompts, parse_scales, select_c
 from ...trainer_core.analysis.sweet_spot import read_diagnostics, render_sweet_spot, suggest, write_diagnostics
 from ...trainer_core.files.safe_paths import resolve_inside
 from ...trainer_core.runs.runfolder import RunFolder, checkpoint_step
-from ..comfy import glue as comfy_glue
 from ..comfy.forward_loras import StackItem, apply_items
+from ..comfy.paths import folder_fingerprint, lora_list_name, register_runs_folder, runs_dir
 from ..comfy.render import RenderSettings, decode_frames, encode_prompts, render_frames
 from ..scrub.scrub_run import MAX_SEED, runs_with_checkpoints
 from ..train.encode_dataset import ENCODED_DATASET
@@ -51,12 +51,12 @@ def run_names() -> list[str]:
     """The scrub node's runs (with checkpoints, newest first) that also have a run.json (settings and trigger are
     read from it); the file is only checked for existence: a damaged run.json must not keep the node from
     registering."""
-    return [name for name in runs_with_checkpoints() if (comfy_glue.runs_dir() / name / "run.json").is_file()]
+    return [name for name in runs_with_checkpoints() if (runs_dir() / name / "run.json").is_file()]
 
 
 def run_folder(run: str) -> Path:
     """The folder of a run name, resolved inside the runs folder (no '..', absolute path or symlink out)."""
-    root = comfy_glue.register_runs_folder()
+    root = register_runs_folder()
     return resolve_inside(run, [root], "run", base=root)
 
 
@@ -179,7 +179,7 @@ class KleinLabDiagnoseRun(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, run: str, **kwargs) -> str:
         # New checkpoints (with 'all' or 'last N') measure again; an unchanged run reuses ComfyUI's cached result.
-        return comfy_glue.folder_fingerprint(run_folder(run) / "checkpoints")
+        return folder_fingerprint(run_folder(run) / "checkpoints")
 
     @classmethod
     def execute(
@@ -234,7 +234,7 @@ def diagnose(model, clip, vae, encoded, files, chosen, scales, prompts, groups, 
     """Render base + every checkpoint × scale × prompt and measure them -> (records, frames IMAGE, timing line)."""
     positives = encode_prompts(clip, prompts)
     negative = encode_prompts(clip, [""])[0]
-    names = {step: comfy_glue.lora_list_name(files[step]) for step in chosen}
+    names = {step: lora_list_name(files[step]) for step in chosen}
 
     def jobs():
         for positive in positives:

@@ -12,7 +12,7 @@ from comfy_api.latest import io, ui
 from ...trainer_core.analysis.loss_curve import to_image_tensor
 from ...trainer_core.analysis.sweet_spot import DIAGNOSTICS_FILE, read_diagnostics, render_sweet_spot, suggest
 from ...trainer_core.runs.runfolder import checkpoint_step
-from ..comfy import glue as comfy_glue
+from ..comfy.paths import folder_fingerprint, lora_list_name, runs_dir
 from .diagnose_run import open_run, run_combo, run_names
 
 
@@ -53,8 +53,8 @@ class KleinLabSweetSpot(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, run: str, **kwargs) -> str:
         # New diagnostics, metrics or checkpoints give a new suggestion; otherwise ComfyUI's cached one is reused.
-        folder = comfy_glue.runs_dir() / run
-        return comfy_glue.folder_fingerprint(folder, folder / "checkpoints")
+        folder = runs_dir() / run
+        return folder_fingerprint(folder, folder / "checkpoints")
 
     @classmethod
     def execute(cls, run: str, width: int, height: int, after: str | None = None) -> io.NodeOutput:
@@ -67,7 +67,7 @@ class KleinLabSweetSpot(io.ComfyNode):
                 f"run '{run}': the suggested step {spot.step} has no checkpoint any more; run Klein Diagnose Run "
                 f"again (it rewrites {DIAGNOSTICS_FILE}) or restore the checkpoint."
             )
-        lora_name = comfy_glue.lora_list_name(folder.checkpoint_path(spot.step))
+        lora_name = lora_list_name(folder.checkpoint_path(spot.step))
         text = spot.text() + f"\nLoRA: {lora_name} at strength {spot.scale:g}"
         chart = to_image_tensor(render_sweet_spot(spot, width, height, title=folder.path.name))
         return io.NodeOutput(

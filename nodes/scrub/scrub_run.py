@@ -36,8 +36,9 @@ from ...trainer_core.analysis.scrub import (
 )
 from ...trainer_core.files.safe_paths import resolve_inside
 from ...trainer_core.runs.runfolder import checkpoint_step
-from ..comfy import glue as comfy_glue
+from ..comfy.encoders import conditioning_tensor, vae_identity
 from ..comfy.forward_loras import StackItem, apply_items, forward_loras_of, lora_list, lora_path, preset_input
+from ..comfy.paths import folder_fingerprint, lora_list_name, register_runs_folder, runs_dir
 from ..comfy.render import (
     SCRUB_UI_KEY,
     RenderSettings,
@@ -71,7 +72,7 @@ def checkpoint_files(folder: Path) -> dict[int, Path]:
 
 def runs_with_checkpoints() -> list[str]:
     """Run folders under <output>/klein_lora_lab/runs that hold at least one checkpoint, newest first."""
-    root = comfy_glue.runs_dir()
+    root = runs_dir()
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and checkpoint_files(p)]
@@ -80,19 +81,19 @@ def runs_with_checkpoints() -> list[str]:
 
 def run_checkpoints(run: str, selection: str) -> list[Checkpoint]:
     """The selected checkpoints of a run (ascending steps) as names of ComfyUI's loras list."""
-    root = comfy_glue.register_runs_folder()
+    root = register_runs_folder()
     folder = resolve_inside(run, [root], "run", base=root)
     files = checkpoint_files(folder)
     try:
         steps = select_checkpoints(selection, sorted(files))
     except ScrubError as err:
         raise ScrubError(f"run '{run}': {err}") from err
-    return [Checkpoint(comfy_glue.lora_list_name(files[s]), s) for s in steps]
+    return [Checkpoint(lora_list_name(files[s]), s) for s in steps]
 
 
 def file_checkpoints(text: str) -> list[Checkpoint]:
     """LoRA files of the loras list, one per line, in the order given (steps read from step_000600 names)."""
-    comfy_glue.register_runs_folder()
+    register_runs_folder()
     names = [line.strip() for line in text.splitlines() if line.strip()]
     if not names:
         raise ScrubError(f"run is '{FILES_OPTION}' but lora_files is empty: list one LoRA of the loras list per line.")
@@ -131,13 +132,11 @@ def model_identity(model, vae) -> str:
     )
     patches = model.patches_uuid if model.patches else ""
     weights = fingerprint_tensors(model.model.diffusion_model.state_dict().items(), extra=f"{loras}|{patches}")
-    return f"{weights}|{comfy_glue.vae_identity(vae)}"
+    return f"{weights}|{vae_identity(vae)}"
 
 
 def conditioning_identity(conditioning) -> str:
-    return (
-        "none" if conditioning is None else fingerprint_tensors([("c", comfy_glue.conditioning_tensor(conditioning))])
-    )
+    return "none" if conditioning is None else fingerprint_tensors([("c", conditioning_tensor(conditioning))])
 
 
 def resolve_negative(negative, clip, positive_like, cfg: float):
@@ -269,8 +268,8 @@ class KleinLabScrubRun(io.ComfyNode):
         # New or re-trained checkpoints re-render; an unchanged run reuses ComfyUI's cached frames.
         if run == FILES_OPTION:
             return "|".join(file_identity([n.strip() for n in lora_files.splitlines() if n.strip()]))
-        root = comfy_glue.runs_dir()
-        return comfy_glue.folder_fingerprint(resolve_inside(run, [root], "run", base=root) / "checkpoints")
+        root = runs_dir()
+        return folder_fingerprint(resolve_inside(run, [root], "run", base=root) / "checkpoints")
 
     @classmethod
     def execute(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ...trainer_core.album.dataset import TRIGGER_MODES, scan_folder
-from ..comfy import glue as comfy_glue
+from ..comfy.paths import folder_fingerprint, resolve_album_folder
 
 DATASET = io.Custom("KLEIN_DATASET")
 
@@ -49,15 +49,13 @@ class KleinLabDatasetFolder(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, folder: str, **kwargs) -> str:
-        return comfy_glue.folder_fingerprint(comfy_glue.resolve_album_folder(folder))
+        return folder_fingerprint(resolve_album_folder(folder))
 
     @classmethod
     def execute(
         cls, folder: str, trigger: str, trigger_mode: str, resolution: int, default_caption: str
     ) -> io.NodeOutput:
-        dataset = scan_folder(
-            comfy_glue.resolve_album_folder(folder), resolution, trigger, trigger_mode, default_caption
-        )
+        dataset = scan_folder(resolve_album_folder(folder), resolution, trigger, trigger_mode, default_caption)
         summary = dataset.summary()
         return io.NodeOutput(dataset, summary, ui={"text": [summary]})
 

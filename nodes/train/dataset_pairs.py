@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ...trainer_core.album.dataset import scan_pairs
-from ..comfy import glue as comfy_glue
+from ..comfy.paths import folder_fingerprint, resolve_album_folder
 from .dataset_folder import DATASET, trigger_inputs
 
 
@@ -38,9 +38,7 @@ class KleinLabDatasetPairs(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, reference_folder: str, target_folder: str, **kwargs) -> str:
-        return comfy_glue.folder_fingerprint(
-            comfy_glue.resolve_album_folder(reference_folder), comfy_glue.resolve_album_folder(target_folder)
-        )
+        return folder_fingerprint(resolve_album_folder(reference_folder), resolve_album_folder(target_folder))
 
     @classmethod
     def execute(
@@ -53,8 +51,8 @@ class KleinLabDatasetPairs(io.ComfyNode):
         default_caption: str,
     ) -> io.NodeOutput:
         dataset = scan_pairs(
-            comfy_glue.resolve_album_folder(reference_folder),
-            comfy_glue.resolve_album_folder(target_folder),
+            resolve_album_folder(reference_folder),
+            resolve_album_folder(target_folder),
             resolution,
             trigger,
             trigger_mode,

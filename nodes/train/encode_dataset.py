@@ -10,7 +10,15 @@ from comfy_api.latest import io
 
 from ...trainer_core.album.dataset import Dataset, insert_trigger
 from ...trainer_core.album.latent_cache import LatentCache, encode_album, fingerprint_tensors
-from ..comfy import glue as comfy_glue
+from ..comfy.encoders import (
+    clip_identity,
+    clip_text_encoder,
+    conditioning_tensor,
+    counter_progress,
+    vae_identity,
+    vae_image_encoder,
+)
+from ..comfy.paths import cache_dir
 from .dataset_folder import DATASET
 
 ENCODED_DATASET = io.Custom("KLEIN_ENCODED_DATASET")
@@ -66,23 +74,23 @@ class KleinLabEncodeDataset(io.ComfyNode):
     def execute(cls, dataset: Dataset, vae, validation_prompts: str, clip=None, conditioning=None) -> io.NodeOutput:
         prompts = parse_validation_prompts(validation_prompts, dataset.trigger)
         if conditioning is not None:
-            fixed = comfy_glue.conditioning_tensor(conditioning)
+            fixed = conditioning_tensor(conditioning)
             encode_text, text_id = (lambda _text: fixed), "fixed:" + fingerprint_tensors([("cond", fixed)])
         elif clip is not None:
-            encode_text, text_id = comfy_glue.clip_text_encoder(clip), comfy_glue.clip_identity(clip)
+            encode_text, text_id = clip_text_encoder(clip), clip_identity(clip)
         else:
             raise ValueError("Klein Encode Dataset needs a text encoder: connect 'clip' (Load CLIP, type flux2).")
         encoded = encode_album(
             dataset,
-            comfy_glue.vae_image_encoder(vae),
+            vae_image_encoder(vae),
             encode_text,
-            comfy_glue.vae_identity(vae),
+            vae_identity(vae),
             text_id,
-            LatentCache(comfy_glue.cache_dir()),
+            LatentCache(cache_dir()),
             validation_prompts=prompts,
             # A fixed conditioning has no empty-caption counterpart, so caption dropout needs the CLIP.
             with_empty_caption=conditioning is None,
-            on_progress=comfy_glue.counter_progress(),
+            on_progress=counter_progress(),
         )
         report = encoded.report()
         return io.NodeOutput(encoded, report, ui={"text": [report]})

@@ -9,13 +9,13 @@ from comfy_api.latest import io, ui
 from ...trainer_core.analysis.loss_curve import history_from_records, loss_curve_image
 from ...trainer_core.files.safe_paths import resolve_inside
 from ...trainer_core.runs.runfolder import RunFolder, checkpoint_step
-from ..comfy import glue as comfy_glue
+from ..comfy.paths import allowed_roots, folder_fingerprint, runs_dir
 
 
 def resolve_run(run: str) -> Path:
     """A run as typed: a run name under <output>/klein_lora_lab/runs, or an absolute path to a run folder inside
     an allowed folder (safe_paths refuses '..', NUL bytes and symlinks out of those folders)."""
-    return resolve_inside(run, comfy_glue.allowed_roots(), "run", base=comfy_glue.runs_dir())
+    return resolve_inside(run, allowed_roots(), "run", base=runs_dir())
 
 
 def run_loss_curve(run: RunFolder, width: int, height: int, smoothing: float):
@@ -57,7 +57,7 @@ class KleinLabLossCurve(io.ComfyNode):
     def fingerprint_inputs(cls, run: str, **kwargs) -> str:
         # New metrics or checkpoints redraw the curve; an unchanged run reuses ComfyUI's cached picture.
         folder = resolve_run(run)
-        return comfy_glue.folder_fingerprint(folder, folder / "checkpoints")
+        return folder_fingerprint(folder, folder / "checkpoints")
 
     @classmethod
     def execute(cls, run: str, width: int, height: int, smoothing: float) -> io.NodeOutput:

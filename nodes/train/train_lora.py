@@ -11,11 +11,13 @@ from ...trainer_core.album.latent_cache import EncodedDataset
 from ...trainer_core.files.safe_paths import child_path, safe_name
 from ...trainer_core.runs.runfolder import RunFolder
 from ...trainer_core.training.settings import PRESETS, TrainSettings, preset
-from ..comfy import glue as comfy_glue
+from ..comfy.interrupt import raise_interrupt
+from ..comfy.paths import lora_list_name, register_runs_folder, runs_dir
+from ..comfy.training import SampleConfig, model_with_lora, train_in_comfy, ui_image
 from .encode_dataset import ENCODED_DATASET
 from .loss_curve import run_loss_curve
 
-comfy_glue.register_runs_folder()  # checkpoints of earlier runs show in the loras list from startup on
+register_runs_folder()  # checkpoints of earlier runs show in the loras list from startup on
 
 RUN_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-. ")
 
@@ -36,7 +38,7 @@ def open_run(run_name: str, settings: TrainSettings, encoded: EncodedDataset, re
     name = safe_name(run_name, "run name")  # no separators, '..', NUL, reserved or over-long names
     if set(name) - RUN_NAME_CHARS:
         raise ValueError(f"run name {run_name!r}: use letters, digits, spaces, '_', '-' and '.' (e.g. 'tok_style_v1').")
-    path = child_path(comfy_glue.runs_dir(), name, what="run name")  # refuses a symlink leading elsewhere
+    path = child_path(runs_dir(), name, what="run name")  # refuses a symlink leading elsewhere
     if (path / "run.json").is_file():
         if not resume:
             raise ValueError(
@@ -53,14 +55,14 @@ def open_run(run_name: str, settings: TrainSettings, encoded: EncodedDataset, re
     return RunFolder.create(path, settings, meta)
 
 
-def sample_config(encoded: EncodedDataset, steps: int, cfg: float, seed: int) -> comfy_glue.SampleConfig | None:
+def sample_config(encoded: EncodedDataset, steps: int, cfg: float, seed: int) -> SampleConfig | None:
     """Previews at the album's most common latent size, fixed seed, the encoded validation prompts."""
     if steps == 0 or not encoded.validation_contexts:
         return None
     sizes = Counter(tuple(item.latent.shape[-2:]) for item in encoded.items)
     h, w = sizes.most_common(1)[0][0]
     first = next(item for item in encoded.items if tuple(item.latent.shape[-2:]) == (h, w))
-    return comfy_glue.SampleConfig(
+    return SampleConfig(
         contexts=encoded.validation_contexts,
         negative=encoded.empty_context,
         latent_hw=(h, w),
@@ -211,7 +213,7 @@ class KleinLabTrainLora(io.ComfyNode):
         if resume:  # which items train was decided when the run started: keep its held-out share
             settings = replace(settings, validation_holdout=run.settings.validation_holdout)
         samples = sample_config(encoded_dataset, sample_steps, sample_cfg, settings.seed)
-        outcome = comfy_glue.train_in_comfy(
+        outcome = train_in_comfy(
             model,
             encoded_dataset.items,
             settings,
@@ -223,11 +225,11 @@ class KleinLabTrainLora(io.ComfyNode):
             vae,
         )
         if outcome.interrupted:
-            comfy_glue.raise_interrupt()
+            raise_interrupt()
         curve = run_loss_curve(run, 768, 384, 0.9)
-        lora_name = comfy_glue.lora_list_name(outcome.checkpoint)
-        trained = comfy_glue.model_with_lora(model, lora_name)
-        ui = {"text": [outcome.message], "images": [comfy_glue.ui_image(p) for p in outcome.sample_files[-8:]]}
+        lora_name = lora_list_name(outcome.checkpoint)
+        trained = model_with_lora(model, lora_name)
+        ui = {"text": [outcome.message], "images": [ui_image(p) for p in outcome.sample_files[-8:]]}
         return io.NodeOutput(trained, lora_name, curve, ui=ui)
 
 

@@ -30,7 +30,7 @@ def diag_env(comfy_root, tiny_model_file, flux2_vae_file, tmp_path_factory):
     """ComfyUI in-process with a temporary output folder, the tiny model and VAE loaded, a 3-checkpoint run and
     the encoded album it trained on (its one latent with FakeClip's conditioning of its caption)."""
     import folder_paths
-    from klein_lora_lab.nodes.comfy import glue as comfy_glue
+    from klein_lora_lab.nodes.comfy.paths import register_runs_folder, runs_dir
     from klein_lora_lab.trainer_core.album.latent_cache import EncodedDataset
     from klein_lora_lab.trainer_core.training.data import TrainItem
 
@@ -41,8 +41,8 @@ def diag_env(comfy_root, tiny_model_file, flux2_vae_file, tmp_path_factory):
     folder_paths.set_output_directory(str(out))
     folder_paths.add_model_folder_path("diffusion_models", str(tiny_model_file.parent))
     folder_paths.add_model_folder_path("vae", str(flux2_vae_file.parent))
-    comfy_glue.register_runs_folder()
-    run = make_tiny_run(comfy_glue.runs_dir(), "diag", RUN_STEPS)
+    register_runs_folder()
+    run = make_tiny_run(runs_dir(), "diag", RUN_STEPS)
     clip = FakeClip()
     context = clip.encode_from_tokens_scheduled(clip.tokenize(DEFAULT_CAPTION))[0][0][0]
     encoded = EncodedDataset(

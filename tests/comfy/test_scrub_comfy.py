@@ -27,7 +27,7 @@ PROMPT = "a TOK cat"
 def scrub_env(comfy_root, tiny_model_file, flux2_vae_file, tmp_path_factory):
     """ComfyUI in-process with a temporary output folder, the tiny model and VAE loaded, and a 3-checkpoint run."""
     import folder_paths
-    from klein_lora_lab.nodes.comfy import glue as comfy_glue
+    from klein_lora_lab.nodes.comfy.paths import register_runs_folder, runs_dir
 
     import nodes
 
@@ -36,8 +36,8 @@ def scrub_env(comfy_root, tiny_model_file, flux2_vae_file, tmp_path_factory):
     folder_paths.set_output_directory(str(out))
     folder_paths.add_model_folder_path("diffusion_models", str(tiny_model_file.parent))
     folder_paths.add_model_folder_path("vae", str(flux2_vae_file.parent))
-    comfy_glue.register_runs_folder()
-    run = make_tiny_run(comfy_glue.runs_dir(), "arc", RUN_STEPS)
+    register_runs_folder()
+    run = make_tiny_run(runs_dir(), "arc", RUN_STEPS)
     (model,) = nodes.UNETLoader().load_unet(tiny_model_file.name, "default")
     (vae,) = nodes.VAELoader().load_vae(flux2_vae_file.name)
     yield {"model": model, "vae": vae, "output": out, "run": run}

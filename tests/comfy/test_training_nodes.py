@@ -97,14 +97,15 @@ def test_glue_training_writes_checkpoints_stock_loader_applies(comfy_env, tiny_s
     import comfy.model_management as mm
     import comfy.utils
     import folder_paths
-    from klein_lora_lab.nodes.comfy import glue as comfy_glue
     from klein_lora_lab.nodes.comfy.forward_loras import forward_loras_of
+    from klein_lora_lab.nodes.comfy.paths import lora_list_name, register_runs_folder
+    from klein_lora_lab.nodes.comfy.training import model_with_lora, train_in_comfy
     from klein_lora_lab.nodes.train.dataset_folder import KleinLabDatasetFolder
     from klein_lora_lab.nodes.train.encode_dataset import KleinLabEncodeDataset
     from klein_lora_lab.nodes.train.loss_curve import KleinLabLossCurve
     from klein_lora_lab.nodes.train.train_lora import open_run, sample_config, settings_from_widgets
 
-    comfy_glue.register_runs_folder()
+    register_runs_folder()
     album = make_album(tmp_path / "album")
     dataset, _ = KleinLabDatasetFolder.execute(str(album), "TOK", "prepend", SIZE, "").result
     encoded, _ = KleinLabEncodeDataset.execute(
@@ -127,7 +128,7 @@ def test_glue_training_writes_checkpoints_stock_loader_applies(comfy_env, tiny_s
     model = comfy_env["model"]
     patches_before = dict(model.patches)
     with torch.inference_mode():  # as ComfyUI executes nodes
-        outcome = comfy_glue.train_in_comfy(
+        outcome = train_in_comfy(
             model,
             encoded.items,
             settings,
@@ -140,7 +141,7 @@ def test_glue_training_writes_checkpoints_stock_loader_applies(comfy_env, tiny_s
         )
     assert not outcome.interrupted and outcome.result.steps_done == 4
     assert mm.in_training is False and model.patches == patches_before
-    names = [comfy_glue.lora_list_name(p) for p in run.checkpoints()]
+    names = [lora_list_name(p) for p in run.checkpoints()]
     assert names == ["inprocess/checkpoints/step_000002.safetensors", "inprocess/checkpoints/step_000004.safetensors"]
     listed = folder_paths.get_filename_list("loras")
     assert all(n in listed for n in names)
@@ -150,7 +151,7 @@ def test_glue_training_writes_checkpoints_stock_loader_applies(comfy_env, tiny_s
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     loaded = comfy.lora.load_lora(comfy.lora_convert.convert_lora(lora), key_map)
     assert len(loaded) == len({k.rsplit(".lora_", 1)[0].rsplit(".alpha", 1)[0] for k in lora})
-    trained = comfy_glue.model_with_lora(model, names[-1])
+    trained = model_with_lora(model, names[-1])
     assert forward_loras_of(trained) is not None and forward_loras_of(model) is None
     assert trained.patches == model.patches == patches_before  # forward-time LoRA: no weight patches
 
@@ -333,7 +334,7 @@ def test_example_workflow_matches_the_nodes(comfy_server, name):
 def test_image_pairs_train_with_reference_latents(comfy_env, tiny_spec, tmp_path):
     """An image-to-image album trains through the glue: items carry the encoded reference, previews sample
     with it, and the checkpoint records the image_to_image preset's rank."""
-    from klein_lora_lab.nodes.comfy import glue as comfy_glue
+    from klein_lora_lab.nodes.comfy.training import train_in_comfy
     from klein_lora_lab.nodes.train.dataset_pairs import KleinLabDatasetPairs
     from klein_lora_lab.nodes.train.encode_dataset import KleinLabEncodeDataset
     from klein_lora_lab.nodes.train.train_lora import open_run, sample_config, settings_from_widgets
@@ -362,7 +363,7 @@ def test_image_pairs_train_with_reference_latents(comfy_env, tiny_spec, tmp_path
     )
     run = open_run("pairs", settings, encoded, resume=False)
     with torch.inference_mode():
-        outcome = comfy_glue.train_in_comfy(
+        outcome = train_in_comfy(
             comfy_env["model"],
             encoded.items,
             settings,

@@ -1,0 +1,83 @@
+"""Live feedback on the node: the progress bar with previews, a text line (loss, speed, ETA) and
+`PromptServer.send_sync` events for the page."""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import comfy.latent_formats
+import comfy.utils
+from PIL import Image
+
+LOG = logging.getLogger("klein_lora_lab")
+EVENT_STEP = "klein_lab.train.step"
+EVENT_CHECKPOINT = "klein_lab.train.checkpoint"
+EVENT_SAMPLE = "klein_lab.train.sample"
+EVENT_DONE = "klein_lab.train.done"
+
+
+def _prompt_server():
+    """ComfyUI's PromptServer instance, or None when no server runs (in-process use, tests)."""
+    try:
+        from server import PromptServer
+    except ImportError:
+        return None
+    return getattr(PromptServer, "instance", None)
+
+
+def send_event(event: str, data: dict[str, Any]) -> None:
+    """A custom websocket event for the frontend (ignored when no server runs)."""
+    server = _prompt_server()
+    if server is not None:
+        server.send_sync(event, data, server.client_id)
+
+
+def format_eta(seconds: float) -> str:
+    if not math.isfinite(seconds) or seconds < 0:
+        return "?"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
+
+
+class LiveProgress:
+    """Progress bar, on-node text (loss, it/s, ETA) and websocket events for one training run."""
+
+    def __init__(self, total: int, node_id: str | None, run_name: str, first_step: int = 0) -> None:
+        self.total = total
+        self.node_id = node_id
+        self.run_name = run_name
+        self.bar = comfy.utils.ProgressBar(total, node_id=node_id)
+        self.first_step = first_step
+        self.started = time.perf_counter()
+        self.last_loss: float | None = None
+        self.bar.update_absolute(first_step, total)
+
+    def rate(self, step: int) -> float:
+        """Steps per second over this session's steps (a resumed run does not count the earlier ones)."""
+        done = step - self.first_step
+        elapsed = time.perf_counter() - self.started
+        return done / elapsed if done > 0 and elapsed > 0 else 0.0
+
+    def line(self, step: int, loss: float, lr: float) -> str:
+        rate = self.rate(step)
+        eta = (self.total - step) / rate if rate > 0 else float("nan")
+        return f"step {step}/{self.total} · loss {loss:.4f} · lr {lr:.2e} · {rate:.2f} it/s · ETA {format_eta(eta)}"
+
+    def step(self, step: int, loss: float, lr: float) -> None:
+        self.last_loss = loss
+        self.bar.update_absolute(step, self.total)
+        text = self.line(step, loss, lr)
+        server = _prompt_server()
+        if server is not None and self.node_id is not None:
+            server.send_progress_text(text, self.node_id, server.client_id)
+        send_event(
+            EVENT_STEP, {"run": self.run_name, "step": step, "total": self.total, "loss": loss, "lr": lr, "text": text}
+        )
+
+    def preview(self, step: int, image: Image.Image) -> None:
+        self.bar.update_absolute(step, self.total, preview=("JPEG", image, 512))
