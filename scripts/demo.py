@@ -147,7 +147,7 @@ def train_lora(model, album: ToyAlbum, output_dir: Path, steps: int) -> tuple[st
     from klein_lora_lab.nodes.comfy.training import train_in_comfy
     from klein_lora_lab.nodes.train.train_lora import open_run, sample_config, settings_from_widgets
     from klein_lora_lab.trainer_core.album.latent_cache import EncodedDataset
-    from klein_lora_lab.trainer_core.training.data import dataset_hash
+    from klein_lora_lab.trainer_core.training.data import train_items_hash
 
     folder_paths.set_output_directory(str(output_dir))
     register_runs_folder()
@@ -157,7 +157,7 @@ def train_lora(model, album: ToyAlbum, output_dir: Path, steps: int) -> tuple[st
         empty_context=album.empty_context,
         validation_prompts=(TRIGGER,),
         validation_contexts=(album.trigger_context,),
-        dataset_hash=dataset_hash(album.items),
+        dataset_hash=train_items_hash(album.items),
         trigger=TRIGGER,
         kind="images",
         encoded=len(album.items),

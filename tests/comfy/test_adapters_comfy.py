@@ -35,7 +35,8 @@ def _random_lora(shape, seed: int, globals_: tuple[str, ...], rank: int = 4, sca
 
 
 def _write(weights: dict, style: str, path: Path) -> dict[str, torch.Tensor]:
-    from klein_lora_lab.trainer_core.lora.lora_formats import write_diffusers, write_kohya, write_peft
+    from harness.lora_writers import write_peft
+    from klein_lora_lab.trainer_core.lora.lora_formats import write_diffusers, write_kohya
     from safetensors.torch import save_file
 
     sd = {"ours": write_peft, "kohya": write_kohya, "diffusers": write_diffusers}[style](weights)

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 from klein_lora_lab.trainer_core.album.dataset import (
     DatasetError,
+    album_files_hash,
     bucket_sizes,
     choose_bucket,
-    dataset_hash,
     insert_trigger,
     load_bucket_image,
     scan_folder,
@@ -136,13 +136,13 @@ def test_bucket_image_is_cropped_not_stretched(tmp_path: Path):
     assert out[..., 0].mean() > 0.95 and out[..., 2].mean() < 0.05
 
 
-def test_dataset_hash_follows_content(tmp_path: Path):
+def test_album_files_hash_follows_content(tmp_path: Path):
     """The dataset hash changes when an image or a caption changes and not when nothing does."""
     _image(tmp_path / "a.png", (32, 32), caption="one")
-    h1 = dataset_hash(scan_folder(tmp_path, resolution=32))
-    assert h1 == dataset_hash(scan_folder(tmp_path, resolution=32))
+    h1 = album_files_hash(scan_folder(tmp_path, resolution=32))
+    assert h1 == album_files_hash(scan_folder(tmp_path, resolution=32))
     (tmp_path / "a.txt").write_text("two")
-    h2 = dataset_hash(scan_folder(tmp_path, resolution=32))
+    h2 = album_files_hash(scan_folder(tmp_path, resolution=32))
     _image(tmp_path / "a.png", (32, 32), colour=(1, 2, 3))
-    h3 = dataset_hash(scan_folder(tmp_path, resolution=32))
+    h3 = album_files_hash(scan_folder(tmp_path, resolution=32))
     assert len({h1, h2, h3}) == 3

@@ -10,14 +10,12 @@ import pytest
 import torch
 from klein_lora_lab.trainer_core.analysis.diagnostics import (
     COLLAPSED_BELOW,
-    HOLDOUT_MIN_ITEMS,
     LEAK_ABOVE,
     MEMORISED_BELOW,
     TIMID_BELOW,
     Renders,
     clinic,
     crossing,
-    holdout_split,
     latent_features,
     measure,
     normalised_l2,
@@ -26,7 +24,7 @@ from klein_lora_lab.trainer_core.analysis.diagnostics import (
 from klein_lora_lab.trainer_core.model.tiny import TinySpec, tiny_klein
 from klein_lora_lab.trainer_core.runs.runfolder import RunFolder
 from klein_lora_lab.trainer_core.training import trainer as trainer_module
-from klein_lora_lab.trainer_core.training.data import TrainItem
+from klein_lora_lab.trainer_core.training.data import HOLDOUT_MIN_ITEMS, TrainItem, holdout_split
 from klein_lora_lab.trainer_core.training.settings import TrainSettings
 from klein_lora_lab.trainer_core.training.trainer import train
 

@@ -6,6 +6,7 @@ import copy
 
 import pytest
 import torch
+from harness.lora_writers import write_peft
 from klein_lora_lab.trainer_core.lora.adapters import AdapterStack, LoraWeights
 from klein_lora_lab.trainer_core.lora.lora_formats import (
     LoraFormatError,
@@ -14,7 +15,6 @@ from klein_lora_lab.trainer_core.lora.lora_formats import (
     read_lora_file,
     write_diffusers,
     write_kohya,
-    write_peft,
 )
 from klein_lora_lab.trainer_core.model.klein import KleinShape, klein_forward, read_shape
 from klein_lora_lab.trainer_core.model.tiny import TinySpec, tiny_conditioning, tiny_klein

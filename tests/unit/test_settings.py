@@ -63,15 +63,28 @@ def test_bad_target_spec_is_rejected_with_syntax_help() -> None:
         TrainSettings(targets="bogus")
 
 
-def test_adamw8bit_needs_bitsandbytes() -> None:
-    """adamw8bit is accepted only when bitsandbytes can be imported; otherwise the error says how to fix it."""
-    import importlib.util
+def test_adamw8bit_run_opens_without_bitsandbytes_and_training_says_it_is_missing(tmp_path, monkeypatch) -> None:
+    """Settings naming adamw8bit are valid where bitsandbytes is missing, so such a run.json opens anywhere (loss
+    curve, diagnostics, sweet spot); starting or resuming training is what refuses, with the fix, before a step."""
+    import sys
 
-    if importlib.util.find_spec("bitsandbytes") is None:
+    import torch
+    from klein_lora_lab.trainer_core.model.tiny import TinySpec, tiny_klein
+    from klein_lora_lab.trainer_core.runs.runfolder import RunFolder
+    from klein_lora_lab.trainer_core.training.data import TrainItem
+    from klein_lora_lab.trainer_core.training.trainer import train
+
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails, find_spec answers None
+    settings = TrainSettings(optimizer="adamw8bit", rank=2, alpha=2, steps=2)
+    run = RunFolder.create(tmp_path / "run", settings, {"trigger": "TOK"})
+    reopened = RunFolder.open(tmp_path / "run")
+    assert reopened.settings.optimizer == "adamw8bit"
+    items = [TrainItem(torch.randn(128, 2, 2), torch.randn(3, 16), (), name="a")]
+    model = tiny_klein(TinySpec(hidden=128, double_blocks=1, single_blocks=1, context_dim=16))
+    for resume in (False, True):
         with pytest.raises(SettingsError, match="install bitsandbytes"):
-            TrainSettings(optimizer="adamw8bit")
-    else:
-        assert TrainSettings(optimizer="adamw8bit").optimizer == "adamw8bit"
+            train(model, items, settings, reopened if resume else run, resume=resume)
+    assert reopened.checkpoints() == []
 
 
 def test_presets_are_the_course_values() -> None:

@@ -342,7 +342,7 @@ def scan_pairs(
 # ---------------------------------------------------------------------------------------------------- summary
 
 
-def dataset_hash(dataset: Dataset) -> str:
+def album_files_hash(dataset: Dataset) -> str:
     """A short content hash of the album (image bytes, captions, buckets): the LoRA's 'dataset hash'."""
     digest = hashlib.sha256()
     for item in dataset.items:

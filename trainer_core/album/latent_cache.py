@@ -24,8 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from ..training.data import TrainItem
-from .dataset import Dataset, file_hash, load_bucket_image
-from .dataset import dataset_hash as album_hash
+from .dataset import Dataset, album_files_hash, file_hash, load_bucket_image
 
 CACHE_VERSION = "1"  # bump when the meaning of a cached tensor changes
 
@@ -238,7 +237,7 @@ def encode_album(
         empty_context=contexts[""] if with_empty_caption else None,
         validation_prompts=prompts,
         validation_contexts=tuple(contexts[p] for p in prompts),
-        dataset_hash=album_hash(dataset),
+        dataset_hash=album_files_hash(dataset),
         trigger=dataset.trigger,
         kind=dataset.kind,
         encoded=cache.stats.misses - misses0,

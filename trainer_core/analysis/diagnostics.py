@@ -1,5 +1,6 @@
 """The lab's diagnosis clinic as measurements on tensors: memorisation, prompt flexibility, concept strength,
-concept without trigger, scale sensitivity, and the held-out split of the validation loss.
+concept without trigger and scale sensitivity (the held-out split of the validation loss is in
+training/data.py).
 
 Every measure compares generations of a LoRA with generations of the base model (the same prompts, seed and
 sampler at LoRA scale 0), so each one is a ratio to the base: 1 = "behaves like the base model", and the
@@ -21,7 +22,6 @@ Nothing here imports ComfyUI; the diagnose node renders, this module measures.
 
 from __future__ import annotations
 
-import hashlib
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -38,8 +38,6 @@ MEMORISED_BELOW = 0.5  # novel-prompt distance to the album at or below half the
 COLLAPSED_BELOW = 0.5  # prompts differ less than half as much as on the base model: the painter stopped listening
 TIMID_BELOW = 0.1  # album-like prompts moved less than 10 % of the way toward the album: the concept is not there
 LEAK_ABOVE = 0.3  # trigger-free prompts moved 30 % of the way toward the album: the concept leaks without trigger
-
-HOLDOUT_MIN_ITEMS = 10  # albums smaller than this validate on training items at fixed noise (nothing held out)
 
 GROUPS = ("trigger", "novel", "trigger_free")
 
@@ -165,14 +163,6 @@ def drift_toward_album(lora: Renders, base: Renders, album: Renders) -> dict[str
     return out
 
 
-def memorisation_ratio(novel_lora: Renders, novel_base: Renders, album: Renders) -> float:
-    """The bicycle test as a number: nearest-album distance of novel-prompt generations, LoRA / base.
-
-    ≈ 1: the LoRA improvises like the base; ≤ MEMORISED_BELOW: whatever we ask, it hands the album back.
-    """
-    return drift_toward_album(novel_lora, novel_base, album)["ratio"]
-
-
 def flexibility(lora: Renders, base: Renders) -> float:
     """Prompt flexibility: mean pairwise distance between generations of different prompts at one seed,
     LoRA / base (geometric mean over the spaces present). ≈ 1 listens like the base; ≤ COLLAPSED_BELOW:
@@ -277,27 +267,3 @@ def clinic(record: Mapping[str, float | None]) -> list[str]:
     if leak is not None and leak >= LEAK_ABOVE:
         found.append("leaks without trigger")
     return found
-
-
-# ---------------------------------------------------------------------------------------------- validation split
-
-
-def holdout_split(n_items: int, share: float, seed: int) -> tuple[list[int], list[int]]:
-    """(training indices, held-out indices) of an album of n_items: a fixed, seeded share held out.
-
-    Albums under HOLDOUT_MIN_ITEMS items (or share 0) hold nothing out: every item trains and the validation
-    loss runs on training items at fixed noise. Otherwise round(share·n) items, at least 1, are held out,
-    chosen by a hash of (seed, index) so the same album and seed always hold out the same items.
-    """
-    if not 0.0 <= share < 1.0:
-        raise ValueError(f"validation holdout share {share}: use a value in [0, 1), e.g. 0.1.")
-    if share == 0.0 or n_items < HOLDOUT_MIN_ITEMS:
-        return list(range(n_items)), []
-    count = max(1, round(share * n_items))
-
-    def rank(i: int) -> bytes:
-        return hashlib.blake2b(f"{seed}:holdout:{i}".encode(), digest_size=8).digest()
-
-    held = sorted(sorted(range(n_items), key=rank)[:count])
-    chosen = set(held)
-    return [i for i in range(n_items) if i not in chosen], held

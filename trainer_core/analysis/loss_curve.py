@@ -12,13 +12,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 from torch import Tensor
 
-BACKGROUND = (20, 20, 22)
-GRID = (55, 55, 60)
-AXIS_TEXT = (190, 190, 195)
+from .charts import AXIS_TEXT, BACKGROUND, GRID, chart_font, nice_ticks, tick_label, to_image_tensor
+
 RAW = (90, 120, 170)
 SMOOTH = (110, 190, 255)
 VALIDATION = (255, 170, 60)
@@ -75,36 +73,6 @@ def history_from_records(records: Iterable[Mapping], checkpoints: Iterable[int] 
     return LossHistory(ts, [train[s] for s in ts], vs, [val[s] for s in vs], sorted(marks))
 
 
-def _font(size: int) -> ImageFont.ImageFont:
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has only the fixed bitmap font
-        return ImageFont.load_default()
-
-
-def _nice_ticks(lo: float, hi: float, count: int = 5) -> list[float]:
-    """Round tick values (1, 2, 5 × 10^k steps) covering [lo, hi]."""
-    if hi <= lo:
-        return [lo]
-    raw = (hi - lo) / max(1, count)
-    mag = 10 ** math.floor(math.log10(raw))
-    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
-    start = math.ceil(lo / step) * step
-    ticks, v = [], start
-    while v <= hi + 1e-12 * abs(hi) and len(ticks) < 50:
-        ticks.append(v)
-        v += step
-    return ticks
-
-
-def _fmt(v: float) -> str:
-    if v == 0:
-        return "0"
-    if abs(v) >= 1000 or abs(v) < 0.01:
-        return f"{v:.1e}"
-    return f"{v:.3g}"
-
-
 def render_loss_curve(
     history: LossHistory, width: int = 768, height: int = 384, smoothing: float = 0.9, title: str = ""
 ) -> Image.Image:
@@ -113,7 +81,7 @@ def render_loss_curve(
         raise ValueError(f"loss curve size {width}×{height}: use at least 200×120.")
     img = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(img)
-    font = _font(max(10, height // 32))
+    font = chart_font(max(10, height // 32))
     left, right, top, bottom = 64, width - 16, 28, height - 28
     if title:
         draw.text((left, 6), title, fill=AXIS_TEXT, font=font)
@@ -141,11 +109,11 @@ def render_loss_curve(
         clamped = min(max(loss, y_lo), y_hi)
         return bottom - (clamped - y_lo) / (y_hi - y_lo) * (bottom - top)
 
-    for tick in _nice_ticks(y_lo, y_hi):
+    for tick in nice_ticks(y_lo, y_hi):
         y = py(tick)
         draw.line([(left, y), (right, y)], fill=GRID)
-        draw.text((4, y - 6), _fmt(tick), fill=AXIS_TEXT, font=font)
-    for tick in _nice_ticks(x_lo, x_hi, 6):
+        draw.text((4, y - 6), tick_label(tick), fill=AXIS_TEXT, font=font)
+    for tick in nice_ticks(x_lo, x_hi, 6):
         x = px(tick)
         draw.line([(x, top), (x, bottom)], fill=GRID)
         draw.text((x - 8, bottom + 6), f"{int(tick)}", fill=AXIS_TEXT, font=font)
@@ -186,14 +154,9 @@ def render_loss_curve(
         draw.rectangle([x, 10, x + 12, 18], fill=colour)
         draw.text((x + 16, 6), label, fill=AXIS_TEXT, font=font)
     if history.losses:
-        last = f"step {history.steps[-1]}  loss {_fmt(history.losses[-1])}"
+        last = f"step {history.steps[-1]}  loss {tick_label(history.losses[-1])}"
         draw.text((right - draw.textlength(last, font=font), top + 4), last, fill=AXIS_TEXT, font=font)
     return img
-
-
-def to_image_tensor(img: Image.Image) -> Tensor:
-    """PIL RGB → ComfyUI IMAGE: [1, H, W, 3] float32 in 0..1."""
-    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0).unsqueeze(0)
 
 
 def loss_curve_image(

@@ -19,7 +19,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
+
+from .charts import chart_font
 
 MAX_FRAMES = 256  # one scrub renders at most this many frames (each is a full sampling run)
 SCALE_MIN, SCALE_MAX = -4.0, 4.0  # the LoRA strength range of the pack's loaders
@@ -275,10 +277,6 @@ def inputs_key(parts: Mapping[str, object]) -> str:
 # ------------------------------------------------------------------------------------------------ images
 
 
-def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
-    return ImageFont.load_default(size)
-
-
 def _fit(draw: ImageDraw.ImageDraw, text: str, font, width: int) -> str:
     """`text`, shortened with an ellipsis until it fits `width` pixels."""
     if draw.textlength(text, font=font) <= width:
@@ -315,7 +313,7 @@ def compose_grid(
     factor = _cell_factor(cells[0].width, cells[0].height)
     cw, ch = cells[0].width * factor, cells[0].height * factor
     size = max(11, min(28, cw // 14))
-    font = _font(size)
+    font = chart_font(size)
     pad = max(2, size // 4)
     line = size + 2 * pad
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -358,7 +356,7 @@ def compose_side_by_side(a: Image.Image, b: Image.Image, label_a: str, label_b: 
     factor = _cell_factor(a.width, a.height)
     w, h = a.width * factor, a.height * factor
     size = max(11, min(28, w // 14))
-    font = _font(size)
+    font = chart_font(size)
     pad = max(2, size // 4)
     line = size + 2 * pad
     gap = max(4, w // 64)

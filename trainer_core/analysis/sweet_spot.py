@@ -29,8 +29,8 @@ from typing import Any
 from PIL import Image, ImageDraw
 
 from ..lora.lora_file import atomic_write_bytes
+from .charts import AXIS_TEXT, BACKGROUND, GRID, chart_font, nice_ticks, tick_label
 from .diagnostics import COLLAPSED_BELOW, LEAK_ABOVE, MEMORISED_BELOW, TIMID_BELOW, clinic, crossing
-from .loss_curve import AXIS_TEXT, BACKGROUND, GRID, _fmt, _font, _nice_ticks
 
 DIAGNOSTICS_FILE = "diagnostics.json"
 DIAGNOSTICS_FORMAT = "klein_lab.diagnostics.v1"
@@ -296,7 +296,7 @@ def render_sweet_spot(spot: SweetSpot, width: int = 960, height: int = 400, titl
         raise ValueError(f"sweet-spot chart size {width}×{height}: use at least 400×160.")
     img = Image.new("RGB", (width, height), BACKGROUND)
     draw = ImageDraw.Draw(img)
-    font = _font(max(10, height // 32))
+    font = chart_font(max(10, height // 32))
     head = title + ("  " if title else "") + f"pick: step {spot.step} · scale {spot.scale:g} · {spot.verdict}"
     draw.text((8, 4), head, fill=AXIS_TEXT, font=font)
     legend_y = height - 18
@@ -332,11 +332,11 @@ def _panel(draw, font, box, xs, series, val, pick_x, axis: str) -> None:
     def py(v: float) -> float:
         return bottom - (min(max(v, lo_y), hi_y) - lo_y) / (hi_y - lo_y) * (bottom - top)
 
-    for tick in _nice_ticks(lo_y, hi_y, 4):
+    for tick in nice_ticks(lo_y, hi_y, 4):
         draw.line([(left, py(tick)), (right, py(tick))], fill=GRID)
-        draw.text((x0 + 4, py(tick) - 6), _fmt(tick), fill=AXIS_TEXT, font=font)
+        draw.text((x0 + 4, py(tick) - 6), tick_label(tick), fill=AXIS_TEXT, font=font)
     for v in sorted(set(float(x) for x in xs)) or [lo_x, hi_x]:
-        draw.text((px(v) - 8, bottom + 4), _fmt(v) if axis == "scale" else f"{int(v)}", fill=AXIS_TEXT, font=font)
+        draw.text((px(v) - 8, bottom + 4), tick_label(v) if axis == "scale" else f"{int(v)}", fill=AXIS_TEXT, font=font)
     draw.rectangle([left, top, right, bottom], outline=AXIS_TEXT)
     for level, key in ((MEMORISED_BELOW, "memorisation"), (TIMID_BELOW, "concept"), (LEAK_ABOVE, "trigger_free_drift")):
         for xa in range(int(left), int(right), 10):  # dashed threshold line in the colour of its measure

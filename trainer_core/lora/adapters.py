@@ -110,20 +110,6 @@ class LoraTrainable(nn.Module):
             for name, key in self._index.items()
         }
 
-    def load_weights(self, weights: Mapping[str, LoraWeights]) -> None:
-        """Load weights saved from a LoRA of the same targets and rank (resume)."""
-        missing = sorted(set(self.names) - set(weights))
-        extra = sorted(set(weights) - set(self.names))
-        if missing or extra:
-            raise ValueError(f"LoRA targets differ: missing {missing[:5]}, unexpected {extra[:5]}.")
-        with torch.no_grad():
-            for name, key in self._index.items():
-                w = weights[name]
-                if w.rank != self.rank:
-                    raise ValueError(f"{name}: rank {w.rank} in the file, {self.rank} in the settings.")
-                self.down[key].copy_(w.down)
-                self.up[key].copy_(w.up)
-
 
 @dataclass
 class _Entry:

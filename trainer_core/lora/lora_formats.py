@@ -52,13 +52,6 @@ GLOBAL_MODULES = (
     "final_layer.linear",
     "final_layer.adaLN_modulation.1",
 )
-DOUBLE_MODULES = ("img_attn.qkv", "img_attn.proj", "img_mlp.0", "img_mlp.2") + (
-    "txt_attn.qkv",
-    "txt_attn.proj",
-    "txt_mlp.0",
-    "txt_mlp.2",
-)
-SINGLE_MODULES = ("linear1", "linear2")
 
 
 class LoraFormatError(ValueError):
@@ -545,24 +538,7 @@ def read_lora_file(path: str | Path, shape: KleinShape, device: torch.device | s
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Writers (interop tests, conversions).
-
-
-def write_peft(weights: Mapping[str, LoraWeights], down_up: bool = False, with_alpha: bool = True) -> dict[str, Tensor]:
-    """Ours: `diffusion_model.<module>.lora_A.weight` / `.lora_B.weight` / `.alpha` (`lora_down/up` if down_up).
-
-    Without alpha the reader assumes alpha = rank, so alpha/rank is folded into the up weights.
-    """
-    a, b = ("lora_down", "lora_up") if down_up else ("lora_A", "lora_B")
-    out: dict[str, Tensor] = {}
-    for name, w in weights.items():
-        out[f"diffusion_model.{name}.{a}.weight"] = w.down.contiguous()
-        if with_alpha:
-            out[f"diffusion_model.{name}.{b}.weight"] = w.up.contiguous()
-            out[f"diffusion_model.{name}.alpha"] = torch.tensor(float(w.alpha))
-        else:
-            out[f"diffusion_model.{name}.{b}.weight"] = (w.up * w.scale).contiguous()
-    return out
+# Writers in other tools' key styles (the "Save LoRA as…" export).
 
 
 def write_kohya(weights: Mapping[str, LoraWeights]) -> dict[str, Tensor]:
@@ -624,6 +600,3 @@ def write_diffusers(weights: Mapping[str, LoraWeights]) -> dict[str, Tensor]:
         else:
             raise ValueError(f"write_diffusers: no diffusers name for module '{name}'.")
     return out
-
-
-write_ours = write_peft

@@ -18,6 +18,7 @@ from torch import Tensor
 from ..model.klein import LATENT_CHANNELS
 
 CONTEXT_TOKENS = 512
+HOLDOUT_MIN_ITEMS = 10  # albums smaller than this validate on training items at fixed noise (nothing held out)
 
 
 @dataclass(frozen=True)
@@ -68,7 +69,7 @@ def pad_context(context: Tensor, length: int = CONTEXT_TOKENS) -> Tensor:
     return F.pad(context, (0, 0, missing, 0))
 
 
-def dataset_hash(items: Sequence[TrainItem]) -> str:
+def train_items_hash(items: Sequence[TrainItem]) -> str:
     """A sha256 over every tensor and name of the dataset, in order (run metadata, resume check)."""
     digest = hashlib.sha256()
     for item in items:
@@ -163,3 +164,24 @@ def collate(
         refs=tuple(torch.stack([it.refs[r].to(torch.float32) for it in chosen]).to(device) for r in range(n_refs)),
         names=tuple(it.name for it in chosen),
     )
+
+
+def holdout_split(n_items: int, share: float, seed: int) -> tuple[list[int], list[int]]:
+    """(training indices, held-out indices) of an album of n_items: a fixed, seeded share held out.
+
+    Albums under HOLDOUT_MIN_ITEMS items (or share 0) hold nothing out: every item trains and the validation
+    loss runs on training items at fixed noise. Otherwise round(share·n) items, at least 1, are held out,
+    chosen by a hash of (seed, index) so the same album and seed always hold out the same items.
+    """
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"validation holdout share {share}: use a value in [0, 1), e.g. 0.1.")
+    if share == 0.0 or n_items < HOLDOUT_MIN_ITEMS:
+        return list(range(n_items)), []
+    count = max(1, round(share * n_items))
+
+    def rank(i: int) -> bytes:
+        return hashlib.blake2b(f"{seed}:holdout:{i}".encode(), digest_size=8).digest()
+
+    held = sorted(sorted(range(n_items), key=rank)[:count])
+    chosen = set(held)
+    return [i for i in range(n_items) if i not in chosen], held

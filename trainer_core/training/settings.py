@@ -42,7 +42,7 @@ class TrainSettings:
     memory; lower = faster, more memory; see docs/gpu-performance.md).
     compile_blocks: torch.compile the blocks ("auto" = on CUDA only: faster after a one-off compile).
     validation_holdout: share of an album of at least 10 items held out of training for the validation loss
-    (a fixed, seeded choice: diagnostics.holdout_split); 0, or a smaller album, validates on training items.
+    (a fixed, seeded choice: data.holdout_split); 0, or a smaller album, validates on training items.
     """
 
     rank: int = 16
@@ -78,13 +78,6 @@ class TrainSettings:
         self._check_int("batch_size", 1, 64, "use batch_size 1-4 and raise grad_accum for larger batches")
         self._check_int("grad_accum", 1, 1024, "use grad_accum 1 unless you need a larger effective batch")
         self._check_choice("optimizer", OPTIMIZERS)
-        if self.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
-            raise _fail(
-                "optimizer",
-                self.optimizer,
-                "'adamw' when bitsandbytes is not installed",
-                "install bitsandbytes (pip install bitsandbytes) or use optimizer='adamw'",
-            )
         self._check_choice("lr_schedule", LR_SCHEDULES)
         self._check_int("warmup_steps", 0, self.steps, f"use 0 to {self.steps} (at most steps)")
         self._check_float("weight_decay", 0.0, 1.0, "use 0 (LoRA rarely needs weight decay) or up to 0.1")
@@ -153,6 +146,18 @@ class TrainSettings:
         """Fields whose values differ: name -> (self's, other's)."""
         a, b = self.to_dict(), other.to_dict()
         return {k: (a[k], b[k]) for k in a if a[k] != b[k]}
+
+
+def require_optimizer_installed(settings: TrainSettings) -> None:
+    """adamw8bit needs bitsandbytes. Checked when training starts, not in validation, so a run.json naming
+    adamw8bit still opens where bitsandbytes is missing (loss curve, diagnostics, sweet spot)."""
+    if settings.optimizer == "adamw8bit" and importlib.util.find_spec("bitsandbytes") is None:
+        raise _fail(
+            "optimizer",
+            settings.optimizer,
+            "'adamw' when bitsandbytes is not installed",
+            "install bitsandbytes (pip install bitsandbytes) or use optimizer='adamw'",
+        )
 
 
 def field_names() -> list[str]:

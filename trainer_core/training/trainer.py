@@ -20,17 +20,16 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..analysis.diagnostics import holdout_split
 from ..lora.adapters import LoraTrainable
 from ..lora.lora_file import DiskFullError, save_lora
 from ..model.klein import klein_forward, read_shape
 from ..model.targeting import resolve_targets
 from ..model.variants import detect_variant
 from ..runs.runfolder import RunFolder, checkpoint_step
-from .data import BatchOrder, TrainItem, collate, dataset_hash, derive_seed
+from .data import BatchOrder, TrainItem, collate, derive_seed, holdout_split, train_items_hash
 from .faults import TrainingOutOfMemoryError, out_of_memory_message
 from .objective import add_noise, flow_loss, sample_sigmas, shifted_sigmas, velocity_target
-from .settings import TrainSettings
+from .settings import TrainSettings, require_optimizer_installed
 
 # Settings that may change between a stop and a resume: run length, cadence, file dtype and memory/speed
 # switches (resuming on a smaller GPU); none of them changes what the steps already done computed.
@@ -104,7 +103,7 @@ def lr_at(settings: TrainSettings, step: int) -> float:
 
 def _optimizer(settings: TrainSettings, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     if settings.optimizer == "adamw8bit":
-        import bitsandbytes as bnb  # optional; settings checked that it is importable
+        import bitsandbytes as bnb  # optional; train() checked that it is importable
 
         return bnb.optim.AdamW8bit(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
     return torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=settings.weight_decay)
@@ -196,7 +195,7 @@ class _Run:
         self.saving = False  # True while a checkpoint is written: an error there must not trigger another save
         self.last_loss = float("nan")
         self.variant = detect_variant(read_shape(model)).name
-        self.dataset_hash = dataset_hash(items)
+        self.dataset_hash = train_items_hash(items)
 
     # -- one step -------------------------------------------------------------------------------------------
 
@@ -402,6 +401,7 @@ def train(
     run without checkpoints. Raises NonFiniteLossError when the loss diverges (no NaN checkpoint is written),
     TrainingOutOfMemoryError (memory released, last step kept) when the device runs out of memory.
     """
+    require_optimizer_installed(settings)
     cb = callbacks or TrainCallbacks()
     device = torch.device(device)
     if resume:
