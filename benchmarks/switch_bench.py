@@ -155,7 +155,8 @@ def main() -> None:
     import folder_paths
     from harness.lora_writers import write_peft
     from klein_lora_lab.nodes.comfy import forward_loras as comfy_adapters
-    from klein_lora_lab.nodes.comfy.forward_loras import _FILES, forward_loras_of
+    from klein_lora_lab.nodes.comfy.forward_loras import forward_loras_of
+    from klein_lora_lab.nodes.comfy.lora_cache import LORA_FILES
     from klein_lora_lab.nodes.loras.lora_loader_blocks import KleinLabLoraLoaderBlocks
     from klein_lora_lab.trainer_core.model.klein import read_shape
     from safetensors.torch import save_file
@@ -238,7 +239,7 @@ def main() -> None:
     record("new scale", "core", timed(lambda i: core(core_sd[0], scales(i)), args.device, args.repeats), patches.take())
 
     def ours_new_checkpoint(i: int) -> None:
-        _FILES.clear()  # first view of this checkpoint: read from disk (page cache) and placed on the device
+        LORA_FILES.clear()  # first view of this checkpoint: read from disk (page cache) and placed on the device
         ours(names[i + 1], 1.0)
 
     record("new checkpoint (first view)", "ours", timed(ours_new_checkpoint, args.device, args.repeats), patches.take())

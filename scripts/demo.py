@@ -145,7 +145,7 @@ def train_lora(model, album: ToyAlbum, output_dir: Path, steps: int) -> tuple[st
     import torch
     from klein_lora_lab.nodes.comfy.paths import lora_list_name, register_runs_folder
     from klein_lora_lab.nodes.comfy.training import train_in_comfy
-    from klein_lora_lab.nodes.train.train_lora import open_run, sample_config, settings_from_widgets
+    from klein_lora_lab.nodes.train.train_lora import new_or_resumed_run, sample_config, settings_from_widgets
     from klein_lora_lab.trainer_core.album.latent_cache import EncodedDataset
     from klein_lora_lab.trainer_core.training.data import train_items_hash
 
@@ -176,7 +176,7 @@ def train_lora(model, album: ToyAlbum, output_dir: Path, steps: int) -> tuple[st
         mixed_precision="fp32",  # CPU
         seed=0,
     )
-    run = open_run(time.strftime("demo-%Y%m%d-%H%M%S"), settings, encoded, resume=False)
+    run = new_or_resumed_run(time.strftime("demo-%Y%m%d-%H%M%S"), settings, encoded, resume=False)
     with torch.inference_mode():  # as ComfyUI runs a node
         outcome = train_in_comfy(
             model,
@@ -196,7 +196,7 @@ def train_lora(model, album: ToyAlbum, output_dir: Path, steps: int) -> tuple[st
 
 def save_loss_curve(run) -> Path:
     """The run's loss curve (the Loss Curve node's picture) as PNG in the run folder."""
-    from klein_lora_lab.nodes.train.loss_curve import run_loss_curve
+    from klein_lora_lab.trainer_core.analysis.loss_curve import run_loss_curve
     from PIL import Image
 
     image = run_loss_curve(run, 768, 384, 0.9)[0]  # [H, W, 3] in 0..1

@@ -19,7 +19,7 @@ EVENT_SAMPLE = "klein_lab.train.sample"
 EVENT_DONE = "klein_lab.train.done"
 
 
-def _prompt_server():
+def prompt_server():
     """ComfyUI's PromptServer instance, or None when no server runs (in-process use, tests)."""
     try:
         from server import PromptServer
@@ -30,7 +30,7 @@ def _prompt_server():
 
 def send_event(event: str, data: dict[str, Any]) -> None:
     """A custom websocket event for the frontend (ignored when no server runs)."""
-    server = _prompt_server()
+    server = prompt_server()
     if server is not None:
         server.send_sync(event, data, server.client_id)
 
@@ -72,7 +72,7 @@ class LiveProgress:
         self.last_loss = loss
         self.bar.update_absolute(step, self.total)
         text = self.line(step, loss, lr)
-        server = _prompt_server()
+        server = prompt_server()
         if server is not None and self.node_id is not None:
             server.send_progress_text(text, self.node_id, server.client_id)
         send_event(

@@ -16,8 +16,9 @@ in `finally`. So:
 * the model received by a node is never touched (the patch lives only inside calls made through the clone),
   and several LoRAs stack: a clone of a model that already carries our wrapper gets one wrapper holding both.
 
-LoRA tensors are read once per file (cached by path, mtime and size) straight onto the model's load device,
-and cast at most once per compute dtype; all LoRAs of a module are fused into one (down, up, scale). Inside a
+LoRA tensors are read once per file (lora_cache.py: cached by path, mtime and size, within a byte budget, and
+released when ComfyUI frees memory) straight onto the model's load device, and cast at most once per compute
+dtype; all LoRAs of a module are fused into one (down, up, scale). Inside a
 sampler run (an OUTER_SAMPLE wrapper registered with the DIFFUSION_MODEL one) each plain target Linear is merged
 once into a separate tensor W + s·U·D while the device's free memory allows (`MergeCache`), so later steps cost
 what merged weights cost; the tensors are freed when the run ends. Otherwise, per call and target Linear, the
@@ -28,88 +29,26 @@ tokens than it has input features, one pass over its weight (F.linear(x, W + s·
 from __future__ import annotations
 
 import logging
-import os
-from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from pathlib import Path
 
 import comfy.model_management
 import comfy.ops
 import comfy.patcher_extension
-import folder_paths
 import torch
 import torch.nn.functional as F
-from comfy_api.latest import io
 from torch import Tensor, nn
 
-from ...trainer_core.lora.adapters import AdapterStack, LoraWeights, add_lora
-from ...trainer_core.lora.lora_formats import LoraRead, read_lora_file
+from ...trainer_core.lora.adapters import AdapterStack, add_lora
 from ...trainer_core.model.block_weights import PRESETS, module_strengths, parse_block_vector
 from ...trainer_core.model.klein import KleinShape, read_shape
-from ...trainer_core.model.variants import GROUPS
+from .lora_cache import LORA_FILES, LoadedLora, load_lora_cached
+from .paths import lora_path
 
 LOG = logging.getLogger("klein_lora_lab")
 
 WRAPPER_KEY = "klein_lora_lab.forward_loras"
-LORA_STACK = io.Custom("KLEIN_LORA_STACK")
-FILE_CACHE_SIZE = 8  # LoRA files kept read (with their device copies); scrubbing a run re-reads the oldest
-STRENGTH_MIN, STRENGTH_MAX = -4.0, 4.0
-
-
-# ------------------------------------------------------------------------------------------------ files
-
-
-class LoadedLora:
-    """A LoRA file read for one model shape, with its tensors cached per (device, dtype)."""
-
-    def __init__(self, path: Path, read: LoraRead) -> None:
-        self.path = path
-        self.read = read
-        self._placed: dict[tuple[torch.device, torch.dtype], dict[str, LoraWeights]] = {}
-
-    @property
-    def weights(self) -> dict[str, LoraWeights]:
-        return self.read.weights
-
-    def placed(self, device: torch.device, dtype: torch.dtype) -> dict[str, LoraWeights]:
-        """The weights on `device` in `dtype` (moved the first time only)."""
-        key = (torch.device(device), dtype)
-        if key not in self._placed:
-            self._placed[key] = {
-                name: LoraWeights(
-                    w.down.to(device=device, dtype=dtype, non_blocking=True),
-                    w.up.to(device=device, dtype=dtype, non_blocking=True),
-                    w.alpha,
-                )
-                for name, w in self.read.weights.items()
-            }
-        return self._placed[key]
-
-
-_FILES: OrderedDict[tuple[str, int, int, KleinShape, str], LoadedLora] = OrderedDict()
-
-
-def load_lora_cached(path: str | Path, shape: KleinShape, device: torch.device | str = "cpu") -> LoadedLora:
-    """Read a LoRA file onto `device` (the model's compute device: a new checkpoint is read straight onto the
-    GPU) for a model of `shape`; the same file (path, mtime, size) is read once."""
-    path = Path(path)
-    stat = os.stat(path)
-    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, shape, str(device))
-    if key in _FILES:
-        _FILES.move_to_end(key)
-        return _FILES[key]
-    loaded = LoadedLora(path, read_lora_file(path, shape, device))
-    _FILES[key] = loaded
-    while len(_FILES) > FILE_CACHE_SIZE:
-        _FILES.popitem(last=False)
-    return loaded
-
-
-def lora_path(lora_name: str) -> Path:
-    """Full path of a file of ComfyUI's `loras` list."""
-    return Path(folder_paths.get_full_path_or_raise("loras", lora_name))
 
 
 # ------------------------------------------------------------------------------------------------ the wrapper
@@ -222,7 +161,7 @@ def _lora_forward(
     return add_lora(x, inner(*args, **kwargs), down, up, scale)
 
 
-@dataclass
+@dataclass(eq=False)
 class ForwardLoras:
     """The DIFFUSION_MODEL wrapper: applies a stack of LoRAs at forward time for each diffusion-model call."""
 
@@ -233,6 +172,13 @@ class ForwardLoras:
     )
     _cache: MergeCache | None = field(default=None, repr=False)
     _sampling: bool = field(default=False, repr=False)
+
+    def __post_init__(self) -> None:
+        LORA_FILES.hold(self)  # its fused tensors go when ComfyUI frees memory (rebuilt at the next call)
+
+    def release_tensors(self) -> None:
+        self._stacks.clear()
+        self._fused.clear()
 
     def stack(self, device: torch.device, dtype: torch.dtype) -> AdapterStack:
         """The AdapterStack on (device, dtype), built once per wrapper (tensors come from the file cache)."""
@@ -368,39 +314,3 @@ def apply_items(model, items: Sequence[StackItem]):
         specs.append(spec)
         lines.append(line)
     return with_forward_loras(model, specs), "\n".join(lines) or "no LoRA applied"
-
-
-def group_strength_inputs() -> list[io.Float.Input]:
-    """One strength widget per block group of the course's map."""
-    return [
-        io.Float.Input(
-            f"{group}_strength",
-            default=1.0,
-            min=STRENGTH_MIN,
-            max=STRENGTH_MAX,
-            step=0.05,
-            tooltip=f"Multiplier for the {group} blocks (used by presets 'all' and '{group}').",
-        )
-        for group in GROUPS
-    ]
-
-
-def lora_list() -> list[str]:
-    return folder_paths.get_filename_list("loras")
-
-
-def strength_input(name: str, tooltip: str, default: float = 1.0) -> io.Float.Input:
-    """A LoRA strength widget: −4..4, negative allowed (pushes away from the LoRA's concept)."""
-    return io.Float.Input(name, default=default, min=STRENGTH_MIN, max=STRENGTH_MAX, step=0.05, tooltip=tooltip)
-
-
-def preset_input(name: str = "preset", custom: bool = True) -> io.Combo.Input:
-    """The block preset combo; 'custom' (the per-block vector) only where the node has a vector widget."""
-    return io.Combo.Input(
-        name,
-        options=[p for p in PRESETS if custom or p != "custom"],
-        default="all",
-        tooltip="Which blocks the LoRA acts on (course's map): all; binding = double blocks (trigger ↔ concept); "
-        "texture = early single blocks; identity = middle single blocks; composition = late single blocks"
-        + ("; custom = the per-block vector." if custom else "."),
-    )

@@ -32,7 +32,8 @@ def latent_preview(latent: Tensor) -> Tensor:
 
 
 def decode_images(latent: Tensor, vae=None) -> Tensor:
-    """Flux2 latents [B, 128, h, w] -> IMAGE [B, H, W, 3]: the VAE when given, else the latent preview."""
+    """Flux2 latents [B, 128, h, w] -> IMAGE [B, H, W, 3]: the VAE when given (as VAE Decode: a video VAE's
+    [B, T, H, W, 3] becomes one batch), else the latent preview."""
     if vae is None:
         return latent_preview(latent)
     images = vae.decode(latent)

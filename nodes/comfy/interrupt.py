@@ -19,7 +19,3 @@ def raise_interrupt() -> NoReturn:
     """Clear the flag and raise ComfyUI's interruption, so the prompt ends as 'interrupted' as usual."""
     mm.interrupt_current_processing(False)
     raise mm.InterruptProcessingException()
-
-
-def is_interrupt(err: BaseException) -> bool:
-    return isinstance(err, mm.InterruptProcessingException)

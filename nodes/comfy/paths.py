@@ -30,11 +30,22 @@ def cache_dir() -> Path:
 
 
 def register_runs_folder() -> Path:
-    """Create the runs folder and add it to ComfyUI's `loras` search paths (idempotent)."""
+    """Create the runs folder and add it to ComfyUI's `loras` search paths (idempotent: ComfyUI keeps a path
+    once). The extension calls it when the pack loads, so earlier runs' checkpoints are listed from startup."""
     root = runs_dir()
     root.mkdir(parents=True, exist_ok=True)
     folder_paths.add_model_folder_path("loras", str(root))
     return root
+
+
+def lora_list() -> list[str]:
+    """ComfyUI's `loras` list (the runs' checkpoints included once the runs folder is registered)."""
+    return folder_paths.get_filename_list("loras")
+
+
+def lora_path(lora_name: str) -> Path:
+    """Full path of a file of ComfyUI's `loras` list."""
+    return Path(folder_paths.get_full_path_or_raise("loras", lora_name))
 
 
 def lora_list_name(path: Path) -> str:

@@ -25,27 +25,28 @@ whose default preview would show every frame. Frames and thumbnails are PNG/JPEG
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import comfy.model_management as mm
 import comfy.sample
 import comfy.utils
 import folder_paths
-import numpy as np
 import torch
 from PIL import Image
 from torch import Tensor
 
-from ...trainer_core.analysis.scrub import thumbnail
+from ...trainer_core.analysis.scrub import SEP, thumbnail
 from ...trainer_core.files.safe_paths import child_path
+from ...trainer_core.model.klein import LATENT_CHANNELS
+from .images import decode_images
 
 SCRUB_UI_KEY = "klein_scrub"
 SCRUB_UI_VERSION = 1
 SCRUB_SUBFOLDER = "klein_lora_lab/scrub"  # under ComfyUI's output folder
 THUMB_SIZE = 192  # longest side of a thumbnail, px
-LATENT_CHANNELS = 128  # Flux2 latent: 128 channels at 1/16 of the image size
 DECODE_CHUNK = 8  # frames decoded per VAE call (bounds the decoder's activation memory)
 
 
@@ -60,6 +61,15 @@ class RenderSettings:
     scheduler: str
     width: int
     height: int
+
+    @classmethod
+    def from_widgets(cls, widgets: Mapping[str, Any]) -> RenderSettings:
+        """The settings from a node's KSampler-like widgets (widgets.render_inputs), ignoring the others."""
+        return cls(**{f.name: widgets[f.name] for f in fields(cls)})
+
+    def caption(self) -> str:
+        """How a grid's title names the settings: 'seed 0 · 20 steps · cfg 4'."""
+        return f"seed {self.seed}{SEP}{self.steps} steps{SEP}cfg {self.cfg:g}"
 
 
 def empty_latent(settings: RenderSettings, batch: int = 1) -> dict:
@@ -101,14 +111,6 @@ def render_latent(model, positive, negative, settings: RenderSettings, latent: d
         disable_pbar=True,
         seed=settings.seed,
     )
-
-
-def decode(vae, samples: Tensor) -> Tensor:
-    """Latent samples [b, 128, h, w] -> IMAGE [b, 16h, 16w, 3] in 0..1, as VAE Decode does."""
-    images = vae.decode(samples)
-    if images.ndim == 5:  # video VAEs return [b, t, H, W, 3]: one batch, as VAE Decode combines them
-        images = images.reshape(-1, *images.shape[-3:])
-    return images
 
 
 def encode_prompts(clip, prompts: Sequence[str]) -> list:
@@ -182,21 +184,12 @@ def decode_frames(vae, samples: Tensor, times: FrameTimes | None = None) -> Tens
     """Latents [n, 128, h, w] -> IMAGE [n, 16h, 16w, 3], DECODE_CHUNK frames per VAE call. Decoding happens after
     all sampling, so the diffusion model stays loaded for every frame and the VAE is loaded once."""
     start, start_cpu = time.perf_counter(), time.process_time()
-    images = torch.cat([decode(vae, samples[i : i + DECODE_CHUNK]) for i in range(0, samples.shape[0], DECODE_CHUNK)])
+    images = torch.cat(
+        [decode_images(samples[i : i + DECODE_CHUNK], vae) for i in range(0, samples.shape[0], DECODE_CHUNK)]
+    )
     if times is not None:
         times.decode, times.decode_cpu = time.perf_counter() - start, time.process_time() - start_cpu
     return images
-
-
-def to_pil(images: Tensor) -> list[Image.Image]:
-    """IMAGE [b, H, W, 3] (0..1) -> PIL images."""
-    arr = (images.detach().float().clamp(0, 1).cpu().numpy() * 255.0).round().astype(np.uint8)
-    return [Image.fromarray(a) for a in arr]
-
-
-def from_pil(image: Image.Image) -> Tensor:
-    """PIL image -> IMAGE [1, H, W, 3] in 0..1."""
-    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0)[None]
 
 
 def scrub_folder(name: str, key: str) -> Path:

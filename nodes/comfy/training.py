@@ -16,7 +16,7 @@ from ...trainer_core.runs.runfolder import RunFolder, checkpoint_step
 from ...trainer_core.training.sampling import flux2_sigmas, sample
 from ...trainer_core.training.settings import TrainSettings
 from ...trainer_core.training.trainer import TrainCallbacks, TrainResult, train
-from .feedback import EVENT_CHECKPOINT, EVENT_DONE, EVENT_SAMPLE, LiveProgress, _prompt_server, send_event
+from .feedback import EVENT_CHECKPOINT, EVENT_DONE, EVENT_SAMPLE, LiveProgress, prompt_server, send_event
 from .images import decode_images, tensor_to_pil
 from .interrupt import interrupt_requested
 from .model_env import loaded_for_training, reload_model, training_mode
@@ -171,7 +171,7 @@ def train_in_comfy(
             f"final loss {result.final_loss:.4f}: {where}"
         )
     if node_id is not None:
-        server = _prompt_server()
+        server = prompt_server()
         if server is not None:
             server.send_progress_text(message, node_id, server.client_id)
     send_event(EVENT_DONE, {"run": run.path.name, "interrupted": interrupted, "lora": where, "message": message})

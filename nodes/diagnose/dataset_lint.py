@@ -7,7 +7,7 @@ from comfy_api.latest import io
 
 from ...trainer_core.album.dataset_lint import PRESET_ALBUM_SIZES, lint_album
 from ..comfy.paths import folder_fingerprint, resolve_album_folder
-from ..train.dataset_folder import FOLDER_TIP, TRIGGER_TIP
+from ..comfy.widgets import FOLDER_TIP, TRIGGER_TIP
 
 
 class KleinLabDatasetLint(io.ComfyNode):

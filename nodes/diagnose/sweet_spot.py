@@ -2,18 +2,19 @@
 
 Reads `<run>/diagnostics.json` (from Klein Diagnose Run) and the val_loss of `<run>/metrics.jsonl`, and returns
 the suggestion in plain words, the chart of every curve it used with the pick marked, and the suggested LoRA
-name and scale, ready for a LoRA loader (trainer_core/sweet_spot.py holds the rule).
+name and scale, ready for a LoRA loader (trainer_core/analysis/sweet_spot.py holds the rule).
 """
 
 from __future__ import annotations
 
 from comfy_api.latest import io, ui
 
-from ...trainer_core.analysis.loss_curve import to_image_tensor
+from ...trainer_core.analysis.charts import to_image_tensor
 from ...trainer_core.analysis.sweet_spot import DIAGNOSTICS_FILE, read_diagnostics, render_sweet_spot, suggest
 from ...trainer_core.runs.runfolder import checkpoint_step
 from ..comfy.paths import folder_fingerprint, lora_list_name, runs_dir
-from .diagnose_run import open_run, run_combo, run_names
+from ..comfy.runs import open_existing_run, runs_with_settings
+from ..comfy.widgets import run_combo
 
 
 class KleinLabSweetSpot(io.ComfyNode):
@@ -28,7 +29,10 @@ class KleinLabSweetSpot(io.ComfyNode):
                 "the run's diagnostics and validation loss; says why in the clinic's words and charts the curves."
             ),
             inputs=[
-                run_combo(run_names(), "A run of output/klein_lora_lab/runs (diagnose it first for the prompt tests)."),
+                run_combo(
+                    runs_with_settings(),
+                    "A run of output/klein_lora_lab/runs (diagnose it first for the prompt tests).",
+                ),
                 io.Int.Input("width", default=960, min=400, max=4096, tooltip="Chart width in pixels."),
                 io.Int.Input("height", default=400, min=160, max=4096, tooltip="Chart height in pixels."),
                 io.String.Input(
@@ -58,7 +62,7 @@ class KleinLabSweetSpot(io.ComfyNode):
 
     @classmethod
     def execute(cls, run: str, width: int, height: int, after: str | None = None) -> io.NodeOutput:
-        folder = open_run(run)
+        folder = open_existing_run(run)
         diagnostics = read_diagnostics(folder.path)
         steps = [checkpoint_step(p) for p in folder.checkpoints()]
         spot = suggest(diagnostics["records"] if diagnostics else [], folder.read_metrics(), steps)

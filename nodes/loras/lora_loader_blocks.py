@@ -5,16 +5,9 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ...trainer_core.model.variants import GROUPS
-from ..comfy.forward_loras import (
-    STRENGTH_MAX,
-    STRENGTH_MIN,
-    StackItem,
-    apply_items,
-    group_strength_inputs,
-    lora_list,
-    preset_input,
-    strength_input,
-)
+from ..comfy.forward_loras import StackItem, apply_items
+from ..comfy.paths import lora_list
+from ..comfy.widgets import group_strength_inputs, preset_input, strength_input
 
 
 class KleinLabLoraLoaderBlocks(io.ComfyNode):
@@ -35,13 +28,9 @@ class KleinLabLoraLoaderBlocks(io.ComfyNode):
                 strength_input("strength", "LoRA strength; negative values push away from the LoRA."),
                 preset_input(),
                 *group_strength_inputs(),
-                io.Float.Input(
+                strength_input(
                     "global_strength",
-                    default=1.0,
-                    min=STRENGTH_MIN,
-                    max=STRENGTH_MAX,
-                    step=0.05,
-                    tooltip="Multiplier for modules outside the blocks (img_in, txt_in, time, modulation, final).",
+                    "Multiplier for modules outside the blocks (img_in, txt_in, time, modulation, final).",
                 ),
                 io.String.Input(
                     "block_vector",

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..comfy.forward_loras import LORA_STACK, StackItem, apply_items, lora_list, preset_input, strength_input
+from ..comfy.forward_loras import StackItem, apply_items
+from ..comfy.sockets import LORA_STACK
+from ..comfy.widgets import lora_combo, preset_input, strength_input
 
 SLOTS = 4
 NONE = "None"
@@ -12,12 +14,7 @@ NONE = "None"
 
 def _slot_inputs(i: int) -> list:
     return [
-        io.Combo.Input(
-            f"lora_{i}",
-            options=[NONE, *lora_list()],
-            default=NONE,
-            tooltip=f"LoRA of slot {i} ('None' = empty slot).",
-        ),
+        lora_combo(f"lora_{i}", f"LoRA of slot {i} ('None' = empty slot).", none_option=NONE),
         strength_input(f"scale_{i}", f"Scale of slot {i}; negative values push away from the LoRA."),
         preset_input(f"preset_{i}", custom=False),
     ]

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..comfy.forward_loras import LORA_STACK, StackItem, lora_list, preset_input, strength_input
+from ..comfy.forward_loras import StackItem
+from ..comfy.paths import lora_list
+from ..comfy.sockets import LORA_STACK
+from ..comfy.widgets import preset_input, strength_input
 
 
 class KleinLabLoraStack(io.ComfyNode):

@@ -11,8 +11,9 @@ import json
 import torch
 from comfy_api.latest import io, ui
 
+from ...trainer_core.analysis.charts import to_image_tensor
 from ...trainer_core.analysis.scrub import ScrubError, abs_difference, compose_side_by_side, find_frame
-from ..comfy.render import from_pil, to_pil
+from ..comfy.images import tensor_to_pil
 
 MAX_INDEX = 4095
 
@@ -77,9 +78,9 @@ class KleinLabCompareFrames(io.ComfyNode):
     ) -> io.NodeOutput:
         records = parse_labels(labels, frames.shape[0])
         a, b = find_frame(records, index_a, label_a), find_frame(records, index_b, label_b)
-        images = to_pil(frames[[a, b]])
+        images = tensor_to_pil(frames[[a, b]])
         text_a, text_b = str(records[a].get("label", a)), str(records[b].get("label", b))
-        pair = from_pil(compose_side_by_side(images[0], images[1], text_a, text_b))
+        pair = to_image_tensor(compose_side_by_side(images[0], images[1], text_a, text_b))
         # measured on the frames themselves (float), not on their 8-bit form
         diff, mean = abs_difference(frames[a].float().cpu().numpy(), frames[b].float().cpu().numpy())
         difference = torch.from_numpy(diff).mul(gain).clamp(0, 1)[None]  # [1, H, W, 3]

@@ -4,35 +4,10 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ...trainer_core.album.dataset import TRIGGER_MODES, scan_folder
+from ...trainer_core.album.dataset import scan_folder
 from ..comfy.paths import folder_fingerprint, resolve_album_folder
-
-DATASET = io.Custom("KLEIN_DATASET")
-
-FOLDER_TIP = (
-    "Album folder: an absolute path, or a path inside ComfyUI's input folder. "
-    "Images: png/jpg/jpeg/webp; captions: same-name .txt files."
-)
-TRIGGER_TIP = "Trigger word the LoRA learns (e.g. TOK, TOKSTYLE). '[trigger]' inside a caption is replaced by it."
-MODE_TIP = "Where the trigger goes when a caption lacks it: prepend ('TOK, caption'), append, or none."
-RESOLUTION_TIP = (
-    "Base resolution: every image goes to an aspect bucket of about this many pixels² (sides are multiples "
-    "of 16). 512 trains fast; 1024 is Klein's native size."
-)
-DEFAULT_CAPTION_TIP = (
-    "Caption for images without a .txt file (the trigger is added). "
-    "Empty: such images get the trigger alone, with a warning in the summary."
-)
-
-
-def trigger_inputs() -> list[io.Input]:
-    """Widgets shared by the folder and pairs nodes."""
-    return [
-        io.String.Input("trigger", default="TOK", tooltip=TRIGGER_TIP),
-        io.Combo.Input("trigger_mode", options=list(TRIGGER_MODES), default="prepend", tooltip=MODE_TIP),
-        io.Int.Input("resolution", default=512, min=16, max=4096, step=16, tooltip=RESOLUTION_TIP),
-        io.String.Input("default_caption", default="", tooltip=DEFAULT_CAPTION_TIP),
-    ]
+from ..comfy.sockets import DATASET
+from ..comfy.widgets import FOLDER_TIP, trigger_inputs
 
 
 class KleinLabDatasetFolder(io.ComfyNode):

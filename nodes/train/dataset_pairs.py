@@ -6,7 +6,8 @@ from comfy_api.latest import io
 
 from ...trainer_core.album.dataset import scan_pairs
 from ..comfy.paths import folder_fingerprint, resolve_album_folder
-from .dataset_folder import DATASET, trigger_inputs
+from ..comfy.sockets import DATASET
+from ..comfy.widgets import trigger_inputs
 
 
 class KleinLabDatasetPairs(io.ComfyNode):

@@ -19,9 +19,8 @@ from ..comfy.encoders import (
     vae_image_encoder,
 )
 from ..comfy.paths import cache_dir
-from .dataset_folder import DATASET
+from ..comfy.sockets import DATASET, ENCODED_DATASET
 
-ENCODED_DATASET = io.Custom("KLEIN_ENCODED_DATASET")
 DEFAULT_VALIDATION_PROMPTS = "a photo of [trigger] riding a bicycle"
 
 

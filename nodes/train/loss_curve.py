@@ -6,9 +6,9 @@ from pathlib import Path
 
 from comfy_api.latest import io, ui
 
-from ...trainer_core.analysis.loss_curve import history_from_records, loss_curve_image
+from ...trainer_core.analysis.loss_curve import run_loss_curve
 from ...trainer_core.files.safe_paths import resolve_inside
-from ...trainer_core.runs.runfolder import RunFolder, checkpoint_step
+from ...trainer_core.runs.runfolder import RunFolder
 from ..comfy.paths import allowed_roots, folder_fingerprint, runs_dir
 
 
@@ -16,12 +16,6 @@ def resolve_run(run: str) -> Path:
     """A run as typed: a run name under <output>/klein_lora_lab/runs, or an absolute path to a run folder inside
     an allowed folder (safe_paths refuses '..', NUL bytes and symlinks out of those folders)."""
     return resolve_inside(run, allowed_roots(), "run", base=runs_dir())
-
-
-def run_loss_curve(run: RunFolder, width: int, height: int, smoothing: float):
-    """[1, height, width, 3] IMAGE of the run's metrics, with its checkpoints marked."""
-    history = history_from_records(run.read_metrics(), [checkpoint_step(p) for p in run.checkpoints()])
-    return loss_curve_image(history, width, height, smoothing, title=run.path.name)
 
 
 class KleinLabLossCurve(io.ComfyNode):

@@ -8,16 +8,14 @@ from dataclasses import replace
 from comfy_api.latest import io
 
 from ...trainer_core.album.latent_cache import EncodedDataset
+from ...trainer_core.analysis.loss_curve import run_loss_curve
 from ...trainer_core.files.safe_paths import child_path, safe_name
 from ...trainer_core.runs.runfolder import RunFolder
 from ...trainer_core.training.settings import PRESETS, TrainSettings, preset
 from ..comfy.interrupt import raise_interrupt
-from ..comfy.paths import lora_list_name, register_runs_folder, runs_dir
+from ..comfy.paths import lora_list_name, runs_dir
+from ..comfy.sockets import ENCODED_DATASET
 from ..comfy.training import SampleConfig, model_with_lora, train_in_comfy, ui_image
-from .encode_dataset import ENCODED_DATASET
-from .loss_curve import run_loss_curve
-
-register_runs_folder()  # checkpoints of earlier runs show in the loras list from startup on
 
 RUN_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-. ")
 
@@ -33,7 +31,7 @@ def settings_from_widgets(preset_name: str, **widgets) -> TrainSettings:
     return preset(preset_name, **overrides)
 
 
-def open_run(run_name: str, settings: TrainSettings, encoded: EncodedDataset, resume: bool) -> RunFolder:
+def new_or_resumed_run(run_name: str, settings: TrainSettings, encoded: EncodedDataset, resume: bool) -> RunFolder:
     """The run folder under <output>/klein_lora_lab/runs: a new one, or the existing one when resuming."""
     name = safe_name(run_name, "run name")  # no separators, '..', NUL, reserved or over-long names
     if set(name) - RUN_NAME_CHARS:
@@ -209,7 +207,7 @@ class KleinLabTrainLora(io.ComfyNode):
         **widgets,
     ) -> io.NodeOutput:
         settings = settings_from_widgets(preset, **widgets)
-        run = open_run(run_name, settings, encoded_dataset, resume)
+        run = new_or_resumed_run(run_name, settings, encoded_dataset, resume)
         if resume:  # which items train was decided when the run started: keep its held-out share
             settings = replace(settings, validation_holdout=run.settings.validation_holdout)
         samples = sample_config(encoded_dataset, sample_steps, sample_cfg, settings.seed)

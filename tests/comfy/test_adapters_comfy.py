@@ -350,7 +350,7 @@ def test_same_file_is_read_once_until_it_changes(env) -> None:
     (a new checkpoint under the same name) is read again."""
     import os
 
-    from klein_lora_lab.nodes.comfy.forward_loras import load_lora_cached
+    from klein_lora_lab.nodes.comfy.lora_cache import load_lora_cached
 
     path = env["loras"] / "cached.safetensors"
     _write(_random_lora(env["shape"], 3, ()), "ours", path)

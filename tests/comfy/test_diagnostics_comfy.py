@@ -88,7 +88,8 @@ def test_diagnose_writes_a_record_per_checkpoint_and_scale(diag_env):
     clinic's findings; the LoRA changes the picture more at scale 2 than at 1; the input MODEL keeps no patch and
     the base frame of a prompt equals a plain render of that prompt on the input MODEL."""
     import folder_paths
-    from klein_lora_lab.nodes.comfy.render import RenderSettings, decode, encode_prompts, render_latent
+    from klein_lora_lab.nodes.comfy.images import decode_images
+    from klein_lora_lab.nodes.comfy.render import RenderSettings, encode_prompts, render_latent
     from klein_lora_lab.trainer_core.analysis.sweet_spot import read_diagnostics
 
     model = diag_env["model"]
@@ -120,7 +121,7 @@ def test_diagnose_writes_a_record_per_checkpoint_and_scale(diag_env):
     with torch.inference_mode():  # the base frame of the first prompt, rendered again on the input MODEL
         clip = FakeClip()
         positive, negative = encode_prompts(clip, [DEFAULT_CAPTION, ""])
-        base = decode(diag_env["vae"], render_latent(model, positive, negative, RenderSettings(**RENDER)))
+        base = decode_images(render_latent(model, positive, negative, RenderSettings(**RENDER)), diag_env["vae"])
     assert torch.allclose(base[0], frames[0], atol=2e-3)
 
 

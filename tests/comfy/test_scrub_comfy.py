@@ -67,12 +67,13 @@ def scrub(env, **overrides):
 
 def base_render(env, prompt: str = PROMPT) -> torch.Tensor:
     """The frame the base model (no LoRA) gives with the same widgets, through the shared render helper."""
-    from klein_lora_lab.nodes.comfy.render import RenderSettings, decode, encode_prompts, render_latent
+    from klein_lora_lab.nodes.comfy.images import decode_images
+    from klein_lora_lab.nodes.comfy.render import RenderSettings, encode_prompts, render_latent
 
     clip = FakeClip()
     positive, negative = encode_prompts(clip, [prompt, ""])
     with torch.inference_mode():
-        return decode(env["vae"], render_latent(env["model"], positive, negative, RenderSettings(**RENDER)))
+        return decode_images(render_latent(env["model"], positive, negative, RenderSettings(**RENDER)), env["vae"])
 
 
 def mean_diff(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -103,7 +103,7 @@ def test_glue_training_writes_checkpoints_stock_loader_applies(comfy_env, tiny_s
     from klein_lora_lab.nodes.train.dataset_folder import KleinLabDatasetFolder
     from klein_lora_lab.nodes.train.encode_dataset import KleinLabEncodeDataset
     from klein_lora_lab.nodes.train.loss_curve import KleinLabLossCurve
-    from klein_lora_lab.nodes.train.train_lora import open_run, sample_config, settings_from_widgets
+    from klein_lora_lab.nodes.train.train_lora import new_or_resumed_run, sample_config, settings_from_widgets
 
     register_runs_folder()
     album = make_album(tmp_path / "album")
@@ -124,7 +124,7 @@ def test_glue_training_writes_checkpoints_stock_loader_applies(comfy_env, tiny_s
         targets="attention",
     )
     assert settings.rank == 4 and settings.alpha == 16.0 and settings.validation_every == 2
-    run = open_run("inprocess", settings, encoded, resume=False)
+    run = new_or_resumed_run("inprocess", settings, encoded, resume=False)
     model = comfy_env["model"]
     patches_before = dict(model.patches)
     with torch.inference_mode():  # as ComfyUI executes nodes
@@ -337,7 +337,7 @@ def test_image_pairs_train_with_reference_latents(comfy_env, tiny_spec, tmp_path
     from klein_lora_lab.nodes.comfy.training import train_in_comfy
     from klein_lora_lab.nodes.train.dataset_pairs import KleinLabDatasetPairs
     from klein_lora_lab.nodes.train.encode_dataset import KleinLabEncodeDataset
-    from klein_lora_lab.nodes.train.train_lora import open_run, sample_config, settings_from_widgets
+    from klein_lora_lab.nodes.train.train_lora import new_or_resumed_run, sample_config, settings_from_widgets
     from klein_lora_lab.trainer_core.lora.lora_file import load_lora
 
     make_album(tmp_path / "pimpmyride", label="pimped car", tint=40)
@@ -361,7 +361,7 @@ def test_image_pairs_train_with_reference_latents(comfy_env, tiny_spec, tmp_path
         seed=0,
         targets="attention",
     )
-    run = open_run("pairs", settings, encoded, resume=False)
+    run = new_or_resumed_run("pairs", settings, encoded, resume=False)
     with torch.inference_mode():
         outcome = train_in_comfy(
             comfy_env["model"],

@@ -15,6 +15,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from torch import Tensor
 
+from ..runs.runfolder import RunFolder, checkpoint_step
 from .charts import AXIS_TEXT, BACKGROUND, GRID, chart_font, nice_ticks, tick_label, to_image_tensor
 
 RAW = (90, 120, 170)
@@ -164,3 +165,10 @@ def loss_curve_image(
 ) -> Tensor:
     """The loss curve as a ComfyUI IMAGE tensor [1, height, width, 3]."""
     return to_image_tensor(render_loss_curve(history, width, height, smoothing, title))
+
+
+def run_loss_curve(run: RunFolder, width: int, height: int, smoothing: float) -> Tensor:
+    """[1, height, width, 3] IMAGE of a run's metrics, with its checkpoints marked (the Train and Loss Curve
+    nodes, the demo)."""
+    history = history_from_records(run.read_metrics(), [checkpoint_step(p) for p in run.checkpoints()])
+    return loss_curve_image(history, width, height, smoothing, title=run.path.name)

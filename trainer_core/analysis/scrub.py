@@ -27,6 +27,7 @@ MAX_FRAMES = 256  # one scrub renders at most this many frames (each is a full s
 SCALE_MIN, SCALE_MAX = -4.0, 4.0  # the LoRA strength range of the pack's loaders
 MIN_CELL = 128  # grid cells smaller than this (tiny test renders) are enlarged by an integer factor
 SEP = " · "
+_UNSAFE = re.compile(r"[^A-Za-z0-9_.-]+")  # characters a frames folder name may not hold
 
 _LAST = re.compile(r"^(last|first)\s+(\d+)$")
 _EVERY = re.compile(r"^every\s+(\d+)(\s+steps?)?$")
@@ -188,8 +189,7 @@ def lora_display(checkpoint: Checkpoint) -> str:
     """How a checkpoint is named in labels: its step, else its file name without folders and extension."""
     if checkpoint.step is not None:
         return f"step {checkpoint.step}"
-    name = checkpoint.lora.replace("\\", "/").rsplit("/", 1)[-1]
-    return name.rsplit(".", 1)[0] if "." in name else name
+    return short_name(checkpoint.lora)
 
 
 def frame_label(checkpoint: Checkpoint, scale: float, prompt_index: int, n_prompts: int) -> str:
@@ -266,6 +266,36 @@ def mixer_plan(name_a: str, name_b: str, scales_a: Sequence[float], scales_b: Se
             label = f"{name_a} {fmt_scale(sa)}{SEP}{name_b} {fmt_scale(sb)}"
             frames.append(MixFrame(len(frames), (i, j), sa, sb, label))
     return frames
+
+
+def scrub_headers(
+    checkpoints: Sequence[Checkpoint], scales: Sequence[float], prompts: Sequence[str], title: str
+) -> tuple[list[str], list[str], str]:
+    """(row headers, column headers, title) of a scrub grid: one row per checkpoint, one column per (scale,
+    prompt); with a single prompt the columns are the scales and the prompt joins the title."""
+    if len(prompts) > 1:
+        cols = [f"scale {fmt_scale(s)}{SEP}prompt {p + 1}" for s in scales for p in range(len(prompts))]
+    else:
+        cols = [f"scale {fmt_scale(s)}" for s in scales]
+        title = f"{title}{SEP}{prompts[0]}"
+    return [lora_display(c) for c in checkpoints], cols, title
+
+
+def short_name(lora: str) -> str:
+    """A LoRA's file name without folders and extension (what the mixer grid's labels call it)."""
+    base = lora.replace("\\", "/").rsplit("/", 1)[-1]
+    return base.rsplit(".", 1)[0] if "." in base else base
+
+
+def grid_names(lora_a: str, lora_b: str) -> tuple[str, str]:
+    """Label names of A and B; two checkpoints with the same file name (step_000600 of two runs) get A/B marks."""
+    a, b = short_name(lora_a), short_name(lora_b)
+    return (a, b) if a != b else (f"A {a}", f"B {b}")
+
+
+def mixer_folder_name(name_a: str, name_b: str) -> str:
+    """`mixer_<A>_x_<B>` with only filename-safe characters (the grid's folder under output/.../scrub)."""
+    return "mixer_" + _UNSAFE.sub("_", f"{name_a}_x_{name_b}")[:96].strip("._")
 
 
 def inputs_key(parts: Mapping[str, object]) -> str:

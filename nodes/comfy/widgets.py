@@ -1,0 +1,134 @@
+"""Widget builders and tooltips shared by several nodes, so one widget reads the same on every node."""
+
+from __future__ import annotations
+
+import comfy.samplers
+from comfy_api.latest import io
+
+from ...trainer_core.album.dataset import TRIGGER_MODES
+from ...trainer_core.model.block_weights import PRESETS
+from ...trainer_core.model.variants import GROUPS
+from .paths import lora_list
+
+MAX_SEED = 0xFFFFFFFFFFFFFFFF
+STRENGTH_MIN, STRENGTH_MAX = -4.0, 4.0
+
+FOLDER_TIP = (
+    "Album folder: an absolute path, or a path inside ComfyUI's input folder. "
+    "Images: png/jpg/jpeg/webp; captions: same-name .txt files."
+)
+TRIGGER_TIP = "Trigger word the LoRA learns (e.g. TOK, TOKSTYLE). '[trigger]' inside a caption is replaced by it."
+MODE_TIP = "Where the trigger goes when a caption lacks it: prepend ('TOK, caption'), append, or none."
+RESOLUTION_TIP = (
+    "Base resolution: every image goes to an aspect bucket of about this many pixels² (sides are multiples "
+    "of 16). 512 trains fast; 1024 is Klein's native size."
+)
+DEFAULT_CAPTION_TIP = (
+    "Caption for images without a .txt file (the trigger is added). "
+    "Empty: such images get the trigger alone, with a warning in the summary."
+)
+
+
+# ------------------------------------------------------------------------------------------------ albums
+
+
+def trigger_inputs() -> list[io.Input]:
+    """Trigger, trigger mode, bucket resolution and default caption (the folder and pairs dataset nodes)."""
+    return [
+        io.String.Input("trigger", default="TOK", tooltip=TRIGGER_TIP),
+        io.Combo.Input("trigger_mode", options=list(TRIGGER_MODES), default="prepend", tooltip=MODE_TIP),
+        io.Int.Input("resolution", default=512, min=16, max=4096, step=16, tooltip=RESOLUTION_TIP),
+        io.String.Input("default_caption", default="", tooltip=DEFAULT_CAPTION_TIP),
+    ]
+
+
+# ------------------------------------------------------------------------------------------------ LoRAs
+
+
+def lora_combo(name: str, tooltip: str, none_option: str | None = None) -> io.Combo.Input:
+    """A LoRA of ComfyUI's loras list (the runs' checkpoints included); `none_option` first when given."""
+    options = lora_list() if none_option is None else [none_option, *lora_list()]
+    return io.Combo.Input(name, options=options, default=options[0] if options else None, tooltip=tooltip)
+
+
+def strength_input(name: str, tooltip: str, default: float = 1.0) -> io.Float.Input:
+    """A LoRA strength widget: −4..4, negative allowed (pushes away from the LoRA's concept)."""
+    return io.Float.Input(name, default=default, min=STRENGTH_MIN, max=STRENGTH_MAX, step=0.05, tooltip=tooltip)
+
+
+def group_strength_inputs() -> list[io.Float.Input]:
+    """One strength widget per block group of the course's map."""
+    return [
+        strength_input(f"{group}_strength", f"Multiplier for the {group} blocks (used by presets 'all' and '{group}').")
+        for group in GROUPS
+    ]
+
+
+def preset_input(name: str = "preset", custom: bool = True) -> io.Combo.Input:
+    """The block preset combo; 'custom' (the per-block vector) only where the node has a vector widget."""
+    return io.Combo.Input(
+        name,
+        options=[p for p in PRESETS if custom or p != "custom"],
+        default="all",
+        tooltip="Which blocks the LoRA acts on (course's map): all; binding = double blocks (trigger ↔ concept); "
+        "texture = early single blocks; identity = middle single blocks; composition = late single blocks"
+        + ("; custom = the per-block vector." if custom else "."),
+    )
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+def run_combo(runs: list[str], tooltip: str) -> io.Combo.Input:
+    """The run picker of the diagnostics nodes (an empty entry when no run exists yet)."""
+    return io.Combo.Input("run", options=runs or [""], default=runs[0] if runs else "", tooltip=tooltip)
+
+
+# ------------------------------------------------------------------------------------------------ rendering
+
+
+def render_inputs() -> list:
+    """The KSampler-like widgets shared by the scrub and mixer-grid nodes."""
+    return [
+        io.Int.Input("seed", default=0, min=0, max=MAX_SEED, tooltip="Seed of every frame (the same noise for all)."),
+        io.Int.Input("steps", default=20, min=1, max=200, tooltip="Sampling steps per frame (Klein Base: ~50)."),
+        io.Float.Input(
+            "cfg", default=4.0, min=0.0, max=30.0, step=0.1, tooltip="CFG scale (Klein Base uses real CFG ~4)."
+        ),
+        io.Combo.Input(
+            "sampler_name", options=comfy.samplers.KSampler.SAMPLERS, default="euler", tooltip="Sampler, as KSampler."
+        ),
+        io.Combo.Input(
+            "scheduler",
+            options=comfy.samplers.KSampler.SCHEDULERS,
+            default="simple",
+            tooltip="Scheduler, as KSampler.",
+        ),
+        io.Int.Input("width", default=512, min=16, max=4096, step=16, tooltip="Frame width in pixels."),
+        io.Int.Input("height", default=512, min=16, max=4096, step=16, tooltip="Frame height in pixels."),
+    ]
+
+
+def prompt_inputs() -> list:
+    """clip + prompt lines, or a positive conditioning, and the optional negative (the scrub node)."""
+    return [
+        io.Clip.Input("clip", optional=True, tooltip="Text encoder for the prompts (and the empty negative)."),
+        io.String.Input(
+            "prompts",
+            multiline=True,
+            default="a photo of TOK",
+            tooltip="One prompt per line (each line is one prompt of the grid); used with the clip input.",
+        ),
+        io.Conditioning.Input(
+            "positive", optional=True, tooltip="A positive conditioning instead of clip + prompts (one prompt)."
+        ),
+        negative_input(),
+    ]
+
+
+def negative_input() -> io.Conditioning.Input:
+    return io.Conditioning.Input(
+        "negative",
+        optional=True,
+        tooltip="Negative conditioning; without it the empty prompt through clip, or none when cfg is 1.",
+    )
