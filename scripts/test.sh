@@ -36,7 +36,8 @@ for tier in unit comfy browser gpu; do
   echo "[test] === $tier tier (tests/$tier) ==="
   start=$SECONDS
   tier_status=0
-  klein_pytest "tests/$tier" || tier_status=$?
+  # --durations: the slowest tests of each tier are named in the log, so a slow CI run says where time went.
+  klein_pytest "tests/$tier" --durations=10 || tier_status=$?
   took=$((SECONDS - start))
   word="passed"
   if [ "$tier_status" -ne 0 ]; then
