@@ -3,6 +3,8 @@
 The pack is importable as `klein_lora_lab` (tests import `klein_lora_lab.trainer_core...`). The tier marker is
 set from the folder, so `pytest -m unit` selects the unit tier. A tier whose requirements are missing is
 skipped as a whole, and the terminal summary prints one loud line per skipped tier saying how to enable it.
+With CI=true such a tier is an error instead (CI must never pass with a tier left out), except the gpu tier:
+CI has no GPU, so that tier is expected to skip with its loud line.
 """
 
 from __future__ import annotations
@@ -55,6 +57,13 @@ def gpu_missing() -> str | None:
 
 
 MISSING = {"comfy": comfy_missing, "browser": browser_missing, "gpu": gpu_missing}
+# Tiers that may be skipped for a missing requirement even in CI.
+CI_MAY_SKIP = ("gpu",)
+
+
+def in_ci() -> bool:
+    """CI=true (also 1 or yes, any case), as CI services set it."""
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -67,6 +76,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if tier in MISSING:
             if tier not in reasons:
                 reasons[tier] = MISSING[tier]()
+            if reasons[tier] is not None and in_ci() and tier not in CI_MAY_SKIP:
+                raise pytest.UsageError(f"CI=true and the {tier} tier cannot run: {reasons[tier]}")
             if reasons[tier] is not None:
                 item.add_marker(pytest.mark.skip(reason=f"{SKIP_TAG.format(tier=tier)} {reasons[tier]}"))
 
