@@ -33,6 +33,8 @@ from ...trainer_core.analysis.scrub import (
     parse_scales,
     scrub_axes,
     select_checkpoints,
+    sweep_axes,
+    sweep_frame_plan,
 )
 from ...trainer_core.files.safe_paths import resolve_inside
 from ...trainer_core.runs.runfolder import checkpoint_step
@@ -50,6 +52,8 @@ from ..comfy.render import (
     to_pil,
     write_scrub_output,
 )
+from ..comfy.sweep_scrub import render_sweep, sweep_checkpoints, sweep_fingerprint, sweep_grid
+from ..comfy.sweeps import SWEEP
 
 LOG = logging.getLogger("klein_lora_lab")
 FILES_OPTION = "(LoRA files below)"
@@ -252,6 +256,12 @@ class KleinLabScrubRun(io.ComfyNode):
                 *prompt_inputs(),
                 *render_inputs(),
                 preset_input("block_preset", custom=False),
+                SWEEP.Input(
+                    "sweep",
+                    optional=True,
+                    tooltip="From 'Klein Sweep': scrub every run of the sweep (a run axis before the checkpoints); "
+                    "run and lora_files are then ignored, the checkpoint selection applies to each run.",
+                ),
             ],
             outputs=[
                 io.Image.Output(display_name="frames", tooltip="Every frame, in the stable order."),
@@ -266,6 +276,8 @@ class KleinLabScrubRun(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, run: str, lora_files: str, **kwargs) -> str:
         # New or re-trained checkpoints re-render; an unchanged run reuses ComfyUI's cached frames.
+        if kwargs.get("sweep") is not None:
+            return sweep_fingerprint(kwargs["sweep"])
         if run == FILES_OPTION:
             return "|".join(file_identity([n.strip() for n in lora_files.splitlines() if n.strip()]))
         root = runs_dir()
@@ -292,7 +304,13 @@ class KleinLabScrubRun(io.ComfyNode):
         clip=None,
         positive=None,
         negative=None,
+        sweep=None,
     ) -> io.NodeOutput:
+        if sweep is not None:
+            settings = RenderSettings(seed, steps, cfg, sampler_name, scheduler, width, height)
+            return cls.execute_sweep(
+                sweep, model, vae, checkpoints, scales, prompts, settings, block_preset, clip, positive, negative
+            )
         ckpts = file_checkpoints(lora_files) if run == FILES_OPTION else run_checkpoints(run, checkpoints)
         scale_values = parse_scales(scales)
         texts, positives = positives_of(clip, prompts, positive)
@@ -325,6 +343,51 @@ class KleinLabScrubRun(io.ComfyNode):
             pil,
             grid,
         )
+        labels = json.dumps([f.record() for f in frames], ensure_ascii=False)
+        return io.NodeOutput(images, from_pil(grid), labels, ui={SCRUB_UI_KEY: [meta]})
+
+    @classmethod
+    def execute_sweep(
+        cls,
+        sweep,
+        model,
+        vae,
+        checkpoints: str,
+        scales: str,
+        prompts: str,
+        settings: RenderSettings,
+        preset: str,
+        clip,
+        positive,
+        negative,
+    ) -> io.NodeOutput:
+        """Every run of a sweep: frames run → step → scale → prompt, labels naming knob=value (sweep_scrub.py)."""
+        runs = sweep_checkpoints(sweep, checkpoints)
+        scale_values = parse_scales(scales)
+        texts, positives = positives_of(clip, prompts, positive)
+        frames = sweep_frame_plan(runs, scale_values, texts)  # validates the frame count before any rendering
+        neg = resolve_negative(negative, clip, positives[0], settings.cfg)
+        key = inputs_key(
+            {
+                "model": model_identity(model, vae),
+                "loras": file_identity(sorted({f.lora for f in frames})),
+                "runs": list(sweep.runs),
+                "scales": scale_values,
+                "prompts": texts,
+                "positive": conditioning_identity(positive),
+                "negative": conditioning_identity(negative),
+                "settings": asdict(settings),
+                "preset": preset,
+            }
+        )
+        images, times = render_sweep(model, vae, frames, positives, neg, settings, preset)
+        LOG.info("Klein LoRA Lab: scrub of sweep %s: %s", sweep.name, times.line())
+        pil = to_pil(images)
+        title = f"sweep {sweep.name} ({sweep.knob}){SEP}seed {settings.seed}{SEP}{settings.steps} steps"
+        grid = sweep_grid(pil, frames, runs, scale_values, texts, title)
+        axes = sweep_axes(runs, scale_values, texts)
+        folder = scrub_folder(f"sweep-{sweep.name}", key)
+        meta = write_scrub_output("KleinLabScrubRun", folder, axes, [(f.coords, f.label) for f in frames], pil, grid)
         labels = json.dumps([f.record() for f in frames], ensure_ascii=False)
         return io.NodeOutput(images, from_pil(grid), labels, ui={SCRUB_UI_KEY: [meta]})
 
