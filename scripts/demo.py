@@ -144,8 +144,8 @@ def train_lora(model, album: ToyAlbum, output_dir: Path, steps: int) -> tuple[st
     import folder_paths
     import torch
     from klein_lora_lab.nodes.comfy.paths import lora_list_name, register_runs_folder
+    from klein_lora_lab.nodes.comfy.train_setup import new_or_resumed_run, sample_config, settings_from_widgets
     from klein_lora_lab.nodes.comfy.training import train_in_comfy
-    from klein_lora_lab.nodes.train.train_lora import new_or_resumed_run, sample_config, settings_from_widgets
     from klein_lora_lab.trainer_core.album.latent_cache import EncodedDataset
     from klein_lora_lab.trainer_core.training.data import train_items_hash
 

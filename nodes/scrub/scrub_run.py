@@ -20,6 +20,8 @@ from ..comfy.paths import folder_fingerprint, runs_dir
 from ..comfy.render import RenderSettings
 from ..comfy.runs import FILES_OPTION, file_checkpoints, run_checkpoints, runs_with_checkpoints
 from ..comfy.scrub import GridRender, grid_prompts, render_grid
+from ..comfy.sweep_scrub import scrub_sweep, sweep_fingerprint
+from ..comfy.sweeps import SWEEP
 from ..comfy.widgets import preset_input, prompt_inputs, render_inputs
 
 
@@ -67,6 +69,12 @@ class KleinLabScrubRun(io.ComfyNode):
                 *prompt_inputs(),
                 *render_inputs(),
                 preset_input("block_preset", custom=False),
+                SWEEP.Input(
+                    "sweep",
+                    optional=True,
+                    tooltip="From 'Klein Sweep': scrub every run of the sweep (a run axis before the checkpoints); "
+                    "run and lora_files are then ignored, the checkpoint selection applies to each run.",
+                ),
             ],
             outputs=[
                 io.Image.Output(display_name="frames", tooltip="Every frame, in the stable order."),
@@ -81,6 +89,8 @@ class KleinLabScrubRun(io.ComfyNode):
     @classmethod
     def fingerprint_inputs(cls, run: str, lora_files: str, **kwargs) -> str:
         # New or re-trained checkpoints re-render; an unchanged run reuses ComfyUI's cached frames.
+        if kwargs.get("sweep") is not None:
+            return sweep_fingerprint(kwargs["sweep"])
         if run == FILES_OPTION:
             return "|".join(file_identity([n.strip() for n in lora_files.splitlines() if n.strip()]))
         root = runs_dir()
@@ -100,8 +110,14 @@ class KleinLabScrubRun(io.ComfyNode):
         clip=None,
         positive=None,
         negative=None,
+        sweep=None,
         **render,
     ) -> io.NodeOutput:
+        if sweep is not None:
+            settings = RenderSettings.from_widgets(render)
+            return scrub_sweep(
+                model, vae, sweep, checkpoints, scales, prompts, settings, block_preset, clip, positive, negative
+            )
         ckpts = file_checkpoints(lora_files) if run == FILES_OPTION else run_checkpoints(run, checkpoints)
         scale_values = parse_scales(scales)
         settings = RenderSettings.from_widgets(render)

@@ -298,7 +298,7 @@ def test_compare_frames_by_index_and_label(comfy_root):
 
 SCRUB_WORKFLOW = "klein_lab_scrub_checkpoints.json"
 MIXER_WORKFLOW = "klein_lab_mixer_grid.json"
-SOCKET_TYPES = {"MODEL", "CLIP", "VAE", "CONDITIONING", "IMAGE"}
+SOCKET_TYPES = {"MODEL", "CLIP", "VAE", "CONDITIONING", "IMAGE", "KLEIN_SWEEP"}
 
 
 def _workflow(name: str) -> dict:

@@ -99,11 +99,11 @@ def test_glue_training_writes_checkpoints_stock_loader_applies(comfy_env, tiny_s
     import folder_paths
     from klein_lora_lab.nodes.comfy.forward_loras import forward_loras_of
     from klein_lora_lab.nodes.comfy.paths import lora_list_name, register_runs_folder
+    from klein_lora_lab.nodes.comfy.train_setup import new_or_resumed_run, sample_config, settings_from_widgets
     from klein_lora_lab.nodes.comfy.training import model_with_lora, train_in_comfy
     from klein_lora_lab.nodes.train.dataset_folder import KleinLabDatasetFolder
     from klein_lora_lab.nodes.train.encode_dataset import KleinLabEncodeDataset
     from klein_lora_lab.nodes.train.loss_curve import KleinLabLossCurve
-    from klein_lora_lab.nodes.train.train_lora import new_or_resumed_run, sample_config, settings_from_widgets
 
     register_runs_folder()
     album = make_album(tmp_path / "album")
@@ -334,10 +334,10 @@ def test_example_workflow_matches_the_nodes(comfy_server, name):
 def test_image_pairs_train_with_reference_latents(comfy_env, tiny_spec, tmp_path):
     """An image-to-image album trains through the glue: items carry the encoded reference, previews sample
     with it, and the checkpoint records the image_to_image preset's rank."""
+    from klein_lora_lab.nodes.comfy.train_setup import new_or_resumed_run, sample_config, settings_from_widgets
     from klein_lora_lab.nodes.comfy.training import train_in_comfy
     from klein_lora_lab.nodes.train.dataset_pairs import KleinLabDatasetPairs
     from klein_lora_lab.nodes.train.encode_dataset import KleinLabEncodeDataset
-    from klein_lora_lab.nodes.train.train_lora import new_or_resumed_run, sample_config, settings_from_widgets
     from klein_lora_lab.trainer_core.lora.lora_file import load_lora
 
     make_album(tmp_path / "pimpmyride", label="pimped car", tint=40)

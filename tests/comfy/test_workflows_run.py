@@ -115,7 +115,7 @@ def _files_named(ui: Any) -> Iterator[dict[str, Any]]:
 def test_workflow_runs_on_the_tiny_model(comfy_server, request, capsys, path: Path) -> None:
     """The workflow, as the frontend would queue it with the tiny model swapped in, runs to success; each output
     node shows something, each file an output names exists on disk, and each training node's run folder holds
-    a checkpoint per step (the swap sets 3 steps, a checkpoint every step)."""
+    a checkpoint per step (the swap sets 3 steps, a checkpoint every step), every run of a sweep too."""
     info = comfy_server.object_info()
     if path.name == SOURCE_WORKFLOW:
         done: WorkflowRun = request.getfixturevalue("source_run")  # already queued once for the other cases
@@ -134,7 +134,13 @@ def test_workflow_runs_on_the_tiny_model(comfy_server, request, capsys, path: Pa
     for entry in _files_named(done.outputs):
         folder = comfy_server.base_dir / entry["type"] / entry.get("subfolder", "")
         assert (folder / entry["filename"]).is_file(), entry
-    for run in done.run_names.values():
+    sweep_runs = [
+        r["name"]
+        for n in done.swap.prompt.values()
+        if n["class_type"] == "KleinLabSweep"
+        for r in json.loads((_runs_dir(comfy_server) / f"{n['inputs']['sweep_name']}.sweep.json").read_text())["runs"]
+    ]
+    for run in [*done.run_names.values(), *sweep_runs]:
         steps = sorted(p.name for p in (_runs_dir(comfy_server) / run / "checkpoints").glob("step_??????.safetensors"))
         assert steps == [f"step_{s:06d}.safetensors" for s in (1, 2, 3)], (run, steps)
 

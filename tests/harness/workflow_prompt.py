@@ -216,6 +216,8 @@ TINY_OVERRIDES: dict[str, dict[str, Any]] = {
         "sample_steps": 2,
         "resume": False,
     },
+    # A sweep trains one tiny run per value (3 steps each, a checkpoint every step), whatever its knob.
+    "KleinLabSweep": {"rank": 4, "steps": 3, "checkpoint_every": 1, "sample_every": 3, "sample_steps": 2},
     "KSampler": {"steps": 2},
     "ImageScaleToTotalPixels": {"megapixels": 0.01},  # about 100 x 100 px
     # Grids: every cell is a render plus a VAE decode; 2 x 2 cells (x the workflow's prompts) prove the wiring.

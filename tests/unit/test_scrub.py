@@ -247,3 +247,71 @@ def test_find_frame_by_index_or_label() -> None:
         find_frame(labels, 0, "step 900")
     with pytest.raises(ScrubError, match="0..2"):
         find_frame(labels, 3, "")
+
+
+# ------------------------------------------------------------------------------------------------ sweep scrub
+
+
+def _sweep_runs(ends: dict[str, int], every: int = 300):
+    from klein_lora_lab.trainer_core.analysis.scrub import SweepRunCheckpoints
+
+    return [
+        SweepRunCheckpoints(
+            label,
+            f"s-{i}",
+            tuple(Checkpoint(f"s-{i}/checkpoints/step_{s:06d}.safetensors", s) for s in range(every, end + 1, every)),
+        )
+        for i, (label, end) in enumerate(ends.items())
+    ]
+
+
+def test_sweep_frames_are_run_major_with_knob_labels() -> None:
+    """A sweep scrub orders frames run, then step, then scale, then prompt (index = ((r·C + c)·S + s)·P + p); every
+    label starts with knob=value; the axes are run, step, scale, prompt."""
+    from klein_lora_lab.trainer_core.analysis.scrub import sweep_axes, sweep_frame_plan
+
+    runs = _sweep_runs({"learning_rate=1e-05": 600, "learning_rate=5e-05": 600, "learning_rate=0.0002": 600})
+    scales, prompts = [0.5, 1.0], ["a TOK cat", "a TOK bicycle"]
+    frames = sweep_frame_plan(runs, scales, prompts)
+    assert len(frames) == 3 * 2 * 2 * 2
+    for f in frames:
+        r, c, s, p = f.coords
+        assert f.index == ((r * 2 + c) * 2 + s) * 2 + p
+        assert f.label.startswith(runs[r].label + " · step ")
+        assert f.lora.startswith(f"s-{r}/") and f.step == (c + 1) * 300
+    assert frames[15].label == "learning_rate=5e-05 · step 600 · scale 1 · prompt 2"
+    assert frames[15].record()["run"] == "s-1" and frames[15].record()["run_label"] == "learning_rate=5e-05"
+    axes = sweep_axes(runs, scales, prompts)
+    assert [a["name"] for a in axes] == ["run", "step", "scale", "prompt"]
+    assert axes[0]["values"] == [r.label for r in runs] and axes[1]["values"] == [300, 600]
+
+
+def test_steps_sweep_fills_missing_checkpoints_with_the_runs_last() -> None:
+    """In a steps sweep the shorter runs end early: the step axis is the union of steps, and a run shows its last
+    checkpoint where it has none, labelled with that checkpoint's step and '(last)'."""
+    from klein_lora_lab.trainer_core.analysis.scrub import sweep_frame_plan
+
+    runs = _sweep_runs({"steps=300": 300, "steps=900": 900})
+    frames = sweep_frame_plan(runs, [1.0], ["p"])
+    assert [(f.coords[:2], f.step) for f in frames] == [
+        ((0, 0), 300),
+        ((0, 1), 300),
+        ((0, 2), 300),
+        ((1, 0), 300),
+        ((1, 1), 600),
+        ((1, 2), 900),
+    ]
+    assert frames[1].label == "steps=300 · step 300 (last) · scale 1"
+    assert frames[4].label == "steps=900 · step 600 · scale 1"
+
+
+def test_sweep_plan_refuses_empty_runs_and_too_many_frames() -> None:
+    """A run without checkpoints names the run and says to queue the sweep; the frame cap covers the run axis."""
+    from klein_lora_lab.trainer_core.analysis.scrub import SweepRunCheckpoints, sweep_frame_plan
+
+    runs = _sweep_runs({"rank=8": 300})
+    with pytest.raises(ScrubError, match="run 's-9' of the sweep has no checkpoint"):
+        sweep_frame_plan([*runs, SweepRunCheckpoints("rank=16", "s-9", ())], [1.0], ["p"])
+    many = _sweep_runs({f"rank={i}": 3000 for i in range(3)})
+    with pytest.raises(ScrubError, match="frames requested"):
+        sweep_frame_plan(many, [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 2.5, 3.5], ["p"])

@@ -4,7 +4,8 @@ A scrub renders the same seed at checkpoints × scales × prompts. The frame ord
 **checkpoint-major, then scale, then prompt** — frame index = (c · S + s) · P + p for checkpoint c (ascending
 step, or the order the LoRA files were given), scale s (in the order typed) and prompt p (line order). The grid
 shows one row per checkpoint and one column per (scale, prompt) pair, so reading it row by row follows the frame
-order. The mixer grid uses the same machinery with the axes scale_a × scale_b.
+order. A sweep scrub (sweep_frame_plan) puts a run axis first: run, then checkpoint step, then scale, then
+prompt, one grid row per (run, step). The mixer grid uses the same machinery with the axes scale_a × scale_b.
 
 Nothing here imports ComfyUI; images are PIL images (the nodes convert IMAGE tensors at the edges).
 """
@@ -231,6 +232,100 @@ def scrub_axes(checkpoints: Sequence[Checkpoint], scales: Sequence[float], promp
     else:
         first = {"name": "lora", "values": [c.lora for c in checkpoints]}
     return [first, {"name": "scale", "values": list(scales)}, {"name": "prompt", "values": list(prompts)}]
+
+
+@dataclass(frozen=True)
+class SweepRunCheckpoints:
+    """One run of a sweep on the run axis: its label ("learning_rate=1e-05"), its folder name and its selected
+    checkpoints (ascending steps)."""
+
+    label: str
+    run: str
+    checkpoints: tuple[Checkpoint, ...]
+
+
+@dataclass(frozen=True)
+class SweepFrame(Frame):
+    """A frame of a sweep scrub: a Frame plus the run it shows. `step` is the checkpoint actually rendered; the
+    step axis value (coords[1]) may be later when this run ended earlier (it then shows its last checkpoint)."""
+
+    run_label: str = ""
+    run: str = ""
+
+    def record(self) -> dict:
+        return {**super().record(), "run": self.run, "run_label": self.run_label}
+
+
+def sweep_steps(runs: Sequence[SweepRunCheckpoints]) -> list[int]:
+    """The step axis of a sweep scrub: every selected step of any run, ascending."""
+    steps = {c.step for r in runs for c in r.checkpoints}
+    if None in steps:
+        raise ScrubError("a sweep's checkpoints must carry their steps (step_000600.safetensors names).")
+    return sorted(steps)
+
+
+def checkpoint_at(run: SweepRunCheckpoints, step: int) -> Checkpoint:
+    """The run's checkpoint at `step`; a run that ended before it (a shorter run of a steps sweep) gives its last
+    checkpoint before `step`, and a run whose first checkpoint comes later gives that first one."""
+    by_step = {c.step: c for c in run.checkpoints}
+    if step in by_step:
+        return by_step[step]
+    earlier = [c for c in run.checkpoints if c.step < step]
+    return earlier[-1] if earlier else run.checkpoints[0]
+
+
+def sweep_frame_plan(
+    runs: Sequence[SweepRunCheckpoints], scales: Sequence[float], prompts: Sequence[str]
+) -> list[SweepFrame]:
+    """Every frame of a sweep scrub in the stable order **run, then checkpoint step, then scale, then prompt**:
+    frame index = ((r · C + c) · S + s) · P + p, runs in the sweep's order, steps the union of every run's
+    selected steps. Labels read "learning_rate=1e-05 · step 600 · scale 1" (the knob and value first); a run that
+    ended before a step shows its last checkpoint, labelled with that checkpoint's own step and "(last)"."""
+    if not runs:
+        raise ScrubError("the sweep has no runs: train it first.")
+    empty = [r.run for r in runs if not r.checkpoints]
+    if empty:
+        raise ScrubError(f"run '{empty[0]}' of the sweep has no checkpoint yet: queue the sweep to train it.")
+    if not prompts:
+        raise ScrubError("no prompt: type one prompt per line (or connect a positive conditioning).")
+    steps = sweep_steps(runs)
+    check_frame_count(len(runs) * len(steps) * len(scales) * len(prompts))
+    frames: list[SweepFrame] = []
+    for r, run in enumerate(runs):
+        for c, step in enumerate(steps):
+            ckpt = checkpoint_at(run, step)
+            shown = lora_display(ckpt) + ("" if ckpt.step == step else " (last)")
+            for s, scale in enumerate(scales):
+                for p, prompt in enumerate(prompts):
+                    parts = [run.label, shown, f"scale {fmt_scale(scale)}"]
+                    if len(prompts) > 1:
+                        parts.append(f"prompt {p + 1}")
+                    coords = (r, c, s, p)
+                    frames.append(
+                        SweepFrame(
+                            len(frames),
+                            coords,
+                            ckpt.lora,
+                            ckpt.step,
+                            scale,
+                            prompt,
+                            p,
+                            SEP.join(parts),
+                            run.label,
+                            run.run,
+                        )
+                    )
+    return frames
+
+
+def sweep_axes(runs: Sequence[SweepRunCheckpoints], scales: Sequence[float], prompts: Sequence[str]) -> list[dict]:
+    """The axes of a sweep scrub's UI metadata: run (labels naming knob and value), step, scale, prompt."""
+    return [
+        {"name": "run", "values": [r.label for r in runs]},
+        {"name": "step", "values": sweep_steps(runs)},
+        {"name": "scale", "values": list(scales)},
+        {"name": "prompt", "values": list(prompts)},
+    ]
 
 
 @dataclass(frozen=True)
