@@ -11,9 +11,11 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from ...trainer_core.errors import check_number
+from ...trainer_core.files.atomic import atomic_write_with
 from ...trainer_core.model.klein import LATENT_CHANNELS
 from ...trainer_core.runs.runfolder import RunFolder, checkpoint_step
-from ...trainer_core.training.sampling import flux2_sigmas, sample
+from ...trainer_core.training.sampling import CFG_MAX, CFG_MIN, flux2_sigmas, sample
 from ...trainer_core.training.settings import TrainSettings
 from ...trainer_core.training.trainer import TrainCallbacks, TrainResult, train
 from .feedback import EVENT_CHECKPOINT, EVENT_DONE, EVENT_SAMPLE, LiveProgress, _prompt_server, send_event
@@ -36,6 +38,9 @@ class SampleConfig:
     steps: int
     cfg: float
     seed: int
+
+    def __post_init__(self) -> None:  # checked before training starts, not at the first preview
+        check_number(self.cfg, "sample_cfg", CFG_MIN, CFG_MAX)
 
 
 class ComfyCallbacks(TrainCallbacks):
@@ -90,8 +95,7 @@ class ComfyCallbacks(TrainCallbacks):
         files = []
         for i, pil in enumerate(tensor_to_pil(images)):
             path = self.run.sample_path(step, f"prompt{i}.png")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            pil.save(path)
+            atomic_write_with(path, lambda f, pil=pil: pil.save(f, format="PNG"))  # never a torn preview
             files.append(path)
         self.sample_files.extend(files)
         self.progress.preview(step, _strip(tensor_to_pil(images)))

@@ -28,7 +28,7 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from ..lora.lora_file import atomic_write_bytes
+from ..files.atomic import atomic_write_bytes
 from .diagnostics import COLLAPSED_BELOW, LEAK_ABOVE, MEMORISED_BELOW, TIMID_BELOW, clinic, crossing
 from .loss_curve import AXIS_TEXT, BACKGROUND, GRID, _fmt, _font, _nice_ticks
 

@@ -25,8 +25,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save
 
+from ..files.atomic import atomic_write_bytes, disk_full_error, is_disk_full
 from ..files.safe_paths import child_path
-from ..lora.lora_file import atomic_write_bytes, disk_full_error, is_disk_full
 from ..training.settings import TrainSettings
 
 RUN_FORMAT = "klein_lab.run.v1"
