@@ -25,6 +25,8 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
+from ..errors import pack_error
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 BUCKET_MULTIPLE = 16  # one FLUX.2 latent cell is 16×16 pixels (VAE 1/8, then 2×2 patchified)
 MAX_ASPECT = 4.0  # buckets span aspect ratios 1:4 … 4:1
@@ -32,6 +34,7 @@ TRIGGER_PLACEHOLDER = "[trigger]"
 TRIGGER_MODES = ("prepend", "append", "none")
 
 
+@pack_error
 class DatasetError(ValueError):
     """An album that cannot be used as it is; the message names the files and the fix."""
 

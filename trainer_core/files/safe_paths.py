@@ -23,6 +23,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..errors import pack_error
+
 MAX_NAME_BYTES = 128  # a name we create; leaves room for suffixes (".state", ".<random>.tmp") under NAME_MAX 255
 MAX_COMPONENT_BYTES = 255  # NAME_MAX of common filesystems (ext4, APFS, NTFS in UTF-16 units)
 MAX_PATH_BYTES = 1024  # far above any real album path, far below PATH_MAX 4096
@@ -31,6 +33,7 @@ _RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
+@pack_error
 class UnsafePathError(ValueError):
     """A user-given name or path that could read or write outside the allowed folders (or is not a valid name)."""
 

@@ -21,8 +21,10 @@ import torch
 from torch import Tensor, nn
 
 from ..analysis.diagnostics import holdout_split
+from ..errors import pack_error
+from ..files.atomic import DiskFullError
 from ..lora.adapters import LoraTrainable
-from ..lora.lora_file import DiskFullError, save_lora
+from ..lora.lora_file import save_lora
 from ..model.klein import klein_forward, read_shape
 from ..model.targeting import resolve_targets
 from ..model.variants import detect_variant
@@ -81,6 +83,7 @@ class TrainResult:
     final_loss: float
 
 
+@pack_error
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradients became NaN/Inf; nothing was written for the bad step."""
 
