@@ -174,6 +174,8 @@ def train_in_comfy(
             f"Finished {result.steps_done} steps ({progress.rate(result.steps_done):.2f} it/s), "
             f"final loss {result.final_loss:.4f}: {where}"
         )
+    if result is not None and result.notes:  # resume fell back, found gaps or had nothing to resume: say so
+        message = f"{message} Note: {' '.join(result.notes)}"
     if node_id is not None:
         server = _prompt_server()
         if server is not None:

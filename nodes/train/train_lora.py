@@ -13,6 +13,7 @@ from ...trainer_core.runs.runfolder import RunFolder
 from ...trainer_core.training.settings import PRESETS, TrainSettings, preset
 from ..comfy.interrupt import raise_interrupt
 from ..comfy.paths import lora_list_name, register_runs_folder, runs_dir
+from ..comfy.run_outputs import output_fingerprint, record_output
 from ..comfy.training import SampleConfig, model_with_lora, train_in_comfy, ui_image
 from .encode_dataset import ENCODED_DATASET
 from .loss_curve import run_loss_curve
@@ -196,6 +197,11 @@ class KleinLabTrainLora(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, run_name: str, **kwargs) -> str:
+        # A run folder deleted or changed by hand re-executes the node instead of answering "Finished" from cache.
+        return output_fingerprint(run_name)
+
+    @classmethod
     def execute(
         cls,
         model,
@@ -226,6 +232,7 @@ class KleinLabTrainLora(io.ComfyNode):
         )
         if outcome.interrupted:
             raise_interrupt()
+        record_output(run_name, run.path, outcome.checkpoint)
         curve = run_loss_curve(run, 768, 384, 0.9)
         lora_name = lora_list_name(outcome.checkpoint)
         trained = model_with_lora(model, lora_name)

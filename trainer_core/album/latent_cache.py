@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save
 from torch import Tensor
 
 from ..files.atomic import atomic_write_bytes
+from ..files.safe_paths import confined_file
 from ..training.data import TrainItem
 from .dataset import Dataset, file_hash, load_bucket_image
 from .dataset import dataset_hash as album_hash
@@ -100,6 +101,7 @@ class LatentCache:
         path = self.path(key)
         if not path.is_file():
             return None
+        confined_file(path, [self.root], "encode cache entry")  # a link planted in the cache is never read
         try:
             return load_file(str(path))
         except (SafetensorError, OSError):
