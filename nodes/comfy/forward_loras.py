@@ -46,7 +46,7 @@ from torch import Tensor, nn
 
 from ...trainer_core.lora.adapters import AdapterStack, LoraWeights, add_lora
 from ...trainer_core.lora.lora_formats import LoraRead, read_lora_file
-from ...trainer_core.model.block_weights import PRESETS, module_strengths, parse_block_vector
+from ...trainer_core.model.block_weights import PRESETS, check_strength, module_strengths, parse_block_vector
 from ...trainer_core.model.klein import KleinShape, read_shape
 from ...trainer_core.model.variants import GROUPS
 
@@ -341,6 +341,7 @@ def model_shape(model) -> KleinShape:
 
 def spec_for(item: StackItem, shape: KleinShape, device: torch.device) -> tuple[LoraSpec, str]:
     """Read the item's file for this model and compute its block weights; returns the spec and a report line."""
+    check_strength(item.strength, f"strength of {item.lora_name}")  # NaN passes the widget's min/max check
     loaded = load_lora_cached(lora_path(item.lora_name), shape, device)
     vector = parse_block_vector(item.block_vector)
     try:

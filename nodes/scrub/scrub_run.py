@@ -34,6 +34,7 @@ from ...trainer_core.analysis.scrub import (
     scrub_axes,
     select_checkpoints,
 )
+from ...trainer_core.errors import shown
 from ...trainer_core.files.safe_paths import resolve_inside
 from ...trainer_core.runs.runfolder import checkpoint_step
 from ..comfy.encoders import conditioning_tensor, vae_identity
@@ -102,7 +103,7 @@ def file_checkpoints(text: str) -> list[Checkpoint]:
     for name in dict.fromkeys(names):
         if name not in known:
             raise ScrubError(
-                f"'{name}' is not in ComfyUI's loras list: copy the name from a LoRA loader's list "
+                f"{shown(name)} is not in ComfyUI's loras list: copy the name from a LoRA loader's list "
                 "(e.g. 'my_run/checkpoints/step_000600.safetensors') or put the file into models/loras."
             )
         base = name.replace("\\", "/").rsplit("/", 1)[-1]

@@ -8,8 +8,10 @@ from dataclasses import replace
 from comfy_api.latest import io
 
 from ...trainer_core.album.latent_cache import EncodedDataset
+from ...trainer_core.errors import check_number
 from ...trainer_core.files.safe_paths import child_path, safe_name
 from ...trainer_core.runs.runfolder import RunFolder
+from ...trainer_core.training.sampling import CFG_MAX, CFG_MIN
 from ...trainer_core.training.settings import PRESETS, TrainSettings, preset
 from ..comfy.interrupt import raise_interrupt
 from ..comfy.paths import lora_list_name, register_runs_folder, runs_dir
@@ -215,6 +217,7 @@ class KleinLabTrainLora(io.ComfyNode):
         **widgets,
     ) -> io.NodeOutput:
         settings = settings_from_widgets(preset, **widgets)
+        check_number(sample_cfg, "sample_cfg", CFG_MIN, CFG_MAX)  # before the run folder exists (NaN passes min/max)
         run = open_run(run_name, settings, encoded_dataset, resume)
         if resume:  # which items train was decided when the run started: keep its held-out share
             settings = replace(settings, validation_holdout=run.settings.validation_holdout)

@@ -113,11 +113,12 @@ def module_strengths(
 ) -> dict[str, float]:
     """Per-module multipliers for a LoRA's modules (AdapterStack.set_lora(module_strength=...))."""
     blocks = block_strengths(shape, preset, group_strengths, block_vector)
+    global_strength = check_strength(global_strength, "global_strength")  # checked even when no module uses it
     out = {}
     for name in module_names:
         block = block_of(name)
         if block is None:
-            out[name] = check_strength(global_strength, "global_strength")
+            out[name] = global_strength
         elif block in blocks:
             out[name] = blocks[block]
         else:
