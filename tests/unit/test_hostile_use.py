@@ -409,3 +409,35 @@ def test_a_state_of_another_shape_is_not_loaded(tmp_path: Path) -> None:
     with pytest.raises(RunFolderError, match=r"step_000004\.state does not match run.json's LoRA \(rank 4"):
         _resume(run.path, rank=4, alpha=4)
     assert (run.path / "run.json").read_bytes() == before
+
+
+def test_a_state_whose_description_does_not_load_falls_back(tmp_path: Path) -> None:
+    """A latest state whose optimizer description was edited by hand (its param group lost 'params') is skipped
+    like a truncated one: resume continues from step 2 and names the file."""
+    from safetensors import safe_open
+    from safetensors.torch import save
+
+    run = _trained(tmp_path)
+    path = run.state_path(4)
+    with safe_open(str(path), framework="pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    info = json.loads(meta["klein_lab.state"])
+    info["param_groups"] = [{k: v for k, v in g.items() if k != "params"} for g in info["param_groups"]]
+    path.write_bytes(save(tensors, metadata={"klein_lab.state": json.dumps(info)}))
+    result = _resume(run.path)
+    assert result.steps_done == 6 and "step_000004.state does not load" in " ".join(result.notes), result.notes
+
+
+def test_diagnostics_linked_from_outside_are_refused(tmp_path: Path, linked) -> None:
+    """A run's diagnostics.json that links outside the run is refused by name; a damaged one names the fix."""
+    from klein_lora_lab.trainer_core.analysis.sweet_spot import DIAGNOSTICS_FILE, read_diagnostics
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / DIAGNOSTICS_FILE).symlink_to(linked["outside"] / "secret.txt")
+    with pytest.raises(UnsafePathError, match="diagnostics of run run"):
+        read_diagnostics(run)
+    (run / DIAGNOSTICS_FILE).unlink()
+    (run / DIAGNOSTICS_FILE).write_bytes(b"{broken")
+    with pytest.raises(ValueError, match="is damaged.*run the diagnosis again"):
+        read_diagnostics(run)

@@ -73,30 +73,32 @@ def _select_term(term: str, steps: list[int]) -> list[int]:
     if m := _LAST.match(term):
         n = int(m.group(2))
         if n < 1:
-            raise ScrubError(f"'{term}': N must be at least 1.")
+            raise ScrubError(f"{shown(term)}: N must be at least 1.")
         return steps[-n:] if m.group(1) == "last" else steps[:n]
     if m := _EVERY.match(term):
         n = int(m.group(1))
         if n < 1:
-            raise ScrubError(f"'{term}': N must be at least 1.")
+            raise ScrubError(f"{shown(term)}: N must be at least 1.")
         if m.group(2):
             hits = [s for s in steps if s % n == 0]
             if not hits:
-                raise ScrubError(f"'{term}': no checkpoint step is a multiple of {n}; steps: {_steps_text(steps)}.")
+                raise ScrubError(
+                    f"{shown(term)}: no checkpoint step is a multiple of {n}; steps: {_steps_text(steps)}."
+                )
             return hits
         return steps[::n]
     if m := _RANGE.match(term):
         lo, hi = sorted((int(m.group(1)), int(m.group(2))))
         hits = [s for s in steps if lo <= s <= hi]
         if not hits:
-            raise ScrubError(f"'{term}': no checkpoint between {lo} and {hi}; steps: {_steps_text(steps)}.")
+            raise ScrubError(f"{shown(term)}: no checkpoint between {lo} and {hi}; steps: {_steps_text(steps)}.")
         return hits
     if term.isdigit():
         if int(term) not in steps:
             raise ScrubError(f"step {term} has no checkpoint in this run; steps: {_steps_text(steps)}.")
         return [int(term)]
     raise ScrubError(
-        f"'{term}' is not a checkpoint selection: use 'all', 'last N', 'first N', 'every N', 'every N steps', "
+        f"{shown(term)} is not a checkpoint selection: use 'all', 'last N', 'first N', 'every N', 'every N steps', "
         f"a range 'A-B' or step numbers. Steps: {_steps_text(steps)}."
     )
 
@@ -141,7 +143,9 @@ def parse_scales(text: str, lo: float = SCALE_MIN, hi: float = SCALE_MAX, what: 
             )
         count = int(math.floor(span + 1e-9)) + 1
         if count > MAX_FRAMES:
-            raise ScrubError(f"'{term}' in the {what} gives {count} values; at most {MAX_FRAMES}: use a larger step.")
+            raise ScrubError(
+                f"{shown(term)} in the {what} gives {count} values; at most {MAX_FRAMES}: use a larger step."
+            )
         values.extend(round(start + i * step, 10) for i in range(count))
     out: list[float] = []
     for v in values:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ..analysis.diagnostics import holdout_split
-from ..errors import pack_error
+from ..errors import pack_error, shown
 from ..files.atomic import DiskFullError
 from ..lora.adapters import LoraTrainable
 from ..lora.lora_file import save_lora
@@ -376,7 +376,11 @@ class _Run:
             except RunFolderError as err:
                 problems.append(str(err))
                 continue
-            _load_state(self.lora, self.opt, tensors, info)
+            try:
+                _load_state(self.lora, self.opt, tensors, info)
+            except (KeyError, ValueError, TypeError, RuntimeError) as err:  # a description edited by hand
+                problems.append(f"{self.run.state_path(step).name} does not load ({shown(str(err))}).")
+                continue  # the next state loaded replaces the LoRA and optimizer state completely
             self.run.discard_partial_writes()  # temporary files of writes a crash cut short
             self.run.truncate_metrics(step)
             if problems:
