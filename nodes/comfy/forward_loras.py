@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...trainer_core.lora.adapters import AdapterStack, add_lora
-from ...trainer_core.model.block_weights import PRESETS, module_strengths, parse_block_vector
+from ...trainer_core.model.block_weights import PRESETS, check_strength, module_strengths, parse_block_vector
 from ...trainer_core.model.klein import KleinShape, read_shape
 from .lora_cache import LORA_FILES, LoadedLora, load_lora_cached
 from .paths import lora_path
@@ -287,6 +287,7 @@ def model_shape(model) -> KleinShape:
 
 def spec_for(item: StackItem, shape: KleinShape, device: torch.device) -> tuple[LoraSpec, str]:
     """Read the item's file for this model and compute its block weights; returns the spec and a report line."""
+    check_strength(item.strength, f"strength of {item.lora_name}")  # NaN passes the widget's min/max check
     loaded = load_lora_cached(lora_path(item.lora_name), shape, device)
     vector = parse_block_vector(item.block_vector)
     try:

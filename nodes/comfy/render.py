@@ -39,8 +39,11 @@ from PIL import Image
 from torch import Tensor
 
 from ...trainer_core.analysis.scrub import SEP, thumbnail
+from ...trainer_core.errors import check_number
+from ...trainer_core.files.atomic import atomic_write_with
 from ...trainer_core.files.safe_paths import child_path
 from ...trainer_core.model.klein import LATENT_CHANNELS
+from ...trainer_core.training.sampling import CFG_MAX, CFG_MIN
 from .images import decode_images
 
 SCRUB_UI_KEY = "klein_scrub"
@@ -61,6 +64,9 @@ class RenderSettings:
     scheduler: str
     width: int
     height: int
+
+    def __post_init__(self) -> None:  # NaN passes ComfyUI's min/max check: it would render black frames
+        check_number(self.cfg, "cfg", CFG_MIN, CFG_MAX)
 
     @classmethod
     def from_widgets(cls, widgets: Mapping[str, Any]) -> RenderSettings:
@@ -219,8 +225,9 @@ def write_scrub_output(
     entries = []
     for i, ((coords, label), image) in enumerate(zip(frames, images, strict=True)):
         frame_name, thumb_name = f"frame_{i:04d}.png", f"thumb_{i:04d}.jpg"
-        image.save(folder / frame_name, compress_level=1)
-        thumbnail(image, THUMB_SIZE).save(folder / thumb_name, quality=85)
+        atomic_write_with(folder / frame_name, lambda f, im=image: im.save(f, format="PNG", compress_level=1))
+        thumb = thumbnail(image, THUMB_SIZE)
+        atomic_write_with(folder / thumb_name, lambda f, im=thumb: im.save(f, format="JPEG", quality=85))
         entries.append(
             {
                 "index": i,
@@ -230,7 +237,7 @@ def write_scrub_output(
                 "thumb": _ui_file(folder, thumb_name),
             }
         )
-    grid.save(folder / "grid.png", compress_level=1)
+    atomic_write_with(folder / "grid.png", lambda f: grid.save(f, format="PNG", compress_level=1))
     return {
         "version": SCRUB_UI_VERSION,
         "node": node,

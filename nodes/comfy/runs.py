@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ...trainer_core.analysis.scrub import Checkpoint, ScrubError, select_checkpoints
+from ...trainer_core.errors import shown
 from ...trainer_core.files.safe_paths import resolve_inside
 from ...trainer_core.runs.runfolder import RunFolder, checkpoint_step
 from .paths import lora_list, lora_list_name, register_runs_folder, runs_dir
@@ -73,7 +74,7 @@ def file_checkpoints(text: str) -> list[Checkpoint]:
     for name in dict.fromkeys(names):
         if name not in known:
             raise ScrubError(
-                f"'{name}' is not in ComfyUI's loras list: copy the name from a LoRA loader's list "
+                f"{shown(name)} is not in ComfyUI's loras list: copy the name from a LoRA loader's list "
                 "(e.g. 'my_run/checkpoints/step_000600.safetensors') or put the file into models/loras."
             )
         base = name.replace("\\", "/").rsplit("/", 1)[-1]

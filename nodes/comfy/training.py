@@ -11,9 +11,11 @@ import torch
 from PIL import Image
 from torch import Tensor, nn
 
+from ...trainer_core.errors import check_number
+from ...trainer_core.files.atomic import atomic_write_with
 from ...trainer_core.model.klein import LATENT_CHANNELS
 from ...trainer_core.runs.runfolder import RunFolder, checkpoint_step
-from ...trainer_core.training.sampling import flux2_sigmas, sample
+from ...trainer_core.training.sampling import CFG_MAX, CFG_MIN, flux2_sigmas, sample
 from ...trainer_core.training.settings import TrainSettings
 from ...trainer_core.training.trainer import TrainCallbacks, TrainResult, train
 from .feedback import EVENT_CHECKPOINT, EVENT_DONE, EVENT_SAMPLE, LiveProgress, prompt_server, send_event
@@ -36,6 +38,9 @@ class SampleConfig:
     steps: int
     cfg: float
     seed: int
+
+    def __post_init__(self) -> None:  # checked before training starts, not at the first preview
+        check_number(self.cfg, "sample_cfg", CFG_MIN, CFG_MAX)
 
 
 class ComfyCallbacks(TrainCallbacks):
@@ -90,8 +95,7 @@ class ComfyCallbacks(TrainCallbacks):
         files = []
         for i, pil in enumerate(tensor_to_pil(images)):
             path = self.run.sample_path(step, f"prompt{i}.png")
-            path.parent.mkdir(parents=True, exist_ok=True)
-            pil.save(path)
+            atomic_write_with(path, lambda f, pil=pil: pil.save(f, format="PNG"))  # never a torn preview
             files.append(path)
         self.sample_files.extend(files)
         self.progress.preview(step, _strip(tensor_to_pil(images)))
@@ -170,6 +174,8 @@ def train_in_comfy(
             f"Finished {result.steps_done} steps ({progress.rate(result.steps_done):.2f} it/s), "
             f"final loss {result.final_loss:.4f}: {where}"
         )
+    if result is not None and result.notes:  # resume fell back, found gaps or had nothing to resume: say so
+        message = f"{message} Note: {' '.join(result.notes)}"
     if node_id is not None:
         server = prompt_server()
         if server is not None:

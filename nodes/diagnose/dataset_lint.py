@@ -6,7 +6,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ...trainer_core.album.dataset_lint import PRESET_ALBUM_SIZES, lint_album
-from ..comfy.paths import folder_fingerprint, resolve_album_folder
+from ..comfy.paths import allowed_roots, folder_fingerprint, resolve_album_folder
 from ..comfy.widgets import FOLDER_TIP, TRIGGER_TIP
 
 
@@ -62,7 +62,7 @@ class KleinLabDatasetLint(io.ComfyNode):
     @classmethod
     def execute(cls, folder: str, pairs_folder: str, trigger: str, preset: str, resolution: int) -> io.NodeOutput:
         pairs = resolve_album_folder(pairs_folder) if pairs_folder.strip() else None
-        report = lint_album(resolve_album_folder(folder), trigger, preset, pairs, resolution)
+        report = lint_album(resolve_album_folder(folder), trigger, preset, pairs, resolution, roots=allowed_roots())
         text = report.to_text()
         return io.NodeOutput(text, report.to_json(), ui={"text": [text]})
 

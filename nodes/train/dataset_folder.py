@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ...trainer_core.album.dataset import scan_folder
-from ..comfy.paths import folder_fingerprint, resolve_album_folder
+from ..comfy.paths import allowed_roots, folder_fingerprint, resolve_album_folder
 from ..comfy.sockets import DATASET
 from ..comfy.widgets import FOLDER_TIP, trigger_inputs
 
@@ -30,7 +30,9 @@ class KleinLabDatasetFolder(io.ComfyNode):
     def execute(
         cls, folder: str, trigger: str, trigger_mode: str, resolution: int, default_caption: str
     ) -> io.NodeOutput:
-        dataset = scan_folder(resolve_album_folder(folder), resolution, trigger, trigger_mode, default_caption)
+        dataset = scan_folder(
+            resolve_album_folder(folder), resolution, trigger, trigger_mode, default_caption, roots=allowed_roots()
+        )
         summary = dataset.summary()
         return io.NodeOutput(dataset, summary, ui={"text": [summary]})
 

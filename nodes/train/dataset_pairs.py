@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ...trainer_core.album.dataset import scan_pairs
-from ..comfy.paths import folder_fingerprint, resolve_album_folder
+from ..comfy.paths import allowed_roots, folder_fingerprint, resolve_album_folder
 from ..comfy.sockets import DATASET
 from ..comfy.widgets import trigger_inputs
 
@@ -58,6 +58,7 @@ class KleinLabDatasetPairs(io.ComfyNode):
             trigger,
             trigger_mode,
             default_caption,
+            roots=allowed_roots(),  # files linked from outside the allowed folders are refused
         )
         summary = dataset.summary()
         return io.NodeOutput(dataset, summary, ui={"text": [summary]})

@@ -8,9 +8,12 @@ from comfy_api.latest import io
 
 from ...trainer_core.album.latent_cache import EncodedDataset
 from ...trainer_core.analysis.loss_curve import run_loss_curve
+from ...trainer_core.errors import check_number
+from ...trainer_core.training.sampling import CFG_MAX, CFG_MIN
 from ...trainer_core.training.settings import PRESETS
 from ..comfy.interrupt import raise_interrupt
 from ..comfy.paths import lora_list_name
+from ..comfy.run_outputs import output_fingerprint, record_output
 from ..comfy.sockets import ENCODED_DATASET
 from ..comfy.train_setup import new_or_resumed_run, sample_config, settings_from_widgets
 from ..comfy.training import model_with_lora, train_in_comfy, ui_image
@@ -139,6 +142,11 @@ class KleinLabTrainLora(io.ComfyNode):
         )
 
     @classmethod
+    def fingerprint_inputs(cls, run_name: str, **kwargs) -> str:
+        # A run folder deleted or changed by hand re-executes the node instead of answering "Finished" from cache.
+        return output_fingerprint(run_name)
+
+    @classmethod
     def execute(
         cls,
         model,
@@ -152,6 +160,7 @@ class KleinLabTrainLora(io.ComfyNode):
         **widgets,
     ) -> io.NodeOutput:
         settings = settings_from_widgets(preset, **widgets)
+        check_number(sample_cfg, "sample_cfg", CFG_MIN, CFG_MAX)  # before the run folder exists (NaN passes min/max)
         run = new_or_resumed_run(run_name, settings, encoded_dataset, resume)
         if resume:  # which items train was decided when the run started: keep its held-out share
             settings = replace(settings, validation_holdout=run.settings.validation_holdout)
@@ -169,6 +178,7 @@ class KleinLabTrainLora(io.ComfyNode):
         )
         if outcome.interrupted:
             raise_interrupt()
+        record_output(run_name, run.path, outcome.checkpoint)
         curve = run_loss_curve(run, 768, 384, 0.9)
         lora_name = lora_list_name(outcome.checkpoint)
         trained = model_with_lora(model, lora_name)

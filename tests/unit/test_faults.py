@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from klein_lora_lab.trainer_core.lora.lora_file import DiskFullError, atomic_write_bytes, load_lora
+from klein_lora_lab.trainer_core.files.atomic import DiskFullError, atomic_write_bytes
+from klein_lora_lab.trainer_core.lora.lora_file import load_lora
 from klein_lora_lab.trainer_core.model.tiny import TinySpec, tiny_klein
 from klein_lora_lab.trainer_core.runs.runfolder import RunFolder
 from klein_lora_lab.trainer_core.training import trainer as trainer_module

@@ -25,6 +25,9 @@ import torch
 from PIL import Image, ImageOps
 from torch import Tensor
 
+from ..errors import pack_error
+from ..files.safe_paths import confined_file
+
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp")
 BUCKET_MULTIPLE = 16  # one FLUX.2 latent cell is 16×16 pixels (VAE 1/8, then 2×2 patchified)
 MAX_ASPECT = 4.0  # buckets span aspect ratios 1:4 … 4:1
@@ -32,6 +35,7 @@ TRIGGER_PLACEHOLDER = "[trigger]"
 TRIGGER_MODES = ("prepend", "append", "none")
 
 
+@pack_error
 class DatasetError(ValueError):
     """An album that cannot be used as it is; the message names the files and the fix."""
 
@@ -237,8 +241,11 @@ def read_caption(image: Path) -> str | None:
 # ---------------------------------------------------------------------------------------------------- scanning
 
 
-def list_images(folder: Path) -> list[Path]:
-    """The album's images (png/jpg/jpeg/webp, any case), sorted by name; raises when the folder is unusable."""
+def list_images(folder: Path, roots: Sequence[Path | str] | None = None) -> list[Path]:
+    """The album's images (png/jpg/jpeg/webp, any case), sorted by name; raises when the folder is unusable.
+
+    Every image and every same-name .txt caption must really live inside `roots` (default: the album folder
+    itself): a symlink leading out of the allowed folders is refused by name (UnsafePathError), never read."""
     folder = Path(folder).expanduser()
     if not folder.is_dir():
         raise DatasetError(f"dataset folder '{folder}' does not exist or is not a folder: give the album's path.")
@@ -247,6 +254,12 @@ def list_images(folder: Path) -> list[Path]:
         raise DatasetError(
             f"dataset folder '{folder}' has no images: put .png/.jpg/.jpeg/.webp files (with .txt captions) in it."
         )
+    allowed = list(roots) if roots is not None else [folder]
+    for image in images:
+        confined_file(image, allowed, "image")
+        caption = image.with_suffix(".txt")
+        if caption.is_symlink() or caption.exists():
+            confined_file(caption, allowed, "caption")
     stems = Counter(p.stem for p in images)
     clashes = sorted(stem for stem, n in stems.items() if n > 1)
     if clashes:
@@ -286,12 +299,15 @@ def scan_folder(
     trigger: str = "TOK",
     trigger_mode: str = "prepend",
     default_caption: str = "",
+    *,
+    roots: Sequence[Path | str] | None = None,
 ) -> Dataset:
-    """Scan an album folder: images, captions (trigger inserted), buckets at `resolution`."""
+    """Scan an album folder: images, captions (trigger inserted), buckets at `resolution`. Files must really lie
+    inside `roots` (the allowed folders; default: the album folder), see list_images."""
     root = Path(folder).expanduser()
     sizes = bucket_sizes(resolution)
     items = []
-    for path in list_images(root):
+    for path in list_images(root, roots):
         caption, source = _caption_for(path, trigger, trigger_mode, default_caption)
         items.append(DatasetItem(path, caption, choose_bucket(*image_size(path), sizes), None, source))
     warnings = _missing_caption_warning(items, default_caption, trigger)
@@ -324,6 +340,8 @@ def scan_pairs(
     trigger: str = "TOK",
     trigger_mode: str = "prepend",
     default_caption: str = "",
+    *,
+    roots: Sequence[Path | str] | None = None,
 ) -> Dataset:
     """Scan an image-to-image album: references and targets matched by name; captions from the target side
     (falling back to the reference's .txt); each pair shares the target's bucket."""
@@ -332,7 +350,9 @@ def scan_pairs(
         raise DatasetError(f"reference and target folder are the same ('{ref_root}'): give two folders.")
     sizes = bucket_sizes(resolution)
     items = []
-    for ref, tgt in match_pairs(list_images(ref_root), list_images(tgt_root)):
+    ref_roots = roots if roots is not None else [ref_root]
+    tgt_roots = roots if roots is not None else [tgt_root]
+    for ref, tgt in match_pairs(list_images(ref_root, ref_roots), list_images(tgt_root, tgt_roots)):
         caption, source = _caption_for(tgt, trigger, trigger_mode, default_caption, fallback=ref)
         items.append(DatasetItem(tgt, caption, choose_bucket(*image_size(tgt), sizes), ref, source))
     warnings = _missing_caption_warning(items, default_caption, trigger)

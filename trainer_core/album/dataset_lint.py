@@ -198,6 +198,8 @@ def lint_album(
     preset: str = "style",
     pairs_folder: Path | str | None = None,
     resolution: int = 512,
+    *,
+    roots: Sequence[Path | str] | None = None,
 ) -> LintReport:
     """Lint an album folder (and, for image-to-image, the folder of its reference images).
 
@@ -207,8 +209,8 @@ def lint_album(
     if preset not in PRESET_ALBUM_SIZES:
         raise ValueError(f"preset={preset!r} does not exist: use one of {sorted(PRESET_ALBUM_SIZES)}.")
     root = Path(folder).expanduser()
-    images = list_images(root)
-    refs = list_images(Path(pairs_folder).expanduser()) if pairs_folder else []
+    images = list_images(root, roots)  # refuses files linked from outside the allowed folders
+    refs = list_images(Path(pairs_folder).expanduser(), roots) if pairs_folder else []
     found: dict[str, list[LintFinding]] = {code: [] for code in CHECK_ORDER}
 
     def add(code: str, severity: str, message: str, files: Sequence[str]) -> None:

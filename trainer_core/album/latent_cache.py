@@ -4,15 +4,14 @@ A key is the sha256 of everything the encoded result depends on: for an image, i
 identity and the bucket size; for a caption, its text and the encoder's identity. The same album encoded with
 the same encoders hits the cache whatever the files are called or wherever they live, and any change (a
 retouched image, an edited caption, another VAE) is a miss. Entries are safetensors files written atomically
-(temporary file + rename), so an interrupted run never leaves a half-written entry that later reads as valid.
+(files/atomic.py: temporary file, fsync, rename), so an interrupted run never leaves a half-written entry
+that later reads as valid, and a full disk gives the pack's disk-full message.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -20,9 +19,11 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor
 
+from ..files.atomic import atomic_write_bytes
+from ..files.safe_paths import confined_file
 from ..training.data import TrainItem
 from .dataset import Dataset, album_files_hash, file_hash, load_bucket_image
 
@@ -99,24 +100,18 @@ class LatentCache:
         path = self.path(key)
         if not path.is_file():
             return None
+        confined_file(path, [self.root], "encode cache entry")  # a link planted in the cache is never read
         try:
             return load_file(str(path))
         except (SafetensorError, OSError):
             return None
 
     def put(self, key: str, tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> Path:
-        """Write an entry atomically: a temporary file in the same folder, then os.replace."""
+        """Write an entry with the pack's atomic writer (fsynced, renamed into place; a full disk raises
+        DiskFullError naming the entry and the fix, and leaves no partial file)."""
         path = self.path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
         data = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-        fd, tmp = tempfile.mkstemp(prefix=f".{key[:8]}-", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file(data, tmp, metadata={k: str(v) for k, v in (metadata or {}).items()})
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        atomic_write_bytes(path, save(data, metadata={k: str(v) for k, v in (metadata or {}).items()}))
         return path
 
     def get_or_compute(

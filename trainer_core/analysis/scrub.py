@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
+from ..errors import pack_error, shown
 from .charts import chart_font
 
 MAX_FRAMES = 256  # one scrub renders at most this many frames (each is a full sampling run)
@@ -35,6 +36,7 @@ _EVERY = re.compile(r"^every\s+(\d+)(\s+steps?)?$")
 _RANGE = re.compile(r"^(\d+)\s*(?:-|\.\.)\s*(\d+)$")
 
 
+@pack_error
 class ScrubError(ValueError):
     """An invalid scrub input; the message names the value and how to fix it."""
 
@@ -74,30 +76,32 @@ def _select_term(term: str, steps: list[int]) -> list[int]:
     if m := _LAST.match(term):
         n = int(m.group(2))
         if n < 1:
-            raise ScrubError(f"'{term}': N must be at least 1.")
+            raise ScrubError(f"{shown(term)}: N must be at least 1.")
         return steps[-n:] if m.group(1) == "last" else steps[:n]
     if m := _EVERY.match(term):
         n = int(m.group(1))
         if n < 1:
-            raise ScrubError(f"'{term}': N must be at least 1.")
+            raise ScrubError(f"{shown(term)}: N must be at least 1.")
         if m.group(2):
             hits = [s for s in steps if s % n == 0]
             if not hits:
-                raise ScrubError(f"'{term}': no checkpoint step is a multiple of {n}; steps: {_steps_text(steps)}.")
+                raise ScrubError(
+                    f"{shown(term)}: no checkpoint step is a multiple of {n}; steps: {_steps_text(steps)}."
+                )
             return hits
         return steps[::n]
     if m := _RANGE.match(term):
         lo, hi = sorted((int(m.group(1)), int(m.group(2))))
         hits = [s for s in steps if lo <= s <= hi]
         if not hits:
-            raise ScrubError(f"'{term}': no checkpoint between {lo} and {hi}; steps: {_steps_text(steps)}.")
+            raise ScrubError(f"{shown(term)}: no checkpoint between {lo} and {hi}; steps: {_steps_text(steps)}.")
         return hits
     if term.isdigit():
         if int(term) not in steps:
             raise ScrubError(f"step {term} has no checkpoint in this run; steps: {_steps_text(steps)}.")
         return [int(term)]
     raise ScrubError(
-        f"'{term}' is not a checkpoint selection: use 'all', 'last N', 'first N', 'every N', 'every N steps', "
+        f"{shown(term)} is not a checkpoint selection: use 'all', 'last N', 'first N', 'every N', 'every N steps', "
         f"a range 'A-B' or step numbers. Steps: {_steps_text(steps)}."
     )
 
@@ -106,9 +110,9 @@ def _number(text: str, what: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise ScrubError(f"'{text}' in the {what} is not a number.") from None
+        raise ScrubError(f"{shown(text)} in the {what} is not a number.") from None
     if not math.isfinite(value):
-        raise ScrubError(f"'{text}' in the {what} is not a finite number.")
+        raise ScrubError(f"{shown(text)} in the {what} is not a finite number.")
     return value
 
 
@@ -125,13 +129,26 @@ def parse_scales(text: str, lo: float = SCALE_MIN, hi: float = SCALE_MAX, what: 
             values.append(_number(parts[0], what))
             continue
         if len(parts) != 3:
-            raise ScrubError(f"'{term}' in the {what}: a range is start:stop:step, e.g. 0:4:0.5.")
+            raise ScrubError(f"{shown(term)} in the {what}: a range is start:stop:step, e.g. 0:4:0.5.")
         start, stop, step = (_number(p, what) for p in parts)
-        if step == 0 or (stop - start) / step < 0:
-            raise ScrubError(f"'{term}' in the {what}: the step {step:g} never reaches {stop:g} from {start:g}.")
-        count = int(math.floor((stop - start) / step + 1e-9)) + 1
+        for end in (start, stop):
+            if not lo <= end <= hi:
+                raise ScrubError(
+                    f"{shown(term)} in the {what} reaches {end:g}, outside {lo:g}..{hi:g}: use scales in that range."
+                )
+        span = (stop - start) / step if step != 0 else math.inf  # 1e-308 steps overflow to inf: refused below
+        if step == 0 or span < 0:
+            raise ScrubError(f"{shown(term)} in the {what}: the step {step:g} never reaches {stop:g} from {start:g}.")
+        if not math.isfinite(span) or span + 1 > MAX_FRAMES:
+            count_text = f"{span + 1:.3g}" if math.isfinite(span) else "too many"
+            raise ScrubError(
+                f"{shown(term)} in the {what} gives {count_text} values; at most {MAX_FRAMES}: use a larger step."
+            )
+        count = int(math.floor(span + 1e-9)) + 1
         if count > MAX_FRAMES:
-            raise ScrubError(f"'{term}' in the {what} gives {count} values; at most {MAX_FRAMES}: use a larger step.")
+            raise ScrubError(
+                f"{shown(term)} in the {what} gives {count} values; at most {MAX_FRAMES}: use a larger step."
+            )
         values.extend(round(start + i * step, 10) for i in range(count))
     out: list[float] = []
     for v in values:

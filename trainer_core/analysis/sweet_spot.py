@@ -28,7 +28,9 @@ from typing import Any
 
 from PIL import Image, ImageDraw
 
-from ..lora.lora_file import atomic_write_bytes
+from ..errors import shown
+from ..files.atomic import atomic_write_bytes
+from ..files.safe_paths import confined_file
 from .charts import AXIS_TEXT, BACKGROUND, GRID, chart_font, nice_ticks, tick_label
 from .diagnostics import COLLAPSED_BELOW, LEAK_ABOVE, MEMORISED_BELOW, TIMID_BELOW, clinic, crossing
 
@@ -79,9 +81,16 @@ def read_diagnostics(run_path: Path) -> dict[str, Any] | None:
     path = Path(run_path) / DIAGNOSTICS_FILE
     if not path.is_file():
         return None
-    data = json.loads(path.read_text())
-    if data.get("format") != DIAGNOSTICS_FORMAT:
-        raise ValueError(f"{path}: format {data.get('format')!r} is not {DIAGNOSTICS_FORMAT!r}; re-run the diagnosis.")
+    confined_file(path, [run_path], f"diagnostics of run {Path(run_path).name}")  # a link out is never read
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(
+            f"{path} is damaged (not JSON: {shown(str(err))}). Fix: delete it and run the diagnosis again."
+        ) from err
+    if not isinstance(data, dict) or data.get("format") != DIAGNOSTICS_FORMAT:
+        found = data.get("format") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(f"{path}: format {shown(found)} is not {DIAGNOSTICS_FORMAT!r}; re-run the diagnosis.")
     return data
 
 

@@ -9,6 +9,9 @@ output prefix, album folder or run selection goes through here before it touches
 * `resolve_inside(text, roots)`: a path (absolute, or relative to a base folder) that must stay inside one of the
   allowed roots *after* every symlink is followed. `..` components are refused outright (even when they would
   stay inside), as are NUL bytes and over-long paths or components.
+* `confined_file(path, roots)`: a file found inside an allowed folder (an album's image or caption, a checkpoint)
+  whose real location must be inside one of the roots too: a symlink `good.txt -> /etc/passwd` in an album is
+  refused, not read.
 * `child_path(root, *names)`: `root/name/...` for names already checked, verified to stay inside `root` (a
   symlink planted at `root/name` cannot redirect a write elsewhere).
 
@@ -23,6 +26,8 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..errors import pack_error
+
 MAX_NAME_BYTES = 128  # a name we create; leaves room for suffixes (".state", ".<random>.tmp") under NAME_MAX 255
 MAX_COMPONENT_BYTES = 255  # NAME_MAX of common filesystems (ext4, APFS, NTFS in UTF-16 units)
 MAX_PATH_BYTES = 1024  # far above any real album path, far below PATH_MAX 4096
@@ -31,6 +36,7 @@ _RESERVED = {"CON", "PRN", "AUX", "NUL", *(f"COM{i}" for i in range(1, 10)), *(f
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
+@pack_error
 class UnsafePathError(ValueError):
     """A user-given name or path that could read or write outside the allowed folders (or is not a valid name)."""
 
@@ -144,3 +150,17 @@ def child_path(root: str | os.PathLike[str], *names: str, what: str = "name") ->
             "link or choose another name."
         )
     return path
+
+
+def confined_file(path: str | os.PathLike[str], roots: Sequence[str | os.PathLike[str]], what: str = "file") -> Path:
+    """`path` (a file found in a folder the pack may read) when its real location, every symlink followed, lies
+    inside one of `roots`; UnsafePathError naming the file and the fix otherwise. Returns the path as given."""
+    path = Path(path)
+    real = _real(path)
+    if any(_inside(real, _real(Path(r))) for r in roots):
+        return path
+    raise UnsafePathError(
+        f"{what} {_shown(str(path))} is a link to {_shown(str(real))}, outside the folders this pack may use, so "
+        "it is not read. Fix: copy the file itself into the folder instead of linking it (or add the folder it "
+        "lives in to ComfyUI's extra_model_paths.yaml)."
+    )

@@ -18,6 +18,29 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+# A trained LoRA changes base weights by far less than 1 per entry; a change above this (at strength 1) comes from a
+# broken file (alpha 1e30, weights near the float limits) and would turn the model's output into Inf/NaN.
+MAX_WEIGHT_CHANGE = 1e3
+MULTIPLIER_LIMIT = 100.0  # |strength · block weight| of one module in an AdapterStack
+
+
+def check_lora_weights(weights: Mapping[str, LoraWeights], source: str) -> None:
+    """Refuse a LoRA read from a file whose rank is 0, whose alpha is not finite, or whose scale and weights make
+    a non-finite or absurd weight change; the message names the file (`source`) and the module."""
+    for name, w in weights.items():
+        if w.rank == 0:
+            raise ValueError(f"{source}: module {name!r} has rank 0 (an empty LoRA pair). Fix: use another file.")
+        if not math.isfinite(w.alpha):
+            raise ValueError(f"{source}: module {name!r} has alpha {w.alpha!r}. Fix: use another file.")
+        change = w.largest_change()
+        if not math.isfinite(change) or change > MAX_WEIGHT_CHANGE:
+            raise ValueError(
+                f"{source}: module {name!r} would change the model's weights by up to {change:.3g} at strength 1 "
+                f"(alpha {w.alpha:.3g}, rank {w.rank}, scale alpha/rank {w.scale:.3g}); trained LoRAs stay far below "
+                f"1 and anything above {MAX_WEIGHT_CHANGE:g} makes the output Inf/NaN. The file is broken: use an "
+                "earlier checkpoint or another file."
+            )
+
 
 @dataclass(frozen=True)
 class LoraWeights:
@@ -41,6 +64,17 @@ class LoraWeights:
     @property
     def scale(self) -> float:
         return self.alpha / self.rank
+
+    def largest_change(self) -> float:
+        """The largest |entry| of the dense weight change at strength 1 (exact only when a cheap bound exceeds
+        MAX_WEIGHT_CHANGE: rank · max|up| · max|down| · |scale| bounds every entry of up @ down · scale)."""
+        if self.rank == 0 or self.down.numel() == 0 or self.up.numel() == 0:
+            return 0.0
+        up_max, down_max = float(self.up.detach().abs().max()), float(self.down.detach().abs().max())
+        bound = abs(self.scale) * self.rank * up_max * down_max  # python floats: no fp32 overflow
+        if not math.isfinite(bound) or bound <= MAX_WEIGHT_CHANGE:
+            return bound
+        return float((self.up.detach().double() @ self.down.detach().double()).abs().max()) * abs(self.scale)
 
     def delta_weight(self) -> Tensor:
         """The dense weight change [out, in] this LoRA stands for at strength 1."""
@@ -118,6 +152,17 @@ class _Entry:
     scale: float  # alpha/rank · strength · per-module weight, already multiplied
 
 
+def _check_multiplier(value: float, what: str) -> None:
+    """The last guard before a strength reaches the forward pass: NaN, Inf or an absurd size is refused by name,
+    whichever path (widget, /prompt, stack, scrub) it came through."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{what} is {type(value).__name__}, not a number.")
+    if not math.isfinite(value) or abs(value) > MULTIPLIER_LIMIT:
+        raise ValueError(
+            f"{what} is {value!r}: it must be a finite number within ±{MULTIPLIER_LIMIT:g} (the loaders use -4..4)."
+        )
+
+
 class AdapterStack:
     """Several frozen LoRAs applied at forward time; strengths can change at any moment at no cost."""
 
@@ -135,8 +180,11 @@ class AdapterStack:
     ) -> None:
         """Add or replace LoRA `lora_id`. module_strength multiplies per module (block weights); default 1."""
         self.remove(lora_id)
+        _check_multiplier(strength, f"strength of LoRA {lora_id!r}")
         for name, w in weights.items():
             mult = 1.0 if module_strength is None else module_strength.get(name, 1.0)
+            _check_multiplier(mult, f"block strength of {name!r}")
+            _check_multiplier(mult * strength, f"strength × block strength of {name!r}")
             if mult == 0.0 or strength == 0.0:
                 continue
             entry = _Entry(w.down.to(device=device, dtype=dtype), w.up.to(device=device, dtype=dtype), 0.0)

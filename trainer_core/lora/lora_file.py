@@ -12,10 +12,7 @@ Readers for every other key style live in lora_formats.py; `load_lora` here read
 
 from __future__ import annotations
 
-import errno
 import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -23,76 +20,15 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from .adapters import LoraWeights
+from ..files.atomic import DiskFullError as DiskFullError  # re-exported: the writer moved to files/atomic.py
+from ..files.atomic import atomic_write_bytes
+from ..files.atomic import disk_full_error as disk_full_error
+from ..files.atomic import is_disk_full as is_disk_full
+from .adapters import LoraWeights, check_lora_weights
 
 PREFIX = "diffusion_model."
 FORMAT = "klein_lab.lora.v1"
 _SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".alpha")
-
-
-_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
-
-
-class DiskFullError(OSError):
-    """A write failed because the disk (or the user's quota) is full; the message names the file and the fix.
-    Whatever the file held before is unchanged (atomic writes never replace a file with a partial one)."""
-
-    def __init__(self, message: str, path: Path) -> None:
-        super().__init__(errno.ENOSPC, message)
-        self.path = path
-
-    def __str__(self) -> str:
-        return self.strerror
-
-
-def is_disk_full(err: BaseException) -> bool:
-    return isinstance(err, OSError) and err.errno in _DISK_FULL
-
-
-def disk_full_error(path: Path, size: int, err: OSError) -> DiskFullError:
-    """The DiskFullError for a failed write of `size` bytes to `path` (free space measured now)."""
-    try:
-        free = f"{shutil.disk_usage(path.parent).free / 2**20:.1f} MiB free"
-    except OSError:
-        free = "free space unknown"
-    return DiskFullError(
-        f"could not write {path}: the disk is full ({free}, {size / 2**20:.1f} MiB needed; {err.strerror}). "
-        f"{path.name} was not changed and no partial file was left. Fix: free disk space on the drive of "
-        f"{path.parent} (e.g. delete old checkpoints or runs), then resume.",
-        path,
-    )
-
-
-def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
-    """Write `data` to `path` so that readers see the old file or the whole new one, never a torn one:
-    a temporary file in the same folder, fsync, os.replace, then fsync of the folder (the rename itself).
-    A full disk raises DiskFullError (naming the file); the temporary file is removed whatever happens."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as err:
-        raise (disk_full_error(path, len(data), err) if is_disk_full(err) else err) from err
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
-        if is_disk_full(err):
-            raise disk_full_error(path, len(data), err) from err
-        raise
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    if hasattr(os, "O_DIRECTORY"):  # POSIX: make the rename durable; Windows has no directory fsync
-        dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
 
 
 def unreadable_message(path: Path, err: Exception) -> str:
@@ -180,4 +116,5 @@ def load_lora(path: str | os.PathLike[str]) -> tuple[dict[str, LoraWeights], dic
         # No alpha means scale 1 in ComfyUI (alpha = rank).
         alpha = float(parts[".alpha"].item()) if ".alpha" in parts else float(down.shape[0])
         weights[name] = LoraWeights(down, up, alpha)
+    check_lora_weights(weights, path.name)  # rank 0, absurd alpha/weights: refused by file and module
     return weights, metadata

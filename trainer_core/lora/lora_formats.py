@@ -33,8 +33,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..errors import pack_error
 from ..model.klein import LATENT_CHANNELS, TIME_EMBED_DIM, KleinShape
-from .adapters import LoraWeights
+from .adapters import LoraWeights, check_lora_weights
 
 # Hidden size -> the Klein it belongs to (for messages).
 KLEIN_SIZE_BY_HIDDEN = {3072: "4B", 4096: "9B"}
@@ -54,6 +55,7 @@ GLOBAL_MODULES = (
 )
 
 
+@pack_error
 class LoraFormatError(ValueError):
     """The file is not a plain LoRA for this FLUX.2 [klein] model; the message names the mismatch and the fix."""
 
@@ -472,6 +474,8 @@ def read_lora(state_dict: Mapping[str, Tensor], shape: KleinShape) -> LoraRead:
                 f"LoRA module '{module_key}': down {tuple(down.shape)} and up {tuple(up.shape)} are not a plain "
                 "linear LoRA pair ([rank, in] and [out, rank])."
             )
+        if down.shape[0] == 0:
+            raise LoraFormatError(f"LoRA module '{module_key}' has rank 0 (an empty LoRA pair): the file is broken.")
         alpha = float(tensors["alpha"].item()) if "alpha" in tensors else float(down.shape[0])
         parts.append(_Part(module_key, target, down, up, alpha))
         styles.add(style)
@@ -532,9 +536,14 @@ def read_lora_file(path: str | Path, shape: KleinShape, device: torch.device | s
             "broken (its training diverged). Fix: use an earlier checkpoint or another file."
         )
     try:
-        return read_lora(state_dict, shape)
+        read = read_lora(state_dict, shape)
     except LoraFormatError as err:
         raise LoraFormatError(f"{Path(path).name}: {err}") from err
+    try:
+        check_lora_weights(read.weights, Path(path).name)
+    except ValueError as err:
+        raise LoraFormatError(str(err)) from err
+    return read
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -14,10 +14,12 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
+from ..errors import check_number, shown
 from .klein import KleinShape
 from .variants import GROUPS, block_groups, block_names
 
 PRESETS = ("all", *GROUPS, "custom")
+STRENGTH_LIMIT = 100.0  # |block or group strength|: the widgets use -4..4; NaN, inf or 1e308 are refused
 _BLOCK = re.compile(r"^((?:double|single)_blocks\.\d+)\.")
 
 
@@ -35,10 +37,25 @@ def parse_block_vector(text: str) -> list[float] | None:
     values = []
     for i, item in enumerate(items):
         try:
-            values.append(float(item))
+            value = float(item)
         except ValueError:
-            raise ValueError(f"block vector item {i + 1} is '{item}', not a number (write e.g. '1, 0.5, 0').") from None
+            raise ValueError(
+                f"block vector item {i + 1} is {shown(item)}, not a number (write e.g. '1, 0.5, 0')."
+            ) from None
+        values.append(check_strength(value, f"block vector item {i + 1}"))
     return values
+
+
+def check_strength(value: object, what: str) -> float:
+    """A block or group strength: finite and within ±STRENGTH_LIMIT (NaN, inf or 1e308 would make the model's
+    output non-finite with no word)."""
+    return check_number(
+        value,
+        what,
+        -STRENGTH_LIMIT,
+        STRENGTH_LIMIT,
+        f"use a strength between {-STRENGTH_LIMIT:g} and {STRENGTH_LIMIT:g}",
+    )
 
 
 def check_block_vector(vector: Sequence[float], shape: KleinShape) -> None:
@@ -68,7 +85,8 @@ def block_strengths(
         if block_vector is None:
             raise ValueError("block preset 'custom' needs a per-block vector (one value per block).")
         check_block_vector(block_vector, shape)
-        return dict(zip(block_names(shape), (float(v) for v in block_vector), strict=True))
+        values = (check_strength(v, f"block vector item {i + 1}") for i, v in enumerate(block_vector))
+        return dict(zip(block_names(shape), values, strict=True))
     if block_vector is not None:
         raise ValueError(
             f"a per-block vector is set but the block preset is '{preset}': choose 'custom' to use the vector, "
@@ -80,7 +98,7 @@ def block_strengths(
     strengths = {}
     for group, blocks in block_groups(shape).items():
         on = preset == "all" or preset == group
-        value = float((group_strengths or {}).get(group, 1.0)) if on else 0.0
+        value = check_strength((group_strengths or {}).get(group, 1.0), f"{group}_strength") if on else 0.0
         strengths.update(dict.fromkeys(blocks, value))
     return strengths
 
@@ -95,11 +113,12 @@ def module_strengths(
 ) -> dict[str, float]:
     """Per-module multipliers for a LoRA's modules (AdapterStack.set_lora(module_strength=...))."""
     blocks = block_strengths(shape, preset, group_strengths, block_vector)
+    global_strength = check_strength(global_strength, "global_strength")  # checked even when no module uses it
     out = {}
     for name in module_names:
         block = block_of(name)
         if block is None:
-            out[name] = float(global_strength)
+            out[name] = global_strength
         elif block in blocks:
             out[name] = blocks[block]
         else:

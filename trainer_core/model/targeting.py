@@ -13,7 +13,8 @@ Spec forms (module names are relative to the diffusion model, e.g. `double_block
   comma-separated (`binding,identity`); a bare selection trains its attention layers.
 * explicit blocks: `blocks:double.0,double.3,single.5-9` (ranges inclusive).
 * a layer set on a block selection: `all_linear@texture`, `attention@blocks:single.0-3`.
-* `regex:<pattern>`: every Linear whose full name matches the pattern (re.fullmatch), anywhere in the model.
+* `regex:<pattern>`: every Linear whose full name matches the pattern (fullmatch), anywhere in the model. The
+  pattern runs on RE2 (user_regex.py: linear time, so a hostile pattern cannot stall the server).
 
 Only `torch.nn.Linear` modules (ComfyUI's ops Linear subclasses it) with a 2-D weight are targets.
 """
@@ -25,7 +26,9 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from ..errors import shown
 from .klein import read_shape
+from .user_regex import compile_user_regex
 from .variants import GROUPS, block_groups
 
 LAYER_SETS = ("attention", "all_linear")
@@ -58,11 +61,11 @@ def _parse_blocks(text: str) -> tuple[tuple[str, int, int], ...]:
     for part in text.split(","):
         m = _BLOCK_RE.match(part.strip())
         if m is None:
-            raise ValueError(f"block '{part.strip()}' is not like 'double.0' or 'single.5-9'")
+            raise ValueError(f"block {shown(part.strip())} is not like 'double.0' or 'single.5-9'")
         first = int(m.group(2))
         last = int(m.group(3)) if m.group(3) is not None else first
         if last < first:
-            raise ValueError(f"block range '{part.strip()}' runs backwards")
+            raise ValueError(f"block range {shown(part.strip())} runs backwards")
         out.append((m.group(1), first, last))
     return tuple(out)
 
@@ -72,12 +75,9 @@ def parse_spec(spec: str) -> TargetSpec:
     spec = spec.strip()
     if spec.startswith("regex:"):
         pattern = spec[len("regex:") :]
-        try:
-            re.compile(pattern)
-        except re.error as err:
-            raise ValueError(f"the regex {pattern!r} does not compile: {err}") from err
         if not pattern:
             raise ValueError("the regex is empty")
+        compile_user_regex(pattern, "the regex")  # linear-time engine; refuses what it cannot bound
         return TargetSpec(regex=pattern)
     layer_set, _, selection = spec.partition("@") if "@" in spec else ("", "", spec)
     if not layer_set:
@@ -85,14 +85,14 @@ def parse_spec(spec: str) -> TargetSpec:
             return TargetSpec(layer_set=spec)
         layer_set = "attention"
     if layer_set not in LAYER_SETS:
-        raise ValueError(f"layer set {layer_set!r} is unknown; {_syntax_help()}")
+        raise ValueError(f"layer set {shown(layer_set)} is unknown; {_syntax_help()}")
     selection = selection.strip()
     if selection.startswith("blocks:"):
         return TargetSpec(layer_set=layer_set, blocks=_parse_blocks(selection[len("blocks:") :]))
     groups = tuple(g.strip() for g in selection.split(",") if g.strip())
     unknown = [g for g in groups if g not in GROUPS]
     if unknown or not groups:
-        raise ValueError(f"{unknown or selection!r} is not a block group; {_syntax_help()}")
+        raise ValueError(f"{shown(unknown or selection)} is not a block group; {_syntax_help()}")
     return TargetSpec(layer_set=layer_set, groups=groups)
 
 
@@ -154,10 +154,10 @@ def resolve_targets(model: nn.Module, spec: str) -> dict[str, tuple[int, int]]:
     try:
         parsed = parse_spec(spec)
     except ValueError as err:
-        raise ValueError(f"targets={spec!r}: {err}.") from err
+        raise ValueError(f"targets={shown(spec)}: {err}.") from err
     linears = linear_modules(model)
     if parsed.regex is not None:
-        pattern = re.compile(parsed.regex)
+        pattern = compile_user_regex(parsed.regex, "the regex")
         chosen = [n for n in linears if pattern.fullmatch(n)]
     else:
         blocks = _selected_blocks(model, parsed)
@@ -165,5 +165,5 @@ def resolve_targets(model: nn.Module, spec: str) -> dict[str, tuple[int, int]]:
         order = {n: i for i, n in enumerate(linears)}
         chosen = sorted(set(chosen), key=order.__getitem__)
     if not chosen:
-        raise ValueError(f"targets={spec!r} matches no Linear module of this model. {_describe(model, linears)}")
+        raise ValueError(f"targets={shown(spec)} matches no Linear module of this model. {_describe(model, linears)}")
     return {n: (linears[n].in_features, linears[n].out_features) for n in chosen}

@@ -22,11 +22,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save
 
-from ..files.safe_paths import child_path
-from ..lora.lora_file import atomic_write_bytes, disk_full_error, is_disk_full
+from ..errors import pack_error, shown
+from ..files.atomic import atomic_write_bytes, disk_full_error, is_disk_full
+from ..files.safe_paths import child_path, confined_file
 from ..training.settings import TrainSettings
 
 RUN_FORMAT = "klein_lab.run.v1"
@@ -51,6 +52,12 @@ def _cut_torn_tail(path: Path) -> None:
                 return
             end = start
         f.truncate(0)
+
+
+@pack_error
+class RunFolderError(ValueError):
+    """A run folder whose files cannot be used as they are (damaged run.json, metrics or resume state, or
+    checkpoints without run.json); the message names the file and the fix."""
 
 
 def checkpoint_step(path: str | os.PathLike[str]) -> int:
@@ -83,6 +90,16 @@ class RunFolder:
                 "or choose a new folder."
             )
         run = cls(path, settings, dict(meta))
+        if run.checkpoints_dir.is_dir() and any(
+            _CKPT_RE.match(p.name) or p.name.endswith(".state") for p in run.checkpoints_dir.iterdir()
+        ):
+            # Writing a new run.json here would pair new settings with old checkpoints: a later resume then fails
+            # on their shapes and neither the old nor the new settings resume any more.
+            raise RunFolderError(
+                f"{path} has checkpoints but no run.json (it was deleted or lost), so its settings are unknown and "
+                "nothing was written. Fix: restore run.json from a backup to resume it, or give a new run name "
+                f"(the checkpoints in {run.checkpoints_dir} still load as LoRAs)."
+            )
         run.checkpoints_dir.mkdir(parents=True, exist_ok=True)
         run.samples_dir.mkdir(parents=True, exist_ok=True)
         run._write_run_json()
@@ -96,10 +113,26 @@ class RunFolder:
         cls(path, TrainSettings(), {})._check_layout()
         if not run_json.is_file():
             raise FileNotFoundError(f"{path} is not a run folder: it has no run.json (start it with create).")
-        data = json.loads(run_json.read_text())
+        fix = (
+            "Fix: restore run.json from a backup to resume this run, or give a new run name (its checkpoints "
+            "still load as LoRAs)."
+        )
+        try:
+            data = json.loads(run_json.read_bytes().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise RunFolderError(f"{run_json} is damaged: it is not JSON ({shown(str(err))}). {fix}") from err
+        if not isinstance(data, dict) or not isinstance(data.get("settings"), dict):
+            raise RunFolderError(f"{run_json} is damaged: it has no 'settings' object. {fix}")
         if data.get("format") != RUN_FORMAT:
-            raise ValueError(f"{run_json}: format {data.get('format')!r} is not {RUN_FORMAT!r}.")
-        return cls(path, TrainSettings.from_json(data["settings"]), dict(data.get("meta", {})))
+            raise RunFolderError(f"{run_json}: format {shown(data.get('format'))} is not {RUN_FORMAT!r}. {fix}")
+        meta = data.get("meta", {})
+        if not isinstance(meta, dict):
+            raise RunFolderError(f"{run_json} is damaged: 'meta' is not an object. {fix}")
+        try:
+            settings = TrainSettings.from_json(data["settings"])
+        except (TypeError, ValueError) as err:
+            raise RunFolderError(f"{run_json} holds settings this run cannot use: {err} {fix}") from err
+        return cls(path, settings, dict(meta))
 
     def _check_layout(self) -> None:
         """Refuse a run folder whose files or subfolders are symlinks leading out of it: every write of the run
@@ -147,6 +180,8 @@ class RunFolder:
         if not self.checkpoints_dir.is_dir():
             return []
         found = [p for p in self.checkpoints_dir.iterdir() if _CKPT_RE.match(p.name)]
+        for path in found:  # a checkpoint linked in from outside the run is refused, never loaded
+            confined_file(path, [self.path], f"checkpoint of run {self.path.name}")
         return sorted(found, key=checkpoint_step)
 
     def latest_checkpoint(self) -> Path | None:
@@ -170,13 +205,31 @@ class RunFolder:
         return path
 
     def load_state(self, step: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """The resume state of `step`; RunFolderError naming the file when it is truncated or damaged."""
         path = self.state_path(step)
         if not path.is_file():
             raise FileNotFoundError(f"{path} is missing: checkpoint {step} cannot be resumed exactly.")
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            info = json.loads((f.metadata() or {})["klein_lab.state"])
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        confined_file(path, [self.path], f"resume state of run {self.path.name}")
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                info = json.loads((f.metadata() or {})["klein_lab.state"])
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except (SafetensorError, json.JSONDecodeError, KeyError, TypeError) as err:
+            why = f"no '{err.args[0]}' entry" if isinstance(err, KeyError) else shown(str(err))
+            raise RunFolderError(f"{path.name} is truncated or damaged ({why}).") from err
+        if not isinstance(info, dict) or not isinstance(info.get("param_groups"), list):
+            raise RunFolderError(f"{path.name} is damaged (its description has no optimizer settings).")
         return tensors, info
+
+    def check_checkpoint(self, step: int) -> None:
+        """RunFolderError unless the LoRA file of `step` opens as safetensors (a hand-damaged or cut file)."""
+        path = self.checkpoint_path(step)
+        try:
+            with safe_open(str(path), framework="pt", device="cpu") as f:
+                if not list(f.keys()):
+                    raise RunFolderError(f"{path.name} holds no tensors.")
+        except (SafetensorError, OSError) as err:
+            raise RunFolderError(f"{path.name} is truncated or damaged ({shown(str(err))}).") from err
 
     # -- metrics ------------------------------------------------------------------------------------------
 
@@ -202,17 +255,27 @@ class RunFolder:
         """All records. A torn last line (a crash during a write) is ignored; a bad line elsewhere is an error."""
         if not self.metrics_path.is_file():
             return []
-        lines = self.metrics_path.read_text().splitlines()
+        lines = self.metrics_path.read_bytes().decode("utf-8", "replace").splitlines()
         records = []
         for n, line in enumerate(lines):
             if not line.strip():
                 continue
             try:
-                records.append(json.loads(line))
+                record = json.loads(line)
             except json.JSONDecodeError as err:
                 if n == len(lines) - 1:
                     break
-                raise ValueError(f"{self.metrics_path}: line {n + 1} is not JSON ({err}).") from err
+                raise RunFolderError(
+                    f"{self.metrics_path}: line {n + 1} is damaged (not JSON: {shown(str(err))}). Fix: delete that "
+                    "line in a text editor (the loss curve loses one point), then queue again."
+                ) from err
+            step = record.get("step") if isinstance(record, dict) else None
+            if isinstance(step, bool) or not isinstance(step, int):
+                raise RunFolderError(
+                    f"{self.metrics_path}: line {n + 1} is damaged (no integer 'step'). Fix: delete that line in a "
+                    "text editor (the loss curve loses one point), then queue again."
+                )
+            records.append(record)
         return records
 
     def discard_partial_writes(self) -> list[Path]:
@@ -229,6 +292,6 @@ class RunFolder:
 
     def truncate_metrics(self, step: int) -> None:
         """Keep only records up to `step` (resume from that checkpoint), rewriting the file atomically."""
-        kept = [r for r in self.read_metrics() if int(r.get("step", 0)) <= step]
+        kept = [r for r in self.read_metrics() if r["step"] <= step]
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)
         atomic_write_bytes(self.metrics_path, text.encode())

@@ -31,8 +31,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..files.atomic import atomic_write_bytes
 from ..files.safe_paths import MAX_NAME_BYTES, child_path, safe_name
-from ..lora.lora_file import atomic_write_bytes
 from ..training.settings import PRESETS, SettingsError, TrainSettings, field_names
 from .runfolder import RunFolder, checkpoint_step
 

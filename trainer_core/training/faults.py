@@ -10,12 +10,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 from pathlib import Path
 
+from ..errors import pack_error
 from .data import TrainItem
 from .settings import TrainSettings
 
 LATENT_PIXELS = 16  # one latent cell is 16×16 pixels
 
 
+@pack_error
 class TrainingOutOfMemoryError(RuntimeError):
     """The device ran out of memory during training; the message lists the settings that need less of it."""
 

@@ -13,9 +13,12 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..errors import check_number
 from ..model.klein import AdapterDeltas, klein_forward
 from .data import pad_context
 from .objective import compute_empirical_mu, flux_time_shift
+
+CFG_MIN, CFG_MAX = 0.0, 100.0  # real CFG of Klein Base is ~4; the widgets allow up to 30
 
 
 def flux2_sigmas(steps: int, image_seq_len: int) -> Tensor:
@@ -48,6 +51,7 @@ def sample(
     refs: Sequence[Tensor] | None = None,
 ) -> Tensor:
     """Euler sampling from `noise` [b, 128, h, w] along `sigmas` (e.g. flux2_sigmas); returns the latent."""
+    check_number(cfg, "cfg", CFG_MIN, CFG_MAX)  # NaN would give black images with no word
     b = noise.shape[0]
     ctx = _batched_context(context, b).to(noise)
     neg = None if negative_context is None else _batched_context(negative_context, b).to(noise)

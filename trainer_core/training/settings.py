@@ -13,6 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from ..errors import pack_error, shown
+
 OPTIMIZERS = ("adamw", "adamw8bit")
 LR_SCHEDULES = ("constant", "cosine")
 MIXED_PRECISION = ("bf16", "fp32")
@@ -21,12 +23,13 @@ SAVE_DTYPES = ("bf16", "fp16", "fp32")
 COMPILE_BLOCKS = ("auto", "on", "off")
 
 
+@pack_error
 class SettingsError(ValueError):
     """An invalid training setting; the message names the field, the value, the allowed range and the fix."""
 
 
 def _fail(field: str, value: object, allowed: str, fix: str) -> SettingsError:
-    return SettingsError(f"{field}={value!r} is not allowed: {field} must be {allowed}. Fix: {fix}")
+    return SettingsError(f"{field}={shown(value)} is not allowed: {field} must be {allowed}. Fix: {fix}")
 
 
 @dataclass(frozen=True)
@@ -94,7 +97,7 @@ class TrainSettings:
         try:
             parse_spec(self.targets)
         except ValueError as err:
-            raise SettingsError(f"targets={self.targets!r} is not a valid target spec: {err}") from err
+            raise SettingsError(f"targets={shown(self.targets)} is not a valid target spec: {err}") from err
         self._check_choice("mixed_precision", MIXED_PRECISION)
         if not isinstance(self.gradient_checkpointing, bool):
             raise _fail("gradient_checkpointing", self.gradient_checkpointing, "True or False", "pass a bool")

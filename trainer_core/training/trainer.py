@@ -20,12 +20,14 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..errors import pack_error, shown
+from ..files.atomic import DiskFullError
 from ..lora.adapters import LoraTrainable
-from ..lora.lora_file import DiskFullError, save_lora
+from ..lora.lora_file import save_lora
 from ..model.klein import klein_forward, read_shape
 from ..model.targeting import resolve_targets
 from ..model.variants import detect_variant
-from ..runs.runfolder import RunFolder, checkpoint_step
+from ..runs.runfolder import RunFolder, RunFolderError, checkpoint_step
 from .data import BatchOrder, TrainItem, collate, derive_seed, holdout_split, train_items_hash
 from .faults import TrainingOutOfMemoryError, out_of_memory_message
 from .objective import add_noise, flow_loss, sample_sigmas, shifted_sigmas, velocity_target
@@ -78,8 +80,10 @@ class TrainResult:
     last_checkpoint: Path | None
     lora: LoraTrainable
     final_loss: float
+    notes: tuple[str, ...] = ()  # what resume had to say: fallback to an earlier checkpoint, gaps, nothing to resume
 
 
+@pack_error
 class NonFiniteLossError(RuntimeError):
     """The loss or the gradients became NaN/Inf; nothing was written for the bad step."""
 
@@ -194,6 +198,7 @@ class _Run:
         self.last_saved_step = -1
         self.saving = False  # True while a checkpoint is written: an error there must not trigger another save
         self.last_loss = float("nan")
+        self.notes: list[str] = []  # what resume had to say (fallbacks, gaps, nothing to resume)
         self.variant = detect_variant(read_shape(model)).name
         self.dataset_hash = train_items_hash(items)
 
@@ -354,25 +359,80 @@ class _Run:
         return path
 
     def resume(self) -> int:
-        """Load the latest resumable checkpoint; returns its step (0 when the run has none)."""
-        self.run.discard_partial_writes()  # temporary files of writes a crash cut short
-        path = self.run.latest_resumable()
-        if path is None:
-            self.run.truncate_metrics(0)  # records of a run that died before its first checkpoint
-            return 0
-        step = checkpoint_step(path)
-        tensors, info = self.run.load_state(step)
+        """Load the latest checkpoint whose state and LoRA file are whole; returns its step (0 when there is none).
+
+        Nothing is written before a checkpoint has been validated: its state must open, describe this run's
+        LoRA (names and shapes) and optimizer, and its LoRA file must open. A damaged latest checkpoint falls back
+        to the previous good one, and `notes` says which; when none is good, RunFolderError lists why.
+        """
+        problems: list[str] = []
+        for path in reversed(self.run.checkpoints()):
+            step = checkpoint_step(path)
+            if not self.run.state_path(step).is_file():
+                continue  # a kill between the state and the LoRA file leaves only older checkpoints resumable
+            try:
+                tensors, info = self._validated_state(step)
+            except RunFolderError as err:
+                problems.append(str(err))
+                continue
+            try:
+                _load_state(self.lora, self.opt, tensors, info)
+            except (KeyError, ValueError, TypeError, RuntimeError) as err:  # a description edited by hand
+                problems.append(f"{self.run.state_path(step).name} does not load ({shown(str(err))}).")
+                continue  # the next state loaded replaces the LoRA and optimizer state completely
+            self.run.discard_partial_writes()  # temporary files of writes a crash cut short
+            self.run.truncate_metrics(step)
+            if problems:
+                self.notes.append(f"resumed from step {step}, the latest good checkpoint: {' '.join(problems)}")
+            self.last_checkpoint, self.last_saved_step = path, step
+            records = self.run.read_metrics()
+            earlier = [r["loss"] for r in records if r["step"] == step and "loss" in r]
+            self.last_loss = float(earlier[-1]) if earlier else float("nan")
+            missing = sorted(set(range(1, step + 1)) - {r["step"] for r in records})
+            if missing:
+                self.notes.append(
+                    f"metrics.jsonl has no record of {len(missing)} step(s) before step {step} "
+                    f"(first {missing[0]}, last {missing[-1]}): the loss curve has a gap there."
+                )
+            return step
+        if problems:
+            raise RunFolderError(
+                f"cannot resume {self.run.path}: no checkpoint is whole. {' '.join(problems)} Fix: start a new run "
+                "(give a new run name), or turn resume off after removing this run's folder."
+            )
+        self.run.discard_partial_writes()
+        self.run.truncate_metrics(0)  # records of a run that died before its first checkpoint
+        self.notes.append(
+            f"nothing to resume: run {self.run.path.name} has no checkpoint with its resume state yet, so it "
+            "started from step 0."
+        )
+        return 0
+
+    def _validated_state(self, step: int) -> tuple[dict[str, Tensor], dict[str, Any]]:
+        """The state of `step`, checked against this run's LoRA and optimizer before anything is loaded."""
+        tensors, info = self.run.load_state(step)  # RunFolderError when truncated or damaged
+        name = self.run.state_path(step).name
         if info.get("dataset_hash") != self.dataset_hash:
             raise ValueError(
                 f"cannot resume {self.run.path}: the dataset differs from the one this run was trained on "
                 "(dataset hash changed). Fix: resume with the same images and captions, or start a new run."
             )
-        _load_state(self.lora, self.opt, tensors, info)
-        self.run.truncate_metrics(step)
-        self.last_checkpoint, self.last_saved_step = path, step
-        earlier = [r["loss"] for r in self.run.read_metrics() if r.get("step") == step and "loss" in r]
-        self.last_loss = float(earlier[-1]) if earlier else float("nan")
-        return step
+        expected = {f"lora.{k}": tuple(v.shape) for k, v in self.lora.state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in tensors.items() if k.startswith("lora.")}
+        if found != expected:
+            differ = sorted(k for k in expected.keys() | found.keys() if expected.get(k) != found.get(k))
+            raise RunFolderError(
+                f"{name} does not match run.json's LoRA (rank {self.s.rank}, targets {self.s.targets!r}): "
+                f"{len(differ)} tensor(s) differ, e.g. {differ[0]} {found.get(differ[0])} vs {expected.get(differ[0])}."
+            )
+        groups = info.get("param_groups")
+        if len(groups) != len(self.opt.param_groups) or not isinstance(info.get("scalars"), dict):
+            raise RunFolderError(f"{name} holds optimizer state of another shape.")
+        for key, tensor in tensors.items():
+            if not torch.isfinite(tensor).all():
+                raise RunFolderError(f"{name}: tensor {key!r} holds NaN/Inf.")
+        self.run.check_checkpoint(step)
+        return tensors, info
 
 
 def _check_resume_settings(run: RunFolder, settings: TrainSettings) -> None:
@@ -406,8 +466,6 @@ def train(
     device = torch.device(device)
     if resume:
         _check_resume_settings(run, settings)
-        if run.settings != settings:
-            run.update(settings=settings)
     elif run.checkpoints():
         raise ValueError(f"{run.path} already has checkpoints: pass resume=True to continue it, or use a new folder.")
     # ComfyUI runs nodes under inference_mode: LoRA parameters and every tensor of the loop must be created
@@ -415,6 +473,8 @@ def train(
     with torch.inference_mode(False), torch.enable_grad(), _frozen_base(model):
         state = _Run(model, items, settings, run, cb, empty_context, device)
         step = state.resume() if resume else 0
+        if resume and run.settings != settings:  # written only once the checkpoint has been validated
+            run.update(settings=settings)
         if state.held_out:
             run.update(held_out=[item.name for item in state.held_out])
         stopped = False
@@ -468,4 +528,4 @@ def train(
         if step > state.last_saved_step and step > 0:
             state.save_checkpoint(step)
     run.update(status="stopped" if stopped else "finished", last_step=step)
-    return TrainResult(step, stopped, state.last_checkpoint, state.lora, state.last_loss)
+    return TrainResult(step, stopped, state.last_checkpoint, state.lora, state.last_loss, tuple(state.notes))
