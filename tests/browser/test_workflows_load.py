@@ -9,14 +9,13 @@ workflow (tests/comfy/test_workflows_run.py) a run of what users queue.
 
 The standard Klein file names the workflows use (models, text encoder, VAE, LoRAs, input images) get listing
 stand-ins in the test server's folders while the page loads, so the screenshots show the workflows as a user
-with the models sees them; they are removed afterwards. Screenshots: test-artifacts/browser/workflow-*.png;
-with KLEIN_LAB_UPDATE_DOCS_IMAGES=1 the classic ones are also saved (128 colours) to docs/images/ for the guide.
+with the models sees them; they are removed afterwards. Screenshots: test-artifacts/browser/workflow-*.png (the
+guide's images of the workflows come from tests/browser/test_templates.py, opened as an artist opens them).
 """
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +27,6 @@ from PIL import Image
 
 WORKFLOWS = sorted((PACK_ROOT / "workflows").glob("*.json"))
 MODES = ("classic", "vue")
-DOCS_IMAGES = PACK_ROOT / "docs" / "images"
 # Which models folder a stock loader's file lives in; any other missing .safetensors choice is a LoRA.
 STOCK_FOLDERS = {
     ("UNETLoader", "unet_name"): "diffusion_models",
@@ -83,12 +81,6 @@ def loaded(comfy_server, tiny_model_file) -> dict[str, Any]:
     finally:
         for path in made:
             path.unlink()
-    if os.environ.get("KLEIN_LAB_UPDATE_DOCS_IMAGES") == "1":
-        DOCS_IMAGES.mkdir(parents=True, exist_ok=True)
-        for name, report in result["modes"]["classic"].items():
-            # 128 colours: the canvas has few, and the guide's images stay small in the repository.
-            with Image.open(report["screenshot"]) as shot:
-                shot.convert("RGB").quantize(128).save(DOCS_IMAGES / f"{name}.png", optimize=True)
     return result
 
 

@@ -300,7 +300,9 @@ def test_cancel_keeps_a_resumable_run_and_resume_finishes_it_exactly(comfy_serve
 SOCKET_TYPES = {"MODEL", "CLIP", "VAE", "CONDITIONING", "IMAGE", "KLEIN_DATASET", "KLEIN_ENCODED_DATASET", "*"}
 
 
-@pytest.mark.parametrize("name", ["klein_lab_train_style_lora.json", "klein_lab_train_edit_lora.json"])
+@pytest.mark.parametrize(
+    "name", ["Klein 1 - Train a style LoRA.json", "Klein 8 - Train an edit LoRA from image pairs.json"]
+)
 def test_example_workflow_matches_the_nodes(comfy_server, name):
     """Each shipped training workflow uses nodes this ComfyUI knows, with inputs in the server's order, one widget
     value per widget input, and links whose slots carry the declared types (what the frontend needs to load it)."""

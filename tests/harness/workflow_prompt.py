@@ -342,6 +342,8 @@ def swap_for_tiny(
                 tint = 40 if PAIR_INPUTS[name] == "target" else 0
                 out.albums.append(make_album(_album_path(input_dir, value), label=PAIR_INPUTS[name], tint=tint))
             elif options.get("image_upload") and isinstance(value, str):
+                # An empty choice is one the artist makes on open (no invented file name): make one up here.
+                value = inputs[name] = value or f"reference_{node_id}.png"
                 path = input_dir / value
                 path.parent.mkdir(parents=True, exist_ok=True)
                 Image.new("RGB", (SIZE, SIZE), (30, 120, 200)).save(path)
