@@ -69,3 +69,22 @@ def restyle(state_dict: dict[str, Tensor], model: nn.Module, style: str) -> dict
         prefix = f"diffusion_model.{name}" if style == "ai-toolkit" else "lora_unet_" + name.replace(".", "_")
         out[f"{prefix}.{suffix}"] = value
     return out
+
+
+def effective_weights(wrapped: nn.Module, names: list[str]) -> dict[str, Tensor]:
+    """The weight each wrapped Linear acts with, read through its own (the tool's) forward: W = f(I)ᵀ.
+
+    Klein's Linears have no bias, so feeding the identity returns exactly the weight the tool applies."""
+    out = {}
+    with torch.no_grad():
+        for name in names:
+            module = wrapped.get_submodule(name)
+            eye = torch.eye(module.in_features, dtype=module.weight.dtype)
+            out[name] = module(eye).t().contiguous()
+    return out
+
+
+def lycoris_module_names(state_dict: dict[str, Tensor], model: nn.Module) -> list[str]:
+    """Dotted names of the modules a `lycoris_*` file adapts."""
+    dotted = {name.replace(".", "_"): name for name, _ in model.named_modules() if name}
+    return sorted({dotted[k.removeprefix("lycoris_").partition(".")[0]] for k in state_dict})
