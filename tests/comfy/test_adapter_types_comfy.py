@@ -148,3 +148,28 @@ def test_lokr_key_rules_equal_core_with_strength_and_blocks(env, style: str) -> 
     want = predict(core_merged(env["model"], only_texture, 0.6), ctx)
     assert (want - predict(env["model"], ctx)).abs().max() > 2e-4
     assert (got - want).abs().max() < 1e-4
+
+
+def test_peft_header_file_equals_core_at_the_header_scale(env) -> None:
+    """A diffusers + PEFT file with r 4, lora_alpha 8 only in its header: our loader at strength 1 equals core's
+    LoraLoader at strength 2 (core reads no header and applies alpha = rank, half of what diffusers applies)."""
+    pytest.importorskip("diffusers", reason="diffusers makes the PEFT file (pip install -r tests/requirements.txt)")
+    from harness.diffusers_files import peft_lora_file, tiny_transformer
+    from safetensors.torch import load_file
+
+    s = env["shape"]
+    path = env["loras"] / "peft_header.safetensors"
+    peft_lora_file(tiny_transformer(s.hidden, s.double_blocks, s.single_blocks, s.context_dim), path, r=4, lora_alpha=8)
+    ctx = s.context_dim
+    out = loader(env["model"], path.name, 1.0)
+    assert "lora_alpha 8" in out.ui["text"][0]
+    got = predict(out.result[0], ctx)
+    sd = load_file(str(path))
+    want = predict(core_merged(env["model"], sd, 2.0), ctx)
+    half = predict(core_merged(env["model"], sd, 1.0), ctx)
+    print(
+        f"\n[PEFT header] |ours - core x2| {(got - want).abs().max():.2e}, "
+        f"|ours - core x1| {(got - half).abs().max():.2e}"
+    )
+    assert (got - want).abs().max() < 1e-4
+    assert (got - half).abs().max() > 1e-3
