@@ -67,6 +67,7 @@ def export_specs(model, items: Sequence[StackItem]) -> list[LoraSpec]:
 
 def save_lora_as(model, request: ExportRequest) -> tuple[str, str]:
     """Bake, resize and write the file; returns (its name in ComfyUI's loras list, a report for the node)."""
+    path = output_path(request.filename_prefix)  # a bad name fails before any work
     specs = export_specs(model, request.items)
     if not specs:
         raise ValueError(
@@ -78,7 +79,6 @@ def save_lora_as(model, request: ExportRequest) -> tuple[str, str]:
     resized = to_lora(bake(sources, lambda name: diffusion_model.get_submodule(name).weight), request.rank)
     single = specs[0].lora.path if len(specs) == 1 else None
     source_meta = read_metadata(single) if single is not None else {}
-    path = output_path(request.filename_prefix)
     meta = export_metadata(
         variant=detect_variant(model_shape(model)).name,
         title=path.stem,

@@ -21,6 +21,7 @@ from harness.adapter_files import (
     lycoris_module_names,
     restyle,
 )
+from harness.predict import core_merged, predict
 
 pytest.importorskip("lycoris", reason="lycoris-lora makes the LyCORIS files (pip install -r tests/requirements.txt)")
 
@@ -42,26 +43,6 @@ def env(comfy_root, tiny_model_file, tmp_path_factory):
     folder_paths.add_model_folder_path("loras", str(loras))
     (model,) = nodes.UNETLoader().load_unet(tiny_model_file.name, "default")
     return {"model": model, "shape": read_shape(model.model.diffusion_model), "loras": loras, "tmp": loras}
-
-
-def predict(patcher, context_dim: int) -> torch.Tensor:
-    """The model's prediction as ComfyUI's sampler computes it (patcher loaded, its wrappers in effect)."""
-    import comfy.model_management
-    import comfy.patcher_extension
-
-    comfy.model_management.load_models_gpu([patcher])
-    gen = torch.Generator().manual_seed(7)
-    x, ctx = torch.randn(1, 128, 4, 4, generator=gen), torch.randn(1, 6, context_dim, generator=gen)
-    options = {"wrappers": comfy.patcher_extension.copy_nested_dicts(patcher.wrappers)}
-    with torch.no_grad():
-        return patcher.model.apply_model(x, torch.tensor([0.7]), c_crossattn=ctx, transformer_options=options).float()
-
-
-def core_merged(model, sd: dict, strength: float):
-    """Core's stock LoraLoader path (weights merged on load)."""
-    import comfy.sd
-
-    return comfy.sd.load_lora_for_models(model, None, sd, strength, 0.0)[0]
 
 
 def loader(model, name: str, strength: float, preset: str = "all", global_strength: float = 1.0):
