@@ -153,11 +153,11 @@ def main() -> None:
     import comfy.sd
     import comfy.utils
     import folder_paths
-    from harness.lora_writers import write_peft
     from klein_lora_lab.nodes.comfy import forward_loras as comfy_adapters
     from klein_lora_lab.nodes.comfy.forward_loras import forward_loras_of
     from klein_lora_lab.nodes.comfy.lora_cache import LORA_FILES
     from klein_lora_lab.nodes.loras.lora_loader_blocks import KleinLabLoraLoaderBlocks
+    from klein_lora_lab.trainer_core.lora.lora_formats import write_peft
     from klein_lora_lab.trainer_core.model.klein import read_shape
     from safetensors.torch import save_file
 

@@ -18,6 +18,7 @@ NODE_MODULES: tuple[str, ...] = (
     "loras.lora_loader_blocks",
     "loras.lora_stack",
     "loras.lora_mixer",
+    "loras.save_lora_as",
     "diagnose.dataset_lint",
     "diagnose.diagnose_run",
     "diagnose.sweet_spot",

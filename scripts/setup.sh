@@ -75,7 +75,7 @@ klein_setup_python() {
   fi
   KLEIN_PY="$venv/bin/python"
   local wanted
-  wanted="$(cat "$KLEIN_CONSTRAINTS" "$KLEIN_ROOT/requirements.txt"; echo "$KLEIN_RUFF $KLEIN_PYTEST")"
+  wanted="$(cat "$KLEIN_CONSTRAINTS" "$KLEIN_ROOT/requirements.txt" "$KLEIN_ROOT/tests/requirements.txt"; echo "$KLEIN_RUFF $KLEIN_PYTEST")"
   if [ -f "$venv/.klein-lab-python" ] && [ "$(cat "$venv/.klein-lab-python")" = "$wanted" ]; then
     klein_say "python packages up to date in $venv"
     return 0
@@ -83,9 +83,9 @@ klein_setup_python() {
   klein_say "installing $KLEIN_TORCH_PINS (first run downloads a few GB)"
   # shellcheck disable=SC2086  # the pins are separate words on purpose
   klein_pip $KLEIN_TORCH_PINS || return
-  klein_say "installing the pack's requirements, ruff, pytest"
+  klein_say "installing the pack's requirements, the tests' (diffusers, LyCORIS), ruff, pytest"
   # Pinned tools: another ruff release may format differently and fail `ruff format --check`.
-  klein_pip -r "$KLEIN_ROOT/requirements.txt" "$KLEIN_RUFF" "$KLEIN_PYTEST" || return
+  klein_pip -r "$KLEIN_ROOT/requirements.txt" -r "$KLEIN_ROOT/tests/requirements.txt" "$KLEIN_RUFF" "$KLEIN_PYTEST" || return
   echo "$wanted" >"$venv/.klein-lab-python"
 }
 

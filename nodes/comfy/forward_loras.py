@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ...trainer_core.lora.adapters import AdapterStack, add_lora
+from ...trainer_core.lora.adapters import AdapterStack, add_lora, merged_weight
 from ...trainer_core.model.block_weights import PRESETS, check_strength, module_strengths, parse_block_vector
 from ...trainer_core.model.klein import KleinShape, read_shape
 from .lora_cache import LORA_FILES, LoadedLora, load_lora_cached
@@ -104,7 +104,7 @@ class MergeCache:
         self.budget = budget_bytes
         self.tensors: dict[tuple[str, torch.device, torch.dtype], Tensor] = {}
 
-    def merged(self, name: str, module: nn.Module, lora: tuple[Tensor, Tensor, float]) -> Tensor | None:
+    def merged(self, name: str, module: nn.Module, lora: tuple[Tensor | None, Tensor, float]) -> Tensor | None:
         """W + s·U·D of `module` (cached), or None when it does not fit the budget."""
         weight: Tensor = module.weight
         key = (name, weight.device, weight.dtype)
@@ -114,9 +114,8 @@ class MergeCache:
         size = weight.numel() * weight.element_size()
         if size > self.budget:
             return None
-        down, up, scale = lora
         self.budget -= size
-        self.tensors[key] = torch.addmm(weight, up, down, alpha=scale).detach()
+        self.tensors[key] = merged_weight(weight, lora).detach()
         return self.tensors[key]
 
 
@@ -138,23 +137,25 @@ def _lora_forward(
     inner: Callable[..., Tensor],
     own: bool,
     name: str,
-    lora: tuple[Tensor, Tensor, float],
+    lora: tuple[Tensor | None, Tensor, float],
     cache: MergeCache | None,
     *args,
     **kwargs,
 ) -> Tensor:
     """A target Linear's forward during one diffusion-model call: its own output plus the stacked LoRAs.
 
-    lora = (down [r, in], up [out, r], scale); inner = the forward it had before (ComfyUI's, or another
-    extension's instance forward: `own` is False then and the output side is always used); cache = the merged
-    weights of the current sampling run (None outside a sampler run).
+    lora = (down [r, in], up [out, r], scale), or (None, ΔW [out, in], scale) for a dense delta (LoKr, LoHa,
+    DoRA, diff); inner = the forward it had before (ComfyUI's, or another extension's instance forward: `own` is
+    False then and the output side is always used); cache = the merged weights of the current sampling run (None
+    outside a sampler run).
     """
     down, up, scale = lora
     x = args[0]
     if own and not kwargs and len(args) == 1 and _plain_linear(module, x):
         merged = cache.merged(name, module, lora) if cache is not None else None
-        if merged is None and use_weight_side(x.numel() // x.shape[-1], down.shape[1]):
-            merged = torch.addmm(module.weight, up, down, alpha=scale)  # W + s·U·D for this call only
+        # a dense ΔW costs a full [out, in] pass either way: merging it (one add) beats a second matmul
+        if merged is None and (down is None or use_weight_side(x.numel() // x.shape[-1], x.shape[-1])):
+            merged = merged_weight(module.weight, lora)  # W + s·U·D for this call only
         if merged is not None:
             comfy.ops.run_every_op()  # what ComfyUI's Linear.forward does first (interruption checks)
             return F.linear(x, merged, module.bias)
@@ -167,7 +168,7 @@ class ForwardLoras:
 
     specs: tuple[LoraSpec, ...]
     _stacks: dict[tuple[torch.device, torch.dtype], AdapterStack] = field(default_factory=dict, repr=False)
-    _fused: dict[tuple[torch.device, torch.dtype], dict[str, tuple[Tensor, Tensor, float]]] = field(
+    _fused: dict[tuple[torch.device, torch.dtype], dict[str, tuple[Tensor | None, Tensor, float]]] = field(
         default_factory=dict, repr=False
     )
     _cache: MergeCache | None = field(default=None, repr=False)
@@ -180,15 +181,16 @@ class ForwardLoras:
         self._stacks.clear()
         self._fused.clear()
 
-    def stack(self, device: torch.device, dtype: torch.dtype) -> AdapterStack:
-        """The AdapterStack on (device, dtype), built once per wrapper (tensors come from the file cache)."""
+    def stack(self, device: torch.device, dtype: torch.dtype, model: nn.Module | None = None) -> AdapterStack:
+        """The AdapterStack on (device, dtype), built once per wrapper (tensors come from the file cache; DoRA
+        modules read `model`'s weights)."""
         key = (torch.device(device), dtype)
         if key not in self._stacks:
             stack = AdapterStack()
+            weight_of = None if model is None else (lambda name: model.get_submodule(name).weight)
             for i, spec in enumerate(self.specs):
-                stack.set_lora(
-                    f"{i}:{spec.label}", spec.lora.placed(device, dtype), spec.strength, spec.module_strength
-                )
+                placed = spec.lora.placed(device, dtype, weight_of)
+                stack.set_lora(f"{i}:{spec.label}", placed, spec.strength, spec.module_strength)
             self._stacks[key] = stack
             # per module all LoRAs as one (down, up, scale): one thin matmul pair per Linear, however many LoRAs
             self._fused[key] = {name: stack.fused(name) for name in stack.names()}
@@ -197,7 +199,7 @@ class ForwardLoras:
     def __call__(self, executor, *args, **kwargs):
         model: nn.Module = executor.class_obj
         x: Tensor = args[0]  # [b, 128, h, w] in the compute dtype (fp8 weights compute in bf16/fp32)
-        self.stack(x.device, x.dtype)
+        self.stack(x.device, x.dtype, model)
         if self._sampling and self._cache is None:  # first call of a sampler run: size the merge budget now
             self._cache = MergeCache(merge_budget(x.device))
         patched: list[tuple[nn.Module, Callable | None]] = []

@@ -21,9 +21,11 @@ from typing import Protocol
 
 import comfy.model_management as mm
 import torch
+from torch import Tensor
 
-from ...trainer_core.lora.adapters import LoraWeights
-from ...trainer_core.lora.lora_formats import LoraRead, read_lora_file
+from ...trainer_core.lora.adapter_math import DenseAdapter, place
+from ...trainer_core.lora.adapters import Adapter, DenseDelta, LoraWeights
+from ...trainer_core.lora.lora_formats import FileAdapter, LoraRead, read_lora_file
 from ...trainer_core.model.klein import KleinShape
 
 LOG = logging.getLogger("klein_lora_lab")
@@ -31,14 +33,22 @@ LOG = logging.getLogger("klein_lora_lab")
 LORA_CACHE_BYTES = 2 << 30
 
 
-def _nbytes(groups: list[dict[str, LoraWeights]]) -> int:
-    """Bytes of the tensors of several weight dicts, each storage once (a dtype copy in the dtype the file was
+def _tensors(adapter: FileAdapter | Adapter) -> list[Tensor]:
+    if isinstance(adapter, LoraWeights):
+        return [adapter.down, adapter.up]
+    if isinstance(adapter, DenseDelta):
+        return [adapter.delta]
+    return [tensor for part in adapter.parts for tensor in part.tensors.values()]
+
+
+def _nbytes(groups: list[dict[str, FileAdapter | Adapter]]) -> int:
+    """Bytes of the tensors of several adapter dicts, each storage once (a dtype copy in the dtype the file was
     read in is the same tensor)."""
     seen: set[int] = set()
     total = 0
-    for weights in groups:
-        for w in weights.values():
-            for t in (w.down, w.up):
+    for adapters in groups:
+        for adapter in adapters.values():
+            for t in _tensors(adapter):
                 if t.untyped_storage().data_ptr() not in seen:
                     seen.add(t.untyped_storage().data_ptr())
                     total += t.untyped_storage().nbytes()
@@ -62,7 +72,7 @@ class LoadedLora:
         self.path, self.shape, self.device = path, shape, torch.device(device)
         self._on_grow = on_grow
         self._read: LoraRead | None = None
-        self._placed: dict[tuple[torch.device, torch.dtype], dict[str, LoraWeights]] = {}
+        self._placed: dict[tuple[torch.device, torch.dtype], dict[str, Adapter]] = {}
 
     @property
     def read(self) -> LoraRead:
@@ -72,25 +82,28 @@ class LoadedLora:
         return self._read
 
     @property
-    def weights(self) -> dict[str, LoraWeights]:
+    def weights(self) -> dict[str, FileAdapter]:
         return self.read.weights
 
-    def placed(self, device: torch.device, dtype: torch.dtype) -> dict[str, LoraWeights]:
-        """The weights on `device` in `dtype` (moved the first time only)."""
+    def placed(
+        self, device: torch.device, dtype: torch.dtype, weight_of: Callable[[str], Tensor] | None = None
+    ) -> dict[str, Adapter]:
+        """The adapters on `device` in `dtype` (moved, or their dense ΔW built, the first time only).
+
+        DoRA modules depend on the model's weight (`weight_of(module name)`), so they are built per call and
+        cached by the caller (one wrapper = one model), never in this file cache."""
         key = (torch.device(device), dtype)
         placed = self._placed.get(key)
         if placed is None:
-            placed = {
-                name: LoraWeights(
-                    w.down.to(device=device, dtype=dtype, non_blocking=True),
-                    w.up.to(device=device, dtype=dtype, non_blocking=True),
-                    w.alpha,
-                )
-                for name, w in self.weights.items()
-            }
+            placed = {name: place(w, device, dtype) for name, w in self.weights.items() if not _needs_base(w)}
             self._placed[key] = placed
             self._on_grow(self)
-        return placed
+        based = [name for name, w in self.weights.items() if _needs_base(w)]
+        if not based:
+            return placed
+        if weight_of is None:
+            raise ValueError(f"{self.path.name}: its DoRA modules need the model's weights to be applied.")
+        return {**placed, **{n: place(self.weights[n], device, dtype, weight_of(n)) for n in based}}
 
     def nbytes(self) -> int:
         """Bytes held: the tensors as read and every dtype copy."""
@@ -100,6 +113,10 @@ class LoadedLora:
     def release(self) -> None:
         """Drop every tensor; the next use reads the file again."""
         self._read, self._placed = None, {}
+
+
+def _needs_base(adapter: FileAdapter) -> bool:
+    return isinstance(adapter, DenseAdapter) and adapter.needs_base
 
 
 class TensorHolder(Protocol):

@@ -1,4 +1,5 @@
-"""Klein LoRA Mixer: several LoRAs at forward time on one model, each with its own scale and block preset."""
+"""Klein LoRA Mixer: several LoRAs at forward time on one model, each with an on/off toggle, its own scale and block
+preset; any number more arrive through the `lora_stack` input (a chain of Klein LoRA Stack nodes)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,13 @@ NONE = "None"
 
 def _slot_inputs(i: int) -> list:
     return [
+        io.Boolean.Input(
+            f"on_{i}",
+            default=True,
+            label_on="on",
+            label_off="off",
+            tooltip=f"Slot {i} on/off: off leaves the LoRA out without losing its file, scale and preset.",
+        ),
         lora_combo(f"lora_{i}", f"LoRA of slot {i} ('None' = empty slot).", none_option=NONE),
         strength_input(f"scale_{i}", f"Scale of slot {i}; negative values push away from the LoRA."),
         preset_input(f"preset_{i}", custom=False),
@@ -29,7 +37,8 @@ class KleinLabLoraMixer(io.ComfyNode):
             category="Klein LoRA Lab/loaders",
             description=(
                 "Mixes several FLUX.2 [klein] LoRAs at forward time (e.g. a subject and a style LoRA), each with "
-                "its own scale and block preset. Changing a scale never re-patches the model weights."
+                "an on/off toggle, its own scale and block preset; chain Klein LoRA Stack nodes into lora_stack for "
+                "as many more as you like. Changing a scale or a toggle never re-patches the model weights."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="A FLUX.2 [klein] model."),
@@ -44,7 +53,7 @@ class KleinLabLoraMixer(io.ComfyNode):
         items = [
             StackItem(slots[f"lora_{i}"], slots[f"scale_{i}"], slots[f"preset_{i}"])
             for i in range(1, SLOTS + 1)
-            if slots[f"lora_{i}"] != NONE
+            if slots[f"lora_{i}"] != NONE and slots[f"on_{i}"]
         ]
         patched, report = apply_items(model, [*items, *(lora_stack or ())])
         return io.NodeOutput(patched, ui={"text": [report]})

@@ -1,4 +1,5 @@
-"""Klein LoRA Stack: append one LoRA (strength, block preset) to a stack that a Klein LoRA Mixer applies."""
+"""Klein LoRA Stack: append one LoRA (on/off, strength, block preset) to a stack that a Klein LoRA Mixer applies;
+chain as many as you like."""
 
 from __future__ import annotations
 
@@ -19,6 +20,13 @@ class KleinLabLoraStack(io.ComfyNode):
             category="Klein LoRA Lab/loaders",
             description="Adds a LoRA to a LoRA stack (chain several of these); a Klein LoRA Mixer applies the stack.",
             inputs=[
+                io.Boolean.Input(
+                    "enabled",
+                    default=True,
+                    label_on="on",
+                    label_off="off",
+                    tooltip="On/off: off passes the incoming stack on unchanged (the LoRA keeps its settings).",
+                ),
                 io.Combo.Input("lora_name", options=lora_list(), tooltip="A LoRA file from the loras folder."),
                 strength_input("strength", "LoRA strength; negative values push away from the LoRA."),
                 preset_input(custom=False),
@@ -28,8 +36,9 @@ class KleinLabLoraStack(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, lora_name: str, strength: float, preset: str, lora_stack=None) -> io.NodeOutput:
-        return io.NodeOutput((*(lora_stack or ()), StackItem(lora_name, strength, preset)))
+    def execute(cls, enabled: bool, lora_name: str, strength: float, preset: str, lora_stack=None) -> io.NodeOutput:
+        added = (StackItem(lora_name, strength, preset),) if enabled else ()
+        return io.NodeOutput((*(lora_stack or ()), *added))
 
 
 NODES = [KleinLabLoraStack]

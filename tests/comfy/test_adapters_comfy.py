@@ -35,8 +35,7 @@ def _random_lora(shape, seed: int, globals_: tuple[str, ...], rank: int = 4, sca
 
 
 def _write(weights: dict, style: str, path: Path) -> dict[str, torch.Tensor]:
-    from harness.lora_writers import write_peft
-    from klein_lora_lab.trainer_core.lora.lora_formats import write_diffusers, write_kohya
+    from klein_lora_lab.trainer_core.lora.lora_formats import write_diffusers, write_kohya, write_peft
     from safetensors.torch import save_file
 
     sd = {"ours": write_peft, "kohya": write_kohya, "diffusers": write_diffusers}[style](weights)
@@ -130,16 +129,38 @@ def test_two_stacked_loras_equal_core_merging_both(env, side: str) -> None:
     ctx_dim = env["shape"].context_dim
     a, b = "lora_kohya.safetensors", "lora_diffusers.safetensors"
     want = predict(core_merged(env["model"], (env["files"]["kohya"], 0.7), (env["files"]["diffusers"], -0.5)), ctx_dim)
-    empty = {f"{k}_{i}": v for i in range(1, 5) for k, v in (("lora", "None"), ("scale", 1.0), ("preset", "all"))}
+    empty = {f"{k}_{i}": v for i in range(1, 5) for k, v in EMPTY_SLOT}
     slots = {**empty, "lora_1": a, "scale_1": 0.7, "lora_3": b, "scale_3": -0.5}
     (mixed,) = KleinLabLoraMixer.execute(env["model"], **slots).result
-    (stack,) = KleinLabLoraStack.execute(a, 0.7, "all").result
-    (stack,) = KleinLabLoraStack.execute(b, -0.5, "all", lora_stack=stack).result
+    (stack,) = KleinLabLoraStack.execute(True, a, 0.7, "all").result
+    (stack,) = KleinLabLoraStack.execute(True, b, -0.5, "all", lora_stack=stack).result
     (from_stack,) = KleinLabLoraMixer.execute(env["model"], lora_stack=stack, **empty).result
     (first,) = loader(env["model"], a, 0.7).result
     (chained,) = loader(first, b, -0.5).result
     for patched in (mixed, from_stack, chained):
         torch.testing.assert_close(predict(patched, ctx_dim), want, rtol=1e-4, atol=1e-4)
+
+
+EMPTY_SLOT = (("on", True), ("lora", "None"), ("scale", 1.0), ("preset", "all"))
+
+
+def test_mixer_toggles_and_stack_switches(env) -> None:
+    """A mixer slot switched off, and a Stack node switched off, leave their LoRA out (equal to core merging only
+    the others) while keeping their settings; a chain of Stack nodes adds any number of LoRAs."""
+    from klein_lora_lab.nodes.loras.lora_mixer import KleinLabLoraMixer
+    from klein_lora_lab.nodes.loras.lora_stack import KleinLabLoraStack
+
+    ctx_dim = env["shape"].context_dim
+    a, b, c = "lora_kohya.safetensors", "lora_diffusers.safetensors", "lora_ours.safetensors"
+    empty = {f"{k}_{i}": v for i in range(1, 5) for k, v in EMPTY_SLOT}
+    slots = {**empty, "lora_1": a, "scale_1": 0.7, "lora_2": b, "scale_2": -0.5, "on_2": False}
+    (stack,) = KleinLabLoraStack.execute(False, c, 0.9, "all").result
+    assert stack == ()
+    (stack,) = KleinLabLoraStack.execute(True, c, 0.4, "all", lora_stack=stack).result
+    (stack,) = KleinLabLoraStack.execute(False, b, 1.0, "all", lora_stack=stack).result
+    (mixed,) = KleinLabLoraMixer.execute(env["model"], lora_stack=stack, **slots).result
+    want = predict(core_merged(env["model"], (env["files"]["kohya"], 0.7), (env["files"]["ours"], 0.4)), ctx_dim)
+    torch.testing.assert_close(predict(mixed, ctx_dim), want, rtol=1e-4, atol=1e-4)
 
 
 def test_block_preset_equals_core_merging_only_those_blocks(env) -> None:

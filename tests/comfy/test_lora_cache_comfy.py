@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from harness.lora_writers import write_peft
+from klein_lora_lab.trainer_core.lora.lora_formats import write_peft
 
 
 def _lora(shape, seed: int, rank: int = 4) -> dict:

@@ -6,7 +6,6 @@ import copy
 
 import pytest
 import torch
-from harness.lora_writers import write_peft
 from klein_lora_lab.trainer_core.lora.adapters import AdapterStack, LoraWeights
 from klein_lora_lab.trainer_core.lora.lora_formats import (
     LoraFormatError,
@@ -15,6 +14,7 @@ from klein_lora_lab.trainer_core.lora.lora_formats import (
     read_lora_file,
     write_diffusers,
     write_kohya,
+    write_peft,
 )
 from klein_lora_lab.trainer_core.model.klein import KleinShape, klein_forward, read_shape
 from klein_lora_lab.trainer_core.model.tiny import TinySpec, tiny_conditioning, tiny_klein
@@ -178,7 +178,7 @@ def test_unmatched_keys_are_reported_not_dropped() -> None:
         "diffusion_model.double_blocks.0.img_attn.norm.query_norm.lora_B.weight": torch.zeros(128, 2),
         "lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight": torch.zeros(2, 8),
         "diffusion_model.txt_in.lora_A.weight": torch.zeros(2, 48),
-        "diffusion_model.img_in.diff": torch.zeros(128, 128),
+        "diffusion_model.img_in.diff_b": torch.zeros(128),
     }
     read = read_lora({**sd, **extra}, shape)
     _assert_same_deltas(read.weights, weights)
@@ -237,11 +237,11 @@ def test_refuses_9b_shaped_lora_on_4b_shaped_model_by_blocks() -> None:
         read_lora(write_peft(weights), _shape(SPEC_4B_SHAPED))
 
 
-def test_refuses_lycoris_variants() -> None:
-    """LoHa and LoKr files get a clear 'not supported' error naming the variant."""
-    for key, kind in (("hada_w1_a", "LoHa"), ("lokr_w1", "LoKr")):
+def test_refuses_unsupported_lycoris_variants() -> None:
+    """OFT, BOFT and GLoRA files (types the pack does not read) get a clear error naming the type."""
+    for key, kind in (("oft_blocks", "OFT"), ("boft_R", "BOFT"), ("a1.weight", "GLoRA")):
         sd = {f"lora_unet_double_blocks_0_img_attn_qkv.{key}": torch.zeros(2, 2)}
-        with pytest.raises(LoraFormatError, match=f"{kind}.*only plain LoRA"):
+        with pytest.raises(LoraFormatError, match=f"{kind}.*use core's 'Load LoRA'"):
             read_lora(sd, _shape())
 
 

@@ -81,14 +81,46 @@ class LoraWeights:
         return (self.up.float() @ self.down.float()) * self.scale
 
 
-def add_lora(x: Tensor, y: Tensor, down: Tensor, up: Tensor, scale: float) -> Tensor:
+@dataclass(frozen=True)
+class DenseDelta:
+    """One module's adapter as its dense weight change ΔW [out, in] at strength 1.
+
+    LoKr, LoHa, DoRA and full `.diff` patches are not low-rank: their ΔW is built once (with PEFT's math, see
+    `adapter_math`) and applied as `x ΔWᵀ · scale` or merged into a weight copy, like a LoRA.
+    """
+
+    delta: Tensor
+
+    def delta_weight(self) -> Tensor:
+        return self.delta.float()
+
+
+# What a stack entry may be: a low-rank LoRA, or a dense weight change.
+Adapter = LoraWeights | DenseDelta
+
+
+def add_lora(x: Tensor, y: Tensor, down: Tensor | None, up: Tensor, scale: float) -> Tensor:
     """y + scale · x downᵀ upᵀ with the scale and the add fused into the second matmul (one pass over y).
 
-    x [..., in] (a Linear's input), y [..., out] (its output), down [r, in], up [out, r].
+    x [..., in] (a Linear's input), y [..., out] (its output), down [r, in], up [out, r]; down None means `up` is
+    a dense ΔW [out, in] (y + scale · x ΔWᵀ).
     """
+    if down is None:
+        out = torch.addmm(
+            y.reshape(-1, y.shape[-1]), x.reshape(-1, x.shape[-1]).to(y.dtype), up.t().to(y.dtype), alpha=scale
+        )
+        return out.view(y.shape)
     h = x.reshape(-1, x.shape[-1]) @ down.t().to(x.dtype)  # [tokens, r]
     out = torch.addmm(y.reshape(-1, y.shape[-1]), h.to(y.dtype), up.t().to(y.dtype), alpha=scale)
     return out.view(y.shape)
+
+
+def merged_weight(weight: Tensor, lora: tuple[Tensor | None, Tensor, float]) -> Tensor:
+    """W + s·U·D (or W + s·ΔW for a dense delta) as a new tensor; the base weight is left untouched."""
+    down, up, scale = lora
+    if down is None:
+        return torch.add(weight, up, alpha=scale)
+    return torch.addmm(weight, up, down, alpha=scale)
 
 
 def _param_key(name: str) -> str:
@@ -147,7 +179,7 @@ class LoraTrainable(nn.Module):
 
 @dataclass
 class _Entry:
-    down: Tensor
+    down: Tensor | None  # None: `up` is a dense ΔW [out, in]
     up: Tensor
     scale: float  # alpha/rank · strength · per-module weight, already multiplied
 
@@ -172,13 +204,15 @@ class AdapterStack:
     def set_lora(
         self,
         lora_id: str,
-        weights: Mapping[str, LoraWeights],
+        weights: Mapping[str, Adapter],
         strength: float,
         module_strength: Mapping[str, float] | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        """Add or replace LoRA `lora_id`. module_strength multiplies per module (block weights); default 1."""
+        """Add or replace LoRA `lora_id`. module_strength multiplies per module (block weights); default 1.
+
+        Strength and block weights multiply the delta of every adapter type alike (a dense ΔW as a LoRA's)."""
         self.remove(lora_id)
         _check_multiplier(strength, f"strength of LoRA {lora_id!r}")
         for name, w in weights.items():
@@ -187,8 +221,11 @@ class AdapterStack:
             _check_multiplier(mult * strength, f"strength × block strength of {name!r}")
             if mult == 0.0 or strength == 0.0:
                 continue
-            entry = _Entry(w.down.to(device=device, dtype=dtype), w.up.to(device=device, dtype=dtype), 0.0)
-            entry.scale = w.scale * strength * mult
+            if isinstance(w, DenseDelta):
+                entry = _Entry(None, w.delta.to(device=device, dtype=dtype), strength * mult)
+            else:
+                entry = _Entry(w.down.to(device=device, dtype=dtype), w.up.to(device=device, dtype=dtype), 0.0)
+                entry.scale = w.scale * strength * mult
             self._layers.setdefault(name, []).append((lora_id, entry))
 
     def remove(self, lora_id: str) -> None:
@@ -202,10 +239,12 @@ class AdapterStack:
     def names(self) -> Iterable[str]:
         return self._layers.keys()
 
-    def fused(self, name: str) -> tuple[Tensor, Tensor, float] | None:
+    def fused(self, name: str) -> tuple[Tensor | None, Tensor, float] | None:
         """This module's LoRAs as one (down [Σr, in], up [out, Σr], scale): delta = scale · x downᵀ upᵀ.
 
         One LoRA is returned as is; several are concatenated with their scales folded into the ups (a copy).
+        When any of them is dense, all are summed into one dense ΔW (down None): a dense delta costs a full
+        [out, in] pass anyway, and one sum keeps it to one.
         """
         entries = self._layers.get(name)
         if not entries:
@@ -213,6 +252,11 @@ class AdapterStack:
         if len(entries) == 1:
             e = entries[0][1]
             return e.down, e.up, e.scale
+        if any(e.down is None for _, e in entries):
+            total = torch.zeros_like(next(e.up for _, e in entries if e.down is None))
+            for _, e in entries:
+                total += e.up * e.scale if e.down is None else (e.up @ e.down) * e.scale
+            return None, total, 1.0
         down = torch.cat([e.down for _, e in entries], dim=0)
         up = torch.cat([e.up * e.scale for _, e in entries], dim=1)
         return down, up, 1.0

@@ -1,7 +1,9 @@
 """Read every common FLUX.2 [klein] LoRA key style into canonical `LoraWeights`, and write each style back.
 
-Accepted (plain LoRA only; each key style with `lora_A/lora_B`, `lora_down/lora_up` and the other suffixes
-ComfyUI's LoRA loader knows, with an optional `.alpha`; no alpha means alpha = rank):
+Accepted adapter types: plain LoRA (`lora_A/lora_B`, `lora_down/lora_up` and the other suffixes ComfyUI's LoRA
+loader knows, with an optional `.alpha`), LoKr (`lokr_w1`/`lokr_w2` or their `_a`/`_b` factors), LoHa
+(`hada_w1_a/b`, `hada_w2_a/b`), DoRA (`dora_scale`, PEFT's `lora_magnitude_vector`) and full `.diff` patches, in
+each key style:
 
 * ours / native: `diffusion_model.<module>` (also bare `<module>`), e.g. `diffusion_model.double_blocks.0.img_attn.qkv`;
   `diffusion_model.single_blocks.i.linear1_qkv` (the q/k/v rows of `linear1`, as ComfyUI maps it);
@@ -18,13 +20,23 @@ Several parts that land on one fused Linear are represented exactly as one LoRA:
 their ups placed block-diagonally at their row offsets, each part's alpha/rank folded into its up rows (when the
 parts share one down and one alpha, as a split of a fused LoRA does, they collapse back to that rank).
 
+LoKr, LoHa, DoRA and `.diff` modules are read as `adapter_math.DenseAdapter` (their ΔW is dense, built with PEFT's
+math when the adapter is placed); a module whose parts are all plain LoRA stays a low-rank `LoraWeights`.
+
+Alpha: a module's `.alpha` tensor; without one, the file's own header says what the tool that wrote it applies
+(`alpha_for`: PEFT's `lora_adapter_metadata` with `lora_alpha`, `alpha_pattern`, `use_rslora`); without either,
+alpha = rank. kohya's loader reads alpha from the `.alpha` tensors only (`ss_network_alpha` is a record of the
+training), so `ss_*` metadata is reported, not applied.
+
 A LoRA of another architecture is refused with a `LoraFormatError` naming the mismatch (FLUX.1, Stable Diffusion
-/ SDXL, a Klein of the other size); LyCORIS variants (LoHa, LoKr, OFT, GLoRA, DoRA) are refused as unsupported.
+/ SDXL, a Klein of the other size); OFT, BOFT, GLoRA and LoCon CP files are refused as unsupported.
 Keys that fit nothing are listed in `LoraRead.unmatched`, never dropped silently.
 """
 
 from __future__ import annotations
 
+import json
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -35,7 +47,11 @@ from torch import Tensor
 
 from ..errors import pack_error
 from ..model.klein import LATENT_CHANNELS, TIME_EMBED_DIM, KleinShape
+from .adapter_math import LOHA_ROLES, LOKR_ROLES, DenseAdapter, FilePart, lokr_shape
 from .adapters import LoraWeights, check_lora_weights
+
+# A Klein Linear's adapter as read from a file: low-rank, or dense (LoKr, LoHa, DoRA, diff).
+FileAdapter = LoraWeights | DenseAdapter
 
 # Hidden size -> the Klein it belongs to (for messages).
 KLEIN_SIZE_BY_HIDDEN = {3072: "4B", 4096: "9B"}
@@ -64,13 +80,17 @@ class LoraFormatError(ValueError):
 class LoraRead:
     """A LoRA file read into canonical form. weights: module name (relative to the diffusion model) -> LoRA."""
 
-    weights: dict[str, LoraWeights]
+    weights: dict[str, FileAdapter]
     unmatched: list[str] = field(default_factory=list)
     source_format: str = "unknown"
+    adapter_types: str = "LoRA"
+    notes: list[str] = field(default_factory=list)  # what the file's header said and how it was applied
 
     def report(self) -> str:
         """One line for the UI and the log: what was loaded and what was not."""
-        text = f"{len(self.weights)} modules loaded ({self.source_format})"
+        text = f"{len(self.weights)} modules loaded ({self.source_format}, {self.adapter_types})"
+        if self.notes:
+            text += "; " + "; ".join(self.notes)
         if self.unmatched:
             shown = ", ".join(self.unmatched[:8]) + (" …" if len(self.unmatched) > 8 else "")
             text += f"; {len(self.unmatched)} keys NOT loaded: {shown}"
@@ -123,16 +143,20 @@ _SUFFIXES: tuple[tuple[str, str], ...] = (
     (".lora_A", "down"),
     (".lora_B", "up"),
     (".alpha", "alpha"),
+    *((f".{role}", role) for role in (*LOKR_ROLES, *LOHA_ROLES)),
+    (".dora_scale", "magnitude"),
+    (".lora_magnitude_vector.weight", "magnitude"),
+    (".lora_magnitude_vector", "magnitude"),
+    (".diff", "diff"),
+    (".diff_b", "diff_b"),
 )
 
 _UNSUPPORTED = (
-    (re.compile(r"\.hada_"), "LoHa"),
-    (re.compile(r"\.lokr_"), "LoKr"),
     (re.compile(r"\.(oft_blocks|oft_diag|oft_R)"), "OFT"),
     (re.compile(r"\.boft_"), "BOFT"),
     (re.compile(r"\.[ab][12]\.weight$"), "GLoRA"),
-    (re.compile(r"\.dora_scale$"), "DoRA"),
     (re.compile(r"\.lora_mid\.weight$"), "LoCon with a CP mid weight"),
+    (re.compile(r"\.(lokr_t2|hada_t1|hada_t2)$"), "Tucker-form (convolution) LyCORIS"),
 )
 
 _FLUX1 = re.compile(
@@ -305,13 +329,31 @@ def _resolve(module_key: str) -> tuple[_Target, str] | None:
 class _Part:
     source: str  # module key in the file
     target: _Target
-    down: Tensor  # [r, in]
-    up: Tensor  # [n, r] (n = rows of its slice)
-    alpha: float
+    kind: str  # "lora", "lokr", "loha" or "diff"
+    tensors: dict[str, Tensor]  # role -> tensor (down/up for LoRA)
+    alpha: float | None  # the file's alpha for this module (None: not given)
+    out_in: tuple[int, int]  # (rows written, in features)
+    magnitude: Tensor | None = None  # DoRA
+
+    @property
+    def down(self) -> Tensor:
+        return self.tensors["down"]
+
+    @property
+    def up(self) -> Tensor:
+        return self.tensors["up"]
+
+    @property
+    def lora_alpha(self) -> float:
+        return self.alpha if self.alpha is not None else float(self.down.shape[0])
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.down.shape[0]
+        return self.lora_alpha / self.down.shape[0]
+
+    @property
+    def plain(self) -> bool:
+        return self.kind == "lora" and self.magnitude is None
 
 
 def _split_key(key: str) -> tuple[str, str] | None:
@@ -327,8 +369,8 @@ def _refuse_foreign(keys: list[str]) -> None:
         for pattern, kind in _UNSUPPORTED:
             if pattern.search(key):
                 raise LoraFormatError(
-                    f"this is a {kind} file (key '{key}'): only plain LoRA (lora_A/lora_B or lora_down/lora_up) "
-                    "is supported by the Klein LoRA Lab loaders; use core's 'Load LoRA' node for it."
+                    f"this is a {kind} file (key '{key}'): the Klein LoRA Lab loaders read LoRA, LoKr, LoHa, DoRA "
+                    "and .diff patches on Linear layers; use core's 'Load LoRA' node for this one."
                 )
     for key in keys:
         if _FLUX1.search(key):
@@ -383,15 +425,12 @@ def _check_dims(parts: list[_Part], shape: KleinShape, expected: Mapping[str, tu
             continue  # a block the model does not have: _check_blocks names it
         out_f, in_f = expected[p.target.module]
         rows = _part_rows(p.target, out_f, shape.hidden)
-        if p.down.shape[1] == in_f and p.up.shape[0] == rows[1] - rows[0]:
+        p_out, p_in = p.out_in
+        if p_in == in_f and p_out == rows[1] - rows[0]:
             continue
-        if p.target.module in hidden_in and p.down.shape[1] != shape.hidden:
-            lora_hidden = p.down.shape[1]
-            if (
-                lora_hidden == 3072
-                and p.target.module.endswith(("mlp.0", "linear1"))
-                and p.up.shape[0] in (12288, 21504)
-            ):
+        if p.target.module in hidden_in and p_in != shape.hidden:
+            lora_hidden = p_in
+            if lora_hidden == 3072 and p.target.module.endswith(("mlp.0", "linear1")) and p_out in (12288, 21504):
                 raise LoraFormatError(
                     f"this LoRA was made for FLUX.1 (module '{p.source}' has MLP ratio 4), not FLUX.2 [klein]."
                 )
@@ -401,8 +440,8 @@ def _check_dims(parts: list[_Part], shape: KleinShape, expected: Mapping[str, tu
                 "Load the Klein this LoRA was trained on."
             )
         raise LoraFormatError(
-            f"LoRA module '{p.source}' does not fit '{p.target.module}': the LoRA maps in {p.down.shape[1]} -> out "
-            f"{p.up.shape[0]}, the model's Linear is in {in_f} -> out {rows[1] - rows[0]} (rows {rows[0]}:{rows[1]}). "
+            f"LoRA module '{p.source}' does not fit '{p.target.module}': the LoRA maps in {p_in} -> out "
+            f"{p_out}, the model's Linear is in {in_f} -> out {rows[1] - rows[0]} (rows {rows[0]}:{rows[1]}). "
             "This LoRA was made for a different model."
         )
 
@@ -417,20 +456,20 @@ def _part_rows(target: _Target, out_features: int, hidden: int) -> tuple[int, in
 
 
 def _combine(module: str, parts: list[_Part], out_features: int, hidden: int) -> LoraWeights:
-    """The exact single LoRA of a target Linear from its parts (whole module, or q/k/v row slices)."""
+    """The exact single LoRA of a target Linear from its plain-LoRA parts (whole module, or q/k/v row slices)."""
     if len(parts) == 1 and parts[0].target.part is None:
         p = parts[0]
         up = p.target.transform(p.up) if p.target.transform else p.up
-        return LoraWeights(p.down, up, p.alpha)
+        return LoraWeights(p.down, up, p.lora_alpha)
     rows = [_part_rows(p.target, out_features, hidden) for p in parts]
     first = parts[0]
     same_down = all(p.down.shape == first.down.shape and torch.equal(p.down, first.down) for p in parts)
-    if same_down and all(p.alpha == first.alpha for p in parts):
+    if same_down and all(p.lora_alpha == first.lora_alpha for p in parts):
         # A split fused LoRA (one down shared by q, k, v): collapse back to its own rank and alpha.
         up = first.up.new_zeros(out_features, first.down.shape[0])
         for p, (r0, r1) in zip(parts, rows, strict=True):
             up[r0:r1] = p.up
-        return LoraWeights(first.down, up, first.alpha)
+        return LoraWeights(first.down, up, first.lora_alpha)
     # Independent parts: stacked downs [Σr, in], block-diagonal up [out, Σr], each part's alpha/rank folded in.
     rank = sum(p.down.shape[0] for p in parts)
     down = torch.cat([p.down.float() for p in parts], dim=0)
@@ -443,13 +482,143 @@ def _combine(module: str, parts: list[_Part], out_features: int, hidden: int) ->
     return LoraWeights(down, up, float(rank))
 
 
-def read_lora(state_dict: Mapping[str, Tensor], shape: KleinShape) -> LoraRead:
-    """Read a LoRA state dict of any accepted key style for a Klein of `shape` into canonical form.
+def _dense(parts: list[_Part], out_features: int, in_features: int, hidden: int) -> DenseAdapter:
+    """A target Linear whose parts include LoKr, LoHa, DoRA or diff: one dense adapter over its row slices."""
+    file_parts = tuple(
+        FilePart(
+            p.source,
+            p.kind,
+            p.tensors,
+            p.lora_alpha if p.kind == "lora" else p.alpha,
+            _part_rows(p.target, out_features, hidden),
+            p.magnitude,
+            p.target.transform,
+        )
+        for p in parts
+    )
+    return DenseAdapter(file_parts, out_features, in_features)
 
-    Raises LoraFormatError for LoRAs of another architecture or size, and for unsupported LyCORIS variants.
+
+# ------------------------------------------------------------------------------------------------------------
+# What a file says about itself (safetensors header).
+
+PEFT_METADATA_KEY = "lora_adapter_metadata"
+
+
+@dataclass(frozen=True)
+class PeftHeader:
+    """PEFT's LoraConfig as diffusers writes it into `lora_adapter_metadata` (the transformer's part)."""
+
+    r: int | None
+    lora_alpha: float | None
+    rank_pattern: Mapping[str, int]
+    alpha_pattern: Mapping[str, float]
+    use_rslora: bool
+    use_dora: bool
+
+    def scale_for(self, module_key: str, rank: int) -> float | None:
+        """The scale PEFT gives module `module_key` of rank `rank`: alpha/r (alpha/√r with rsLoRA), where alpha
+        comes from `alpha_pattern` (PEFT's own pattern matching) or `lora_alpha`; None when no alpha is given."""
+        from peft.utils.other import get_pattern_key
+
+        name = module_key.removeprefix("transformer.").removeprefix("base_model.model.")
+        alpha_key = get_pattern_key(list(self.alpha_pattern), name)
+        alpha = self.alpha_pattern.get(alpha_key, self.lora_alpha)
+        if alpha is None:
+            return None
+        return float(alpha) / (math.sqrt(rank) if self.use_rslora else rank)
+
+
+def peft_header(metadata: Mapping[str, str] | None) -> PeftHeader | None:
+    """The PEFT LoraConfig in a file's header, or None. diffusers prefixes the keys with the component name
+    (`transformer.lora_alpha`); PEFT's own files do not."""
+    raw = (metadata or {}).get(PEFT_METADATA_KEY)
+    if not raw:
+        return None
+    try:
+        data = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise LoraFormatError(f"the file's '{PEFT_METADATA_KEY}' header is not valid JSON ({err}).") from err
+    if not isinstance(data, dict):
+        return None
+    if any(k.startswith("transformer.") for k in data):
+        data = {k.removeprefix("transformer."): v for k, v in data.items() if k.startswith("transformer.")}
+    return PeftHeader(
+        r=data.get("r"),
+        lora_alpha=data.get("lora_alpha"),
+        rank_pattern=data.get("rank_pattern") or {},
+        alpha_pattern=data.get("alpha_pattern") or {},
+        use_rslora=bool(data.get("use_rslora", False)),
+        use_dora=bool(data.get("use_dora", False)),
+    )
+
+
+def kohya_note(metadata: Mapping[str, str] | None) -> str | None:
+    """A short record of a kohya/musubi `ss_*` header (reported only: kohya's loader reads `.alpha` tensors)."""
+    meta = metadata or {}
+    fields = [
+        (k, meta.get(k)) for k in ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_base_model_version")
+    ]
+    shown = ", ".join(f"{k.removeprefix('ss_')} {v}" for k, v in fields if v)
+    return f"kohya header: {shown}" if shown else None
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Reading.
+
+
+def _make_part(module_key: str, target: _Target, tensors: dict[str, Tensor], header: PeftHeader | None) -> _Part | None:
+    """The part a module's tensors form (LoRA, LoKr, LoHa or diff), or None when they form none."""
+    given = float(tensors["alpha"].item()) if "alpha" in tensors else None
+    magnitude = tensors.get("magnitude")
+    if "down" in tensors and "up" in tensors:
+        down, up = tensors["down"], tensors["up"]
+        if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
+            raise LoraFormatError(
+                f"LoRA module '{module_key}': down {tuple(down.shape)} and up {tuple(up.shape)} are not a plain "
+                "linear LoRA pair ([rank, in] and [out, rank])."
+            )
+        rank = down.shape[0]
+        if rank == 0:
+            raise LoraFormatError(f"LoRA module '{module_key}' has rank 0 (an empty LoRA pair): the file is broken.")
+        if given is None and header is not None:
+            scale = header.scale_for(module_key, rank)
+            given = None if scale is None else scale * rank
+        return _Part(
+            module_key, target, "lora", {"down": down, "up": up}, given, (up.shape[0], down.shape[1]), magnitude
+        )
+    lokr = {r: tensors[r] for r in LOKR_ROLES if r in tensors}
+    if lokr:
+        has_w1 = "lokr_w1" in lokr or {"lokr_w1_a", "lokr_w1_b"} <= set(lokr)
+        has_w2 = "lokr_w2" in lokr or {"lokr_w2_a", "lokr_w2_b"} <= set(lokr)
+        if not (has_w1 and has_w2) or any(t.ndim != 2 for t in lokr.values()):
+            return None
+        return _Part(module_key, target, "lokr", lokr, given, lokr_shape(lokr), magnitude)
+    loha = {r: tensors[r] for r in LOHA_ROLES if r in tensors}
+    if loha:
+        if set(loha) != {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b"} or any(t.ndim != 2 for t in loha.values()):
+            return None
+        return _Part(
+            module_key, target, "loha", loha, given, (loha["hada_w1_a"].shape[0], loha["hada_w1_b"].shape[1]), magnitude
+        )
+    if "diff" in tensors and tensors["diff"].ndim == 2:
+        diff = tensors["diff"]
+        return _Part(module_key, target, "diff", {"diff": diff}, None, (diff.shape[0], diff.shape[1]))
+    return None
+
+
+def read_lora(
+    state_dict: Mapping[str, Tensor], shape: KleinShape, metadata: Mapping[str, str] | None = None
+) -> LoraRead:
+    """Read a LoRA state dict of any accepted key style and adapter type for a Klein of `shape`.
+
+    `metadata` is the file's safetensors header (PEFT's `lora_adapter_metadata` supplies the alpha of files
+    without `.alpha` tensors). Raises LoraFormatError for LoRAs of another architecture or size, and for
+    unsupported adapter types.
     """
     keys = sorted(state_dict)
     _refuse_foreign(keys)
+    header = peft_header(metadata)
     groups: dict[str, dict[str, str]] = {}  # module key -> role -> full key
     unmatched: list[str] = []
     for key in keys:
@@ -463,22 +632,16 @@ def read_lora(state_dict: Mapping[str, Tensor], shape: KleinShape) -> LoraRead:
     styles: set[str] = set()
     for module_key, roles in groups.items():
         resolved = _resolve(module_key)
-        if resolved is None or "down" not in roles or "up" not in roles:
+        part = None
+        if resolved is not None:
+            part = _make_part(module_key, resolved[0], {r: state_dict[k] for r, k in roles.items()}, header)
+        if part is None:
             unmatched.extend(roles.values())
             continue
-        tensors = {role: state_dict[key] for role, key in roles.items()}
-        target, style = resolved
-        down, up = tensors["down"], tensors["up"]
-        if down.ndim != 2 or up.ndim != 2 or down.shape[0] != up.shape[1]:
-            raise LoraFormatError(
-                f"LoRA module '{module_key}': down {tuple(down.shape)} and up {tuple(up.shape)} are not a plain "
-                "linear LoRA pair ([rank, in] and [out, rank])."
-            )
-        if down.shape[0] == 0:
-            raise LoraFormatError(f"LoRA module '{module_key}' has rank 0 (an empty LoRA pair): the file is broken.")
-        alpha = float(tensors["alpha"].item()) if "alpha" in tensors else float(down.shape[0])
-        parts.append(_Part(module_key, target, down, up, alpha))
-        styles.add(style)
+        if "diff_b" in roles:  # Klein's Linears have no bias
+            unmatched.append(roles["diff_b"])
+        parts.append(part)
+        styles.add(resolved[1])
 
     if not parts:
         shown = ", ".join(keys[:5])
@@ -502,8 +665,26 @@ def read_lora(state_dict: Mapping[str, Tensor], shape: KleinShape) -> LoraRead:
             unmatched.append(f"{p.source} (duplicate of {kept[0].source})")
             continue
         kept.append(p)
-    weights = {m: _combine(m, ps, expected[m][0], shape.hidden) for m, ps in sorted(by_target.items())}
-    return LoraRead(weights, sorted(unmatched), "+".join(sorted(styles)))
+    weights: dict[str, FileAdapter] = {}
+    for m, ps in sorted(by_target.items()):
+        out_f, in_f = expected[m]
+        plain = all(p.plain for p in ps)
+        weights[m] = _combine(m, ps, out_f, shape.hidden) if plain else _dense(ps, out_f, in_f, shape.hidden)
+    kinds = {("DoRA " if p.magnitude is not None else "") + _KIND_NAMES[p.kind] for p in parts}
+    notes = []
+    if header is not None and any(p.kind == "lora" and "alpha" not in groups[p.source] for p in parts):
+        notes.append(
+            f"alpha from the file's {PEFT_METADATA_KEY} (lora_alpha {header.lora_alpha}, r {header.r}"
+            + (", rsLoRA" if header.use_rslora else "")
+            + ")"
+        )
+    note = kohya_note(metadata)
+    if note:
+        notes.append(note)
+    return LoraRead(weights, sorted(unmatched), "+".join(sorted(styles)), ", ".join(sorted(kinds)), notes)
+
+
+_KIND_NAMES = {"lora": "LoRA", "lokr": "LoKr", "loha": "LoHa", "diff": "diff"}
 
 
 def load_state_dict(path: str | Path, device: torch.device | str = "cpu") -> dict[str, Tensor]:
@@ -526,6 +707,17 @@ def load_state_dict(path: str | Path, device: torch.device | str = "cpu") -> dic
     return data
 
 
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """The safetensors header's metadata of a LoRA file ({} for other files or none)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        return {}
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return dict(f.metadata() or {})
+
+
 def read_lora_file(path: str | Path, shape: KleinShape, device: torch.device | str = "cpu") -> LoraRead:
     """Read a LoRA file for a Klein of `shape` onto `device`; errors name the file."""
     state_dict = load_state_dict(path, device)  # its errors name the file already
@@ -536,18 +728,47 @@ def read_lora_file(path: str | Path, shape: KleinShape, device: torch.device | s
             "broken (its training diverged). Fix: use an earlier checkpoint or another file."
         )
     try:
-        read = read_lora(state_dict, shape)
+        read = read_lora(state_dict, shape, read_metadata(path))
     except LoraFormatError as err:
         raise LoraFormatError(f"{Path(path).name}: {err}") from err
     try:
-        check_lora_weights(read.weights, Path(path).name)
+        check_lora_weights({n: w for n, w in read.weights.items() if isinstance(w, LoraWeights)}, Path(path).name)
+        check_dense_adapters({n: w for n, w in read.weights.items() if isinstance(w, DenseAdapter)}, Path(path).name)
     except ValueError as err:
         raise LoraFormatError(str(err)) from err
     return read
 
 
+def check_dense_adapters(adapters: Mapping[str, DenseAdapter], source: str) -> None:
+    """Refuse a LoKr / LoHa / DoRA / diff module whose tensors or alpha are not finite (its ΔW would be NaN)."""
+    for name, adapter in adapters.items():
+        for part in adapter.parts:
+            if part.alpha is not None and not math.isfinite(part.alpha):
+                raise ValueError(f"{source}: module {name!r} has alpha {part.alpha!r}. Fix: use another file.")
+            for role, tensor in part.tensors.items():
+                if not torch.isfinite(tensor).all():
+                    raise ValueError(f"{source}: module {name!r} has non-finite {role} values. Fix: use another file.")
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Writers in other tools' key styles (the "Save LoRA as…" export).
+
+
+def write_peft(weights: Mapping[str, LoraWeights], down_up: bool = False, with_alpha: bool = True) -> dict[str, Tensor]:
+    """Ours: `diffusion_model.<module>.lora_A.weight` / `.lora_B.weight` / `.alpha` (`lora_down/up` if down_up).
+
+    Without alpha the reader assumes alpha = rank, so alpha/rank is folded into the up weights.
+    """
+    a, b = ("lora_down", "lora_up") if down_up else ("lora_A", "lora_B")
+    out: dict[str, Tensor] = {}
+    for name, w in weights.items():
+        out[f"diffusion_model.{name}.{a}.weight"] = w.down.contiguous()
+        if with_alpha:
+            out[f"diffusion_model.{name}.{b}.weight"] = w.up.contiguous()
+            out[f"diffusion_model.{name}.alpha"] = torch.tensor(float(w.alpha))
+        else:
+            out[f"diffusion_model.{name}.{b}.weight"] = (w.up * w.scale).contiguous()
+    return out
 
 
 def write_kohya(weights: Mapping[str, LoraWeights]) -> dict[str, Tensor]:
