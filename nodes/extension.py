@@ -13,6 +13,7 @@ NODE_MODULES: tuple[str, ...] = (
     "train.dataset_pairs",
     "train.encode_dataset",
     "train.train_lora",
+    "train.training_options",
     "train.loss_curve",
     "loras.lora_loader_blocks",
     "loras.lora_stack",

@@ -10,10 +10,12 @@ from comfy_api.latest import io
 from ...trainer_core.album.latent_cache import EncodedDataset
 from ...trainer_core.files.safe_paths import child_path, safe_name
 from ...trainer_core.runs.runfolder import RunFolder
+from ...trainer_core.training.options import TrainingOptions, keep_run_options, with_options
 from ...trainer_core.training.settings import PRESETS, TrainSettings, preset
 from ..comfy.interrupt import raise_interrupt
 from ..comfy.paths import lora_list_name, register_runs_folder, runs_dir
 from ..comfy.training import SampleConfig, model_with_lora, train_in_comfy, ui_image
+from ..comfy.training_options import TRAINING_OPTIONS
 from .encode_dataset import ENCODED_DATASET
 from .loss_curve import run_loss_curve
 
@@ -185,6 +187,12 @@ class KleinLabTrainLora(io.ComfyNode):
                     optional=True,
                     tooltip="Decode previews with this VAE; without it previews are a rough latent view.",
                 ),
+                TRAINING_OPTIONS.Input(
+                    "options",
+                    optional=True,
+                    tooltip="From 'Klein Training Options' (memory, optimizer, schedule, EMA, ...). Without it: "
+                    "memory auto and the preset's choices; a resumed run keeps its own.",
+                ),
             ],
             outputs=[
                 io.Model.Output(display_name="model"),
@@ -206,12 +214,14 @@ class KleinLabTrainLora(io.ComfyNode):
         sample_steps: int,
         sample_cfg: float,
         vae=None,
+        options: TrainingOptions | None = None,
         **widgets,
     ) -> io.NodeOutput:
-        settings = settings_from_widgets(preset, **widgets)
+        settings = with_options(settings_from_widgets(preset, **widgets), options)
         run = open_run(run_name, settings, encoded_dataset, resume)
         if resume:  # which items train was decided when the run started: keep its held-out share
             settings = replace(settings, validation_holdout=run.settings.validation_holdout)
+            settings = settings if options is not None else keep_run_options(settings, run.settings)
         samples = sample_config(encoded_dataset, sample_steps, sample_cfg, settings.seed)
         outcome = train_in_comfy(
             model,
