@@ -183,12 +183,14 @@ def test_fixed_modes_and_no_probe() -> None:
 
 
 def test_first_step_peak_corrects_the_plan() -> None:
-    """A first step that peaks higher than estimated raises the recompute share so the new estimate fits."""
+    """A first step that peaks higher than estimated raises the recompute share so the new estimate fits; a
+    lower peak never lowers it (fragmentation under a cap does not show in the peak)."""
     plan = _plan(16.0)
     checked = memory.check_first_step(plan, plan.expected_peak + 3 * GIB)
     assert checked.share > plan.share
     assert checked.expected_peak <= checked.limit - memory.margin(checked.limit)
     assert "First step peaked" in checked.reason
+    assert memory.check_first_step(plan, plan.expected_peak - 2 * GIB) == plan  # lower: the plan stays
     assert memory.check_first_step(_plan(16.0, "fastest"), 100 * GIB).share == 0.0  # only auto is corrected
 
 
@@ -198,7 +200,7 @@ def test_auto_plan_reaches_the_callbacks_and_the_trainer(tmp_path: Path) -> None
     notices = Notices()
     probe = FakeProbe(0, 100 * GIB, peak=1)
     train(tiny_klein(SPEC), _items(), s, RunFolder.create(tmp_path, s, {}), notices, memory_probe=probe)
-    assert notices.lines and notices.lines[0].startswith("memory auto: no recompute")
+    assert notices.lines and notices.lines[0].startswith("memory auto: nothing recomputed")
 
 
 def test_out_of_memory_falls_back_to_least_memory(tmp_path: Path, monkeypatch) -> None:

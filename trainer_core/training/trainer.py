@@ -30,7 +30,15 @@ from ..runs.runfolder import RunFolder, checkpoint_step
 from .data import BatchOrder, TrainItem, collate, dataset_hash, derive_seed
 from .ema import LoraEma, ema_path
 from .faults import TrainingOutOfMemoryError, out_of_memory_message
-from .memory import MemoryPlan, MemoryProbe, check_first_step, default_probe, fall_back, plan_memory
+from .memory import (
+    MemoryPlan,
+    MemoryProbe,
+    cast_weight_bytes,
+    check_first_step,
+    default_probe,
+    fall_back,
+    plan_memory,
+)
 from .objective import add_noise, flow_loss, sample_sigmas, shifted_sigmas, velocity_target
 from .settings import TrainSettings
 
@@ -201,8 +209,10 @@ class _Run:
         self.ema = LoraEma(self.lora, settings.ema_decay) if settings.ema_decay > 0 else None
         lora_params = sum(p.numel() for p in self.lora.parameters())
         self.probe = probe
+        blocks = [*model.double_blocks, *model.single_blocks]
+        tokens = _largest_tokens(self.items)
         self.plan: MemoryPlan = plan_memory(
-            settings, read_shape(model), _largest_tokens(self.items), self.compile_blocks, lora_params, probe
+            settings, read_shape(model), tokens, self.compile_blocks, lora_params, probe, cast_weight_bytes(blocks)
         )
         self.last_checkpoint: Path | None = None
         self.last_saved_step = -1
