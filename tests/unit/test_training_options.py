@@ -17,6 +17,7 @@ from klein_lora_lab.trainer_core.runs.runfolder import RunFolder
 from klein_lora_lab.trainer_core.training import memory, trainer
 from klein_lora_lab.trainer_core.training.data import TrainItem
 from klein_lora_lab.trainer_core.training.ema import ema_path
+from klein_lora_lab.trainer_core.training.faults import TrainingOutOfMemoryError
 from klein_lora_lab.trainer_core.training.objective import flux2_shift_mu, sample_sigmas
 from klein_lora_lab.trainer_core.training.options import (
     OPTION_FIELDS,
@@ -204,8 +205,9 @@ def test_auto_plan_reaches_the_callbacks_and_the_trainer(tmp_path: Path) -> None
 
 
 def test_out_of_memory_falls_back_to_least_memory(tmp_path: Path, monkeypatch) -> None:
-    """A step that runs out of memory with blocks kept is retried once with every block recomputed, says so,
-    and the run trains on exactly as a least-memory run does."""
+    """In auto, a step that runs out of memory with blocks kept is retried once with every block recomputed,
+    says so, and the run trains on exactly as a least-memory run does; a chosen mode (fastest) fails instead,
+    with the advice."""
     real = trainer.klein_forward
     shares: list[float] = []
 
@@ -217,16 +219,19 @@ def test_out_of_memory_falls_back_to_least_memory(tmp_path: Path, monkeypatch) -
         return real(*args, **kwargs)
 
     monkeypatch.setattr(trainer, "klein_forward", forward)
-    s = TrainSettings(**BASE, memory_mode="fastest")
+    s = TrainSettings(**BASE, memory_mode="auto")
     notices = Notices()
     run = RunFolder.create(tmp_path / "a", s, {})
-    train(tiny_klein(SPEC), _items(), s, run, notices)
+    train(tiny_klein(SPEC), _items(), s, run, notices, memory_probe=FakeProbe(0, 100 * GIB, peak=1))
     assert shares[0] == 0.0 and set(shares[1:]) == {1.0}
     assert "fell back to least memory" in notices.lines[-1]
     least = TrainSettings(**BASE, memory_mode="least_memory")
     ref = RunFolder.create(tmp_path / "b", least, {})
     train(tiny_klein(SPEC), _items(), least, ref)
     assert [r["loss"] for r in run.read_metrics()] == [r["loss"] for r in ref.read_metrics()]
+    fastest = TrainSettings(**BASE, memory_mode="fastest")
+    with pytest.raises(TrainingOutOfMemoryError, match="out of device memory"):
+        train(tiny_klein(SPEC), _items(), fastest, RunFolder.create(tmp_path / "c", fastest, {}))
 
 
 # -- EMA ------------------------------------------------------------------------------------------------------

@@ -277,7 +277,7 @@ class _Run:
         return loss_value, norm_value
 
     def guarded_step(self, step: int, first: bool) -> tuple[float, float]:
-        """`step`, with the memory plan checked against the first step's peak and, when a step runs out of
+        """`step`, with an auto memory plan checked against the first step's peak and, when a step runs out of
         memory while blocks were kept, retried once with every block recomputed (least memory)."""
         if first and self.probe is not None:
             self.probe.reset_peak()
@@ -285,7 +285,8 @@ class _Run:
         try:
             result = self.step(step)
         except torch.OutOfMemoryError as err:
-            if self.plan.share >= 1.0 or self.plan.fell_back:
+            # Only auto falls back: a chosen mode fails with the advice (TrainingOutOfMemoryError), as it asked.
+            if self.plan.mode != "auto" or self.plan.share >= 1.0 or self.plan.fell_back:
                 raise
             error = str(err) or "out of memory"  # retried below, once the traceback (and activations) is gone
         if error:
