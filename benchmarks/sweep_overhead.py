@@ -37,12 +37,14 @@ VALUES = "1e-3, 2e-3, 5e-3"
 def album(count: int = 4):
     from klein_lora_lab.trainer_core.album.latent_cache import EncodedDataset
     from klein_lora_lab.trainer_core.model.tiny import TinySpec, tiny_conditioning
-    from klein_lora_lab.trainer_core.training.data import TrainItem, dataset_hash
+    from klein_lora_lab.trainer_core.training.data import TrainItem, train_items_hash
 
     gen = torch.Generator().manual_seed(0)
     context = tiny_conditioning(TinySpec(), tokens=8, seed=1)[0]
     items = tuple(TrainItem(torch.randn(128, 2, 2, generator=gen), context, name=f"x{i}") for i in range(count))
-    return EncodedDataset(items, ("TOK",) * count, None, (), (), dataset_hash(items), "TOK", "images", count, 0, 0.0)
+    return EncodedDataset(
+        items, ("TOK",) * count, None, (), (), train_items_hash(items), "TOK", "images", count, 0, 0.0
+    )
 
 
 def widgets(steps: int) -> dict:

@@ -4,7 +4,11 @@ Random weights have the real shapes, so time and memory hold for the real model.
 process on the same ComfyUI-loaded model (built through ComfyUI's own loader), same rank, resolution, batch,
 bf16. Prints one JSON line per measurement and a markdown table at the end.
 
-    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/train_bench.py --variants 4b --res 512,1024 --ranks 32
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/train_bench.py --variants 4b --res 512,1024 --ranks 32 \
+        --which ours-auto,ours-least,core --cap-gib 12
+
+Our rows run the Train node's own path (`nodes/comfy/training.train_in_comfy`, what the node's execute calls)
+with Training Options applied; `--cap-gib` limits the process's GPU memory as a smaller card would.
 
 FLOPs per step are counted analytically for a LoRA step without recomputation: the forward (2·params·tokens
 for the block/global linears plus 4·L²·hidden per block for attention) and a backward that needs input
@@ -101,49 +105,44 @@ def _sdpa_backend():
 
 
 def bench_ours(
-    patcher, variant: str, res: int, rank: int, batch: int, warmup: int, steps: int, share: float, compiled: bool
+    patcher, variant: str, res: int, rank: int, batch: int, warmup: int, steps: int, memory: str, compile_mode: str
 ) -> dict:
-    """This pack's trainer (trainer_core.trainer.train) on the loaded model; the first `warmup` steps are dropped."""
-    import tempfile
+    """This pack's Train node path: `train_in_comfy` (the function the node's execute calls) on the loaded MODEL,
+    with the Training Options `memory` ("auto", "fastest", "least memory" or a recompute share) and `compile`.
+    Step times are the trainer's own per-step records in the run's metrics.jsonl; the first `warmup` are dropped.
+    """
+    import uuid
 
     import comfy.model_management
+    from klein_lora_lab.nodes.comfy.paths import register_runs_folder, runs_dir
+    from klein_lora_lab.nodes.comfy.training import train_in_comfy
     from klein_lora_lab.trainer_core.runs.runfolder import RunFolder
+    from klein_lora_lab.trainer_core.training.options import MEMORY_CHOICES, TrainingOptions, with_options
     from klein_lora_lab.trainer_core.training.settings import TrainSettings
-    from klein_lora_lab.trainer_core.training.trainer import TrainCallbacks, train
 
     # Core's trainer leaves its own reloaded copy resident: unload everything so the peak is ours alone.
     comfy.model_management.unload_all_models()
     torch.cuda.empty_cache()
-    comfy.model_management.load_models_gpu([patcher], force_full_load=True)
     items = bench_items(variant, res, batch)
-    settings = TrainSettings(
-        rank=rank,
-        alpha=float(rank),
-        steps=warmup + steps,
-        batch_size=batch,
-        checkpoint_every=0,
-        gradient_checkpointing=share > 0,
-        checkpoint_share=share if share > 0 else 1.0,
-        compile_blocks="on" if compiled else "off",
+    if memory in MEMORY_CHOICES:
+        options = TrainingOptions(memory=memory, compile=compile_mode)
+    else:
+        options = TrainingOptions(memory="recompute share", recompute_share=float(memory), compile=compile_mode)
+    base = TrainSettings(
+        rank=rank, alpha=float(rank), steps=warmup + steps, batch_size=batch, checkpoint_every=0, sample_every=0
     )
-
-    class StepTimes(TrainCallbacks):
-        """Per-step wall times reported by the trainer (each includes the step's one host sync)."""
-
-        def __init__(self) -> None:
-            self.seconds: list[float] = []
-
-        def on_step(self, step: int, total: int, loss: float, lr: float, seconds: float) -> None:
-            self.seconds.append(seconds)
-
-    times = StepTimes()
+    settings = with_options(base, options)
+    register_runs_folder()
+    run = RunFolder.create(runs_dir() / f"bench-{uuid.uuid4().hex[:8]}", settings, {"benchmark": True})
     torch.cuda.reset_peak_memory_stats()
-    with tempfile.TemporaryDirectory() as tmp, _sdpa_backend():
-        run = RunFolder.create(Path(tmp) / "run", settings, {"benchmark": True})
-        train(patcher.model.diffusion_model, items, settings, run, times, device="cuda")
+    with _sdpa_backend():
+        outcome = train_in_comfy(patcher, items, settings, run, False, None, None, None)
+    seconds = [r["seconds"] for r in run.read_metrics() if "seconds" in r]
     return {
-        "s_per_step": statistics.median(times.seconds[warmup:]),
+        "s_per_step": statistics.median(seconds[warmup:]),
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "first_step_s": seconds[0],
+        "memory_plan": [n for n in outcome.notices if n.startswith("memory")],
     }
 
 
@@ -194,6 +193,12 @@ def bench_core(patcher, variant: str, res: int, rank: int, batch: int, warmup: i
     return {"s_per_step": (t_long - t_short) / steps, "peak_gib": torch.cuda.max_memory_allocated() / 2**30}
 
 
+def _cap(gib: float) -> None:
+    """Cap this process's share of the GPU's memory (0 = the whole GPU), as a smaller card would."""
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, gib * 2**30 / total) if gib > 0 else 1.0)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default="4b")
@@ -202,8 +207,14 @@ def main() -> None:
     parser.add_argument("--batches", default="1")
     parser.add_argument(
         "--which",
-        default="ours-off,ours-full,core",
-        help="ours-off, ours-full, ours-<share of blocks checkpointed>, core",
+        default="ours-auto,core",
+        help="ours-auto, ours-fastest, ours-least, ours-<share of blocks recomputed>, core (comma-separated)",
+    )
+    parser.add_argument(
+        "--cap-gib",
+        type=float,
+        default=0.0,
+        help="limit this process's GPU memory for our rows (torch.cuda.set_per_process_memory_fraction); 0 = none",
     )
     parser.add_argument("--core-depth", type=int, default=1)
     parser.add_argument("--warmup", type=int, default=3)
@@ -211,9 +222,13 @@ def main() -> None:
     parser.add_argument("--jsonl", type=Path, default=None)
     parser.add_argument("--model-dir", type=Path, default=Path("/tmp"), help="where the random model file is written")
     parser.add_argument("--sdpa", choices=("default", "cudnn", "flash"), default="default")
-    parser.add_argument("--compile", action="store_true", help="torch.compile each block (fuses element-wise ops)")
+    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="Training Options' compile")
     parser.add_argument("--weight-dtype", choices=sorted(WEIGHT_DTYPES), default="bf16", help="base weights")
+    parser.add_argument("--table", type=Path, default=None, help="only print the docs table of these JSON lines")
     args = parser.parse_args()
+    if args.table is not None:
+        print(markdown_table([json.loads(line) for line in args.table.read_text().splitlines() if line.strip()]))
+        return
     SDPA_BACKEND["name"] = args.sdpa
 
     root = comfy_path()
@@ -226,6 +241,9 @@ def main() -> None:
 
     comfy.cli_args.args.cpu = False
     register_pack()
+    import folder_paths
+
+    folder_paths.set_output_directory(str(args.model_dir / "comfy_output"))
     gpu = torch.cuda.get_device_name()
     peak = next((v for k, v in BF16_PEAK_TFLOPS.items() if k in gpu), 989.0)
     rows = []
@@ -237,10 +255,11 @@ def main() -> None:
                     for which in args.which.split(","):
                         try:
                             if which.startswith("ours"):
-                                mode = which.partition("-")[2] or "full"
-                                share = {"off": 0.0, "full": 1.0}[mode] if mode in ("off", "full") else float(mode)
+                                mode = which.partition("-")[2] or "auto"
+                                memory = {"least": "least memory"}.get(mode, mode)
+                                _cap(args.cap_gib)
                                 r = bench_ours(
-                                    patcher, variant, res, rank, batch, args.warmup, args.steps, share, args.compile
+                                    patcher, variant, res, rank, batch, args.warmup, args.steps, memory, args.compile
                                 )
                             else:
                                 r = bench_core(
@@ -248,14 +267,17 @@ def main() -> None:
                                 )
                         except torch.OutOfMemoryError as err:
                             r = {"s_per_step": float("nan"), "peak_gib": float("nan"), "error": f"OOM: {err}"[:200]}
+                        finally:
+                            _cap(0.0)
                         torch.cuda.empty_cache()
                         flops = step_flops(variant, res, batch)
                         row = {
                             "gpu": gpu,
                             "trainer": which
                             + ("" if args.sdpa == "default" else f"/{args.sdpa}")
-                            + ("/compiled" if args.compile and which.startswith("ours") else "")
+                            + (f"/compile-{args.compile}" if which.startswith("ours") else "")
                             + ("/fp8-weights" if args.weight_dtype == "fp8" else ""),
+                            "cap_gib": args.cap_gib if which.startswith("ours") else 0.0,
                             "variant": variant,
                             "res": res,
                             "rank": rank,
@@ -273,13 +295,23 @@ def main() -> None:
                                 fh.write(line + "\n")
         del patcher
         torch.cuda.empty_cache()
-    print("\n| trainer | variant | res | rank | batch | s/step | peak GiB | img/s | TFLOP/s |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print(markdown_table(rows))
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """The docs table from benchmark rows (the JSON lines this script prints)."""
+    lines = [
+        "| trainer | variant | res | batch | cap GiB | s/step | peak GiB | img/s | TFLOP/s | first step s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        print(
-            f"| {r['trainer']} | {r['variant']} | {r['res']} | {r['rank']} | {r['batch']} | {r['s_per_step']:.3f} | "
-            f"{r['peak_gib']:.1f} | {r['images_per_s']:.2f} | {r['tflops']:.0f} |"
+        cap = f"{r['cap_gib']:g}" if r.get("cap_gib") else "—"
+        first = f"{r['first_step_s']:.1f}" if "first_step_s" in r else "—"
+        lines.append(
+            f"| {r['trainer']} | {r['variant']} | {r['res']}² | {r['batch']} | {cap} | {r['s_per_step']:.3f} | "
+            f"{r['peak_gib']:.1f} | {r['images_per_s']:.2f} | {r['tflops']:.0f} | {first} |"
         )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

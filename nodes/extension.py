@@ -14,6 +14,7 @@ NODE_MODULES: tuple[str, ...] = (
     "train.encode_dataset",
     "train.train_lora",
     "train.sweep",
+    "train.training_options",
     "train.loss_curve",
     "loras.lora_loader_blocks",
     "loras.lora_stack",

@@ -32,7 +32,7 @@ from ...trainer_core.runs.sweep import (
     write_manifest,
 )
 from ...trainer_core.training.trainer import RESUMABLE_CHANGES
-from .feedback import _prompt_server, send_event
+from .feedback import prompt_server, send_event
 from .paths import register_runs_folder
 from .train_setup import new_or_resumed_run, sample_config, settings_from_widgets
 from .training import TrainOutcome, train_in_comfy
@@ -69,7 +69,7 @@ def manifest_fingerprint(name: str) -> str:
 
 def _say(node_id: str | None, text: str) -> None:
     LOG.info("Klein LoRA Lab: %s", text)
-    server = _prompt_server()
+    server = prompt_server()
     if server is not None and node_id is not None:
         server.send_progress_text(text, node_id, server.client_id)
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import comfy.model_management as mm
@@ -22,6 +22,7 @@ from .feedback import EVENT_CHECKPOINT, EVENT_DONE, EVENT_SAMPLE, LiveProgress, 
 from .images import decode_images, tensor_to_pil
 from .interrupt import interrupt_requested
 from .model_env import loaded_for_training, reload_model, training_mode
+from .notices import NodeNotices
 from .paths import lora_list_name, output_relative
 
 LOG = logging.getLogger("klein_lora_lab")
@@ -55,14 +56,20 @@ class ComfyCallbacks(TrainCallbacks):
         device: torch.device,
         samples: SampleConfig | None,
         vae=None,
+        notices: NodeNotices | None = None,
     ) -> None:
         self.progress, self.run, self.patcher, self.model, self.device = progress, run, model_patcher, model, device
         self.samples, self.vae = samples, vae
+        self.notices = notices or NodeNotices(None)
         self.sample_files: list[Path] = []
         self.checkpoints: list[Path] = []
 
     def on_step(self, step: int, total: int, loss: float, lr: float, seconds: float) -> None:
+        self.notices.first_step_done()
         self.progress.step(step, loss, lr)
+
+    def on_notice(self, text: str) -> None:
+        self.notices.show(text)
 
     def on_checkpoint(self, step: int, path: Path) -> None:
         self.checkpoints.append(path)
@@ -130,6 +137,7 @@ class TrainOutcome:
     sample_files: list[Path]
     interrupted: bool
     message: str
+    notices: list[str] = field(default_factory=list)
 
 
 def train_in_comfy(
@@ -154,13 +162,18 @@ def train_in_comfy(
     progress = LiveProgress(settings.steps, node_id, run.path.name, first)
     interrupted = False
     result = None
+    notices = NodeNotices(node_id)
     with loaded_for_training(patcher) as (model, device), training_mode():
-        callbacks = ComfyCallbacks(progress, run, patcher, model, device, samples, vae)
+        callbacks = ComfyCallbacks(progress, run, patcher, model, device, samples, vae, notices)
+        if settings.compile_blocks == "on" or (settings.compile_blocks == "auto" and device.type == "cuda"):
+            notices.start_compile_clock()
         try:
             result = train(model, items, settings, run, callbacks, empty_context, device, resume)
             interrupted = result.stopped_early
         except mm.InterruptProcessingException:
             interrupted = True
+        finally:
+            notices.first_step_done()
     checkpoint = result.last_checkpoint if result is not None else run.latest_checkpoint()
     where = "no checkpoint (stopped before the first step)" if checkpoint is None else lora_list_name(checkpoint)
     if interrupted:
@@ -172,8 +185,8 @@ def train_in_comfy(
     else:
         message = (
             f"Finished {result.steps_done} steps ({progress.rate(result.steps_done):.2f} it/s), "
-            f"final loss {result.final_loss:.4f}: {where}"
-        )
+            f"final loss {result.final_loss:.4f}: {where}. {notices.summary()}"
+        ).strip()
     if result is not None and result.notes:  # resume fell back, found gaps or had nothing to resume: say so
         message = f"{message} Note: {' '.join(result.notes)}"
     if node_id is not None:
@@ -182,7 +195,7 @@ def train_in_comfy(
             server.send_progress_text(message, node_id, server.client_id)
     send_event(EVENT_DONE, {"run": run.path.name, "interrupted": interrupted, "lora": where, "message": message})
     LOG.info("Klein LoRA Lab: %s", message)
-    return TrainOutcome(run, result, checkpoint, callbacks.sample_files, interrupted, message)
+    return TrainOutcome(run, result, checkpoint, callbacks.sample_files, interrupted, message, notices.lines)
 
 
 def model_with_lora(model_patcher, lora_name: str):

@@ -9,6 +9,7 @@ from comfy_api.latest import io
 from ...trainer_core.album.latent_cache import EncodedDataset
 from ...trainer_core.analysis.loss_curve import run_loss_curve
 from ...trainer_core.errors import check_number
+from ...trainer_core.training.options import TrainingOptions, keep_run_options, with_options
 from ...trainer_core.training.sampling import CFG_MAX, CFG_MIN
 from ...trainer_core.training.settings import PRESETS
 from ..comfy.interrupt import raise_interrupt
@@ -17,6 +18,7 @@ from ..comfy.run_outputs import output_fingerprint, record_output
 from ..comfy.sockets import ENCODED_DATASET
 from ..comfy.train_setup import new_or_resumed_run, sample_config, settings_from_widgets
 from ..comfy.training import model_with_lora, train_in_comfy, ui_image
+from ..comfy.training_options import TRAINING_OPTIONS
 
 
 def _int(name: str, default: int, lo: int, hi: int, tip: str, step: int = 1) -> io.Int.Input:
@@ -131,6 +133,12 @@ class KleinLabTrainLora(io.ComfyNode):
                     optional=True,
                     tooltip="Decode previews with this VAE; without it previews are a rough latent view.",
                 ),
+                TRAINING_OPTIONS.Input(
+                    "options",
+                    optional=True,
+                    tooltip="From 'Klein Training Options' (memory, optimizer, schedule, EMA, ...). Without it: "
+                    "memory auto and the preset's choices; a resumed run keeps its own.",
+                ),
             ],
             outputs=[
                 io.Model.Output(display_name="model"),
@@ -157,13 +165,15 @@ class KleinLabTrainLora(io.ComfyNode):
         sample_steps: int,
         sample_cfg: float,
         vae=None,
+        options: TrainingOptions | None = None,
         **widgets,
     ) -> io.NodeOutput:
-        settings = settings_from_widgets(preset, **widgets)
+        settings = with_options(settings_from_widgets(preset, **widgets), options)
         check_number(sample_cfg, "sample_cfg", CFG_MIN, CFG_MAX)  # before the run folder exists (NaN passes min/max)
         run = new_or_resumed_run(run_name, settings, encoded_dataset, resume)
         if resume:  # which items train was decided when the run started: keep its held-out share
             settings = replace(settings, validation_holdout=run.settings.validation_holdout)
+            settings = settings if options is not None else keep_run_options(settings, run.settings)
         samples = sample_config(encoded_dataset, sample_steps, sample_cfg, settings.seed)
         outcome = train_in_comfy(
             model,

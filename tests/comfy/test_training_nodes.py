@@ -297,7 +297,17 @@ def test_cancel_keeps_a_resumable_run_and_resume_finishes_it_exactly(comfy_serve
         assert torch.equal(resumed[name].up, reference[name].up), name
 
 
-SOCKET_TYPES = {"MODEL", "CLIP", "VAE", "CONDITIONING", "IMAGE", "KLEIN_DATASET", "KLEIN_ENCODED_DATASET", "*"}
+SOCKET_TYPES = {
+    "MODEL",
+    "CLIP",
+    "VAE",
+    "CONDITIONING",
+    "IMAGE",
+    "KLEIN_DATASET",
+    "KLEIN_ENCODED_DATASET",
+    "KLEIN_TRAINING_OPTIONS",
+    "*",
+}
 
 
 @pytest.mark.parametrize(
@@ -305,7 +315,8 @@ SOCKET_TYPES = {"MODEL", "CLIP", "VAE", "CONDITIONING", "IMAGE", "KLEIN_DATASET"
 )
 def test_example_workflow_matches_the_nodes(comfy_server, name):
     """Each shipped training workflow uses nodes this ComfyUI knows, with inputs in the server's order, one widget
-    value per widget input, and links whose slots carry the declared types (what the frontend needs to load it)."""
+    value per widget input, and links whose slots carry the declared types (what the frontend needs to load it).
+    An optional socket input added after the workflow was saved may be absent (the frontend adds it on load)."""
     workflow = json.loads((Path(__file__).parents[2] / "workflows" / name).read_text())
     info = comfy_server.object_info()
     by_id = {n["id"]: n for n in workflow["nodes"]}
@@ -316,10 +327,13 @@ def test_example_workflow_matches_the_nodes(comfy_server, name):
         if not node["type"].startswith("KleinLab"):
             continue
         spec = info[node["type"]]
-        order = spec["input_order"]["required"] + spec["input_order"].get("optional", [])
-        assert [i["name"] for i in node["inputs"]] == order, node["type"]
         all_inputs = {**spec["input"]["required"], **spec["input"].get("optional", {})}
-        widgets = [n for n in order if not (isinstance(all_inputs[n][0], str) and all_inputs[n][0] in SOCKET_TYPES)]
+        names = [i["name"] for i in node["inputs"]]
+        order = spec["input_order"]["required"] + [
+            n for n in spec["input_order"].get("optional", []) if n in names or not _is_socket(all_inputs[n])
+        ]
+        assert names == order, node["type"]
+        widgets = [n for n in order if not _is_socket(all_inputs[n])]
         assert len(node["widgets_values"]) == len(widgets), node["type"]
         for name, value in zip(widgets, node["widgets_values"], strict=True):
             kind = all_inputs[name][0]
@@ -331,6 +345,10 @@ def test_example_workflow_matches_the_nodes(comfy_server, name):
         assert by_id[dst]["inputs"][dst_slot]["link"] == link_id
         assert link_id in by_id[src]["outputs"][src_slot]["links"]
         assert by_id[dst]["inputs"][dst_slot]["type"] in (kind, "*")
+
+
+def _is_socket(spec) -> bool:
+    return isinstance(spec[0], str) and spec[0] in SOCKET_TYPES
 
 
 def test_image_pairs_train_with_reference_latents(comfy_env, tiny_spec, tmp_path):

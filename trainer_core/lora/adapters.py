@@ -169,6 +169,13 @@ class LoraTrainable(nn.Module):
             return y
         return add_lora(x, y, self.down[key], self.up[key], self.scale)
 
+    def fused(self, name: str) -> tuple[Tensor, Tensor, float] | None:
+        """Module `name`'s (down [r, in], up [out, r], scale), the live parameters (gradients flow), or None."""
+        key = self._index.get(name)
+        if key is None:
+            return None
+        return self.down[key], self.up[key], self.scale
+
     def weights(self) -> dict[str, LoraWeights]:
         """Detached copies of the current weights, by module name."""
         return {

@@ -9,6 +9,10 @@ Flux2's resolution-dependent shift, the same function and μ that ComfyUI's `Flu
     σ = flux_time_shift(μ, 1, t) = e^μ / (e^μ + (1/t − 1)),   μ = compute_empirical_mu(h·w tokens, 50 steps).
 With uniform t this is exactly the σ distribution visited by a 50-step Flux2Scheduler run at that resolution
 (the scheduler puts its σ at t = linspace(1, 0, steps + 1)). See docs/training-core.md.
+
+"flux2_shift" follows musubi-tuner's `--timestep_sampling flux2_shift`: t = sigmoid(N(0, 1)) and
+σ = flux_time_shift(μ, 1, t) with μ linear in the h·w image tokens (0.5 at 256, 1.15 at 4096), so a LoRA
+trained there and here sees the same σ distribution.
 """
 
 from __future__ import annotations
@@ -40,14 +44,20 @@ def flux_time_shift(mu: float, sigma: float, t: Tensor) -> Tensor:
     return math.exp(mu) / (math.exp(mu) + (1 / t - 1) ** sigma)
 
 
+def flux2_shift_mu(image_seq_len: int) -> float:
+    """μ of musubi-tuner's flux2_shift: the line through (256 tokens, 0.5) and (4096 tokens, 1.15)."""
+    slope = (1.15 - 0.5) / (4096 - 256)
+    return 0.5 + slope * (image_seq_len - 256)
+
+
 def sample_t(batch: int, generator: torch.Generator, mode: str = "uniform") -> Tensor:
     """Unshifted times t [batch] in (0, 1), drawn on the CPU from `generator` (device independent)."""
     if mode == "uniform":
         t = torch.rand(batch, generator=generator, dtype=torch.float64)
-    elif mode == "logit_normal":
+    elif mode in ("logit_normal", "flux2_shift"):
         t = torch.sigmoid(torch.randn(batch, generator=generator, dtype=torch.float64))
     else:
-        raise ValueError(f"timestep_sampling={mode!r}: use 'uniform' or 'logit_normal'.")
+        raise ValueError(f"timestep_sampling={mode!r}: use 'uniform', 'logit_normal' or 'flux2_shift'.")
     return t.clamp(T_EPS, 1 - T_EPS)
 
 
@@ -58,7 +68,10 @@ def shifted_sigmas(t: Tensor, image_seq_len: int) -> Tensor:
 
 def sample_sigmas(batch: int, image_seq_len: int, generator: torch.Generator, mode: str = "uniform") -> Tensor:
     """Training σ [batch] (float32, CPU) for latents of `image_seq_len` = h·w tokens."""
-    return shifted_sigmas(sample_t(batch, generator, mode), image_seq_len)
+    t = sample_t(batch, generator, mode)
+    if mode == "flux2_shift":
+        return flux_time_shift(flux2_shift_mu(image_seq_len), 1.0, t).to(torch.float32)
+    return shifted_sigmas(t, image_seq_len)
 
 
 def add_noise(x0: Tensor, noise: Tensor, sigma: Tensor) -> Tensor:

@@ -18,9 +18,13 @@ from ..errors import pack_error, shown
 OPTIMIZERS = ("adamw", "adamw8bit")
 LR_SCHEDULES = ("constant", "cosine")
 MIXED_PRECISION = ("bf16", "fp32")
-TIMESTEP_SAMPLING = ("uniform", "logit_normal")
+TIMESTEP_SAMPLING = ("uniform", "logit_normal", "flux2_shift")
 SAVE_DTYPES = ("bf16", "fp16", "fp32")
 COMPILE_BLOCKS = ("auto", "on", "off")
+# "share": recompute `checkpoint_share` of the blocks (runs made before memory modes existed); "auto": the
+# largest no-recompute share that fits the free memory (memory.py); "fastest": no recompute; "least_memory":
+# recompute every block.
+MEMORY_MODES = ("share", "auto", "fastest", "least_memory")
 
 
 @pack_error
@@ -39,10 +43,15 @@ class TrainSettings:
     timestep_sampling: how training draws σ. "uniform" draws t ~ U(0, 1) and "logit_normal" draws
     t = sigmoid(N(0, 1)); either t is then mapped through Flux2's resolution-dependent shift
     σ = flux_time_shift(μ(image tokens, 50 steps), 1, t), the same map ComfyUI's Flux2Scheduler uses to sample
-    Klein Base (see objective.py and docs/training-core.md).
+    Klein Base (see objective.py and docs/training-core.md). "flux2_shift" is musubi-tuner's convention: t =
+    sigmoid(N(0, 1)) shifted with μ linear in the image tokens (0.5 at 256 tokens, 1.15 at 4096).
     save_dtype: dtype of the LoRA tensors in checkpoint files (resume state always keeps fp32 master weights).
     checkpoint_share: with gradient_checkpointing, the share of blocks recomputed in backward (1.0 = all: least
     memory; lower = faster, more memory; see docs/gpu-performance.md).
+    memory_mode: how much of the blocks is recomputed in backward (MEMORY_MODES above); "share" uses
+    gradient_checkpointing and checkpoint_share as given.
+    ema_decay: 0 = off; else an exponential moving average of the LoRA weights (e.g. 0.999) is kept and saved
+    beside every checkpoint as step_000500.ema.safetensors.
     compile_blocks: torch.compile the blocks ("auto" = on CUDA only: faster after a one-off compile).
     validation_holdout: share of an album of at least 10 items held out of training for the validation loss
     (a fixed, seeded choice: data.holdout_split); 0, or a smaller album, validates on training items.
@@ -72,6 +81,8 @@ class TrainSettings:
     checkpoint_share: float = 1.0
     compile_blocks: str = "auto"
     validation_holdout: float = 0.0
+    memory_mode: str = "share"
+    ema_decay: float = 0.0
 
     def __post_init__(self) -> None:
         self._check_int("rank", 1, 1024, "use a rank between 4 and 128 (the course uses 16-32)")
@@ -106,6 +117,10 @@ class TrainSettings:
         self._check_float("checkpoint_share", 0.0, 1.0, "use 1.0 (least memory) or e.g. 0.5 for speed")
         self._check_choice("compile_blocks", COMPILE_BLOCKS)
         self._check_float("validation_holdout", 0.0, 0.5, "use 0.1 (one item in ten held out) or 0 to train on all")
+        self._check_choice("memory_mode", MEMORY_MODES)
+        self._check_float("ema_decay", 0.0, 0.99999, "use 0 (off) or 0.99-0.9999 (a longer average is smoother)")
+        if 0.0 < self.ema_decay < 0.5:
+            raise _fail("ema_decay", self.ema_decay, "0 or in [0.5, 0.99999]", "use 0 (off) or e.g. 0.999")
 
     # -- validation helpers -------------------------------------------------------------------------------
 

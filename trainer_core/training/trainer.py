@@ -29,7 +29,17 @@ from ..model.targeting import resolve_targets
 from ..model.variants import detect_variant
 from ..runs.runfolder import RunFolder, RunFolderError, checkpoint_step
 from .data import BatchOrder, TrainItem, collate, derive_seed, holdout_split, train_items_hash
+from .ema import LoraEma, ema_path
 from .faults import TrainingOutOfMemoryError, out_of_memory_message
+from .memory import (
+    MemoryPlan,
+    MemoryProbe,
+    cast_weight_bytes,
+    check_first_step,
+    default_probe,
+    fall_back,
+    plan_memory,
+)
 from .objective import add_noise, flow_loss, sample_sigmas, shifted_sigmas, velocity_target
 from .settings import TrainSettings, require_optimizer_installed
 
@@ -45,6 +55,7 @@ RESUMABLE_CHANGES = frozenset(
         "gradient_checkpointing",
         "checkpoint_share",
         "compile_blocks",
+        "memory_mode",
     }
 )
 VALIDATION_T = (0.2, 0.4, 0.6, 0.8)  # fixed times of the validation loss (mapped through the Flux2 shift)
@@ -71,6 +82,9 @@ class TrainCallbacks:
     def should_stop(self) -> bool:
         """Polled after every step; True saves a checkpoint now and returns with stopped_early=True."""
         return False
+
+    def on_notice(self, text: str) -> None:
+        """A one-line status for the artist: the memory plan and its corrections, the one-off compile."""
 
 
 @dataclass
@@ -170,6 +184,7 @@ class _Run:
         callbacks: TrainCallbacks,
         empty_context: Tensor | None,
         device: torch.device,
+        probe: MemoryProbe | None = None,
     ) -> None:
         self.model, self.items, self.s, self.run, self.cb = model, items, settings, run, callbacks
         # Albums of 10+ items may hold a fixed, seeded share out for the validation loss (never trained on);
@@ -194,6 +209,14 @@ class _Run:
         gen = torch.Generator().manual_seed(derive_seed(settings.seed, "init"))
         self.lora = LoraTrainable(self.targets, settings.rank, settings.alpha, generator=gen, device=device)
         self.opt = _optimizer(settings, list(self.lora.parameters()))
+        self.ema = LoraEma(self.lora, settings.ema_decay) if settings.ema_decay > 0 else None
+        lora_params = sum(p.numel() for p in self.lora.parameters())
+        self.probe = probe
+        blocks = [*model.double_blocks, *model.single_blocks]
+        tokens = _largest_tokens(self.items)
+        self.plan: MemoryPlan = plan_memory(
+            settings, read_shape(model), tokens, self.compile_blocks, lora_params, probe, cast_weight_bytes(blocks)
+        )
         self.last_checkpoint: Path | None = None
         self.last_saved_step = -1
         self.saving = False  # True while a checkpoint is written: an error there must not trigger another save
@@ -219,8 +242,7 @@ class _Run:
         g_sigma = torch.Generator().manual_seed(derive_seed(s.seed, "sigma", step, micro))
         sigma = sample_sigmas(b, batch.x0.shape[-2] * batch.x0.shape[-1], g_sigma, s.timestep_sampling)
         sigma = sigma.to(self.device)
-        share = s.checkpoint_share if s.gradient_checkpointing else 0.0
-        return self._loss(batch.x0, noise, sigma, batch.context, batch.refs, checkpointing=share)
+        return self._loss(batch.x0, noise, sigma, batch.context, batch.refs, checkpointing=self.plan.share)
 
     def _loss(
         self, x0: Tensor, noise: Tensor, sigma: Tensor, context: Tensor, refs: tuple[Tensor, ...], checkpointing: float
@@ -254,7 +276,36 @@ class _Run:
         if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
             self._diverged(step, f"the loss is {loss_value} and the gradient norm {norm_value}, not finite")
         self.opt.step()
+        if self.ema is not None:
+            self.ema.update()
         return loss_value, norm_value
+
+    def guarded_step(self, step: int, first: bool) -> tuple[float, float]:
+        """`step`, with an auto memory plan checked against the first step's peak and, when a step runs out of
+        memory while blocks were kept, retried once with every block recomputed (least memory)."""
+        if first and self.probe is not None:
+            self.probe.reset_peak()
+        error = ""
+        try:
+            result = self.step(step)
+        except torch.OutOfMemoryError as err:
+            # Only auto falls back: a chosen mode fails with the advice (TrainingOutOfMemoryError), as it asked.
+            if self.plan.mode != "auto" or self.plan.share >= 1.0 or self.plan.fell_back:
+                raise
+            error = str(err) or "out of memory"  # retried below, once the traceback (and activations) is gone
+        if error:
+            self.opt.zero_grad(set_to_none=True)
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            self.plan = fall_back(self.plan, error)
+            self.cb.on_notice(self.plan.describe())
+            return self.step(step)
+        if first and self.probe is not None:
+            checked = check_first_step(self.plan, self.probe.peak())
+            if checked != self.plan:
+                self.plan = checked
+                self.cb.on_notice(self.plan.describe())
+        return result
 
     def _diverged(self, step: int, what: str) -> None:
         """Stop with a message naming the step, the likely cause and the last good checkpoint."""
@@ -349,9 +400,14 @@ class _Run:
         if not all(torch.isfinite(w.down).all() and torch.isfinite(w.up).all() for w in weights.values()):
             self._diverged(step, "the LoRA weights hold NaN/Inf")
         tensors, info = _state_tensors(self.lora, self.opt)
+        if self.ema is not None:
+            tensors.update(self.ema.state_tensors())
         info.update(step=step, seed=self.s.seed, dataset_hash=self.dataset_hash, rng="derived:seed,stream,step")
         self.run.save_state(step, tensors, info)
         path = self.run.checkpoint_path(step)
+        if self.ema is not None:  # before the checkpoint file: a visible checkpoint has its EMA beside it
+            meta = {**self.metadata(step), "klein_lab.ema_decay": f"{self.s.ema_decay:g}"}
+            save_lora(ema_path(path), self.ema.weights(), meta, dtype=_SAVE_DTYPES[self.s.save_dtype])
         save_lora(path, weights, self.metadata(step), dtype=_SAVE_DTYPES[self.s.save_dtype])
         self.last_checkpoint, self.last_saved_step = path, step
         self.run.update(last_step=step, status="running")
@@ -377,6 +433,8 @@ class _Run:
                 continue
             try:
                 _load_state(self.lora, self.opt, tensors, info)
+                if self.ema is not None:
+                    self.ema.load_state(tensors)
             except (KeyError, ValueError, TypeError, RuntimeError) as err:  # a description edited by hand
                 problems.append(f"{self.run.state_path(step).name} does not load ({shown(str(err))}).")
                 continue  # the next state loaded replaces the LoRA and optimizer state completely
@@ -435,6 +493,16 @@ class _Run:
         return tensors, info
 
 
+def _largest_tokens(items: Sequence[TrainItem]) -> int:
+    """Tokens per image of the album's largest item: text + image + reference tokens (what the blocks see)."""
+
+    def tokens(item: TrainItem) -> int:
+        refs = sum(r.shape[-2] * r.shape[-1] for r in item.refs)
+        return item.context.shape[-2] + item.latent.shape[-2] * item.latent.shape[-1] + refs
+
+    return max((tokens(item) for item in items), default=1)
+
+
 def _check_resume_settings(run: RunFolder, settings: TrainSettings) -> None:
     diff = {k: v for k, v in run.settings.differences(settings).items() if k not in RESUMABLE_CHANGES}
     if diff:
@@ -454,12 +522,15 @@ def train(
     empty_context: Tensor | None = None,
     device: torch.device | str = "cpu",
     resume: bool = False,
+    memory_probe: MemoryProbe | None = None,
 ) -> TrainResult:
     """Train a LoRA on `model` (Klein module names, already on `device`) and checkpoint it into `run`.
 
     resume=True continues from the run's latest checkpoint (optimizer state restored); resume=False needs a
     run without checkpoints. Raises NonFiniteLossError when the loss diverges (no NaN checkpoint is written),
-    TrainingOutOfMemoryError (memory released, last step kept) when the device runs out of memory.
+    TrainingOutOfMemoryError (memory released, last step kept) when the device runs out of memory even with
+    every block recomputed. memory_probe reads the device's memory for settings.memory_mode 'auto' (default:
+    the CUDA allocator on CUDA devices, none elsewhere).
     """
     require_optimizer_installed(settings)
     cb = callbacks or TrainCallbacks()
@@ -471,10 +542,13 @@ def train(
     # ComfyUI runs nodes under inference_mode: LoRA parameters and every tensor of the loop must be created
     # outside it, so the whole run (including LoRA init and resume) happens in inference_mode(False).
     with torch.inference_mode(False), torch.enable_grad(), _frozen_base(model):
-        state = _Run(model, items, settings, run, cb, empty_context, device)
+        probe = memory_probe if memory_probe is not None else default_probe(device)
+        state = _Run(model, items, settings, run, cb, empty_context, device, probe)
+        cb.on_notice(state.plan.describe())
         step = state.resume() if resume else 0
         if resume and run.settings != settings:  # written only once the checkpoint has been validated
             run.update(settings=settings)
+        first_step = step + 1
         if state.held_out:
             run.update(held_out=[item.name for item in state.held_out])
         stopped = False
@@ -483,7 +557,7 @@ def train(
         try:
             while step < settings.steps and not stopped:
                 t0 = time.perf_counter()
-                loss, norm = state.step(step + 1)
+                loss, norm = state.guarded_step(step + 1, first=step + 1 == first_step)
                 step += 1
                 state.last_loss = loss
                 seconds = time.perf_counter() - t0
