@@ -27,6 +27,11 @@ NODE_MODULES: tuple[str, ...] = (
 
 
 class KleinLabExtension(ComfyExtension):
+    async def on_load(self) -> None:
+        from .comfy.routes import register_routes  # the training panel's routes (history, Stop & keep, ...)
+
+        register_routes()
+
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         nodes: list[type[io.ComfyNode]] = []
         for name in NODE_MODULES:

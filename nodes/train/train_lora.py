@@ -8,18 +8,17 @@ from dataclasses import replace
 from comfy_api.latest import io
 
 from ...trainer_core.album.latent_cache import EncodedDataset
-from ...trainer_core.files.safe_paths import child_path, safe_name
 from ...trainer_core.runs.runfolder import RunFolder
 from ...trainer_core.training.settings import PRESETS, TrainSettings, preset
 from ..comfy.interrupt import raise_interrupt
-from ..comfy.paths import lora_list_name, register_runs_folder, runs_dir
+from ..comfy.live_panel import ClinicSetup
+from ..comfy.paths import lora_list_name, register_runs_folder
+from ..comfy.run_names import run_path
 from ..comfy.training import SampleConfig, model_with_lora, train_in_comfy, ui_image
 from .encode_dataset import ENCODED_DATASET
 from .loss_curve import run_loss_curve
 
 register_runs_folder()  # checkpoints of earlier runs show in the loras list from startup on
-
-RUN_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-. ")
 
 
 def settings_from_widgets(preset_name: str, **widgets) -> TrainSettings:
@@ -35,10 +34,8 @@ def settings_from_widgets(preset_name: str, **widgets) -> TrainSettings:
 
 def open_run(run_name: str, settings: TrainSettings, encoded: EncodedDataset, resume: bool) -> RunFolder:
     """The run folder under <output>/klein_lora_lab/runs: a new one, or the existing one when resuming."""
-    name = safe_name(run_name, "run name")  # no separators, '..', NUL, reserved or over-long names
-    if set(name) - RUN_NAME_CHARS:
-        raise ValueError(f"run name {run_name!r}: use letters, digits, spaces, '_', '-' and '.' (e.g. 'tok_style_v1').")
-    path = child_path(runs_dir(), name, what="run name")  # refuses a symlink leading elsewhere
+    path = run_path(run_name)  # the same rule as the panel's routes
+    name = path.name
     if (path / "run.json").is_file():
         if not resume:
             raise ValueError(
@@ -73,6 +70,28 @@ def sample_config(encoded: EncodedDataset, steps: int, cfg: float, seed: int) ->
     )
 
 
+def clinic_setup(encoded: EncodedDataset, stop_at_sweet_spot: bool, stop_after: int) -> ClinicSetup:
+    """The live clinic of a run: the validation prompts, the trigger, the album's latents, the auto-stop."""
+    return ClinicSetup(
+        prompts=tuple(encoded.validation_prompts),
+        trigger=encoded.trigger,
+        album_latents=tuple(item.latent for item in encoded.items),
+        stop_after=stop_after if stop_at_sweet_spot else None,
+    )
+
+
+PRESET_TIP = (
+    "The course's starting points, written for Klein 4B (rank / learning rate / steps): style 16 / 3e-4 / 650, "
+    "character 32 / 2e-4 / 1000, object 24 / 2e-4 / 800, image_to_image 32 / 1e-4 / 400. Picking a preset fills "
+    "rank, alpha, learning_rate and steps with its values; a value you edited stays yours."
+)
+LR_TIP = (
+    "Learning rate; 0 = the preset's. The presets' 1e-4 to 3e-4 are the course's values for Klein 4B. The lab's "
+    "detents were measured on 9B: 1e-5 timid, 5e-5 default, 2e-4 frantic, so on 9B start near 5e-5 and watch "
+    "the samples; a larger model moves further per step."
+)
+
+
 def _int(name: str, default: int, lo: int, hi: int, tip: str, step: int = 1) -> io.Int.Input:
     return io.Int.Input(name, default=default, min=lo, max=hi, step=step, tooltip=tip)
 
@@ -95,8 +114,7 @@ class KleinLabTrainLora(io.ComfyNode):
                     "preset",
                     options=list(PRESETS),
                     default="style",
-                    tooltip="The course's starting point: style 16/3e-4, character 32/2e-4, object 24/2e-4, "
-                    "image_to_image 32/1e-4 (rank / learning rate).",
+                    tooltip=PRESET_TIP,
                 ),
                 io.String.Input(
                     "run_name", default="klein_lora", tooltip="Folder of this run under output/klein_lora_lab/runs."
@@ -104,9 +122,10 @@ class KleinLabTrainLora(io.ComfyNode):
                 io.Boolean.Input(
                     "resume",
                     default=False,
-                    tooltip="Continue the run of this name from its last checkpoint (after a Cancel).",
+                    tooltip="Continue the run of this name from its last checkpoint (after Stop & keep or Cancel); "
+                    "to extend a finished run, raise steps.",
                 ),
-                _int("rank", 0, 0, 256, "LoRA rank; 0 = the preset's."),
+                _int("rank", 0, 0, 256, "LoRA rank; 0 = the preset's (filled in when you pick a preset)."),
                 io.Float.Input(
                     "alpha",
                     default=0.0,
@@ -122,7 +141,7 @@ class KleinLabTrainLora(io.ComfyNode):
                     max=0.01,
                     step=0.00001,
                     round=0.000001,
-                    tooltip="0 = the preset's. The lab: 1e-5 timid, 5e-5 default, 2e-4 frantic.",
+                    tooltip=LR_TIP,
                 ),
                 _int("steps", 0, 0, 100000, "Optimizer steps; 0 = the preset's (style 650, character 1000, ...)."),
                 _int("batch_size", 1, 1, 64, "Images per step (same-size buckets are batched together)."),
@@ -180,6 +199,24 @@ class KleinLabTrainLora(io.ComfyNode):
                     tooltip="Share of an album of 10+ images held out of training for the validation loss (0 = "
                     "train on all; smaller albums validate on training images). A resumed run keeps its own.",
                 ),
+                io.Boolean.Input(
+                    "stop_at_sweet_spot",
+                    default=False,
+                    optional=True,
+                    tooltip="Stop the run by itself once the live clinic marks the sweet spot (concept near its best "
+                    "while flexibility falls, memorisation, or the concept leaking without trigger). Every "
+                    "checkpoint is kept and the suggested one is named. Needs previews (sample_every) and 2+ "
+                    "validation prompts.",
+                ),
+                io.Int.Input(
+                    "stop_after_validations",
+                    default=1,
+                    min=0,
+                    max=20,
+                    optional=True,
+                    tooltip="With stop_at_sweet_spot: how many validations after the mark to keep training (0 = stop "
+                    "at the mark; 1 = one more look to confirm it).",
+                ),
                 io.Vae.Input(
                     "vae",
                     optional=True,
@@ -206,6 +243,8 @@ class KleinLabTrainLora(io.ComfyNode):
         sample_steps: int,
         sample_cfg: float,
         vae=None,
+        stop_at_sweet_spot: bool = False,
+        stop_after_validations: int = 1,
         **widgets,
     ) -> io.NodeOutput:
         settings = settings_from_widgets(preset, **widgets)
@@ -223,6 +262,7 @@ class KleinLabTrainLora(io.ComfyNode):
             samples,
             encoded_dataset.empty_context,
             vae,
+            clinic_setup(encoded_dataset, stop_at_sweet_spot, stop_after_validations),
         )
         if outcome.interrupted:
             raise_interrupt()
