@@ -33,13 +33,15 @@ NODE_MODULES: tuple[str, ...] = (
 class KleinLabExtension(ComfyExtension):
     async def on_load(self) -> None:
         """Before the nodes are listed: earlier runs' checkpoints join ComfyUI's loras list (so every LoRA
-        loader lists them from startup), and the LoRA file cache starts answering to ComfyUI's memory frees.
-        Both are idempotent."""
+        loader lists them from startup), the LoRA file cache starts answering to ComfyUI's memory frees, and the
+        training panel's routes (history, Stop & keep, Sample now) are served. All are idempotent."""
         from .comfy.lora_cache import install_memory_hook
         from .comfy.paths import register_runs_folder
+        from .comfy.routes import register_routes
 
         register_runs_folder()
         install_memory_hook()
+        register_routes()
 
     async def get_node_list(self) -> list[type[io.ComfyNode]]:
         nodes: list[type[io.ComfyNode]] = []

@@ -17,6 +17,7 @@ EVENT_STEP = "klein_lab.train.step"
 EVENT_CHECKPOINT = "klein_lab.train.checkpoint"
 EVENT_SAMPLE = "klein_lab.train.sample"
 EVENT_DONE = "klein_lab.train.done"
+TEXT_INTERVAL_S = 0.1  # the node's text line is refreshed at most 10 times a second (the last step always)
 
 
 def prompt_server():
@@ -55,6 +56,7 @@ class LiveProgress:
         self.first_step = first_step
         self.started = time.perf_counter()
         self.last_loss: float | None = None
+        self.last_text = 0.0
         self.bar.update_absolute(first_step, total)
 
     def rate(self, step: int) -> float:
@@ -71,13 +73,13 @@ class LiveProgress:
     def step(self, step: int, loss: float, lr: float) -> None:
         self.last_loss = loss
         self.bar.update_absolute(step, self.total)
-        text = self.line(step, loss, lr)
+        now = time.perf_counter()
+        if now - self.last_text < TEXT_INTERVAL_S and step < self.total:
+            return  # the panel's step events (live_panel) carry every point; the text only needs a fresh line
+        self.last_text = now
         server = prompt_server()
         if server is not None and self.node_id is not None:
-            server.send_progress_text(text, self.node_id, server.client_id)
-        send_event(
-            EVENT_STEP, {"run": self.run_name, "step": step, "total": self.total, "loss": loss, "lr": lr, "text": text}
-        )
+            server.send_progress_text(self.line(step, loss, lr), self.node_id, server.client_id)
 
     def preview(self, step: int, image: Image.Image) -> None:
         self.bar.update_absolute(step, self.total, preview=("JPEG", image, 512))

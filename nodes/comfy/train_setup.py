@@ -6,13 +6,11 @@ from __future__ import annotations
 from collections import Counter
 
 from ...trainer_core.album.latent_cache import EncodedDataset
-from ...trainer_core.files.safe_paths import child_path, safe_name
 from ...trainer_core.runs.runfolder import RunFolder
 from ...trainer_core.training.settings import TrainSettings, preset
-from .paths import runs_dir
+from .live_panel import ClinicSetup
+from .run_names import run_path
 from .training import SampleConfig
-
-RUN_NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-. ")
 
 
 def settings_from_widgets(preset_name: str, **widgets) -> TrainSettings:
@@ -28,10 +26,8 @@ def settings_from_widgets(preset_name: str, **widgets) -> TrainSettings:
 
 def new_or_resumed_run(run_name: str, settings: TrainSettings, encoded: EncodedDataset, resume: bool) -> RunFolder:
     """The run folder under <output>/klein_lora_lab/runs: a new one, or the existing one when resuming."""
-    name = safe_name(run_name, "run name")  # no separators, '..', NUL, reserved or over-long names
-    if set(name) - RUN_NAME_CHARS:
-        raise ValueError(f"run name {run_name!r}: use letters, digits, spaces, '_', '-' and '.' (e.g. 'tok_style_v1').")
-    path = child_path(runs_dir(), name, what="run name")  # refuses a symlink leading elsewhere
+    path = run_path(run_name)  # the same rule as the panel's routes
+    name = path.name
     if (path / "run.json").is_file():
         if not resume:
             raise ValueError(
@@ -63,4 +59,14 @@ def sample_config(encoded: EncodedDataset, steps: int, cfg: float, seed: int) ->
         steps=steps,
         cfg=cfg if encoded.empty_context is not None else 1.0,
         seed=seed,
+    )
+
+
+def clinic_setup(encoded: EncodedDataset, stop_at_sweet_spot: bool, stop_after: int) -> ClinicSetup:
+    """The live clinic of a run: the validation prompts, the trigger, the album's latents, the auto-stop."""
+    return ClinicSetup(
+        prompts=tuple(encoded.validation_prompts),
+        trigger=encoded.trigger,
+        album_latents=tuple(item.latent for item in encoded.items),
+        stop_after=stop_after if stop_at_sweet_spot else None,
     )

@@ -21,7 +21,10 @@ from ..comfy.encoders import (
 from ..comfy.paths import cache_dir
 from ..comfy.sockets import DATASET, ENCODED_DATASET
 
-DEFAULT_VALIDATION_PROMPTS = "a photo of [trigger] riding a bicycle"
+# One prompt per clinic group (trainer_core/analysis/live_clinic.py): album-like, the bicycle test, no trigger.
+DEFAULT_VALIDATION_PROMPTS = (
+    "a photo of [trigger]\na photo of [trigger] riding a bicycle\na photo of a bicycle leaning against a brick wall"
+)
 
 
 def parse_validation_prompts(text: str, trigger: str) -> list[str]:
@@ -54,7 +57,9 @@ class KleinLabEncodeDataset(io.ComfyNode):
                     multiline=True,
                     tooltip=(
                         "Prompts sampled during training at a fixed seed, one per line; [trigger] becomes the "
-                        "trigger word. Keep one the album never showed (the bicycle test)."
+                        "trigger word. The live clinic reads each by its words: the trigger alone ('a photo of "
+                        "[trigger]') shows the concept, the trigger in a scene the album never showed is the bicycle "
+                        "test, a prompt without the trigger shows leaking."
                     ),
                 ),
                 io.Conditioning.Input(

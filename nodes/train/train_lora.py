@@ -16,9 +16,20 @@ from ..comfy.interrupt import raise_interrupt
 from ..comfy.paths import lora_list_name
 from ..comfy.run_outputs import output_fingerprint, record_output
 from ..comfy.sockets import ENCODED_DATASET
-from ..comfy.train_setup import new_or_resumed_run, sample_config, settings_from_widgets
+from ..comfy.train_setup import clinic_setup, new_or_resumed_run, sample_config, settings_from_widgets
 from ..comfy.training import model_with_lora, train_in_comfy, ui_image
 from ..comfy.training_options import TRAINING_OPTIONS
+
+PRESET_TIP = (
+    "The course's starting points, written for Klein 4B (rank / learning rate / steps): style 16 / 3e-4 / 650, "
+    "character 32 / 2e-4 / 1000, object 24 / 2e-4 / 800, image_to_image 32 / 1e-4 / 400. Picking a preset fills "
+    "rank, alpha, learning_rate and steps with its values; a value you edited stays yours."
+)
+LR_TIP = (
+    "Learning rate; 0 = the preset's. The presets' 1e-4 to 3e-4 are the course's values for Klein 4B. The lab's "
+    "detents were measured on 9B: 1e-5 timid, 5e-5 default, 2e-4 frantic, so on 9B start near 5e-5 and watch "
+    "the samples; a larger model moves further per step."
+)
 
 
 def _int(name: str, default: int, lo: int, hi: int, tip: str, step: int = 1) -> io.Int.Input:
@@ -43,8 +54,7 @@ class KleinLabTrainLora(io.ComfyNode):
                     "preset",
                     options=list(PRESETS),
                     default="style",
-                    tooltip="The course's starting point: style 16/3e-4, character 32/2e-4, object 24/2e-4, "
-                    "image_to_image 32/1e-4 (rank / learning rate).",
+                    tooltip=PRESET_TIP,
                 ),
                 io.String.Input(
                     "run_name", default="klein_lora", tooltip="Folder of this run under output/klein_lora_lab/runs."
@@ -52,9 +62,10 @@ class KleinLabTrainLora(io.ComfyNode):
                 io.Boolean.Input(
                     "resume",
                     default=False,
-                    tooltip="Continue the run of this name from its last checkpoint (after a Cancel).",
+                    tooltip="Continue the run of this name from its last checkpoint (after Stop & keep or Cancel); "
+                    "to extend a finished run, raise steps.",
                 ),
-                _int("rank", 0, 0, 256, "LoRA rank; 0 = the preset's."),
+                _int("rank", 0, 0, 256, "LoRA rank; 0 = the preset's (filled in when you pick a preset)."),
                 io.Float.Input(
                     "alpha",
                     default=0.0,
@@ -70,7 +81,7 @@ class KleinLabTrainLora(io.ComfyNode):
                     max=0.01,
                     step=0.00001,
                     round=0.000001,
-                    tooltip="0 = the preset's. The lab: 1e-5 timid, 5e-5 default, 2e-4 frantic.",
+                    tooltip=LR_TIP,
                 ),
                 _int("steps", 0, 0, 100000, "Optimizer steps; 0 = the preset's (style 650, character 1000, ...)."),
                 _int("batch_size", 1, 1, 64, "Images per step (same-size buckets are batched together)."),
@@ -128,6 +139,24 @@ class KleinLabTrainLora(io.ComfyNode):
                     tooltip="Share of an album of 10+ images held out of training for the validation loss (0 = "
                     "train on all; smaller albums validate on training images). A resumed run keeps its own.",
                 ),
+                io.Boolean.Input(
+                    "stop_at_sweet_spot",
+                    default=False,
+                    optional=True,
+                    tooltip="Stop the run by itself once the live clinic marks the sweet spot (concept near its best "
+                    "while flexibility falls, memorisation, or the concept leaking without trigger). Every "
+                    "checkpoint is kept and the suggested one is named. Needs previews (sample_every) and 2+ "
+                    "validation prompts.",
+                ),
+                io.Int.Input(
+                    "stop_after_validations",
+                    default=1,
+                    min=0,
+                    max=20,
+                    optional=True,
+                    tooltip="With stop_at_sweet_spot: how many validations after the mark to keep training (0 = stop "
+                    "at the mark; 1 = one more look to confirm it).",
+                ),
                 io.Vae.Input(
                     "vae",
                     optional=True,
@@ -166,6 +195,8 @@ class KleinLabTrainLora(io.ComfyNode):
         sample_cfg: float,
         vae=None,
         options: TrainingOptions | None = None,
+        stop_at_sweet_spot: bool = False,
+        stop_after_validations: int = 1,
         **widgets,
     ) -> io.NodeOutput:
         settings = with_options(settings_from_widgets(preset, **widgets), options)
@@ -185,6 +216,7 @@ class KleinLabTrainLora(io.ComfyNode):
             samples,
             encoded_dataset.empty_context,
             vae,
+            clinic_setup(encoded_dataset, stop_at_sweet_spot, stop_after_validations),
         )
         if outcome.interrupted:
             raise_interrupt()

@@ -249,14 +249,17 @@ def test_the_pickle_scan_sees_what_it_looks_for(tmp_path: Path) -> None:
     assert len(_pickle_uses(bad)) == 5
 
 
-def test_the_pack_adds_no_http_route() -> None:
-    """The pack serves nothing over HTTP of its own (no aiohttp route on PromptServer), so no route can take an
-    unchecked path; a route added later must validate with safe_paths and be tested here."""
-    markers = ("routes.get", "routes.post", "routes.put", "routes.delete", "add_route", "RouteTableDef", ".routes")
-    found = [
-        f"{path.relative_to(PACK_ROOT)}: {marker}"
-        for path in _pack_sources()
-        for marker in markers
-        if marker in path.read_text()
-    ]
-    assert found == []
+def test_http_routes_live_in_one_module_and_take_run_names_through_run_path() -> None:
+    """The pack's only HTTP routes are the training panel's, in nodes/comfy/routes.py, and every route that reads a
+    run takes its name through `_run_of` -> `run_names.run_path` (safe_paths' rule: nothing outside the runs
+    folder); the hostile names themselves are sent to the running server in tests/comfy/test_train_panel_comfy.py.
+    A route added elsewhere fails here until it is reviewed and tested the same way."""
+    markers = ("routes.get", "routes.post", "routes.put", "routes.delete", "add_route", "RouteTableDef")
+    found = {
+        str(path.relative_to(PACK_ROOT)) for path in _pack_sources() for marker in markers if marker in path.read_text()
+    }
+    assert found == {"nodes/comfy/routes.py"}
+    source = (PACK_ROOT / "nodes" / "comfy" / "routes.py").read_text()
+    assert "return run_path(name)" in source
+    handlers = [block for block in source.split("\nasync def ")[1:] if "request.query" in block or ".json()" in block]
+    assert handlers and all("_run_of(" in block for block in handlers), handlers

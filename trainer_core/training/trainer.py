@@ -79,6 +79,11 @@ class TrainCallbacks:
     def on_metrics(self, record: dict[str, Any]) -> None:
         """Every metrics record as it is appended to metrics.jsonl (includes val_loss when measured)."""
 
+    def wants_validation(self, step: int) -> bool:
+        """Polled after every step: True renders validation previews now even off the `sample_every` beat
+        (the artist asked for a sample at the next step)."""
+        return False
+
     def should_stop(self) -> bool:
         """Polled after every step; True saves a checkpoint now and returns with stopped_early=True."""
         return False
@@ -573,7 +578,7 @@ def train(
                 run.append_metrics(record)
                 cb.on_metrics(record)
                 cb.on_step(step, settings.steps, loss, record["lr"], seconds)
-                if settings.sample_every and step % settings.sample_every == 0:
+                if (settings.sample_every and step % settings.sample_every == 0) or cb.wants_validation(step):
                     with torch.no_grad():
                         cb.on_validation(step, state.lora)
                 if settings.checkpoint_every and step % settings.checkpoint_every == 0:
