@@ -4,6 +4,7 @@
 // knowledge of the error's type; the message is ComfyUI's `execution_error.exception_message` as the pack raised it.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
+import { injectStyle } from "./dom.js";
 
 export const ERRORS_EXTENSION_NAME = "KleinLoraLab.nodeErrors";
 export const PACK_NODE_PREFIX = "KleinLab";
@@ -17,13 +18,6 @@ const STYLE = `
 .klein-node-error b { display: block; margin-bottom: 2px; }
 `;
 
-function injectStyle() {
-  if (document.getElementById("klein-node-error-style")) return;
-  const style = document.createElement("style");
-  style.id = "klein-node-error-style";
-  style.textContent = STYLE;
-  document.head.appendChild(style);
-}
 
 /** The message's first sentence-line (the toast's summary) and the whole text. */
 export function splitMessage(message) {
@@ -39,7 +33,7 @@ function findNode(id) {
 
 function errorBox(node) {
   if (node.kleinError) return node.kleinError;
-  injectStyle();
+  injectStyle("klein-node-error-style", STYLE);
   const box = document.createElement("div");
   box.className = "klein-node-error";
   box.dataset.testid = "klein-node-error";

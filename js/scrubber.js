@@ -8,6 +8,7 @@
 // again after a reload without running the node.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
+import { el, injectStyle, viewURL } from "./dom.js";
 
 export const SCRUB_EXTENSION_NAME = "KleinLoraLab.scrubber";
 export const SCRUB_NODE_CLASSES = new Set(["KleinLabScrubRun", "KleinLabMixerGrid"]);
@@ -58,31 +59,6 @@ const STYLE = `
 .klein-scrub-thumb img { width: 100%; height: 100%; object-fit: cover; display: block; pointer-events: none; }
 `;
 
-function injectStyle() {
-  if (document.getElementById("klein-scrub-style")) return;
-  const style = document.createElement("style");
-  style.id = "klein-scrub-style";
-  style.textContent = STYLE;
-  document.head.appendChild(style);
-}
-
-function el(tag, props = {}, children = []) {
-  const node = document.createElement(tag);
-  for (const [key, value] of Object.entries(props)) {
-    if (key === "dataset") Object.assign(node.dataset, value);
-    else if (key in node && typeof value !== "string") node[key] = value;
-    else node.setAttribute(key, value);
-  }
-  for (const child of children) node.append(child);
-  return node;
-}
-
-/** URL of an image ref {filename, subfolder, type} as ComfyUI serves it. */
-export function viewURL(ref) {
-  if (!ref?.filename) return "";
-  const query = new URLSearchParams({ filename: ref.filename, subfolder: ref.subfolder ?? "", type: ref.type ?? "output" });
-  return api.apiURL(`/view?${query}`);
-}
 
 /** The problem with a meta object, or null when it can be shown. */
 export function metaProblem(meta) {
@@ -133,7 +109,7 @@ class Scrubber {
 
   // --- DOM ------------------------------------------------------------------------------------------------
   build() {
-    injectStyle();
+    injectStyle("klein-scrub-style", STYLE);
     this.label = el("div", { class: "klein-scrub-label", "data-testid": "klein-scrub-label" });
     this.count = el("div", { class: "klein-scrub-count", "data-testid": "klein-scrub-count" });
     this.imgA = el("img", { class: "klein-scrub-image", "data-testid": "klein-scrub-image", alt: "", draggable: false });

@@ -13,6 +13,7 @@
 // ComfyUI's /view. The same file fills rank/alpha/learning_rate/steps with the chosen preset's values.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
+import { el, injectStyle, viewURL } from "./dom.js";
 
 export const PANEL_EXTENSION_NAME = "KleinLoraLab.trainPanel";
 export const PANEL_NODE_CLASS = "KleinLabTrainLora";
@@ -73,30 +74,6 @@ const STYLE = `
 .klein-panel-empty { opacity: 0.7; padding: 6px; }
 `;
 
-function injectStyle() {
-  if (document.getElementById("klein-panel-style")) return;
-  const style = document.createElement("style");
-  style.id = "klein-panel-style";
-  style.textContent = STYLE;
-  document.head.appendChild(style);
-}
-
-function el(tag, props = {}, children = []) {
-  const node = document.createElement(tag);
-  for (const [key, value] of Object.entries(props)) {
-    if (key === "dataset") Object.assign(node.dataset, value);
-    else if (key in node && typeof value !== "string") node[key] = value;
-    else node.setAttribute(key, value);
-  }
-  for (const child of children) node.append(child);
-  return node;
-}
-
-export function viewURL(ref) {
-  if (!ref?.filename) return "";
-  const query = new URLSearchParams({ filename: ref.filename, subfolder: ref.subfolder ?? "", type: ref.type ?? "output" });
-  return api.apiURL(`/view?${query}`);
-}
 
 export function formatEta(seconds) {
   if (!Number.isFinite(seconds) || seconds < 0) return "?";
@@ -154,7 +131,7 @@ class TrainPanel {
 
   // --- DOM ------------------------------------------------------------------------------------------------
   build() {
-    injectStyle();
+    injectStyle("klein-panel-style", STYLE);
     const t = (id) => ({ "data-testid": id });
     this.statusEl = el("div", { class: "klein-panel-status", ...t("klein-panel-status") });
     this.messageEl = el("div", { class: "klein-panel-message", ...t("klein-panel-message"), hidden: true });

@@ -14,7 +14,9 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-# diffusers module (relative to the transformer) -> (Klein module, which third of a fused qkv or None)
+# diffusers module (relative to the transformer) -> (Klein module, which third of a fused qkv or None). Written out
+# here on purpose rather than imported from lora_formats: the files these tests make are an independent reading of
+# diffusers' names, so a wrong entry in the pack's own table cannot make its reader agree with itself.
 _BLOCK = {
     "attn.to_q": ("img_attn.qkv", 0),
     "attn.to_k": ("img_attn.qkv", 1),
