@@ -170,9 +170,12 @@ def _album(folder: Path) -> Path:
 
 
 def _train_prompt(album: Path, cond: Path, run_name: str, resume: bool, inject_at: int | None) -> dict:
-    """4 steps, no checkpoints or previews on the way; with `inject_at` the model passes through the test node
-    that raises out-of-memory at that forward call."""
+    """4 steps, no checkpoints or previews on the way, memory 'least memory' (a mode the artist chose: memory auto
+    would answer an out-of-memory by recomputing more and go on); with `inject_at` the model passes through the
+    test node that raises out-of-memory at that forward call."""
     prompt = train_prompt(album, cond, run_name, 4, resume=resume, checkpoint_every=0, sample_every=0)
+    prompt["10"] = {"class_type": "KleinLabTrainingOptions", "inputs": {"memory": "least memory"}}
+    prompt["6"]["inputs"]["options"] = ["10", 0]
     if inject_at is not None:
         prompt["9"] = {"class_type": "KleinLabTestInjectOOM", "inputs": {"model": ["1", 0], "at_call": inject_at}}
         prompt["6"]["inputs"]["model"] = ["9", 0]
