@@ -56,7 +56,8 @@ def env(comfy_root, tiny_model_file, tmp_path_factory):
         if k.startswith(("lycoris_double_blocks_1_", "lycoris_single_blocks_2_"))
     }
     save_file(restyle(lokr, made.base, "ai-toolkit"), str(loras / "lokr.safetensors"))
-    empty = {f"{k}_{i}": v for i in range(1, 5) for k, v in (("lora", "None"), ("scale", 1.0), ("preset", "all"))}
+    slot_defaults = (("on", True), ("lora", "None"), ("scale", 1.0), ("preset", "all"))
+    empty = {f"{k}_{i}": v for i in range(1, 5) for k, v in slot_defaults}
     slots = {**empty, "lora_1": "plain_0.safetensors", "scale_1": 0.7, "preset_1": "texture"}
     slots |= {"lora_2": "plain_1.safetensors", "scale_2": -0.6}
     (mixed,) = KleinLabLoraMixer.execute(model, **slots).result
