@@ -31,6 +31,7 @@ from ...trainer_core.runs.sweep import (
     statuses,
     write_manifest,
 )
+from ...trainer_core.training.options import with_default_options
 from ...trainer_core.training.trainer import RESUMABLE_CHANGES
 from .feedback import prompt_server, send_event
 from .paths import register_runs_folder
@@ -47,8 +48,13 @@ def sweep_plan(name: str, knob: str, values: str, preset_name: str, widgets: dic
     the knob set to its value (the preset knob picks the preset instead)."""
     parsed = parse_values(knob, values)
     if knob == PRESET_KNOB:
-        return plan_sweep(name, knob, parsed, lambda v: settings_from_widgets(v, **widgets))
-    return plan_sweep(name, knob, parsed, lambda v: settings_from_widgets(preset_name, **{**widgets, knob: v}))
+        return plan_sweep(name, knob, parsed, lambda v: with_default_options(settings_from_widgets(v, **widgets)))
+    return plan_sweep(
+        name,
+        knob,
+        parsed,
+        lambda v: with_default_options(settings_from_widgets(preset_name, **{**widgets, knob: v}), keep=(knob,)),
+    )
 
 
 def sweep_runs(sweep: Sweep) -> list[Path]:

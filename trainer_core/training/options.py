@@ -80,6 +80,13 @@ def with_options(settings: TrainSettings, options: TrainingOptions | None) -> Tr
     return replace(settings, **(options or TrainingOptions()).overrides())
 
 
+def with_default_options(settings: TrainSettings, keep: tuple[str, ...] = ()) -> TrainSettings:
+    """`settings` with the options a Train node without an options input uses, except the fields in `keep` (a
+    sweep's knob keeps its value): a sweep's run is then the run the Train node trains with the same widgets."""
+    defaults = {k: v for k, v in TrainingOptions().overrides().items() if k not in keep}
+    return replace(settings, **defaults)
+
+
 def keep_run_options(settings: TrainSettings, stored: TrainSettings) -> TrainSettings:
     """`settings` with the option fields of a run's stored settings (a resume without an options input)."""
     return replace(settings, **{name: getattr(stored, name) for name in OPTION_FIELDS})
