@@ -258,8 +258,9 @@ def train_in_comfy(
             if result is not None and result.notes:  # resume fell back, found gaps or had nothing to resume
                 message = f"{message}\nNote: {' '.join(result.notes)}"
             panel.done(status, message, "" if checkpoint is None else lora_list_name(checkpoint))
-    if status in ("stopped", "sweet_spot"):
-        run.update(status=status)
+    if status in ("stopped", "sweet_spot", "cancelled"):
+        # a Cancel seen between two steps ends the loop like a stop: run.json says what the artist did
+        run.update(status="interrupted" if status == "cancelled" else status)
     _tell_node(node_id, message)
     LOG.info("Klein LoRA Lab: %s", message.replace("\n", " "))
     return TrainOutcome(run, result, checkpoint, callbacks.sample_files, interrupted, message, status, notices.lines)
