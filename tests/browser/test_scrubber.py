@@ -5,7 +5,7 @@ Two parts, in one browser run (tests/browser/scrub.mjs):
    labelled frame images written into the server's output folder: the driver drags the sliders with the mouse,
    walks with the keyboard, clicks a thumbnail, sets A/B, saves and reloads the workflow, times frame display,
    checks a KleinLabMixerGrid node and loads a 400-frame result.
-2. The example workflow "Klein 3 - Scrub the checkpoints of a run" is loaded in the page, its loaders swapped for
+2. The example workflow "Klein 03 - Scrub the checkpoints of a run" is loaded in the page, its loaders swapped for
    the tiny model, the random VAE and the fake CLIP loader, pointed at a tiny 3-checkpoint run, queued like the
    Run button, and the widget driven on the rendered frames in both renderers and across a page reload.
 The driver prints what the widget showed; the tests compare that with the metas. Screenshots and the measured
@@ -31,7 +31,7 @@ MODES = ("classic", "vue")
 SUBFOLDER = "klein_lora_lab/scrub/browser_test"
 LARGE_STEPS, LARGE_SCALES = 20, 20  # 400 frames
 MAX_IMGS = 40  # main + B image and the thumbs near the visible part of the strip; far below 400
-WORKFLOW = PACK_ROOT / "workflows" / "Klein 3 - Scrub the checkpoints of a run.json"
+WORKFLOW = PACK_ROOT / "workflows" / "Klein 03 - Scrub the checkpoints of a run.json"
 RUN_NAME = "scrub_browser"
 RUN_STEPS = (1, 2, 3)
 FRAME_SIZE = 64  # a 4x4 latent, as the tiny run was trained

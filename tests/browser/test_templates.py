@@ -111,7 +111,7 @@ def test_workflow_names_say_the_job_in_the_course_order() -> None:
     """Titles are words, numbered in the course's order (the dialog's A-Z sort and the folder listing follow
     it): training a style LoRA first; "Klein" leads each name so the dialog's search finds them."""
     names = [p.stem for p in WORKFLOWS]
-    assert names[0] == "Klein 1 - Train a style LoRA"
+    assert names[0] == "Klein 01 - Train a style LoRA"
     assert [int(re.match(r"Klein (\d+) - ", n).group(1)) for n in names] == list(range(1, len(names) + 1))
 
 

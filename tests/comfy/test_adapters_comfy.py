@@ -326,7 +326,7 @@ def test_example_workflow_matches_the_nodes(comfy_root) -> None:
     from klein_lora_lab.nodes.loras.lora_stack import KleinLabLoraStack
 
     ours = {cls.__name__: cls for cls in (KleinLabLoraLoaderBlocks, KleinLabLoraMixer, KleinLabLoraStack)}
-    path = Path(__file__).parents[2] / "workflows" / "Klein 7 - Block strengths with a LoRA mixer.json"
+    path = Path(__file__).parents[2] / "workflows" / "Klein 07 - Block strengths with a LoRA mixer.json"
     workflow = json.loads(path.read_text())
     by_id = {n["id"]: n for n in workflow["nodes"]}
     assert set(ours) <= {n["type"] for n in workflow["nodes"]}

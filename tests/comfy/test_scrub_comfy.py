@@ -296,8 +296,8 @@ def test_compare_frames_by_index_and_label(comfy_root):
 
 # ----------------------------------------------------------------------------------------------- the server
 
-SCRUB_WORKFLOW = "Klein 3 - Scrub the checkpoints of a run.json"
-MIXER_WORKFLOW = "Klein 5 - Mix two LoRAs on a grid.json"
+SCRUB_WORKFLOW = "Klein 03 - Scrub the checkpoints of a run.json"
+MIXER_WORKFLOW = "Klein 05 - Mix two LoRAs on a grid.json"
 SOCKET_TYPES = {"MODEL", "CLIP", "VAE", "CONDITIONING", "IMAGE", "KLEIN_SWEEP"}
 
 

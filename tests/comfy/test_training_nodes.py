@@ -311,7 +311,7 @@ SOCKET_TYPES = {
 
 
 @pytest.mark.parametrize(
-    "name", ["Klein 1 - Train a style LoRA.json", "Klein 8 - Train an edit LoRA from image pairs.json"]
+    "name", ["Klein 01 - Train a style LoRA.json", "Klein 08 - Train an edit LoRA from image pairs.json"]
 )
 def test_example_workflow_matches_the_nodes(comfy_server, name):
     """Each shipped training workflow uses nodes this ComfyUI knows, with inputs in the server's order, one widget

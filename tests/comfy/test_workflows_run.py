@@ -25,7 +25,7 @@ from harness.workflow_prompt import TinySwap, output_node_ids, swap_for_tiny, wo
 
 WORKFLOWS = sorted((PACK_ROOT / "workflows").glob("*.json"))
 TRAIN_NODE = "KleinLabTrainLora"
-SOURCE_WORKFLOW = "Klein 1 - Train a style LoRA.json"  # makes the run that LoRA-loading workflows use
+SOURCE_WORKFLOW = "Klein 01 - Train a style LoRA.json"  # makes the run that LoRA-loading workflows use
 RUN_TIMEOUT_S = 900
 
 
