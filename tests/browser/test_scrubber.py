@@ -208,11 +208,13 @@ def frame_of(meta: dict[str, Any], obs: dict[str, Any], expected: int) -> None:
 
 def test_extension_registered_once_without_errors(scrub_case) -> None:
     """The frontend knows both grid nodes from the server, the scrubber extension registers exactly once, and
-    nothing the page logs as an error mentions the pack."""
+    nothing the page logs as an error mentions the pack. The frontend's probes of the loaders' download links
+    (the Klein files' URLs) are refused by the page's content security policy here; those are not the pack's."""
     result = scrub_case["result"]
     assert result["nodeTypes"] == ["KleinLabScrubRun", "KleinLabMixerGrid"]
     assert result["extensions"].count(EXTENSION) == 1
-    assert [e for e in result["pageErrors"] if "klein" in e.lower() or "scrub" in e.lower()] == []
+    errors = [e for e in result["pageErrors"] if "Content Security Policy" not in e]
+    assert [e for e in errors if "klein" in e.lower() or "scrub" in e.lower()] == []
 
 
 @pytest.mark.parametrize("mode", MODES)
