@@ -23,7 +23,7 @@ from harness.server import TINY_MODEL_NAME, VAE_NAME
 from harness.workflow_prompt import make_album
 
 MODES = ("classic", "vue")
-WORKFLOW = PACK_ROOT / "workflows" / "klein_lab_train_style_lora.json"
+WORKFLOW = PACK_ROOT / "workflows" / "Klein 01 - Train a style LoRA.json"
 PLANTED = "panel_planted"
 PLANTED_STEPS = (1, 2, 3, 4, 5, 6)
 COLLAPSE_AT = 4
