@@ -413,16 +413,6 @@ def _pairing_error(match: ReferenceMatch) -> DatasetError:
     return DatasetError("\n".join(lines))
 
 
-def match_pairs(references: Sequence[Path], targets: Sequence[Path]) -> list[tuple[Path, Path]]:
-    """(reference, target) pairs of one reference folder matched by file stem; raises one error listing every
-    unmatched file."""
-    match = match_references([references], targets)
-    if match.missing or match.lonely or len(match.slots) != 1:
-        raise _pairing_error(match)
-    by_stem = {p.stem: p for p in targets}
-    return [(match.references[stem][0], by_stem[stem]) for stem in sorted(match.references)]
-
-
 def scan_pairs(
     reference_folder: Path | str | Sequence[Path | str],
     target_folder: Path | str,
