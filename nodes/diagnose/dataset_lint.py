@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ...trainer_core.album.dataset import reference_folder_lines
 from ...trainer_core.album.dataset_lint import PRESET_ALBUM_SIZES, lint_album
 from ..comfy.paths import allowed_roots, folder_fingerprint, resolve_album_folder
 from ..comfy.widgets import FOLDER_TIP, TRIGGER_TIP
@@ -27,8 +28,10 @@ class KleinLabDatasetLint(io.ComfyNode):
                 io.String.Input(
                     "pairs_folder",
                     default="",
-                    tooltip="Image-to-image only: the reference (control) folder, matched by file name. Empty for "
-                    "a plain album.",
+                    multiline=True,
+                    tooltip="Image-to-image only: the reference (control) folder, matched by file name; several "
+                    "references per target: one folder per line, or files named 001_ref1.png, 001_ref2.png… "
+                    "Empty for a plain album.",
                 ),
                 io.String.Input("trigger", default="TOK", tooltip=TRIGGER_TIP),
                 io.Combo.Input(
@@ -56,12 +59,12 @@ class KleinLabDatasetLint(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, folder: str, pairs_folder: str, **kwargs) -> str:
-        folders = [resolve_album_folder(f) for f in (folder, pairs_folder) if f.strip()]
+        folders = [resolve_album_folder(f) for f in (folder, *reference_folder_lines(pairs_folder)) if f.strip()]
         return folder_fingerprint(*folders) + "|" + "|".join(f"{k}={v}" for k, v in sorted(kwargs.items()))
 
     @classmethod
     def execute(cls, folder: str, pairs_folder: str, trigger: str, preset: str, resolution: int) -> io.NodeOutput:
-        pairs = resolve_album_folder(pairs_folder) if pairs_folder.strip() else None
+        pairs = [resolve_album_folder(f) for f in reference_folder_lines(pairs_folder)] or None
         report = lint_album(resolve_album_folder(folder), trigger, preset, pairs, resolution, roots=allowed_roots())
         text = report.to_text()
         return io.NodeOutput(text, report.to_json(), ui={"text": [text]})

@@ -12,6 +12,7 @@ from klein_lora_lab.trainer_core.album.dataset import (
     choose_bucket,
     insert_trigger,
     load_bucket_image,
+    reference_folder_lines,
     scan_folder,
     scan_pairs,
 )
@@ -146,3 +147,67 @@ def test_album_files_hash_follows_content(tmp_path: Path):
     _image(tmp_path / "a.png", (32, 32), colour=(1, 2, 3))
     h3 = album_files_hash(scan_folder(tmp_path, resolution=32))
     assert len({h1, h2, h3}) == 3
+
+
+def test_files_named_ref1_ref2_give_each_target_its_references_in_number_order(tmp_path: Path):
+    """In one reference folder, 001_ref1.png and 001_ref2.png are target 001's references 1 and 2 (number order,
+    not listing order: _ref10 comes after _ref2); the summary says how many references each target takes."""
+    for stem in ("001", "002"):
+        for n in (10, 2, 1):
+            _image(tmp_path / "refs" / f"{stem}_ref{n}.png", (32, 32), (n, 0, 0))
+        _image(tmp_path / "tgts" / f"{stem}.png", (32, 32), caption="a car")
+    ds = scan_pairs(tmp_path / "refs", tmp_path / "tgts", resolution=32, trigger="TOK")
+    assert [[p.name for p in item.references] for item in ds.items] == [
+        ["001_ref1.png", "001_ref2.png", "001_ref10.png"],
+        ["002_ref1.png", "002_ref2.png", "002_ref10.png"],
+    ]
+    assert ds.items[0].reference == tmp_path / "refs" / "001_ref1.png"
+    assert ds.reference_labels == ("refs/<name>_ref1", "refs/<name>_ref2", "refs/<name>_ref10")
+    assert "2 pairs (3 references → target)" in ds.summary()
+    assert "1 = refs/<name>_ref1, 2 = refs/<name>_ref2" in ds.summary()
+
+
+def test_several_reference_folders_give_references_in_folder_order(tmp_path: Path):
+    """Several reference folders: each gives one reference per target, in the order the folders are listed (the
+    reference-latent order); the album hash follows that order. A target named like a numbered reference
+    ('004_ref1') still takes its own same-name file."""
+    for stem in ("001", "004_ref1"):
+        _image(tmp_path / "pose" / f"{stem}.png", (32, 32), (10, 10, 10))
+        _image(tmp_path / "garment" / f"{stem}.jpg", (32, 32), (20, 20, 20))
+        _image(tmp_path / "dressed" / f"{stem}.png", (64, 32), caption="a person")
+    ds = scan_pairs([tmp_path / "pose", tmp_path / "garment"], tmp_path / "dressed", resolution=32)
+    assert [[p.parent.name + "/" + p.name for p in i.references] for i in ds.items] == [
+        ["pose/001.png", "garment/001.jpg"],
+        ["pose/004_ref1.png", "garment/004_ref1.jpg"],
+    ]
+    assert ds.reference_labels == ("pose/<name>", "garment/<name>")
+    swapped = scan_pairs([tmp_path / "garment", tmp_path / "pose"], tmp_path / "dressed", resolution=32)
+    assert [p.parent.name for p in swapped.items[0].references] == ["garment", "pose"]
+    assert album_files_hash(ds) != album_files_hash(swapped)
+    with pytest.raises(DatasetError, match="two reference folders are the same"):
+        scan_pairs([tmp_path / "pose", tmp_path / "pose"], tmp_path / "dressed", resolution=32)
+    with pytest.raises(DatasetError, match="reference and target folder are the same"):
+        scan_pairs([tmp_path / "pose", tmp_path / "dressed"], tmp_path / "dressed", resolution=32)
+
+
+def test_targets_with_missing_references_are_all_listed_in_one_error(tmp_path: Path):
+    """Every target needs all the album's references: one error names the target lacking one (and which), the
+    target lacking all, and the reference whose target does not exist."""
+    for stem in ("001", "002"):
+        _image(tmp_path / "refs" / f"{stem}_ref1.png", (32, 32))
+    _image(tmp_path / "refs" / "001_ref2.png", (32, 32))
+    _image(tmp_path / "refs" / "009_ref1.png", (32, 32))
+    for stem in ("001", "002", "003"):
+        _image(tmp_path / "tgts" / f"{stem}.png", (32, 32))
+    with pytest.raises(DatasetError) as err:
+        scan_pairs(tmp_path / "refs", tmp_path / "tgts", resolution=32)
+    msg = str(err.value)
+    assert "targets with missing references (1): 002.png lacks refs/002_ref2" in msg
+    assert "targets without a reference (1): 003.png" in msg
+    assert "references without a target (1): 009_ref1.png" in msg
+
+
+def test_reference_folder_lines_skip_blank_lines():
+    """The multi-line widget gives one folder per non-blank line, spaces around a line dropped."""
+    assert reference_folder_lines(" pose \n\n garment\n") == ["pose", "garment"]
+    assert reference_folder_lines("") == []

@@ -120,3 +120,32 @@ def test_clean_album_has_no_warnings(tmp_path):
         _save(tmp_path, f"{i:03d}.png", _pattern(400 + i), f"TOK, picture {i}")
     report = lint_album(tmp_path, preset="character")
     assert report.warnings() == []
+
+
+def test_targets_missing_some_references_are_reported(tmp_path):
+    """With several references per target (two folders, or files named _ref1/_ref2), a target that lacks one is
+    reported under missing_reference with the reference it lacks; a target lacking all stays under pairs."""
+    pose, garment, targets = tmp_path / "pose", tmp_path / "garment", tmp_path / "dressed"
+    for folder in (pose, garment, targets):
+        folder.mkdir()
+    for i in range(3):
+        _save(pose, f"{i:03d}.png", _pattern(500 + i), None)
+        _save(targets, f"{i:03d}.png", _pattern(600 + i), "TOK outfit")
+    _save(garment, "000.png", _pattern(700), None)
+    _save(garment, "001.png", _pattern(701), None)
+    _save(targets, "003.png", _pattern(603), "TOK outfit")
+    report = lint_album(targets, preset="image_to_image", pairs_folder=[pose, garment])
+    assert report.files("missing_reference") == ["002.png (lacks garment/002)"]
+    assert report.files("pairs") == ["003.png"]
+    (finding,) = [f for f in report.findings if f.code == "missing_reference"]
+    assert "all 2 references (pose/<name>, garment/<name>)" in finding.message
+
+    numbered = tmp_path / "numbered"
+    numbered.mkdir()
+    for i in range(4):
+        _save(numbered, f"{i:03d}_ref1.png", _pattern(800 + i), None)
+        if i != 1:
+            _save(numbered, f"{i:03d}_ref2.png", _pattern(900 + i), None)
+    report = lint_album(targets, preset="image_to_image", pairs_folder=numbered)
+    assert report.files("missing_reference") == ["001.png (lacks numbered/001_ref2)"]
+    assert report.files("pairs") == []

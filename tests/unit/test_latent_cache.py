@@ -161,3 +161,42 @@ def test_encode_album_pairs_carry_reference_latents(tmp_path: Path):
     for item in out.items:
         assert len(item.refs) == 1 and item.refs[0].shape == item.latent.shape
         assert not torch.equal(item.refs[0], item.latent)
+
+
+def test_two_references_round_trip_through_the_cache_in_order(tmp_path: Path):
+    """Each target of a two-reference album carries both encoded references in folder order; a second pass
+    reads every latent from the cache with identical tensors; and entries stored under the image keys of a
+    single-reference album (as earlier versions wrote them) are read, not re-encoded."""
+    from klein_lora_lab.trainer_core.album.dataset import file_hash, load_bucket_image, scan_pairs
+    from klein_lora_lab.trainer_core.album.latent_cache import encode_album
+    from PIL import Image
+
+    _album(tmp_path, pairs=True)
+    second_ref = tmp_path / "ref2"
+    second_ref.mkdir()
+    for i in range(3):
+        Image.new("RGB", (32, 32), (90, 40 * i, 0)).save(second_ref / f"{i:03d}.png")
+    ds = scan_pairs([tmp_path / "ref", second_ref], tmp_path / "tgt", resolution=32, trigger="TOK")
+    enc = _FakeEncoders()
+    first = encode_album(ds, enc.image, enc.text, "vae", "te", LatentCache(tmp_path / "c"), with_empty_caption=False)
+    assert enc.images == 9 and (first.encoded, first.cached) == (11, 0)
+    for item, ds_item in zip(first.items, ds.items, strict=True):
+        assert len(item.refs) == 2 and all(r.shape == item.latent.shape for r in item.refs)
+        for ref, path in zip(item.refs, ds_item.references, strict=True):
+            assert torch.equal(ref, _FakeEncoders().image(load_bucket_image(path, ds_item.bucket)))
+    assert not torch.equal(first.items[0].refs[0], first.items[0].refs[1])
+
+    enc2 = _FakeEncoders()
+    again = encode_album(ds, enc2.image, enc2.text, "vae", "te", LatentCache(tmp_path / "c"), with_empty_caption=False)
+    assert enc2.images == 0 and (again.encoded, again.cached) == (0, 11)
+    for a, b in zip(first.items, again.items, strict=True):
+        assert all(torch.equal(x, y) for x, y in zip(a.refs, b.refs, strict=True))
+
+    single = scan_pairs(tmp_path / "ref", tmp_path / "tgt", resolution=32, trigger="TOK")
+    old = LatentCache(tmp_path / "old")
+    for item in single.items:
+        for path in (item.reference, item.image):
+            old.put(image_key(file_hash(path), "vae", item.bucket), {"latent": torch.full((128, 2, 2), 7.0)})
+    enc3 = _FakeEncoders()
+    loaded = encode_album(single, enc3.image, enc3.text, "vae", "te", old, with_empty_caption=False)
+    assert enc3.images == 0 and all(torch.equal(i.refs[0], torch.full((128, 2, 2), 7.0)) for i in loaded.items)

@@ -1,8 +1,11 @@
 """Training albums: folder scanning, captions, trigger words, aspect buckets and image-to-image pairs.
 
 An album is a folder of images (`png/jpg/jpeg/webp`) with same-name `.txt` captions. An image-to-image album
-is two folders matched by file stem (`pimpmyride_control/001.png` → `pimpmyride/001.png`): the reference
-folder holds the inputs, the target folder the images the LoRA learns to produce (and their captions).
+is a target folder and one or more reference folders matched by file stem (`pimpmyride_control/001.png` →
+`pimpmyride/001.png`): the reference folders hold the inputs, the target folder the images the LoRA learns to
+produce (and their captions). A target can have several references: one per reference folder, and inside a
+folder files named `001_ref1.png`, `001_ref2.png`… (see match_references). Every target needs the same
+references, in the same order: the order in which they are passed as reference latents.
 
 Every image gets an aspect bucket: a (width, height) pair, both multiples of 16 (one FLUX.2 latent cell),
 with an area no larger than base², whose aspect ratio is the nearest to the image's. Images are resized to
@@ -42,13 +45,19 @@ class DatasetError(ValueError):
 
 @dataclass(frozen=True)
 class DatasetItem:
-    """One training example: the target image, its caption, its bucket and (image-to-image) its reference."""
+    """One training example: the target image, its caption, its bucket and (image-to-image) its references, in
+    the order they are passed as reference latents (reference 1 first)."""
 
     image: Path
     caption: str
     bucket: tuple[int, int]  # (width, height) in pixels, multiples of 16
-    reference: Path | None = None
+    references: tuple[Path, ...] = ()
     caption_source: str = "file"  # "file" (its .txt) or "default" (no caption file: default caption / trigger)
+
+    @property
+    def reference(self) -> Path | None:
+        """The first reference (None for a plain album)."""
+        return self.references[0] if self.references else None
 
 
 @dataclass(frozen=True)
@@ -61,6 +70,7 @@ class Dataset:
     kind: str  # "images" or "pairs"
     root: Path
     warnings: tuple[str, ...] = field(default=())
+    reference_labels: tuple[str, ...] = field(default=())  # pairs: where reference 1, 2, … of a target come from
 
     def __len__(self) -> int:
         return len(self.items)
@@ -309,32 +319,102 @@ def scan_folder(
     items = []
     for path in list_images(root, roots):
         caption, source = _caption_for(path, trigger, trigger_mode, default_caption)
-        items.append(DatasetItem(path, caption, choose_bucket(*image_size(path), sizes), None, source))
+        items.append(DatasetItem(path, caption, choose_bucket(*image_size(path), sizes), (), source))
     warnings = _missing_caption_warning(items, default_caption, trigger)
     return Dataset(tuple(items), resolution, trigger.strip(), "images", root, tuple(warnings))
 
 
-def match_pairs(references: Sequence[Path], targets: Sequence[Path]) -> list[tuple[Path, Path]]:
-    """(reference, target) pairs matched by file stem; raises one error listing every unmatched file."""
-    ref_by_stem = {p.stem: p for p in references}
-    tgt_by_stem = {p.stem: p for p in targets}
-    lonely_targets = sorted(tgt_by_stem.keys() - ref_by_stem.keys())
-    lonely_refs = sorted(ref_by_stem.keys() - tgt_by_stem.keys())
-    if lonely_targets or lonely_refs:
-        lines = ["image-to-image pairs are matched by file name, and some files have no partner:"]
-        if lonely_targets:
-            names = ", ".join(tgt_by_stem[s].name for s in lonely_targets)
-            lines.append(f"  targets without a reference ({len(lonely_targets)}): {names}")
-        if lonely_refs:
-            names = ", ".join(ref_by_stem[s].name for s in lonely_refs)
-            lines.append(f"  references without a target ({len(lonely_refs)}): {names}")
-        lines.append("Add the missing files or remove these, so every target has a same-name reference.")
-        raise DatasetError("\n".join(lines))
-    return [(ref_by_stem[s], tgt_by_stem[s]) for s in sorted(tgt_by_stem)]
+REFERENCE_NUMBER = re.compile(r"^(?P<stem>.+)_ref(?P<number>\d+)$", re.IGNORECASE)
+
+
+def reference_folder_lines(text: str) -> list[str]:
+    """The folders of a multi-line widget: one per line, blank lines skipped, surrounding spaces dropped."""
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+@dataclass(frozen=True)
+class ReferenceMatch:
+    """Targets matched to their references (see match_references).
+
+    references: target stem -> its references in slot order (only targets that have every slot);
+    slots: one label per reference slot, in order ('pimpmyride_control/<name>', 'refs/<name>_ref2');
+    missing: target file name -> labels of the slots it lacks (all of them for a target without a reference);
+    lonely: reference files that belong to no target.
+    """
+
+    references: dict[str, tuple[Path, ...]]
+    slots: tuple[str, ...]
+    missing: dict[str, tuple[str, ...]]
+    lonely: tuple[Path, ...]
+
+
+def _slot_of(path: Path, target_stems: set[str]) -> tuple[str, int]:
+    """(target stem, reference number) of a reference file: '001_ref2.png' → ('001', 2), '001.png' → ('001', 0).
+    A stem that is itself a target's name is that target's plain reference, so a target may be called 'x_ref1'."""
+    found = REFERENCE_NUMBER.match(path.stem)
+    if path.stem in target_stems or found is None:
+        return path.stem, 0
+    return found["stem"], int(found["number"])
+
+
+def _slot_label(folder: Path, number: int, stem: str = "<name>") -> str:
+    return f"{folder.name}/{stem}" + (f"_ref{number}" if number else "")
+
+
+def match_references(reference_folders: Sequence[Sequence[Path]], targets: Sequence[Path]) -> ReferenceMatch:
+    """Each target's references, from one or more folders of reference images matched by file stem.
+
+    In every folder a target `001.png` takes `001.<ext>` as its reference, or `001_ref1.<ext>`, `001_ref2.<ext>`…
+    as several (in number order). A slot is one (folder, number) that any target uses; the slots in folder
+    order, then number order, are the reference latents 1, 2, … of every target (as ComfyUI's ReferenceLatent
+    chains them: the first node's image is reference 1). Pure: raises nothing, scan_pairs and the lint decide.
+    """
+    target_stems = {p.stem for p in targets}
+    found: dict[tuple[int, int], dict[str, Path]] = {}
+    lonely: list[Path] = []
+    for k, files in enumerate(reference_folders):
+        for path in files:
+            stem, number = _slot_of(path, target_stems)
+            if stem not in target_stems:
+                lonely.append(path)
+            else:
+                found.setdefault((k, number), {})[stem] = path
+    order = sorted(found)
+    folders = [files[0].parent if files else Path() for files in reference_folders]
+    references: dict[str, tuple[Path, ...]] = {}
+    missing: dict[str, tuple[str, ...]] = {}
+    for target in sorted(targets, key=lambda p: p.stem):
+        lacks = tuple(_slot_label(folders[k], n, target.stem) for k, n in order if target.stem not in found[(k, n)])
+        if lacks or not order:
+            missing[target.name] = lacks or ("a reference",)
+        else:
+            references[target.stem] = tuple(found[slot][target.stem] for slot in order)
+    slots = tuple(_slot_label(folders[k], n) for k, n in order)
+    return ReferenceMatch(references, slots, missing, tuple(lonely))
+
+
+def _pairing_error(match: ReferenceMatch) -> DatasetError:
+    """One error naming every target that lacks a reference and every reference without a target."""
+    lines = ["image-to-image pairs are matched by file name, and some files have no partner:"]
+    without = [name for name, lacks in match.missing.items() if len(lacks) == max(1, len(match.slots))]
+    partial = {name: lacks for name, lacks in match.missing.items() if name not in without}
+    if without:
+        lines.append(f"  targets without a reference ({len(without)}): {', '.join(without)}")
+    if partial:
+        shown = "; ".join(f"{name} lacks {', '.join(lacks)}" for name, lacks in partial.items())
+        lines.append(f"  targets with missing references ({len(partial)}): {shown}")
+    if match.lonely:
+        names = ", ".join(p.name for p in match.lonely)
+        lines.append(f"  references without a target ({len(match.lonely)}): {names}")
+    lines.append(
+        "Add the missing files or remove these, so every target has the same references under its own name "
+        "(001.png → 001.png in each reference folder, or 001_ref1.png, 001_ref2.png…)."
+    )
+    return DatasetError("\n".join(lines))
 
 
 def scan_pairs(
-    reference_folder: Path | str,
+    reference_folder: Path | str | Sequence[Path | str],
     target_folder: Path | str,
     resolution: int = 512,
     trigger: str = "TOK",
@@ -343,20 +423,34 @@ def scan_pairs(
     *,
     roots: Sequence[Path | str] | None = None,
 ) -> Dataset:
-    """Scan an image-to-image album: references and targets matched by name; captions from the target side
-    (falling back to the reference's .txt); each pair shares the target's bucket."""
-    ref_root, tgt_root = Path(reference_folder).expanduser(), Path(target_folder).expanduser()
-    if ref_root.resolve() == tgt_root.resolve():
-        raise DatasetError(f"reference and target folder are the same ('{ref_root}'): give two folders.")
+    """Scan an image-to-image album: a target folder and one or more reference folders (a list, in reference
+    order), matched by name (match_references); captions from the target side (falling back to the first
+    reference's .txt); every reference of a target shares the target's bucket."""
+    given = [reference_folder] if isinstance(reference_folder, (str, Path)) else list(reference_folder)
+    ref_roots = [Path(folder).expanduser() for folder in given]
+    tgt_root = Path(target_folder).expanduser()
+    if not ref_roots:
+        raise DatasetError("no reference folder given: name the folder of the input images (one per line).")
+    seen: dict[Path, Path] = {tgt_root.resolve(): tgt_root}
+    for ref_root in ref_roots:
+        if ref_root.resolve() in seen:
+            other = seen[ref_root.resolve()]
+            what = "reference and target folder are" if other == tgt_root else "two reference folders are"
+            raise DatasetError(f"{what} the same ('{ref_root}'): give each folder once.")
+        seen[ref_root.resolve()] = ref_root
     sizes = bucket_sizes(resolution)
+    targets = list_images(tgt_root, roots if roots is not None else [tgt_root])
+    listed = [list_images(ref_root, roots if roots is not None else [ref_root]) for ref_root in ref_roots]
+    match = match_references(listed, targets)
+    if match.missing or match.lonely:
+        raise _pairing_error(match)
     items = []
-    ref_roots = roots if roots is not None else [ref_root]
-    tgt_roots = roots if roots is not None else [tgt_root]
-    for ref, tgt in match_pairs(list_images(ref_root, ref_roots), list_images(tgt_root, tgt_roots)):
-        caption, source = _caption_for(tgt, trigger, trigger_mode, default_caption, fallback=ref)
-        items.append(DatasetItem(tgt, caption, choose_bucket(*image_size(tgt), sizes), ref, source))
+    for tgt in sorted(targets, key=lambda p: p.stem):
+        refs = match.references[tgt.stem]
+        caption, source = _caption_for(tgt, trigger, trigger_mode, default_caption, fallback=refs[0])
+        items.append(DatasetItem(tgt, caption, choose_bucket(*image_size(tgt), sizes), refs, source))
     warnings = _missing_caption_warning(items, default_caption, trigger)
-    return Dataset(tuple(items), resolution, trigger.strip(), "pairs", tgt_root, tuple(warnings))
+    return Dataset(tuple(items), resolution, trigger.strip(), "pairs", tgt_root, tuple(warnings), match.slots)
 
 
 # ---------------------------------------------------------------------------------------------------- summary
@@ -366,9 +460,8 @@ def album_files_hash(dataset: Dataset) -> str:
     """A short content hash of the album (image bytes, captions, buckets): the LoRA's 'dataset hash'."""
     digest = hashlib.sha256()
     for item in dataset.items:
-        for path in (item.reference, item.image):
-            if path is not None:
-                digest.update(file_hash(path).encode())
+        for path in (*item.references, item.image):
+            digest.update(file_hash(path).encode())
         digest.update(item.caption.encode("utf-8"))
         digest.update(f"{item.bucket}".encode())
     return digest.hexdigest()[:16]
@@ -387,7 +480,12 @@ def summarize(dataset: Dataset) -> str:
     """A readable summary: counts, buckets, caption statistics and warnings (read it before training)."""
     n = len(dataset.items)
     what = "pairs (reference → target)" if dataset.kind == "pairs" else "images"
+    if len(dataset.reference_labels) > 1:
+        what = f"pairs ({len(dataset.reference_labels)} references → target)"
     lines = [f"{n} {what} in '{dataset.root}' at base resolution {dataset.resolution}"]
+    if len(dataset.reference_labels) > 1:
+        refs = ", ".join(f"{k} = {label}" for k, label in enumerate(dataset.reference_labels, 1))
+        lines.append(f"references (in reference-latent order): {refs}")
     buckets = dataset.buckets()
     lines.append(f"buckets ({len(buckets)}):")
     for (w, h), count in sorted(buckets.items(), key=lambda kv: (-kv[1], kv[0])):

@@ -15,6 +15,7 @@ Checks (in this order, files sorted by name inside each finding, so the output i
   uniform_border    the picture's border is nearly one flat colour (std of border pixels < UNIFORM_BORDER_STD):
                     the LoRA may learn the backdrop along with the concept
   pairs             (image-to-image) files without a same-name partner
+  missing_reference (image-to-image, several references) targets that lack some of the album's references
   too_few / many    album size against the course's table for the chosen preset (DESIGN.md §6)
 
 Pure PIL + numpy, no ComfyUI; reuses dataset.py's folder listing, caption and image loading.
@@ -38,6 +39,7 @@ from .dataset import (
     image_size,
     list_images,
     load_image,
+    match_references,
 )
 
 MIN_SHORT_SIDE = 512
@@ -67,6 +69,7 @@ CHECK_ORDER = (
     "no_trigger",
     "uniform_border",
     "pairs",
+    "missing_reference",
     "too_few",
     "many",
 )
@@ -196,21 +199,27 @@ def lint_album(
     folder: Path | str,
     trigger: str = "TOK",
     preset: str = "style",
-    pairs_folder: Path | str | None = None,
+    pairs_folder: Path | str | Sequence[Path | str] | None = None,
     resolution: int = 512,
     *,
     roots: Sequence[Path | str] | None = None,
 ) -> LintReport:
-    """Lint an album folder (and, for image-to-image, the folder of its reference images).
+    """Lint an album folder (and, for image-to-image, the folder or folders of its reference images).
 
     `folder` holds the training images (the targets of pairs) with their captions; `pairs_folder` the
-    references matched by file stem. `preset` picks the album-size range; `resolution` the buckets.
+    references matched by file stem (a list: several references per target, see dataset.match_references).
+    `preset` picks the album-size range; `resolution` the buckets.
     """
     if preset not in PRESET_ALBUM_SIZES:
         raise ValueError(f"preset={preset!r} does not exist: use one of {sorted(PRESET_ALBUM_SIZES)}.")
     root = Path(folder).expanduser()
     images = list_images(root, roots)  # refuses files linked from outside the allowed folders
-    refs = list_images(Path(pairs_folder).expanduser(), roots) if pairs_folder else []
+    if pairs_folder is None or isinstance(pairs_folder, (str, Path)):
+        pair_folders = [pairs_folder] if pairs_folder else []
+    else:
+        pair_folders = list(pairs_folder)
+    ref_lists = [list_images(Path(f).expanduser(), roots) for f in pair_folders]
+    refs = [path for files in ref_lists for path in files]
     found: dict[str, list[LintFinding]] = {code: [] for code in CHECK_ORDER}
 
     def add(code: str, severity: str, message: str, files: Sequence[str]) -> None:
@@ -281,12 +290,20 @@ def lint_album(
         "backdrop ('on a plain white background') so the LoRA does not learn it",
         flat,
     )
-    if pairs_folder:
-        ref_stems, tgt_stems = {p.stem for p in refs}, {p.stem for p in images}
-        lonely = [p.name for p in images if p.stem not in ref_stems] + [
-            _label(p, root) for p in refs if p.stem not in tgt_stems
-        ]
+    if ref_lists:
+        match = match_references(ref_lists, images)
+        whole = max(1, len(match.slots))
+        lonely = [name for name, lacks in match.missing.items() if len(lacks) == whole]
+        lonely += [_label(p, root) for p in match.lonely]
         add("pairs", "warning", "no same-name partner in the other folder: add the partner or remove the file", lonely)
+        partial = [f"{name} (lacks {', '.join(lacks)})" for name, lacks in match.missing.items() if len(lacks) < whole]
+        add(
+            "missing_reference",
+            "warning",
+            f"every target needs all {whole} references ({', '.join(match.slots)}), in the same order as the "
+            "reference latents: add the missing ones or remove the target",
+            partial,
+        )
     lo, hi = PRESET_ALBUM_SIZES[preset]
     unit = "pairs" if preset == "image_to_image" else "images"
     n = len(images)

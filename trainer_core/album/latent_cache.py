@@ -174,7 +174,7 @@ def encode_album(
     with_empty_caption: bool = True,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> EncodedDataset:
-    """Encode every image (and reference) and every distinct caption once, through the cache.
+    """Encode every image (and each of its references) and every distinct caption once, through the cache.
 
     Captions shared by several images are encoded once; the empty caption (caption dropout) and the validation
     prompts go through the same cache. `on_progress(done, total)` is called after each entry.
@@ -183,7 +183,9 @@ def encode_album(
     hits0, misses0 = cache.stats.hits, cache.stats.misses
     prompts = tuple(p for p in validation_prompts if p.strip())
     texts = list(dict.fromkeys([*dataset.captions(), *prompts, *([""] if with_empty_caption else [])]))
-    images = list(dict.fromkeys(p for item in dataset.items for p in (item.reference, item.image) if p is not None))
+    # One latent per (file, bucket): a reference is encoded at its target's bucket (the same file used by two
+    # targets of different buckets is encoded at both).
+    images = list(dict.fromkeys((p, item.bucket) for item in dataset.items for p in (*item.references, item.image)))
     total, done = len(texts) + len(images), 0
 
     def tick() -> None:
@@ -201,13 +203,7 @@ def encode_album(
         tick()
 
     latents: dict[tuple[Path, tuple[int, int]], Tensor] = {}
-    buckets = {}
-    for item in dataset.items:
-        for path in (item.reference, item.image):
-            if path is not None:
-                buckets.setdefault(path, item.bucket)
-    for path in images:
-        bucket = buckets[path]
+    for path, bucket in images:
         key = image_key(file_hash(path), image_encoder_id, bucket)
         entry, _ = cache.get_or_compute(
             key,
@@ -221,7 +217,7 @@ def encode_album(
         TrainItem(
             latent=latents[(item.image, item.bucket)],
             context=contexts[item.caption],
-            refs=() if item.reference is None else (latents[(item.reference, item.bucket)],),
+            refs=tuple(latents[(ref, item.bucket)] for ref in item.references),  # reference 1, 2, … in order
             name=item.image.name,
         )
         for item in dataset.items

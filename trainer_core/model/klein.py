@@ -367,7 +367,9 @@ def klein_forward(
 
     x [b, 128, h, w] noisy latent (ComfyUI's `x` for Flux2: no input scaling), sigma [b] in [0, 1] (Flux's
     timestep(σ) = σ), context [b, L, ctx], ref_latents: clean reference latents [b, 128, h', w'] appended as
-    extra tokens at RoPE index 10, 20, ... and sliced off the output. Returns [b, 128, h, w].
+    extra tokens at RoPE index 10, 20, ... (reference k at 10·k, rows/cols from 0: ComfyUI's default "index"
+    method for Flux2, in the order chained ReferenceLatent nodes list them) and sliced off the output.
+    Returns [b, 128, h, w].
     checkpointing: False/True or the share of blocks recomputed in backward. compile_blocks: run the blocks
     through torch.compile (True = inductor, or a backend name; worth it on CUDA, the first steps pay the compile
     time).
