@@ -6,7 +6,8 @@ flags the panel's buttons set (Stop & keep, Sample now) for the trainer to poll,
 validation and marks the sweet spot. Images never travel inside events: they are files the page fetches through
 ComfyUI's /view.
 
-Events (`data.run` = run name, `data.node` = the Train node's id):
+Events (`data.run` = run name, `data.node` = the Train (or Sweep) node's id; a run of a sweep adds `data.sweep` =
+{name, index, total, knob, value, text: "run 2 of 3: learning_rate 5e-05"} to every event and to the snapshot):
   klein_lab.train.step        {step, total, points: [[step, loss, val_loss|None], ...], rate, eta, peak_vram, phase}
   klein_lab.train.phase       {phase, step}
   klein_lab.train.checkpoint  {step, lora}
@@ -116,6 +117,7 @@ class LivePanel:
     run_path: Path
     clinic_setup: ClinicSetup | None = None
     compiling: bool = False
+    sweep: dict[str, Any] | None = None  # which run of a sweep this is (see the module doc), None for a lone run
     control: _Control = field(default_factory=_Control)
     phase: str = "training"
     step: int = 0
@@ -154,7 +156,8 @@ class LivePanel:
 
     def _send(self, event: str, data: dict[str, Any]) -> None:
         self.events_sent += 1
-        broadcast(event, {"run": self.run_name, "node": self.node_id, **data})
+        sweep = {"sweep": self.sweep} if self.sweep is not None else {}
+        broadcast(event, {"run": self.run_name, "node": self.node_id, **sweep, **data})
 
     # -- the trainer's side -----------------------------------------------------------------------------------
 
@@ -266,4 +269,5 @@ class LivePanel:
             "peak_vram": peak_vram_gib(),
             "last_checkpoint": self.last_checkpoint,
             "stop_requested": self.control.stop,
+            "sweep": self.sweep,
         }

@@ -19,6 +19,7 @@ from harness.fixtures import tiny_conditioning_path
 from harness.prompts import SIZE, train_prompt
 from harness.server import TINY_MODEL_NAME, VAE_NAME
 from harness.workflow_prompt import make_album
+from harness.ws_events import EventListener
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -95,24 +96,26 @@ def run_state(folder: Path) -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def sweep_case(comfy_server, tiny_spec) -> dict[str, Any]:
     """Queue the sweep (it is cancelled right after run 2's first checkpoint), record the state, queue it again,
-    then train runs 1, 2 and 3 alone with the Train node. Times are printed (never asserted)."""
+    then train runs 1, 2 and 3 alone with the Train node, a websocket client listening all along (the training
+    panel's events). Times are printed (never asserted)."""
     cond_file = tiny_conditioning_path(tiny_spec, tokens=8)
     album = make_album(comfy_server.base_dir / "input" / "album_sweep", label="swept", tint=23)
     root = runs_folder(comfy_server)
     prompt = sweep_prompt(album, cond_file)
-    start = time.perf_counter()
-    prompt_id = comfy_server.queue_prompt(prompt)
-    cancelled = comfy_server.wait_history(prompt_id, timeout_s=900)
-    first_seconds = time.perf_counter() - start
-    after_cancel = [run_state(root / r) for r in RUNS]
-    manifest_after_cancel = json.loads((root / f"{SWEEP}.sweep.json").read_text())
-    start = time.perf_counter()
-    outputs = comfy_server.run_prompt(prompt, timeout_s=900)
-    second_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    for i in range(len(VALUES)):
-        comfy_server.run_prompt(alone_prompt(album, cond_file, f"alone{i}", VALUES[i]), timeout_s=600)
-    alone_seconds = (time.perf_counter() - start) / len(VALUES)
+    with EventListener(comfy_server.url) as listener:
+        start = time.perf_counter()
+        prompt_id = comfy_server.queue_prompt(prompt)
+        cancelled = comfy_server.wait_history(prompt_id, timeout_s=900)
+        first_seconds = time.perf_counter() - start
+        after_cancel = [run_state(root / r) for r in RUNS]
+        manifest_after_cancel = json.loads((root / f"{SWEEP}.sweep.json").read_text())
+        start = time.perf_counter()
+        outputs = comfy_server.run_prompt(prompt, timeout_s=900)
+        second_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        for i in range(len(VALUES)):
+            comfy_server.run_prompt(alone_prompt(album, cond_file, f"alone{i}", VALUES[i]), timeout_s=600)
+        alone_seconds = (time.perf_counter() - start) / len(VALUES)
     print(
         f"\nsweep: first queue (cancelled in run 2) {first_seconds:.1f} s, second queue {second_seconds:.1f} s; "
         f"one run alone {alone_seconds:.1f} s ({STEPS} steps, tiny model, CPU)"
@@ -125,6 +128,7 @@ def sweep_case(comfy_server, tiny_spec) -> dict[str, Any]:
         "root": root,
         "cond_file": cond_file,
         "album": album,
+        "panel_events": listener.of_type("klein_lab.train."),
     }
 
 
@@ -142,6 +146,31 @@ def test_cancel_keeps_finished_runs_and_the_current_one(sweep_case) -> None:
     assert manifest["knob"] == "learning_rate" and manifest["values"] == list(VALUES)
     assert [r["name"] for r in manifest["runs"]] == RUNS and [r["label"] for r in manifest["runs"]] == LABELS
     assert [r["status"] for r in manifest["runs"]] == ["finished", "partial", "missing"]
+
+
+def test_panel_events_say_which_run_of_the_sweep_trains(sweep_case) -> None:
+    """Every training panel event of a sweep's run names the Sweep node and says which run of the sweep it is
+    ("run 2 of 3: learning_rate 0.002": knob and value); the runs' step events arrive in the sweep's order and
+    cover every step (run 2: step 1 before the Cancel, the rest after queueing again); a run the Train node trains
+    alone carries no sweep."""
+    by_run: dict[str, list[dict]] = {}
+    for _kind, data in sweep_case["panel_events"]:
+        by_run.setdefault(data["run"], []).append(data)
+    assert list(by_run) == [*RUNS, "alone0", "alone1", "alone2"]
+    for i, name in enumerate(RUNS):
+        value = f"{VALUES[i]:g}"
+        expected = {
+            "name": SWEEP,
+            "index": i,
+            "total": 3,
+            "knob": "learning_rate",
+            "value": value,
+            "text": f"run {i + 1} of 3: learning_rate {value}",
+        }
+        assert all(d["sweep"] == expected and d["node"] == "6" for d in by_run[name]), name
+        steps = sorted({p[0] for d in by_run[name] if "points" in d for p in d["points"]})
+        assert steps == list(range(1, STEPS + 1)), name
+    assert all("sweep" not in d for i in range(3) for d in by_run[f"alone{i}"])
 
 
 def test_queueing_again_completes_the_sweep(sweep_case) -> None:
