@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.parse
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from typing import Any
 import numpy as np
 import pytest
 from harness.fixtures import tiny_conditioning_path
-from harness.prompts import SIZE, train_prompt
+from harness.prompts import SIZE, train_prompt, with_defaults
 from harness.server import TINY_MODEL_NAME, VAE_NAME
 from harness.workflow_prompt import make_album
 from harness.ws_events import EventListener
@@ -298,3 +299,103 @@ def test_sweep_curves_chart_and_reading(sweep_case, comfy_server) -> None:
     data = comfy_server.view_file(image["filename"], image["subfolder"], image["type"])
     assert Image.open(BytesIO(data)).size == (640, 320)
     print("\n" + "\n".join(lines))
+
+
+def last_checkpoint(server, run: str) -> str:
+    """The run's last checkpoint as the loras list names it (the panel's history route reads it)."""
+    query = urllib.parse.urlencode({"run": run})
+    return server.get_json(f"/klein_lab/train/history?{query}")["checkpoints"][-1]["lora"]
+
+
+def test_mixer_grid_mixes_checkpoints_of_two_runs(sweep_case, comfy_server) -> None:
+    """The mixer grid takes the last checkpoints of two runs of the sweep as LoRA A and LoRA B (the runs are in the
+    loras list): four cells in row order, scale 0 × 0 is the base, and each run alone, both together and the base
+    are four different pictures."""
+    lora_a, lora_b = last_checkpoint(comfy_server, RUNS[0]), last_checkpoint(comfy_server, RUNS[2])
+    assert lora_a.endswith(f"{RUNS[0]}/checkpoints/step_{STEPS:06d}.safetensors")
+    prompt = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": TINY_MODEL_NAME, "weight_dtype": "default"}},
+        "2": {"class_type": "VAELoader", "inputs": {"vae_name": VAE_NAME}},
+        "3": {"class_type": "KleinLabTestCLIPLoader", "inputs": {"context_dim": 64}},
+        "14": {
+            "class_type": "KleinLabMixerGrid",
+            "inputs": {
+                "model": ["1", 0],
+                "vae": ["2", 0],
+                "clip": ["3", 0],
+                "lora_a": lora_a,
+                "scales_a": "0,1",
+                "preset_a": "all",
+                "lora_b": lora_b,
+                "scales_b": "0,1",
+                "preset_b": "all",
+                "prompt": "a TOK cat",
+                "seed": 5,
+                "steps": 2,
+                "cfg": 1.0,
+                "width": SIZE,
+                "height": SIZE,
+            },
+        },
+    }
+    meta = comfy_server.run_prompt(with_defaults(comfy_server, prompt), timeout_s=600)["14"]["klein_scrub"][0]
+    assert [f["coords"] for f in meta["frames"]] == [[0, 0], [0, 1], [1, 0], [1, 1]]
+    images = []
+    for frame in meta["frames"]:
+        ref = frame["image"]
+        data = comfy_server.view_file(ref["filename"], ref["subfolder"], ref["type"])
+        images.append(np.asarray(Image.open(BytesIO(data)).convert("RGB"), dtype=np.float32))
+    assert all(np.abs(images[a] - images[b]).mean() > 0 for a in range(4) for b in range(a + 1, 4))
+
+
+def test_diagnose_every_run_of_the_sweep_and_read_it(sweep_case, comfy_server) -> None:
+    """Klein Diagnose Run with the sweep connected diagnoses every run (a diagnostics.json in each run folder with
+    one record per chosen checkpoint × scale), reports run after run under its label and ends with the sweep read
+    from those diagnostics (no run 'without diagnostics' any more); one sweet-spot chart per run. Sweep Curves
+    queued after it reads the same diagnostics. (Runs after the curves test, which reads the sweep undiagnosed.)"""
+    from klein_lora_lab.trainer_core.analysis.sweet_spot import read_diagnostics
+
+    prompt = {
+        k: v for k, v in train_prompt(sweep_case["album"], sweep_case["cond_file"], "x", STEPS).items() if k in "12345"
+    }
+    prompt["13"] = {"class_type": "KleinLabTestCLIPLoader", "inputs": {"context_dim": 64}}
+    prompt["9"] = {"class_type": "KleinLabLoadSweep", "inputs": {"sweep_name": SWEEP}}
+    prompt["12"] = {
+        "class_type": "KleinLabDiagnoseRun",
+        "inputs": {
+            "model": ["1", 0],
+            "clip": ["13", 0],
+            "vae": ["2", 0],
+            "encoded_dataset": ["5", 0],
+            "run": RUNS[0],
+            "checkpoints": f"{STEPS // 2},{STEPS}",
+            "scales": "1",
+            "seed": 0,
+            "steps": 2,
+            "cfg": 1.0,
+            "width": SIZE,
+            "height": SIZE,
+            "sweep": ["9", 0],
+        },
+    }
+    prompt["11"] = {
+        "class_type": "KleinLabSweepCurves",
+        "inputs": {"sweep": ["9", 0], "width": 640, "height": 320, "smoothing": 0.5, "after": ["12", 0]},
+    }
+    outputs = comfy_server.run_prompt(with_defaults(comfy_server, prompt), timeout_s=900)
+    report = outputs["12"]["text"][0]
+    print("\n" + report)
+    heads = [line for line in report.splitlines() if line.startswith("== ")]
+    assert heads == [
+        *(f"== {label} ({run}) ==" for label, run in zip(LABELS, RUNS, strict=True)),
+        f"== sweep '{SWEEP}' over learning_rate ==",
+    ]
+    reading = report.split(heads[-1], 1)[1].strip().splitlines()
+    for label, line in zip(LABELS, reading, strict=False):
+        assert line.startswith(f"{label}: "), line
+    assert "no diagnostics yet" not in report
+    assert len(outputs["12"]["images"]) == 3
+    for run in RUNS:
+        records = read_diagnostics(sweep_case["root"] / run)["records"]
+        assert [(r["step"], r["scale"]) for r in records] == [(STEPS // 2, 1.0), (STEPS, 1.0)], run
+    assert outputs["11"]["text"][0].splitlines()[:3] == reading[:3]
