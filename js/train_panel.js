@@ -124,6 +124,7 @@ function emptyState(run) {
 class TrainPanel {
   constructor(node) {
     this.node = node;
+    this.sweepNode = (node.comfyClass ?? node.constructor?.comfyClass) === SWEEP_NODE_CLASS;
     this.state = emptyState("");
     this.scale = "linear";
     this.ab = { a: null, b: null };
@@ -211,14 +212,18 @@ class TrainPanel {
   }
 
   // --- data -----------------------------------------------------------------------------------------------
-  /** Read the run's history from its folder (a reload, a second tab, a new run name). */
+  /**
+   * Read the run's history from its folder (a reload, a second tab, a new run name). A Sweep node has no run name:
+   * it asks for the run it trains now, if any.
+   */
   async load(run = this.runName()) {
-    if (!run) return;
+    const query = run ? { run } : this.sweepNode ? { node: String(this.node.id) } : null;
+    if (!query) return;
     const token = {};
     this.loading = token;
     let data;
     try {
-      const resp = await api.fetchApi(`/klein_lab/train/history?${new URLSearchParams({ run })}`);
+      const resp = await api.fetchApi(`/klein_lab/train/history?${new URLSearchParams(query)}`);
       data = await resp.json();
       if (!resp.ok) throw new Error(data.error ?? `HTTP ${resp.status}`);
     } catch (err) {
@@ -231,7 +236,7 @@ class TrainPanel {
     }
     if (this.loading !== token) return;
     this.loading = null;
-    const s = emptyState(run);
+    const s = emptyState(data.run ?? run);
     s.exists = data.exists;
     s.total = data.total ?? 0;
     for (const [step, loss, val] of data.points ?? []) s.points.set(step, [loss, val]);

@@ -92,6 +92,12 @@ def live_panel(run_name: str) -> LivePanel | None:
         return _LIVE.get(run_name)
 
 
+def live_run_of_node(node_id: str) -> str | None:
+    """The run that node `node_id` trains now (a Sweep node trains one run after another), else None."""
+    with _LOCK:
+        return next((name for name, panel in _LIVE.items() if str(panel.node_id) == node_id), None)
+
+
 def request_stop(run_name: str) -> LivePanel | None:
     """Stop & keep: the run stops after its current step and keeps its work. None when it is not training."""
     panel = live_panel(run_name)
