@@ -1,5 +1,6 @@
-// Klein LoRA Lab training panel: a DOM widget on KleinLabTrainLora that shows the run live and lets the artist
-// stop it at the sweet spot ("sampling during training beats watching loss alone").
+// Klein LoRA Lab training panel: a DOM widget on KleinLabTrainLora (and KleinLabSweep, where it follows the run of
+// the sweep that trains and says which: "run 2 of 3: learning_rate 5e-05") that shows the run live and lets the
+// artist stop it at the sweet spot ("sampling during training beats watching loss alone").
 //
 // - a loss chart (loss, smoothed loss, validation loss, checkpoint marks; hover readout; linear/log scale) and,
 //   on the same step axis, the live clinic (concept strength, prompt flexibility, the bicycle test, trigger-free
@@ -17,6 +18,7 @@ import { el, injectStyle, viewURL } from "./dom.js";
 
 export const PANEL_EXTENSION_NAME = "KleinLoraLab.trainPanel";
 export const PANEL_NODE_CLASS = "KleinLabTrainLora";
+export const SWEEP_NODE_CLASS = "KleinLabSweep";
 const WIDGET_NAME = "klein_train_panel";
 const EVENTS = ["step", "phase", "checkpoint", "sample", "clinic", "done"].map((e) => `klein_lab.train.${e}`);
 const PRESET_WIDGETS = ["rank", "alpha", "learning_rate", "steps"];
@@ -39,6 +41,7 @@ const STYLE = `
 .klein-panel { display: flex; flex-direction: column; gap: 4px; box-sizing: border-box; width: 100%; height: 100%;
   min-height: ${MIN_HEIGHT_PX}px; padding: 4px; color: var(--input-text, #ddd); font: 12px sans-serif; }
 .klein-panel [hidden] { display: none !important; }
+.klein-panel-sweep { font-weight: bold; color: #ffd250; }
 .klein-panel-status { display: flex; flex-wrap: wrap; gap: 2px 10px; }
 .klein-panel-status b { font-weight: bold; }
 .klein-panel-message { white-space: pre-wrap; background: rgba(255,255,255,0.06); padding: 3px 5px;
@@ -114,12 +117,14 @@ function emptyState(run) {
     status: "",
     message: "",
     live: null, // {step, total, rate, eta, peak_vram, phase, last_checkpoint}
+    sweep: null, // {name, index, total, knob, value, text} while a run of a sweep trains
   };
 }
 
 class TrainPanel {
   constructor(node) {
     this.node = node;
+    this.sweepNode = (node.comfyClass ?? node.constructor?.comfyClass) === SWEEP_NODE_CLASS;
     this.state = emptyState("");
     this.scale = "linear";
     this.ab = { a: null, b: null };
@@ -133,6 +138,7 @@ class TrainPanel {
   build() {
     injectStyle("klein-panel-style", STYLE);
     const t = (id) => ({ "data-testid": id });
+    this.sweepEl = el("div", { class: "klein-panel-sweep", ...t("klein-panel-sweep"), hidden: true });
     this.statusEl = el("div", { class: "klein-panel-status", ...t("klein-panel-status") });
     this.messageEl = el("div", { class: "klein-panel-message", ...t("klein-panel-message"), hidden: true });
     this.markEl = el("div", { class: "klein-panel-mark", ...t("klein-panel-mark"), hidden: true });
@@ -157,6 +163,7 @@ class TrainPanel {
     this.big = el("div", { class: "klein-panel-big", ...t("klein-panel-big"), hidden: true });
     this.big.addEventListener("click", () => (this.big.hidden = true));
     this.root = el("div", { class: "klein-panel", ...t("klein-panel"), style: "position: relative" }, [
+      this.sweepEl,
       this.statusEl,
       this.messageEl,
       this.markEl,
@@ -205,14 +212,18 @@ class TrainPanel {
   }
 
   // --- data -----------------------------------------------------------------------------------------------
-  /** Read the run's history from its folder (a reload, a second tab, a new run name). */
+  /**
+   * Read the run's history from its folder (a reload, a second tab, a new run name). A Sweep node has no run name:
+   * it asks for the run it trains now, if any.
+   */
   async load(run = this.runName()) {
-    if (!run) return;
+    const query = run ? { run } : this.sweepNode ? { node: String(this.node.id) } : null;
+    if (!query) return;
     const token = {};
     this.loading = token;
     let data;
     try {
-      const resp = await api.fetchApi(`/klein_lab/train/history?${new URLSearchParams({ run })}`);
+      const resp = await api.fetchApi(`/klein_lab/train/history?${new URLSearchParams(query)}`);
       data = await resp.json();
       if (!resp.ok) throw new Error(data.error ?? `HTTP ${resp.status}`);
     } catch (err) {
@@ -225,7 +236,7 @@ class TrainPanel {
     }
     if (this.loading !== token) return;
     this.loading = null;
-    const s = emptyState(run);
+    const s = emptyState(data.run ?? run);
     s.exists = data.exists;
     s.total = data.total ?? 0;
     for (const [step, loss, val] of data.points ?? []) s.points.set(step, [loss, val]);
@@ -235,6 +246,7 @@ class TrainPanel {
     s.mark = data.mark ?? null;
     s.status = data.status ?? "";
     s.live = data.live ?? null;
+    s.sweep = data.live?.sweep ?? null;
     this.state = s;
     this.render();
   }
@@ -256,6 +268,7 @@ class TrainPanel {
     const s = this.state;
     s.exists = true;
     s.live ??= { step: 0, total: s.total, phase: "training" };
+    if (d.sweep) s.sweep = d.sweep;
     if (type === "step") {
       const first = d.points[0]?.[0];
       if (first !== undefined) for (const step of [...s.points.keys()]) if (step >= first) s.points.delete(step);
@@ -301,14 +314,14 @@ class TrainPanel {
     this.render();
   }
 
-  /** Resume: turn resume on and queue the workflow as the Run button does. */
+  /** Resume: turn resume on and queue the workflow as the Run button does (a sweep queued again continues). */
   async resume() {
     const widget = this.widget("resume");
     if (widget) {
       widget.value = true;
       widget.callback?.(true);
     }
-    this.state.message = "Queued with resume on.";
+    this.state.message = widget ? "Queued with resume on." : "Queued again: the sweep continues where it stopped.";
     this.render();
     const command = app.extensionManager?.command;
     if (command?.execute) await command.execute("Comfy.QueuePrompt");
@@ -340,6 +353,9 @@ class TrainPanel {
     this.statusEl.replaceChildren(
       ...parts.map(([k, v]) => el("span", { dataset: { key: k } }, [`${k} `, el("b", {}, [String(v)])])),
     );
+    this.sweepEl.hidden = !s.sweep;
+    this.sweepEl.textContent = s.sweep?.text ?? "";
+    this.sweepEl.dataset.index = String(s.sweep?.index ?? "");
     this.messageEl.hidden = !s.message;
     this.messageEl.textContent = s.message;
     const mark = s.mark;
@@ -734,7 +750,7 @@ if (!(app.extensions ?? []).some((ext) => ext.name === PANEL_EXTENSION_NAME)) {
     name: PANEL_EXTENSION_NAME,
     nodeCreated(node) {
       const comfyClass = node.comfyClass ?? node.constructor?.comfyClass;
-      if (comfyClass === PANEL_NODE_CLASS) attachPanel(node);
+      if (comfyClass === PANEL_NODE_CLASS || comfyClass === SWEEP_NODE_CLASS) attachPanel(node);
     },
   });
 }

@@ -6,7 +6,8 @@ flags the panel's buttons set (Stop & keep, Sample now) for the trainer to poll,
 validation and marks the sweet spot. Images never travel inside events: they are files the page fetches through
 ComfyUI's /view.
 
-Events (`data.run` = run name, `data.node` = the Train node's id):
+Events (`data.run` = run name, `data.node` = the Train (or Sweep) node's id; a run of a sweep adds `data.sweep` =
+{name, index, total, knob, value, text: "run 2 of 3: learning_rate 5e-05"} to every event and to the snapshot):
   klein_lab.train.step        {step, total, points: [[step, loss, val_loss|None], ...], rate, eta, peak_vram, phase}
   klein_lab.train.phase       {phase, step}
   klein_lab.train.checkpoint  {step, lora}
@@ -91,6 +92,12 @@ def live_panel(run_name: str) -> LivePanel | None:
         return _LIVE.get(run_name)
 
 
+def live_run_of_node(node_id: str) -> str | None:
+    """The run that node `node_id` trains now (a Sweep node trains one run after another), else None."""
+    with _LOCK:
+        return next((name for name, panel in _LIVE.items() if str(panel.node_id) == node_id), None)
+
+
 def request_stop(run_name: str) -> LivePanel | None:
     """Stop & keep: the run stops after its current step and keeps its work. None when it is not training."""
     panel = live_panel(run_name)
@@ -116,6 +123,7 @@ class LivePanel:
     run_path: Path
     clinic_setup: ClinicSetup | None = None
     compiling: bool = False
+    sweep: dict[str, Any] | None = None  # which run of a sweep this is (see the module doc), None for a lone run
     control: _Control = field(default_factory=_Control)
     phase: str = "training"
     step: int = 0
@@ -154,7 +162,8 @@ class LivePanel:
 
     def _send(self, event: str, data: dict[str, Any]) -> None:
         self.events_sent += 1
-        broadcast(event, {"run": self.run_name, "node": self.node_id, **data})
+        sweep = {"sweep": self.sweep} if self.sweep is not None else {}
+        broadcast(event, {"run": self.run_name, "node": self.node_id, **sweep, **data})
 
     # -- the trainer's side -----------------------------------------------------------------------------------
 
@@ -266,4 +275,5 @@ class LivePanel:
             "peak_vram": peak_vram_gib(),
             "last_checkpoint": self.last_checkpoint,
             "stop_requested": self.control.stop,
+            "sweep": self.sweep,
         }

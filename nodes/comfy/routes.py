@@ -2,6 +2,8 @@
 
   GET  /klein_lab/train/history?run=NAME  the run's history read from its folder (metrics, checkpoints, samples,
                                           clinic, mark) plus the live status while it trains; read-only
+  GET  /klein_lab/train/history?node=ID   the same for the run node ID trains now (a Sweep node's panel after a
+                                          reload: its runs change); {"run": ""} when it trains none
   POST /klein_lab/train/stop    {run}     Stop & keep: the run stops after its current step, the prompt succeeds
   POST /klein_lab/train/sample  {run}     Sample now: validation previews after the current step
   GET  /klein_lab/train/presets           the course's presets (the panel fills rank/alpha/lr/steps from them)
@@ -25,7 +27,7 @@ from ...trainer_core.analysis.live_clinic import find_mark, read_clinic
 from ...trainer_core.runs.runfolder import RunFolder, checkpoint_step
 from ...trainer_core.training.settings import PRESETS
 from .feedback import prompt_server
-from .live_panel import live_panel, request_sample, request_stop
+from .live_panel import live_panel, live_run_of_node, request_sample, request_stop
 from .paths import lora_list_name, output_relative
 from .run_names import run_path
 
@@ -111,7 +113,20 @@ def _run_of(name: object) -> Path:
     return run_path(name)
 
 
+def node_history(node_id: str) -> dict[str, Any]:
+    """The history of the run node `node_id` trains now; {"run": "", "exists": False, "live": None} when none."""
+    name = live_run_of_node(node_id)
+    if name is None:
+        return {"run": "", "exists": False, "live": None}
+    return run_history(run_path(name))
+
+
 async def history(request: web.Request) -> web.Response:
+    if "node" in request.query and "run" not in request.query:
+        try:
+            return web.json_response(await asyncio.to_thread(node_history, request.query["node"]))
+        except (OSError, ValueError) as err:  # as below: a damaged run folder is named, the server stays up
+            return _error(f"cannot read the run of node {request.query['node']!r}: {err}", 422)
     try:
         path = _run_of(request.query.get("run", ""))
     except ValueError as err:

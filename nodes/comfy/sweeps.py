@@ -29,6 +29,7 @@ from ...trainer_core.runs.sweep import (
     plan_sweep,
     read_manifest,
     statuses,
+    value_text,
     write_manifest,
 )
 from ...trainer_core.training.options import with_default_options
@@ -80,6 +81,20 @@ def _say(node_id: str | None, text: str) -> None:
         server.send_progress_text(text, node_id, server.client_id)
 
 
+def panel_sweep(plan: SweepPlan, index: int) -> dict:
+    """What the training panel shows of run `index` of the sweep: "run 2 of 3: learning_rate 5e-05"."""
+    value = value_text(plan.runs[index].value)
+    total = len(plan.runs)
+    return {
+        "name": plan.name,
+        "index": index,
+        "total": total,
+        "knob": plan.knob,
+        "value": value,
+        "text": f"run {index + 1} of {total}: {plan.knob} {value}",
+    }
+
+
 @dataclass
 class SweepOutcome:
     sweep: Sweep
@@ -121,7 +136,16 @@ def train_sweep(
         send_event(EVENT_SWEEP_RUN, {**event, "status": verb})
         samples = sample_config(encoded, sample_steps, sample_cfg, settings.seed)
         outcome = train_in_comfy(
-            model_patcher, encoded.items, settings, run, resume, node_id, samples, encoded.empty_context, vae
+            model_patcher,
+            encoded.items,
+            settings,
+            run,
+            resume,
+            node_id,
+            samples,
+            encoded.empty_context,
+            vae,
+            sweep=panel_sweep(plan, i),
         )
         trained.append(outcome)
         state = statuses(root, plan)

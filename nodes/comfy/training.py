@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import comfy.model_management as mm
 import torch
@@ -206,10 +207,12 @@ def train_in_comfy(
     empty_context: Tensor | None,
     vae=None,
     clinic: ClinicSetup | None = None,
+    sweep: dict[str, Any] | None = None,
 ) -> TrainOutcome:
     """Train on the MODEL ComfyUI loaded, with progress, previews and the live panel; Cancel keeps the run, the
     panel's Stop & keep (and the sweet-spot auto-stop) end it as a success.
 
+    `sweep` says which run of a sweep this is (LivePanel.sweep: the panel shows "run 2 of 3: ..."); None alone.
     Returns the outcome; when the run was cancelled the caller reports `message` and calls `raise_interrupt()`.
     """
     first = 0
@@ -229,7 +232,7 @@ def train_in_comfy(
         notices = NodeNotices(node_id)
         if compiling:
             notices.start_compile_clock()
-        with LivePanel(run.path.name, node_id, settings.steps, first, run.path, clinic, compiling) as panel:
+        with LivePanel(run.path.name, node_id, settings.steps, first, run.path, clinic, compiling, sweep) as panel:
             callbacks = ComfyCallbacks(
                 progress, run, patcher, model, device, samples, vae, panel, settings.checkpoint_every, notices
             )

@@ -8,6 +8,7 @@ from comfy_api.latest import io
 from ...trainer_core.album.dataset import TRIGGER_MODES
 from ...trainer_core.model.block_weights import PRESETS
 from ...trainer_core.model.variants import GROUPS
+from ...trainer_core.training.settings import PRESETS as TRAIN_PRESETS
 from .paths import lora_list
 
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
@@ -132,3 +133,91 @@ def negative_input() -> io.Conditioning.Input:
         optional=True,
         tooltip="Negative conditioning; without it the empty prompt through clip, or none when cfg is 1.",
     )
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+TRAIN_PRESET_TIP = (
+    "The course's starting points, written for Klein 4B (rank / learning rate / steps): style 16 / 3e-4 / 650, "
+    "character 32 / 2e-4 / 1000, object 24 / 2e-4 / 800, image_to_image 32 / 1e-4 / 400. Picking a preset fills "
+    "rank, alpha, learning_rate and steps with its values; a value you edited stays yours."
+)
+LR_TIP = (
+    "Learning rate; 0 = the preset's. The presets' 1e-4 to 3e-4 are the course's values for Klein 4B. The lab's "
+    "detents were measured on 9B: 1e-5 timid, 5e-5 default, 2e-4 frantic, so on 9B start near 5e-5 and watch "
+    "the samples; a larger model moves further per step."
+)
+SWEEP_NOTES = {
+    "preset": " In a sweep: the starting point of every run; ignored when the knob is 'preset'.",
+    "seed": " In a sweep: the same for every run, so the runs differ only by the knob.",
+}
+
+
+def _int(name: str, default: int, lo: int, hi: int, tip: str) -> io.Int.Input:
+    return io.Int.Input(name, default=default, min=lo, max=hi, tooltip=tip)
+
+
+def training_widgets(run_widgets: list[io.Input] = (), sweep: bool = False) -> list[io.Input]:
+    """The training widgets of the Train and Sweep nodes, in the order saved workflows hold them: preset, then
+    `run_widgets` (the Train node's run_name and resume), then rank ... validation_holdout. A run of a sweep is
+    the run these widgets train on the Train node, so both read the same; `sweep` adds what differs in a sweep.
+    The two validation widgets are optional so API prompts written before they existed still run (absent:
+    validation with every preview, no hold-out, as those runs trained)."""
+    notes = SWEEP_NOTES if sweep else {}
+    return [
+        io.Combo.Input(
+            "preset",
+            options=list(TRAIN_PRESETS),
+            default="style",
+            tooltip=TRAIN_PRESET_TIP + notes.get("preset", ""),
+        ),
+        *run_widgets,
+        _int("rank", 0, 0, 256, "LoRA rank; 0 = the preset's (filled in when you pick a preset)."),
+        io.Float.Input(
+            "alpha", default=0.0, min=0.0, max=1024.0, step=1.0, tooltip="LoRA alpha; 0 = the preset's (alpha = rank)."
+        ),
+        io.Float.Input("learning_rate", default=0.0, min=0.0, max=0.01, step=0.00001, round=0.000001, tooltip=LR_TIP),
+        _int("steps", 0, 0, 100000, "Optimizer steps; 0 = the preset's (style 650, character 1000, ...)."),
+        _int("batch_size", 1, 1, 64, "Images per step (same-size buckets are batched together)."),
+        _int("checkpoint_every", 100, 0, 100000, "Save a LoRA every N steps (listed in the loras list); 0 = end only."),
+        _int("sample_every", 100, 0, 100000, "Preview the validation prompts every N steps; 0 = no previews."),
+        _int("sample_steps", 20, 0, 200, "Sampling steps of each preview (Klein Base: 50 for final images)."),
+        io.Float.Input(
+            "sample_cfg", default=4.0, min=1.0, max=20.0, step=0.1, tooltip="CFG of the previews (Klein Base ~4)."
+        ),
+        io.Int.Input(
+            "seed",
+            default=0,
+            min=0,
+            max=2**31 - 1,
+            # The frontend gives any INT named seed a "randomize after queue" control unless told not to; a
+            # training seed must stay put (resume continues the same run, a sweep's runs share it) and saved
+            # workflows stay aligned.
+            control_after_generate=False,
+            tooltip="Seed of the LoRA init, data order, noise and the previews." + notes.get("seed", ""),
+        ),
+        io.String.Input(
+            "targets",
+            default="attention",
+            tooltip="Which layers train: attention (default), all_linear, block groups ('binding,identity'), "
+            "'blocks:double.0,single.5-9' or 'regex:<pattern>'.",
+        ),
+        io.Int.Input(
+            "validation_every",
+            default=0,
+            min=0,
+            max=100000,
+            optional=True,
+            tooltip="Validation loss (fixed noise and σ) every N steps, on the loss curve; 0 = with every preview.",
+        ),
+        io.Float.Input(
+            "validation_holdout",
+            default=0.1,
+            min=0.0,
+            max=0.5,
+            step=0.05,
+            optional=True,
+            tooltip="Share of an album of 10+ images held out of training for the validation loss (0 = train on "
+            "all; smaller albums validate on training images). A resumed run keeps its own.",
+        ),
+    ]

@@ -6,7 +6,8 @@ base model (scale 0) once as the reference. trainer_core/analysis/diagnose.py ru
 (checkpoint, scale) against the base and the album's latents (the encoded dataset the run trained on), writes
 one record per checkpoint × scale into `<run>/diagnostics.json` (atomically) and suggests the sweet spot; this
 node supplies the rendering (ComfyUI's sampler with a forward-time LoRA on a clone of the same input MODEL, and
-the VAE) and returns the report and the sweet-spot chart.
+the VAE) and returns the report and the sweet-spot chart. With a sweep connected it diagnoses every run of the
+sweep the same way and ends the report with the sweep read in words (nodes/comfy/diagnosis.py).
 """
 
 from __future__ import annotations
@@ -15,16 +16,14 @@ import comfy.samplers
 from comfy_api.latest import io, ui
 
 from ...trainer_core.album.latent_cache import EncodedDataset
-from ...trainer_core.analysis.charts import to_image_tensor
-from ...trainer_core.analysis.diagnose import diagnose, diagnosis_plan, record_diagnosis
 from ...trainer_core.analysis.diagnostics import GROUPS
-from ...trainer_core.analysis.sweet_spot import render_sweet_spot
-from ...trainer_core.runs.runfolder import checkpoint_step
-from ..comfy.paths import folder_fingerprint, lora_list_name
-from ..comfy.render import RenderSettings, decode_frames, encode_prompts
+from ...trainer_core.runs.sweep import Sweep
+from ..comfy.diagnosis import DiagnoseRequest, diagnose_folder, diagnose_sweep
+from ..comfy.paths import folder_fingerprint
+from ..comfy.render import RenderSettings
 from ..comfy.runs import open_existing_run, run_folder, runs_with_settings
-from ..comfy.scrub import checkpoint_sampler
 from ..comfy.sockets import ENCODED_DATASET
+from ..comfy.sweeps import SWEEP, sweep_runs
 from ..comfy.widgets import MAX_SEED, run_combo
 
 DEFAULT_PROMPTS = {
@@ -52,7 +51,8 @@ class KleinLabDiagnoseRun(io.ComfyNode):
             description=(
                 "The bicycle test and the diagnosis clinic as numbers: renders trigger, novel and trigger-free "
                 "prompts at each checkpoint × scale, measures memorisation, prompt flexibility, concept strength "
-                "and trigger-free drift against the base model and the album, and writes <run>/diagnostics.json."
+                "and trigger-free drift against the base model and the album, and writes <run>/diagnostics.json. "
+                "Connect a sweep to diagnose every run of it and read the sweep in words."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The FLUX.2 [klein] Base model the run was trained on."),
@@ -96,18 +96,31 @@ class KleinLabDiagnoseRun(io.ComfyNode):
                 ),
                 io.Int.Input("width", default=512, min=16, max=4096, step=16, tooltip="Generation width, pixels."),
                 io.Int.Input("height", default=512, min=16, max=4096, step=16, tooltip="Generation height, pixels."),
+                SWEEP.Input(
+                    "sweep",
+                    optional=True,
+                    tooltip="Optional, from 'Klein Sweep' or 'Klein Load Sweep': diagnose every run of the sweep "
+                    "(the run above is then ignored) and end the report with the sweep read in words.",
+                ),
             ],
             outputs=[
-                io.String.Output(display_name="report", tooltip="Measures and findings per checkpoint × scale."),
-                io.Image.Output(display_name="chart", tooltip="The curves and the suggested sweet spot."),
-                io.Image.Output(display_name="frames", tooltip="Base frames, then checkpoint × scale × prompt."),
+                io.String.Output(
+                    display_name="report",
+                    tooltip="Measures and findings per checkpoint × scale (per run of a sweep, then its reading).",
+                ),
+                io.Image.Output(display_name="chart", tooltip="The curves and the suggested sweet spot (one per run)."),
+                io.Image.Output(
+                    display_name="frames", tooltip="Base frames, then checkpoint × scale × prompt (run after run)."
+                ),
             ],
             is_output_node=True,
         )
 
     @classmethod
-    def fingerprint_inputs(cls, run: str, **kwargs) -> str:
+    def fingerprint_inputs(cls, run: str, sweep: Sweep | None = None, **kwargs) -> str:
         # New checkpoints (with 'all' or 'last N') measure again; an unchanged run reuses ComfyUI's cached result.
+        if sweep is not None:
+            return folder_fingerprint(*(f / "checkpoints" for f in sweep_runs(sweep)))
         return folder_fingerprint(run_folder(run) / "checkpoints")
 
     @classmethod
@@ -120,24 +133,20 @@ class KleinLabDiagnoseRun(io.ComfyNode):
         run: str,
         checkpoints: str,
         scales: str,
+        sweep: Sweep | None = None,
         **widgets,
     ) -> io.NodeOutput:
         """widgets: the three prompt groups' lines (`<group>_prompts`) and the KSampler-like render widgets."""
-        folder = open_existing_run(run)
-        files = {checkpoint_step(p): p for p in folder.checkpoints()}
-        trigger = str(folder.meta.get("trigger", "")) or encoded_dataset.trigger
         texts = {g: widgets[f"{g}_prompts"] for g in GROUPS}
-        plan = diagnosis_plan(texts, trigger, checkpoints, sorted(files), scales)
-        names = {step: lora_list_name(files[step]) for step in plan.steps}
         settings = RenderSettings.from_widgets(widgets)
-        positives, negative = encode_prompts(clip, plan.prompts), encode_prompts(clip, [""])[0]
-        sample = checkpoint_sampler(model, positives, negative, settings, names)
-        album = [item.latent for item in encoded_dataset.items]
-        result = diagnose(plan, sample, lambda latents: decode_frames(vae, latents), album, names)
-        text, spot = record_diagnosis(folder, plan, result, dict(settings.__dict__), encoded_dataset.dataset_hash)
-        chart = to_image_tensor(render_sweet_spot(spot, title=folder.path.name))
+        request = DiagnoseRequest(model, clip, vae, encoded_dataset, checkpoints, scales, texts, settings)
+        if sweep is not None:
+            out = diagnose_sweep(request, sweep)
+        else:
+            folder = open_existing_run(run)
+            out = diagnose_folder(request, folder, folder.path.name)
         return io.NodeOutput(
-            text, chart, result.images, ui={"text": [text], **ui.PreviewImage(chart, cls=cls).as_dict()}
+            out.text, out.chart, out.frames, ui={"text": [out.text], **ui.PreviewImage(out.chart, cls=cls).as_dict()}
         )
 
 

@@ -7,66 +7,11 @@ from comfy_api.latest import io
 
 from ...trainer_core.album.latent_cache import EncodedDataset
 from ...trainer_core.runs.sweep import knobs
-from ...trainer_core.training.settings import PRESETS
 from ..comfy.interrupt import raise_interrupt
 from ..comfy.paths import lora_list_name
 from ..comfy.sockets import ENCODED_DATASET
 from ..comfy.sweeps import SWEEP, load_sweep, manifest_fingerprint, sweep_plan, train_sweep
-
-
-def _int(name: str, default: int, lo: int, hi: int, tip: str) -> io.Int.Input:
-    return io.Int.Input(name, default=default, min=lo, max=hi, tooltip=tip)
-
-
-def base_inputs() -> list:
-    """The Train node's widgets with the Train node's defaults: a run of the sweep is the run those widgets train,
-    with the knob set to its value."""
-    return [
-        io.Combo.Input(
-            "preset",
-            options=list(PRESETS),
-            default="style",
-            tooltip="The course's starting point for every run (style 16/3e-4, character 32/2e-4, object 24/2e-4, "
-            "image_to_image 32/1e-4); ignored when the knob is 'preset'.",
-        ),
-        _int("rank", 0, 0, 256, "LoRA rank of every run; 0 = the preset's."),
-        io.Float.Input(
-            "alpha", default=0.0, min=0.0, max=1024.0, step=1.0, tooltip="LoRA alpha; 0 = the preset's (= rank)."
-        ),
-        io.Float.Input(
-            "learning_rate",
-            default=0.0,
-            min=0.0,
-            max=0.01,
-            step=0.00001,
-            round=0.000001,
-            tooltip="0 = the preset's. The lab: 1e-5 timid, 5e-5 default, 2e-4 frantic.",
-        ),
-        _int("steps", 0, 0, 100000, "Optimizer steps of every run; 0 = the preset's."),
-        _int("batch_size", 1, 1, 64, "Images per step."),
-        _int("checkpoint_every", 100, 0, 100000, "Save a LoRA every N steps; 0 = end only."),
-        _int("sample_every", 100, 0, 100000, "Preview the validation prompts every N steps; 0 = no previews."),
-        _int("sample_steps", 20, 0, 200, "Sampling steps of each preview."),
-        io.Float.Input("sample_cfg", default=4.0, min=1.0, max=20.0, step=0.1, tooltip="CFG of the previews."),
-        io.Int.Input(
-            "seed",
-            default=0,
-            min=0,
-            max=2**31 - 1,
-            control_after_generate=False,  # the same seed for every run and every queue: the sweep stays comparable
-            tooltip="Seed of every run: LoRA init, data order, noise and previews (fixed across the sweep).",
-        ),
-        io.String.Input("targets", default="attention", tooltip="Which layers train (as on the Train node)."),
-        _int("validation_every", 0, 0, 100000, "Validation loss every N steps; 0 = with every preview."),
-        io.Float.Input(
-            "validation_holdout",
-            default=0.1,
-            min=0.0,
-            max=0.5,
-            step=0.05,
-            tooltip="Share of an album of 10+ images held out for the validation loss (the same for every run).",
-        ),
-    ]
+from ..comfy.widgets import training_widgets
 
 
 class KleinLabSweep(io.ComfyNode):
@@ -102,7 +47,7 @@ class KleinLabSweep(io.ComfyNode):
                     tooltip="The knob's values, one run each, in this order: separated by commas, ';' or lines "
                     "(targets and presets by ';' or lines). The lab's lr: 1e-5 timid, 5e-5 default, 2e-4 frantic.",
                 ),
-                *base_inputs(),
+                *training_widgets(sweep=True),
                 io.Vae.Input("vae", optional=True, tooltip="Decode the previews with this VAE."),
             ],
             outputs=[

@@ -11,7 +11,6 @@ from ...trainer_core.analysis.loss_curve import run_loss_curve
 from ...trainer_core.errors import check_number
 from ...trainer_core.training.options import TrainingOptions, keep_run_options, with_options
 from ...trainer_core.training.sampling import CFG_MAX, CFG_MIN
-from ...trainer_core.training.settings import PRESETS
 from ..comfy.interrupt import raise_interrupt
 from ..comfy.paths import lora_list_name
 from ..comfy.run_outputs import output_fingerprint, record_output
@@ -19,21 +18,7 @@ from ..comfy.sockets import ENCODED_DATASET
 from ..comfy.train_setup import clinic_setup, new_or_resumed_run, sample_config, settings_from_widgets
 from ..comfy.training import model_with_lora, train_in_comfy, ui_image
 from ..comfy.training_options import TRAINING_OPTIONS
-
-PRESET_TIP = (
-    "The course's starting points, written for Klein 4B (rank / learning rate / steps): style 16 / 3e-4 / 650, "
-    "character 32 / 2e-4 / 1000, object 24 / 2e-4 / 800, image_to_image 32 / 1e-4 / 400. Picking a preset fills "
-    "rank, alpha, learning_rate and steps with its values; a value you edited stays yours."
-)
-LR_TIP = (
-    "Learning rate; 0 = the preset's. The presets' 1e-4 to 3e-4 are the course's values for Klein 4B. The lab's "
-    "detents were measured on 9B: 1e-5 timid, 5e-5 default, 2e-4 frantic, so on 9B start near 5e-5 and watch "
-    "the samples; a larger model moves further per step."
-)
-
-
-def _int(name: str, default: int, lo: int, hi: int, tip: str, step: int = 1) -> io.Int.Input:
-    return io.Int.Input(name, default=default, min=lo, max=hi, step=step, tooltip=tip)
+from ..comfy.widgets import training_widgets
 
 
 class KleinLabTrainLora(io.ComfyNode):
@@ -50,94 +35,20 @@ class KleinLabTrainLora(io.ComfyNode):
             inputs=[
                 io.Model.Input("model", tooltip="FLUX.2 [klein] Base from 'Load Diffusion Model' (trained in place)."),
                 ENCODED_DATASET.Input("encoded_dataset", tooltip="From 'Klein Encode Dataset (cached)'."),
-                io.Combo.Input(
-                    "preset",
-                    options=list(PRESETS),
-                    default="style",
-                    tooltip=PRESET_TIP,
-                ),
-                io.String.Input(
-                    "run_name", default="klein_lora", tooltip="Folder of this run under output/klein_lora_lab/runs."
-                ),
-                io.Boolean.Input(
-                    "resume",
-                    default=False,
-                    tooltip="Continue the run of this name from its last checkpoint (after Stop & keep or Cancel); "
-                    "to extend a finished run, raise steps.",
-                ),
-                _int("rank", 0, 0, 256, "LoRA rank; 0 = the preset's (filled in when you pick a preset)."),
-                io.Float.Input(
-                    "alpha",
-                    default=0.0,
-                    min=0.0,
-                    max=1024.0,
-                    step=1.0,
-                    tooltip="LoRA alpha; 0 = the preset's (alpha = rank).",
-                ),
-                io.Float.Input(
-                    "learning_rate",
-                    default=0.0,
-                    min=0.0,
-                    max=0.01,
-                    step=0.00001,
-                    round=0.000001,
-                    tooltip=LR_TIP,
-                ),
-                _int("steps", 0, 0, 100000, "Optimizer steps; 0 = the preset's (style 650, character 1000, ...)."),
-                _int("batch_size", 1, 1, 64, "Images per step (same-size buckets are batched together)."),
-                _int(
-                    "checkpoint_every",
-                    100,
-                    0,
-                    100000,
-                    "Save a LoRA every N steps (listed in the loras list); 0 = end only.",
-                ),
-                _int("sample_every", 100, 0, 100000, "Preview the validation prompts every N steps; 0 = no previews."),
-                _int("sample_steps", 20, 0, 200, "Sampling steps of each preview (Klein Base: 50 for final images)."),
-                io.Float.Input(
-                    "sample_cfg",
-                    default=4.0,
-                    min=1.0,
-                    max=20.0,
-                    step=0.1,
-                    tooltip="CFG of the previews (Klein Base ~4).",
-                ),
-                io.Int.Input(
-                    "seed",
-                    default=0,
-                    min=0,
-                    max=2**31 - 1,
-                    # The frontend gives any INT named seed a "randomize after queue" control unless told not to;
-                    # a training seed must stay put (resume continues the same run) and saved workflows stay aligned.
-                    control_after_generate=False,
-                    tooltip="Seed of the LoRA init, data order, noise and the previews.",
-                ),
-                io.String.Input(
-                    "targets",
-                    default="attention",
-                    tooltip="Which layers train: attention (default), all_linear, block groups ('binding,identity'), "
-                    "'blocks:double.0,single.5-9' or 'regex:<pattern>'.",
-                ),
-                # The two validation widgets are optional so API prompts written before they existed still run
-                # (absent: validation with every preview, no hold-out, as those runs trained).
-                io.Int.Input(
-                    "validation_every",
-                    default=0,
-                    min=0,
-                    max=100000,
-                    optional=True,
-                    tooltip="Validation loss (fixed noise and σ) every N steps, on the loss curve; 0 = with every "
-                    "preview.",
-                ),
-                io.Float.Input(
-                    "validation_holdout",
-                    default=0.1,
-                    min=0.0,
-                    max=0.5,
-                    step=0.05,
-                    optional=True,
-                    tooltip="Share of an album of 10+ images held out of training for the validation loss (0 = "
-                    "train on all; smaller albums validate on training images). A resumed run keeps its own.",
+                *training_widgets(
+                    [
+                        io.String.Input(
+                            "run_name",
+                            default="klein_lora",
+                            tooltip="Folder of this run under output/klein_lora_lab/runs.",
+                        ),
+                        io.Boolean.Input(
+                            "resume",
+                            default=False,
+                            tooltip="Continue the run of this name from its last checkpoint (after Stop & keep or "
+                            "Cancel); to extend a finished run, raise steps.",
+                        ),
+                    ]
                 ),
                 io.Boolean.Input(
                     "stop_at_sweet_spot",

@@ -46,3 +46,35 @@ export async function openFrontend(page, url) {
   await page.goto(url, { waitUntil: "domcontentloaded" });
   await waitReady(page);
 }
+
+// Switches between the classic canvas and Vue nodes, then lets the DOM settle.
+export async function setRenderer(page, mode, settleMs = 500) {
+  await page.evaluate(async (vue) => {
+    await window.app.extensionManager.setting.set("Comfy.VueNodes.Enabled", vue);
+  }, mode === "vue");
+  await page.waitForTimeout(settleMs);
+}
+
+// Queues the open workflow as the Run button does.
+export async function queuePrompt(page) {
+  await page.evaluate(() => window.app.extensionManager.command.execute("Comfy.QueuePrompt"));
+}
+
+// Waits until `predicate(arg)` holds in the page (polled every 250 ms).
+export async function waitFor(page, predicate, arg, timeout) {
+  await page.waitForFunction(predicate, arg, { timeout, polling: 250 });
+}
+
+// From now on the page keeps the execution_error events of its prompts in window.__kleinErrors (a predicate of
+// waitFor can stop on them); executionErrors reads them back as JSON text.
+export async function collectExecutionErrors(page) {
+  await page.evaluate(() => {
+    window.__kleinErrors = [];
+    const api = window.comfyAPI?.api?.api;
+    api?.addEventListener("execution_error", (e) => window.__kleinErrors.push(e.detail));
+  });
+}
+
+export async function executionErrors(page) {
+  return page.evaluate(() => (window.__kleinErrors ?? []).map((e) => JSON.stringify(e).slice(0, 2000)));
+}

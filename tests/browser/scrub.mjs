@@ -5,7 +5,16 @@
 // Prints one JSON line of observations ({modes: {classic, vue}, ...}); pytest compares them with the metas.
 import fs from "node:fs";
 import path from "node:path";
-import { openBrowser, openFrontend, waitReady } from "./comfy_page.mjs";
+import {
+  collectExecutionErrors,
+  executionErrors,
+  openBrowser,
+  openFrontend,
+  queuePrompt,
+  setRenderer,
+  waitFor,
+  waitReady,
+} from "./comfy_page.mjs";
 
 const [url, profileDir, artifactsDir] = process.argv.slice(2);
 const config = JSON.parse(fs.readFileSync(process.env.KLEIN_LAB_SCRUB_CONFIG, "utf8"));
@@ -22,13 +31,6 @@ async function registeredTypes(page) {
     (types) => types.filter((type) => !!window.LiteGraph.registered_node_types[type]),
     [NODE_TYPE, MIXER_TYPE],
   );
-}
-
-async function setRenderer(page, mode) {
-  await page.evaluate(async (vue) => {
-    await window.app.extensionManager.setting.set("Comfy.VueNodes.Enabled", vue);
-  }, mode === "vue");
-  await page.waitForTimeout(500);
 }
 
 // An empty graph with one scrub (or mixer grid) node at the top left, canvas at scale 1.
@@ -411,19 +413,16 @@ async function prepareWorkflow(page, workflow, widgets, small) {
 
 // Queue the graph as the Run button does and wait until the scrub node's widget got its result (or an error).
 async function queueAndWait(page, scrubId, timeoutMs) {
-  await page.evaluate(() => {
-    window.__kleinErrors = [];
-    const api = window.comfyAPI?.api?.api;
-    api?.addEventListener("execution_error", (e) => window.__kleinErrors.push(e.detail));
-  });
+  await collectExecutionErrors(page);
   const t0 = Date.now();
-  await page.evaluate(() => window.app.extensionManager.command.execute("Comfy.QueuePrompt"));
-  await page.waitForFunction(
+  await queuePrompt(page);
+  await waitFor(
+    page,
     (id) => window.app.graph.getNodeById(id)?.kleinScrub?.meta || window.__kleinErrors.length,
     scrubId,
-    { timeout: timeoutMs, polling: 250 },
+    timeoutMs,
   );
-  const errors = await page.evaluate(() => window.__kleinErrors.map((e) => JSON.stringify(e).slice(0, 2000)));
+  const errors = await executionErrors(page);
   const meta = await page.evaluate((id) => window.app.graph.getNodeById(id).kleinScrub.meta, scrubId);
   return { runMs: Date.now() - t0, errors, meta };
 }

@@ -4,19 +4,12 @@
 // $KLEIN_LAB_SWEEP_SCRUB_CONFIG ({meta}). Prints one JSON line of observations per renderer.
 import fs from "node:fs";
 import path from "node:path";
-import { openBrowser, openFrontend } from "./comfy_page.mjs";
+import { openBrowser, openFrontend, setRenderer } from "./comfy_page.mjs";
 
 const [url, profileDir, artifactsDir] = process.argv.slice(2);
 const { meta } = JSON.parse(fs.readFileSync(process.env.KLEIN_LAB_SWEEP_SCRUB_CONFIG, "utf8"));
 const NODE_TYPE = "KleinLabScrubRun";
 const ROOT = '[data-testid="klein-scrub"][data-test-current]';
-
-async function setRenderer(page, mode) {
-  await page.evaluate(async (vue) => {
-    await window.app.extensionManager.setting.set("Comfy.VueNodes.Enabled", vue);
-  }, mode === "vue");
-  await page.waitForTimeout(500);
-}
 
 // An empty graph with one scrub node, its widget marked as the one under test and fully on screen.
 async function addScrubNode(page) {

@@ -196,6 +196,16 @@ def test_planted_collapse_shows_the_mark_at_its_step(panel, mode: str) -> None:
     assert obs["clinicPoints"] == len(PLANTED_STEPS) and obs["points"] == len(PLANTED_STEPS)
 
 
+def test_sweep_node_panel_says_which_run_trains(panel) -> None:
+    """The Sweep node carries the training panel; with no sweep training its sweep line is hidden, and the step
+    events of a sweep's run make it say which run of the sweep trains, with the knob and value, following the
+    sweep from run 2 to run 3."""
+    r = panel["result"]["sweepPanel"]
+    assert r["hasPanel"] and r["before"]["hidden"] is True
+    assert r["second"] == {"text": "run 2 of 3: learning_rate 5e-05", "hidden": False, "run": "lr-learning_rate-5e-05"}
+    assert r["third"] == {"text": "run 3 of 3: learning_rate 0.0002", "hidden": False, "run": "lr-learning_rate-0.0002"}
+
+
 def test_new_node_shows_the_presets_values(panel) -> None:
     """A new Train node shows the style preset's rank/alpha/learning rate/steps instead of zeros; picking the
     character preset moves them, except the rank the artist typed."""

@@ -7,19 +7,12 @@
 // {workflow, album, runs: {classic, vue}, planted, timeoutMs}.
 import fs from "node:fs";
 import path from "node:path";
-import { openBrowser, openFrontend, waitReady } from "./comfy_page.mjs";
+import { openBrowser, openFrontend, queuePrompt, setRenderer, waitFor, waitReady } from "./comfy_page.mjs";
 
 const [url, profileDir, artifactsDir] = process.argv.slice(2);
 const config = JSON.parse(fs.readFileSync(process.env.KLEIN_LAB_PANEL_CONFIG, "utf8"));
 const ROOT = '[data-testid="klein-panel"]';
 const TYPE = "KleinLabTrainLora";
-
-async function setRenderer(page, mode) {
-  await page.evaluate(async (vue) => {
-    await window.app.extensionManager.setting.set("Comfy.VueNodes.Enabled", vue);
-  }, mode === "vue");
-  await page.waitForTimeout(400);
-}
 
 // The style workflow with the test loaders and small sizes; returns the Train node's id.
 async function prepare(page, workflow, album, run, widgets) {
@@ -94,10 +87,6 @@ async function observe(page) {
   }, ROOT);
 }
 
-async function waitFor(page, predicate, arg, timeout) {
-  await page.waitForFunction(predicate, arg, { timeout, polling: 250 });
-}
-
 const pointsAtLeast = ([sel, n]) => Number(document.querySelector(sel)?.dataset.points ?? 0) >= n;
 const statusIs = ([sel, s]) => document.querySelector(sel)?.dataset.status === s;
 
@@ -111,12 +100,12 @@ async function shotPanel(page, name) {
 async function scenario(page, mode) {
   const r = { mode };
   const run = config.runs[mode];
-  await setRenderer(page, mode);
+  await setRenderer(page, mode, 400);
   const id = await prepare(page, config.workflow, config.album, run, config.widgets);
   await page.waitForTimeout(500);
   r.before = await observe(page);
   const t0 = Date.now();
-  await page.evaluate(() => window.app.extensionManager.command.execute("Comfy.QueuePrompt"));
+  await queuePrompt(page);
   await waitFor(page, pointsAtLeast, [ROOT, 2], config.timeoutMs);
   r.early = await observe(page);
   r.firstPointMs = Date.now() - t0;
@@ -186,12 +175,12 @@ async function scenario(page, mode) {
 
 // s/step with the page connected: a run of config.bench.steps steps queued from the page, the panel following it.
 async function bench(page) {
-  await setRenderer(page, "classic");
+  await setRenderer(page, "classic", 400);
   const widgets = structuredClone(config.widgets);
   Object.assign(widgets.KleinLabTrainLora, { steps: config.bench.steps, sample_every: 0, checkpoint_every: 0 });
   await prepare(page, config.workflow, config.album, config.bench.run, widgets);
   const t0 = Date.now();
-  await page.evaluate(() => window.app.extensionManager.command.execute("Comfy.QueuePrompt"));
+  await queuePrompt(page);
   await waitFor(page, statusIs, [ROOT, "finished"], config.timeoutMs);
   const obs = await observe(page);
   return { wallMs: Date.now() - t0, message: obs.message, points: obs.points };
@@ -199,7 +188,7 @@ async function bench(page) {
 
 // A planted run (its clinic records collapse onto the album at a known step): the panel shows the mark there.
 async function planted(page, mode) {
-  await setRenderer(page, mode);
+  await setRenderer(page, mode, 400);
   await page.evaluate(async ({ run, type }) => {
     const app = window.app;
     app.graph.clear();
@@ -253,6 +242,50 @@ async function eventCost(page, n = 2000, events = 300) {
   );
 }
 
+// A Sweep node carries the panel too: step events of a sweep's run (the server's payload: `sweep` with the run's
+// place, knob and value) show which run of the sweep trains. The first event of a run reads its history (none here),
+// the next ones fill the panel.
+async function sweepPanel(page) {
+  await setRenderer(page, "classic", 400);
+  return page.evaluate(async () => {
+    const app = window.app;
+    const api = window.comfyAPI.api.api;
+    app.graph.clear();
+    const node = window.LiteGraph.createNode("KleinLabSweep");
+    node.pos = [90, 40];
+    app.graph.add(node);
+    await new Promise((r) => setTimeout(r, 500));
+    const root = node.kleinPanel?.root;
+    const sweepLine = () => root?.querySelector('[data-testid="klein-panel-sweep"]');
+    const before = { hidden: sweepLine()?.hidden ?? null };
+    const send = (index, value, step) =>
+      api.dispatchCustomEvent("klein_lab.train.step", {
+        run: `lr-learning_rate-${value}`,
+        node: String(node.id),
+        sweep: { name: "lr", index, total: 3, knob: "learning_rate", value, text: `run ${index + 1} of 3: learning_rate ${value}` },
+        step,
+        total: 10,
+        points: [[step, 0.5, null]],
+        rate: 1,
+        eta: 9,
+        peak_vram: null,
+        phase: "training",
+      });
+    const settle = () => new Promise((r) => setTimeout(r, 800));
+    send(1, "5e-05", 1);
+    await settle();
+    send(1, "5e-05", 2);
+    await settle();
+    const second = { text: sweepLine()?.textContent, hidden: sweepLine()?.hidden, run: root?.dataset.run };
+    send(2, "0.0002", 1);
+    await settle();
+    send(2, "0.0002", 2);
+    await settle();
+    const third = { text: sweepLine()?.textContent, hidden: sweepLine()?.hidden, run: root?.dataset.run };
+    return { hasPanel: !!root, before, second, third };
+  });
+}
+
 // A new Train node shows the preset's values; switching the preset moves them, an edited value stays.
 async function presets(page) {
   return page.evaluate(async (type) => {
@@ -278,10 +311,10 @@ async function presets(page) {
 
 // A failing prompt: the Train node with a hostile run name; the pack's message appears on the node.
 async function failing(page, mode) {
-  await setRenderer(page, mode);
+  await setRenderer(page, mode, 400);
   const id = await prepare(page, config.workflow, config.album, "../escape", config.widgets);
-  await page.evaluate(() => window.app.extensionManager.command.execute("Comfy.QueuePrompt"));
-  await page.waitForFunction(() => window.kleinLastError, null, { timeout: config.timeoutMs, polling: 250 });
+  await queuePrompt(page);
+  await waitFor(page, () => window.kleinLastError, null, config.timeoutMs);
   await page.waitForTimeout(500);
   const out = await page.evaluate((id) => {
     const node = window.app.graph.getNodeById(id) ?? window.app.graph.getNodeById(Number(id));
@@ -305,6 +338,7 @@ async function main() {
     });
     result.extensions = await page.evaluate(() => window.app.extensions.map((e) => e.name));
     result.presets = await presets(page);
+    result.sweepPanel = await sweepPanel(page);
     for (const mode of ["classic", "vue"]) result.modes[mode] = await scenario(page, mode);
     for (const mode of ["classic", "vue"]) result.planted[mode] = await planted(page, mode);
     for (const mode of ["classic", "vue"]) result.errors[mode] = await failing(page, mode);

@@ -1,6 +1,7 @@
 """Klein Sweep through the real ComfyUI server on the tiny Klein: a 3-value learning-rate sweep queued with
-/prompt, cancelled in its second run, queued again to completion; each run equals the run the Train node trains
-alone with the same settings (bit for bit); the scrub of the sweep has runs × checkpoints frames in a stable
+/prompt, cancelled in its second run (right after that run's first checkpoint, by a test node: never a matter of
+timing), queued again to completion; each run equals the run the Train node trains alone with the same settings
+(bit for bit); the scrub of the sweep has runs × checkpoints frames in a stable
 order labelled knob=value; the sweep curves node draws every run on one chart with a reading in words.
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.parse
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -15,9 +17,10 @@ from typing import Any
 import numpy as np
 import pytest
 from harness.fixtures import tiny_conditioning_path
-from harness.prompts import SIZE, train_prompt
+from harness.prompts import SIZE, train_prompt, with_defaults
 from harness.server import TINY_MODEL_NAME, VAE_NAME
 from harness.workflow_prompt import make_album
+from harness.ws_events import EventListener
 from PIL import Image
 from safetensors.torch import load_file
 
@@ -25,19 +28,26 @@ SWEEP = "lr"
 VALUES = (1e-3, 2e-3, 5e-3)
 LABELS = ["learning_rate=0.001", "learning_rate=0.002", "learning_rate=0.005"]
 RUNS = [f"lr-learning_rate-{v:g}" for v in VALUES]
-STEPS = 8  # Cancel arrives after step 1 of the second run: 7 steps of margin
+STEPS = 8
 EVERY = 1
+CANCEL_AT = 1  # the Cancel lands right after this checkpoint of the second run
 VALIDATE = 4  # validation loss at steps 4 and 8: the sweep curves read it
 
 
 def sweep_prompt(album: Path, cond_file: Path) -> dict[str, Any]:
     """The training graph of harness.prompts with the Train node replaced by a Sweep over the learning rate; the
-    other widgets are the Train node's in train_prompt, so a run of the sweep is that prompt's run."""
+    other widgets are the Train node's in train_prompt, so a run of the sweep is that prompt's run. The MODEL goes
+    through the test node that presses Cancel after checkpoint CANCEL_AT of the second run (it fires once; queued
+    again, the second run resumes past that checkpoint, so nothing cancels)."""
     prompt = {k: v for k, v in train_prompt(album, cond_file, "unused", STEPS).items() if k in "12345"}
+    prompt["7"] = {
+        "class_type": "KleinLabTestCancelAtCheckpoint",
+        "inputs": {"model": ["1", 0], "run_name": RUNS[1], "step": CANCEL_AT},
+    }
     prompt["6"] = {
         "class_type": "KleinLabSweep",
         "inputs": {
-            "model": ["1", 0],
+            "model": ["7", 0],
             "encoded_dataset": ["5", 0],
             "sweep_name": SWEEP,
             "knob": "learning_rate",
@@ -70,17 +80,6 @@ def alone_prompt(album: Path, cond_file: Path, run: str, lr: float) -> dict[str,
     return prompt
 
 
-def wait_for(server, prompt_id: str, path: Path, timeout_s: float) -> None:
-    """Wait until `path` exists; fail at once (with the prompt's messages) when the prompt ended before."""
-    deadline = time.monotonic() + timeout_s
-    while not path.exists():
-        assert time.monotonic() < deadline, f"{path} did not appear within {timeout_s} s\n{server.log_tail()}"
-        entry = server.get_json(f"/history/{prompt_id}").get(prompt_id)
-        if entry and entry.get("status", {}).get("completed") is not None and not path.exists():
-            pytest.fail(f"the sweep ended before {path.name} appeared: {entry['status']}\n{server.log_tail()}")
-        time.sleep(0.05)
-
-
 def runs_folder(server) -> Path:
     return server.base_dir / "output" / "klein_lora_lab" / "runs"
 
@@ -97,27 +96,27 @@ def run_state(folder: Path) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def sweep_case(comfy_server, tiny_spec) -> dict[str, Any]:
-    """Queue the sweep, Cancel once run 2 has its first checkpoint, record the state, queue it again, then train
-    runs 2 and 3 alone with the Train node. Times are printed (never asserted)."""
+    """Queue the sweep (it is cancelled right after run 2's first checkpoint), record the state, queue it again,
+    then train runs 1, 2 and 3 alone with the Train node, a websocket client listening all along (the training
+    panel's events). Times are printed (never asserted)."""
     cond_file = tiny_conditioning_path(tiny_spec, tokens=8)
     album = make_album(comfy_server.base_dir / "input" / "album_sweep", label="swept", tint=23)
     root = runs_folder(comfy_server)
     prompt = sweep_prompt(album, cond_file)
-    start = time.perf_counter()
-    prompt_id = comfy_server.queue_prompt(prompt)
-    wait_for(comfy_server, prompt_id, root / RUNS[1] / "checkpoints" / f"step_{EVERY:06d}.safetensors", 600)
-    comfy_server.interrupt()
-    cancelled = comfy_server.wait_history(prompt_id, timeout_s=300)
-    first_seconds = time.perf_counter() - start
-    after_cancel = [run_state(root / r) for r in RUNS]
-    manifest_after_cancel = json.loads((root / f"{SWEEP}.sweep.json").read_text())
-    start = time.perf_counter()
-    outputs = comfy_server.run_prompt(prompt, timeout_s=900)
-    second_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    for i in (1, 2):
-        comfy_server.run_prompt(alone_prompt(album, cond_file, f"alone{i}", VALUES[i]), timeout_s=600)
-    alone_seconds = (time.perf_counter() - start) / 2
+    with EventListener(comfy_server.url) as listener:
+        start = time.perf_counter()
+        prompt_id = comfy_server.queue_prompt(prompt)
+        cancelled = comfy_server.wait_history(prompt_id, timeout_s=900)
+        first_seconds = time.perf_counter() - start
+        after_cancel = [run_state(root / r) for r in RUNS]
+        manifest_after_cancel = json.loads((root / f"{SWEEP}.sweep.json").read_text())
+        start = time.perf_counter()
+        outputs = comfy_server.run_prompt(prompt, timeout_s=900)
+        second_seconds = time.perf_counter() - start
+        start = time.perf_counter()
+        for i in range(len(VALUES)):
+            comfy_server.run_prompt(alone_prompt(album, cond_file, f"alone{i}", VALUES[i]), timeout_s=600)
+        alone_seconds = (time.perf_counter() - start) / len(VALUES)
     print(
         f"\nsweep: first queue (cancelled in run 2) {first_seconds:.1f} s, second queue {second_seconds:.1f} s; "
         f"one run alone {alone_seconds:.1f} s ({STEPS} steps, tiny model, CPU)"
@@ -130,23 +129,49 @@ def sweep_case(comfy_server, tiny_spec) -> dict[str, Any]:
         "root": root,
         "cond_file": cond_file,
         "album": album,
+        "panel_events": listener.of_type("klein_lab.train."),
     }
 
 
 def test_cancel_keeps_finished_runs_and_the_current_one(sweep_case) -> None:
-    """Cancel during run 2 ends the prompt as interrupted; run 1 is finished, run 2 keeps a resumable checkpoint
-    before its last step, run 3 never started, and the manifest says so."""
+    """Cancel during run 2 ends the prompt as interrupted; run 1 is finished, run 2 keeps its checkpoint at the step
+    the Cancel came (nothing past it), run 3 never started, and the manifest says so."""
     status = sweep_case["cancelled"]["status"]
     assert status["status_str"] == "error"
     assert any(m[0] == "execution_interrupted" for m in status["messages"])
     first, second, third = sweep_case["after_cancel"]
     assert first == {"started": True, "last": STEPS, "status": "finished"}
-    assert second["started"] and EVERY <= second["last"] < STEPS and second["status"] == "interrupted"
+    assert second == {"started": True, "last": CANCEL_AT, "status": "interrupted"}
     assert third == {"started": False}
     manifest = sweep_case["manifest_after_cancel"]
     assert manifest["knob"] == "learning_rate" and manifest["values"] == list(VALUES)
     assert [r["name"] for r in manifest["runs"]] == RUNS and [r["label"] for r in manifest["runs"]] == LABELS
     assert [r["status"] for r in manifest["runs"]] == ["finished", "partial", "missing"]
+
+
+def test_panel_events_say_which_run_of_the_sweep_trains(sweep_case) -> None:
+    """Every training panel event of a sweep's run names the Sweep node and says which run of the sweep it is
+    ("run 2 of 3: learning_rate 0.002": knob and value); the runs' step events arrive in the sweep's order and
+    cover every step (run 2: step 1 before the Cancel, the rest after queueing again); a run the Train node trains
+    alone carries no sweep."""
+    by_run: dict[str, list[dict]] = {}
+    for _kind, data in sweep_case["panel_events"]:
+        by_run.setdefault(data["run"], []).append(data)
+    assert list(by_run) == [*RUNS, "alone0", "alone1", "alone2"]
+    for i, name in enumerate(RUNS):
+        value = f"{VALUES[i]:g}"
+        expected = {
+            "name": SWEEP,
+            "index": i,
+            "total": 3,
+            "knob": "learning_rate",
+            "value": value,
+            "text": f"run {i + 1} of 3: learning_rate {value}",
+        }
+        assert all(d["sweep"] == expected and d["node"] == "6" for d in by_run[name]), name
+        steps = sorted({p[0] for d in by_run[name] if "points" in d for p in d["points"]})
+        assert steps == list(range(1, STEPS + 1)), name
+    assert all("sweep" not in d for i in range(3) for d in by_run[f"alone{i}"])
 
 
 def test_queueing_again_completes_the_sweep(sweep_case) -> None:
@@ -162,11 +187,12 @@ def test_queueing_again_completes_the_sweep(sweep_case) -> None:
     assert f"Sweep '{SWEEP}' finished: 3 runs of learning_rate" in text and "2 trained now" in text
 
 
-@pytest.mark.parametrize("index", [1, 2])
+@pytest.mark.parametrize("index", [0, 1, 2])
 def test_each_run_equals_the_run_trained_alone(sweep_case, index: int) -> None:
-    """Run 2 (cancelled and resumed inside the sweep) and run 3 (trained after another run on the same loaded
-    model) have the same settings and bit-identical checkpoint tensors, at every checkpoint, as the Train node
-    trained alone with the same widgets and learning rate; their losses match step for step."""
+    """Run 1 (the first on the freshly loaded model), run 2 (cancelled and resumed inside the sweep) and run 3
+    (trained after another run on the same loaded model) have the same settings and bit-identical checkpoint
+    tensors, at every checkpoint, as the Train node trained alone with the same widgets and learning rate; their
+    losses match step for step."""
     from klein_lora_lab.trainer_core.runs.runfolder import RunFolder
 
     swept = RunFolder.open(sweep_case["root"] / RUNS[index])
@@ -273,3 +299,103 @@ def test_sweep_curves_chart_and_reading(sweep_case, comfy_server) -> None:
     data = comfy_server.view_file(image["filename"], image["subfolder"], image["type"])
     assert Image.open(BytesIO(data)).size == (640, 320)
     print("\n" + "\n".join(lines))
+
+
+def last_checkpoint(server, run: str) -> str:
+    """The run's last checkpoint as the loras list names it (the panel's history route reads it)."""
+    query = urllib.parse.urlencode({"run": run})
+    return server.get_json(f"/klein_lab/train/history?{query}")["checkpoints"][-1]["lora"]
+
+
+def test_mixer_grid_mixes_checkpoints_of_two_runs(sweep_case, comfy_server) -> None:
+    """The mixer grid takes the last checkpoints of two runs of the sweep as LoRA A and LoRA B (the runs are in the
+    loras list): four cells in row order, scale 0 × 0 is the base, and each run alone, both together and the base
+    are four different pictures."""
+    lora_a, lora_b = last_checkpoint(comfy_server, RUNS[0]), last_checkpoint(comfy_server, RUNS[2])
+    assert lora_a.endswith(f"{RUNS[0]}/checkpoints/step_{STEPS:06d}.safetensors")
+    prompt = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": TINY_MODEL_NAME, "weight_dtype": "default"}},
+        "2": {"class_type": "VAELoader", "inputs": {"vae_name": VAE_NAME}},
+        "3": {"class_type": "KleinLabTestCLIPLoader", "inputs": {"context_dim": 64}},
+        "14": {
+            "class_type": "KleinLabMixerGrid",
+            "inputs": {
+                "model": ["1", 0],
+                "vae": ["2", 0],
+                "clip": ["3", 0],
+                "lora_a": lora_a,
+                "scales_a": "0,1",
+                "preset_a": "all",
+                "lora_b": lora_b,
+                "scales_b": "0,1",
+                "preset_b": "all",
+                "prompt": "a TOK cat",
+                "seed": 5,
+                "steps": 2,
+                "cfg": 1.0,
+                "width": SIZE,
+                "height": SIZE,
+            },
+        },
+    }
+    meta = comfy_server.run_prompt(with_defaults(comfy_server, prompt), timeout_s=600)["14"]["klein_scrub"][0]
+    assert [f["coords"] for f in meta["frames"]] == [[0, 0], [0, 1], [1, 0], [1, 1]]
+    images = []
+    for frame in meta["frames"]:
+        ref = frame["image"]
+        data = comfy_server.view_file(ref["filename"], ref["subfolder"], ref["type"])
+        images.append(np.asarray(Image.open(BytesIO(data)).convert("RGB"), dtype=np.float32))
+    assert all(np.abs(images[a] - images[b]).mean() > 0 for a in range(4) for b in range(a + 1, 4))
+
+
+def test_diagnose_every_run_of_the_sweep_and_read_it(sweep_case, comfy_server) -> None:
+    """Klein Diagnose Run with the sweep connected diagnoses every run (a diagnostics.json in each run folder with
+    one record per chosen checkpoint × scale), reports run after run under its label and ends with the sweep read
+    from those diagnostics (no run 'without diagnostics' any more); one sweet-spot chart per run. Sweep Curves
+    queued after it reads the same diagnostics. (Runs after the curves test, which reads the sweep undiagnosed.)"""
+    from klein_lora_lab.trainer_core.analysis.sweet_spot import read_diagnostics
+
+    prompt = {
+        k: v for k, v in train_prompt(sweep_case["album"], sweep_case["cond_file"], "x", STEPS).items() if k in "12345"
+    }
+    prompt["13"] = {"class_type": "KleinLabTestCLIPLoader", "inputs": {"context_dim": 64}}
+    prompt["9"] = {"class_type": "KleinLabLoadSweep", "inputs": {"sweep_name": SWEEP}}
+    prompt["12"] = {
+        "class_type": "KleinLabDiagnoseRun",
+        "inputs": {
+            "model": ["1", 0],
+            "clip": ["13", 0],
+            "vae": ["2", 0],
+            "encoded_dataset": ["5", 0],
+            "run": RUNS[0],
+            "checkpoints": f"{STEPS // 2},{STEPS}",
+            "scales": "1",
+            "seed": 0,
+            "steps": 2,
+            "cfg": 1.0,
+            "width": SIZE,
+            "height": SIZE,
+            "sweep": ["9", 0],
+        },
+    }
+    prompt["11"] = {
+        "class_type": "KleinLabSweepCurves",
+        "inputs": {"sweep": ["9", 0], "width": 640, "height": 320, "smoothing": 0.5, "after": ["12", 0]},
+    }
+    outputs = comfy_server.run_prompt(with_defaults(comfy_server, prompt), timeout_s=900)
+    report = outputs["12"]["text"][0]
+    print("\n" + report)
+    heads = [line for line in report.splitlines() if line.startswith("== ")]
+    assert heads == [
+        *(f"== {label} ({run}) ==" for label, run in zip(LABELS, RUNS, strict=True)),
+        f"== sweep '{SWEEP}' over learning_rate ==",
+    ]
+    reading = report.split(heads[-1], 1)[1].strip().splitlines()
+    for label, line in zip(LABELS, reading, strict=False):
+        assert line.startswith(f"{label}: "), line
+    assert "no diagnostics yet" not in report
+    assert len(outputs["12"]["images"]) == 3
+    for run in RUNS:
+        records = read_diagnostics(sweep_case["root"] / run)["records"]
+        assert [(r["step"], r["scale"]) for r in records] == [(STEPS // 2, 1.0), (STEPS, 1.0)], run
+    assert outputs["11"]["text"][0].splitlines()[:3] == reading[:3]

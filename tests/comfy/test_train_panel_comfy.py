@@ -166,6 +166,37 @@ def test_step_events_are_throttled_and_complete(comfy_root, monkeypatch, tmp_pat
     assert live_panel.live_panel("throttle") is None  # unregistered when the run ends
 
 
+def test_history_by_node_is_the_run_the_node_trains_now(comfy_root, monkeypatch, tmp_path):
+    """A Sweep node's panel has no run name: after a reload it asks for the run its node trains now. While a run of
+    node 6 trains, the history by node is that run's, its live status saying which run of the sweep it is; node 7
+    trains none; once the run ends node 6 trains none either."""
+    import folder_paths
+    from klein_lora_lab.nodes.comfy import live_panel, routes
+
+    monkeypatch.setattr(live_panel, "broadcast", lambda event, data: None)
+    previous = folder_paths.get_output_directory()
+    folder_paths.set_output_directory(str(tmp_path))
+    sweep = {"name": "lr", "index": 1, "total": 3, "knob": "learning_rate", "value": "5e-05"}
+    sweep["text"] = "run 2 of 3: learning_rate 5e-05"
+    none = {"run": "", "exists": False, "live": None}
+    try:
+        with live_panel.LivePanel("lr-learning_rate-5e-05", "6", 10, 0, tmp_path / "run", sweep=sweep):
+            data = routes.node_history("6")
+            assert data["run"] == "lr-learning_rate-5e-05"
+            assert data["live"]["sweep"] == sweep and data["live"]["node"] == "6"
+            assert routes.node_history("7") == none
+        assert routes.node_history("6") == none
+    finally:
+        folder_paths.set_output_directory(previous)
+
+
+def test_history_route_by_node(comfy_server):
+    """Through the server, the history by node answers with no run when the node trains none (the panel then shows
+    'not started'), and a run name still wins over a node."""
+    assert comfy_server.get_json("/klein_lab/train/history?node=424242") == {"run": "", "exists": False, "live": None}
+    assert comfy_server.get_json("/klein_lab/train/history?node=424242&run=no_such_run")["run"] == "no_such_run"
+
+
 def test_unknown_route_body_is_refused(comfy_server):
     """A body that is not JSON gets a 400 naming what to send."""
     req = urllib.request.Request(comfy_server.url + "/klein_lab/train/stop", data=b"not json")

@@ -116,8 +116,59 @@ class KleinLabTestInjectOOM:
         return (model,)
 
 
+class KleinLabTestCancelAtCheckpoint:
+    """Passes MODEL through and presses Cancel (ComfyUI's interrupt flag, as POST /interrupt sets it) right after
+    the pack saves checkpoint `step` of run `run_name` (once; the pack's callback is restored when it fires). A
+    test that cancels there waits on that record, never on time: the Cancel lands at the same step under any load."""
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "Passed through unchanged."}),
+                "run_name": ("STRING", {"default": "", "tooltip": "Run folder name whose checkpoint cancels."}),
+                "step": ("INT", {"default": 1, "min": 1, "max": 100000, "tooltip": "Checkpoint step that cancels."}),
+            }
+        }
+
+    RETURN_TYPES = ("MODEL",)
+    FUNCTION = "arm"
+    CATEGORY = "testing"
+
+    def arm(self, model, run_name: str, step: int):
+        import sys
+
+        import comfy.model_management as mm
+
+        # Every loaded copy of the pack's ComfyUI training module (the pack may be imported under more than one name).
+        classes = {
+            id(m.ComfyCallbacks): m.ComfyCallbacks
+            for n, m in list(sys.modules.items())
+            if n.endswith("nodes.comfy.training") and m is not None and hasattr(m, "ComfyCallbacks")
+        }
+        reals = {key: cls.on_checkpoint for key, cls in classes.items()}
+
+        def restore() -> None:
+            for key, cls in classes.items():
+                cls.on_checkpoint = reals[key]
+
+        def cancelling(real):
+            def on_checkpoint(self, at_step, path):
+                real(self, at_step, path)
+                if at_step == step and path.parent.parent.name == run_name:
+                    restore()
+                    mm.interrupt_current_processing(True)
+
+            return on_checkpoint
+
+        for key, cls in classes.items():
+            cls.on_checkpoint = cancelling(reals[key])
+        return (model,)
+
+
 NODE_CLASS_MAPPINGS = {
     "KleinLabTestConditioning": KleinLabTestConditioning,
     "KleinLabTestCLIPLoader": KleinLabTestCLIPLoader,
     "KleinLabTestInjectOOM": KleinLabTestInjectOOM,
+    "KleinLabTestCancelAtCheckpoint": KleinLabTestCancelAtCheckpoint,
 }
