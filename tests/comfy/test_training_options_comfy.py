@@ -26,6 +26,8 @@ OPTIONS = {
     "ema_decay": 0.9,
     "save_dtype": "fp32",
     "compile": "off",
+    "algorithm": "lora",
+    "lokr_factor": -1,
 }
 
 

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .adapter_math import DORA_NORM_KEY
 from .lora_file import PREFIX
 
 ADAPTER = "default"  # PEFT's adapter name inside each layer
@@ -143,8 +144,10 @@ class PeftTrainable(nn.Module):
         LoKr: `lokr_w1` and `lokr_w2` (or `lokr_w2_a`/`lokr_w2_b` when PEFT factored w2) + `.alpha`. Core and
         LyCORIS scale by alpha/rank only when a factor is low-rank; with both full matrices their scale is 1, so
         PEFT's alpha/rank is folded into w1 there (the file then says alpha = rank).
-        DoRA: `lora_A.weight`, `lora_B.weight`, `.alpha` and `dora_scale` [out, 1], PEFT's magnitude per output
-        row (a [out] vector would broadcast wrongly in core's merge)."""
+        DoRA: `lora_A.weight`, `lora_B.weight`, `.alpha` and `dora_scale` [out, 1] (a [out] vector would broadcast
+        wrongly in core's merge). PEFT divides its magnitude m by the merged weight's row norm ‖W + s·BA‖, core's
+        LoraLoader by the base weight's ‖W‖: the file stores m·‖W‖/‖W + s·BA‖, which gives PEFT's trained W' in
+        core, and says so in its header (DORA_NORM_KEY) for the pack's reader."""
         out: dict[str, Tensor] = {}
 
         def put(key: str, t: Tensor) -> None:
@@ -165,7 +168,11 @@ class PeftTrainable(nn.Module):
             else:
                 put(p + "lora_A.weight", layer.lora_A[ADAPTER].weight)
                 put(p + "lora_B.weight", layer.lora_B[ADAPTER].weight)
-                put(p + "dora_scale", layer.lora_magnitude_vector[ADAPTER].weight.reshape(-1, 1))
+                dora = layer.lora_magnitude_vector[ADAPTER]
+                base = self._modules_of[name].weight.detach().float()
+                lora_weight = layer.lora_B[ADAPTER].weight.float() @ layer.lora_A[ADAPTER].weight.float()
+                merged_norm = dora.get_weight_norm(base, lora_weight, self.scale)  # [out], PEFT's own
+                put(p + "dora_scale", (dora.weight.float() * base.norm(dim=1) / merged_norm).reshape(-1, 1))
                 alpha = self.alpha
             out[p + "alpha"] = torch.tensor(alpha, dtype=torch.float32)
         return out
@@ -178,7 +185,9 @@ class PeftTrainable(nn.Module):
         else:
             args = {"dora_wd": "True"}
             module = "networks.lora"
+        extra = {DORA_NORM_KEY: "base"} if self.algorithm == "dora" else {}
         return {
+            **extra,
             "ss_network_module": module,
             "ss_network_dim": str(self.rank),
             "ss_network_alpha": f"{self.alpha:g}",
