@@ -214,3 +214,13 @@ def test_dora_refuses_fp8_base_weights() -> None:
     model.get_submodule(name).weight.data = model.get_submodule(name).weight.data.to(torch.float8_e4m3fn)
     with pytest.raises(ValueError, match="DoRA needs the model's weights"):
         PeftTrainable(model, [name], "dora", 4, 4)
+
+
+def test_auto_compile_keeps_peft_layers_eager() -> None:
+    """compile auto compiles the fused LoRA paths on CUDA only; LoKr and DoRA stay eager unless compile is on."""
+    from klein_lora_lab.trainer_core.training.trainer import compiles_blocks
+
+    assert compiles_blocks(TrainSettings(algorithm="rslora"), "cuda")
+    assert not compiles_blocks(TrainSettings(algorithm="lokr"), "cuda")
+    assert not compiles_blocks(TrainSettings(algorithm="lora"), "cpu")
+    assert compiles_blocks(TrainSettings(algorithm="dora", compile_blocks="on"), "cpu")

@@ -125,6 +125,15 @@ def lr_at(settings: TrainSettings, step: int) -> float:
     return base
 
 
+def compiles_blocks(settings: TrainSettings, device: torch.device | str) -> bool:
+    """Whether the run compiles its blocks: "on", or "auto" on CUDA for the fused LoRA paths. PEFT's LoKr / DoRA
+    layers are left eager under auto (not measured compiled: their delta weight and norm are rebuilt per call)."""
+    if settings.compile_blocks == "on":
+        return True
+    fused = settings.algorithm not in PEFT_ALGORITHMS
+    return settings.compile_blocks == "auto" and torch.device(device).type == "cuda" and fused
+
+
 # The adapter a run trains: plain LoRA / rsLoRA on the fused fast path, LoKr / DoRA through PEFT's layers.
 Trainable = LoraTrainable | PeftTrainable
 
@@ -225,9 +234,7 @@ class _Run:
                 "empty_context (the text encoder's output for an empty prompt) or set caption_dropout=0."
             )
         self.autocast = device.type == "cuda" and settings.mixed_precision == "bf16"
-        self.compile_blocks = settings.compile_blocks == "on" or (
-            settings.compile_blocks == "auto" and device.type == "cuda"
-        )
+        self.compile_blocks = compiles_blocks(settings, device)
         self.order = BatchOrder(self.items, settings.batch_size, settings.seed)
         self.targets = resolve_targets(model, settings.targets)
         self.lora = _trainable(model, self.targets, settings, device)
