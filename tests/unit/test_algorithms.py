@@ -134,11 +134,13 @@ def _prediction(model, adapters) -> torch.Tensor:
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
 def test_checkpoint_file_loads_as_the_trained_adapter(tmp_path: Path, algorithm: str) -> None:
     """The checkpoint file, read by the pack's loader (any key style) and placed on the model as a forward-time
-    adapter, predicts what the trained adapter predicts (fp32 file, ≤ 1e-5); it changed the prediction."""
+    adapter, predicts what the trained adapter predicts (fp32 file, ≤ 1e-5); it changed the prediction. A DoRA
+    file's report says its magnitudes follow core's norm rule (from its header)."""
     model = tiny_klein(SPEC)
     _, result = _train(tmp_path / "run", _settings(algorithm, learning_rate=3e-2), model)
     read = read_lora_file(result.last_checkpoint, read_shape(model))
     assert read.unmatched == []
+    assert any("base weight's row norm" in n for n in read.notes) == (algorithm == "dora")
     stack = AdapterStack()
     weights = {n: place(a, "cpu", torch.float32, model.get_submodule(n).weight) for n, a in read.weights.items()}
     assert set(weights) == set(result.lora.names)

@@ -685,6 +685,8 @@ def read_lora(
     note = kohya_note(metadata)
     if note:
         notes.append(note)
+    if base_norm and any(p.magnitude is not None for p in parts):
+        notes.append("DoRA magnitudes over the base weight's row norm, as the file's header says (core's rule)")
     return LoraRead(weights, sorted(unmatched), "+".join(sorted(styles)), ", ".join(sorted(kinds)), notes)
 
 
