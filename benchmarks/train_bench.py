@@ -105,10 +105,20 @@ def _sdpa_backend():
 
 
 def bench_ours(
-    patcher, variant: str, res: int, rank: int, batch: int, warmup: int, steps: int, memory: str, compile_mode: str
+    patcher,
+    variant: str,
+    res: int,
+    rank: int,
+    batch: int,
+    warmup: int,
+    steps: int,
+    memory: str,
+    compile_mode: str,
+    algorithm: str = "lora",
 ) -> dict:
     """This pack's Train node path: `train_in_comfy` (the function the node's execute calls) on the loaded MODEL,
-    with the Training Options `memory` ("auto", "fastest", "least memory" or a recompute share) and `compile`.
+    with the Training Options `memory` ("auto", "fastest", "least memory" or a recompute share), `compile` and
+    `algorithm` (lora, rslora, lokr, dora).
     Step times are the trainer's own per-step records in the run's metrics.jsonl; the first `warmup` are dropped.
     """
     import uuid
@@ -125,9 +135,11 @@ def bench_ours(
     torch.cuda.empty_cache()
     items = bench_items(variant, res, batch)
     if memory in MEMORY_CHOICES:
-        options = TrainingOptions(memory=memory, compile=compile_mode)
+        options = TrainingOptions(memory=memory, compile=compile_mode, algorithm=algorithm)
     else:
-        options = TrainingOptions(memory="recompute share", recompute_share=float(memory), compile=compile_mode)
+        options = TrainingOptions(
+            memory="recompute share", recompute_share=float(memory), compile=compile_mode, algorithm=algorithm
+        )
     base = TrainSettings(
         rank=rank, alpha=float(rank), steps=warmup + steps, batch_size=batch, checkpoint_every=0, sample_every=0
     )
@@ -224,6 +236,7 @@ def main() -> None:
     parser.add_argument("--sdpa", choices=("default", "cudnn", "flash"), default="default")
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="Training Options' compile")
     parser.add_argument("--weight-dtype", choices=sorted(WEIGHT_DTYPES), default="bf16", help="base weights")
+    parser.add_argument("--algorithm", default="lora", help="our rows' adapter: lora, rslora, lokr or dora")
     parser.add_argument("--table", type=Path, default=None, help="only print the docs table of these JSON lines")
     args = parser.parse_args()
     if args.table is not None:
@@ -259,7 +272,16 @@ def main() -> None:
                                 memory = {"least": "least memory"}.get(mode, mode)
                                 _cap(args.cap_gib)
                                 r = bench_ours(
-                                    patcher, variant, res, rank, batch, args.warmup, args.steps, memory, args.compile
+                                    patcher,
+                                    variant,
+                                    res,
+                                    rank,
+                                    batch,
+                                    args.warmup,
+                                    args.steps,
+                                    memory,
+                                    args.compile,
+                                    args.algorithm,
                                 )
                             else:
                                 r = bench_core(
@@ -276,6 +298,7 @@ def main() -> None:
                             "trainer": which
                             + ("" if args.sdpa == "default" else f"/{args.sdpa}")
                             + (f"/compile-{args.compile}" if which.startswith("ours") else "")
+                            + (f"/{args.algorithm}" if which.startswith("ours") and args.algorithm != "lora" else "")
                             + ("/fp8-weights" if args.weight_dtype == "fp8" else ""),
                             "cap_gib": args.cap_gib if which.startswith("ours") else 0.0,
                             "variant": variant,

@@ -43,6 +43,7 @@ from ...trainer_core.errors import check_number
 from ...trainer_core.files.atomic import atomic_write_with
 from ...trainer_core.files.safe_paths import child_path
 from ...trainer_core.model.klein import LATENT_CHANNELS
+from ...trainer_core.model.variants import DISTILLED_CFG, DISTILLED_STEPS, SAMPLING_CHOICES, SAMPLING_DISTILLED
 from ...trainer_core.training.sampling import CFG_MAX, CFG_MIN
 from .images import decode_images
 
@@ -70,8 +71,16 @@ class RenderSettings:
 
     @classmethod
     def from_widgets(cls, widgets: Mapping[str, Any]) -> RenderSettings:
-        """The settings from a node's KSampler-like widgets (widgets.render_inputs), ignoring the others."""
-        return cls(**{f.name: widgets[f.name] for f in fields(cls)})
+        """The settings from a node's KSampler-like widgets (widgets.render_inputs), ignoring the others; with
+        `sampling` "distilled: 4 steps, cfg 1" (widgets.sampling_input) the distilled Klein's steps and cfg
+        replace the steps and cfg widgets."""
+        values = {f.name: widgets[f.name] for f in fields(cls)}
+        sampling = widgets.get("sampling") or SAMPLING_CHOICES[0]
+        if sampling not in SAMPLING_CHOICES:
+            raise ValueError(f"sampling={sampling!r} is not one of {list(SAMPLING_CHOICES)}.")
+        if sampling == SAMPLING_DISTILLED:
+            values.update(steps=DISTILLED_STEPS, cfg=DISTILLED_CFG)
+        return cls(**values)
 
     def caption(self) -> str:
         """How a grid's title names the settings: 'seed 0 · 20 steps · cfg 4'."""

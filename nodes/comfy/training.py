@@ -18,7 +18,7 @@ from ...trainer_core.model.klein import LATENT_CHANNELS
 from ...trainer_core.runs.runfolder import RunFolder, checkpoint_step
 from ...trainer_core.training.sampling import CFG_MAX, CFG_MIN, flux2_sigmas, sample
 from ...trainer_core.training.settings import TrainSettings
-from ...trainer_core.training.trainer import TrainCallbacks, TrainResult, train
+from ...trainer_core.training.trainer import TrainCallbacks, TrainResult, compiles_blocks, train
 from .feedback import LiveProgress, prompt_server
 from .images import decode_images, tensor_to_pil
 from .interrupt import interrupt_requested
@@ -228,7 +228,7 @@ def train_in_comfy(
     interrupted = False
     result = None
     with loaded_for_training(patcher) as (model, device), training_mode():
-        compiling = settings.compile_blocks == "on" or (settings.compile_blocks == "auto" and device.type == "cuda")
+        compiling = compiles_blocks(settings, device)
         notices = NodeNotices(node_id)
         if compiling:
             notices.start_compile_clock()

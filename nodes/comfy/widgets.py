@@ -7,7 +7,7 @@ from comfy_api.latest import io
 
 from ...trainer_core.album.dataset import TRIGGER_MODES
 from ...trainer_core.model.block_weights import PRESETS
-from ...trainer_core.model.variants import GROUPS
+from ...trainer_core.model.variants import GROUPS, SAMPLING_CHOICES
 from ...trainer_core.training.settings import PRESETS as TRAIN_PRESETS
 from .paths import lora_list
 
@@ -108,6 +108,20 @@ def render_inputs() -> list:
         io.Int.Input("width", default=512, min=16, max=4096, step=16, tooltip="Frame width in pixels."),
         io.Int.Input("height", default=512, min=16, max=4096, step=16, tooltip="Frame height in pixels."),
     ]
+
+
+def sampling_input() -> io.Combo.Input:
+    """Base or distilled sampling of the frames; the last widget of a render node (so saved workflows keep the
+    order of their earlier widgets)."""
+    return io.Combo.Input(
+        "sampling",
+        options=list(SAMPLING_CHOICES),
+        default=SAMPLING_CHOICES[0],
+        optional=True,
+        tooltip="as set: the steps and cfg widgets (Klein Base: ~50 steps, cfg ~4). distilled: 4 steps, cfg 1, "
+        "what the distilled Klein is made for; connect a distilled Klein to model (a LoRA trained on Base loads "
+        "on it unchanged). Nothing in the weights tells the two apart, so choose here.",
+    )
 
 
 def prompt_inputs() -> list:

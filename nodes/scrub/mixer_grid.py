@@ -14,7 +14,7 @@ from ..comfy.forward_loras import StackItem
 from ..comfy.identities import conditioning_identity, file_identity
 from ..comfy.render import RenderSettings
 from ..comfy.scrub import GridRender, grid_prompts, render_grid
-from ..comfy.widgets import lora_combo, negative_input, preset_input, render_inputs
+from ..comfy.widgets import lora_combo, negative_input, preset_input, render_inputs, sampling_input
 
 
 class KleinLabMixerGrid(io.ComfyNode):
@@ -47,6 +47,7 @@ class KleinLabMixerGrid(io.ComfyNode):
                 io.Conditioning.Input("positive", optional=True, tooltip="A positive conditioning instead of clip."),
                 negative_input(),
                 *render_inputs(),
+                sampling_input(),
             ],
             outputs=[
                 io.Image.Output(display_name="frames", tooltip="Every cell, row by row (scale of A, then of B)."),

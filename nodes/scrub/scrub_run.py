@@ -22,7 +22,7 @@ from ..comfy.runs import FILES_OPTION, file_checkpoints, run_checkpoints, runs_w
 from ..comfy.scrub import GridRender, grid_prompts, render_grid
 from ..comfy.sweep_scrub import scrub_sweep, sweep_fingerprint
 from ..comfy.sweeps import SWEEP
-from ..comfy.widgets import preset_input, prompt_inputs, render_inputs
+from ..comfy.widgets import preset_input, prompt_inputs, render_inputs, sampling_input
 
 
 class KleinLabScrubRun(io.ComfyNode):
@@ -75,6 +75,7 @@ class KleinLabScrubRun(io.ComfyNode):
                     tooltip="From 'Klein Sweep': scrub every run of the sweep (a run axis before the checkpoints); "
                     "run and lora_files are then ignored, the checkpoint selection applies to each run.",
                 ),
+                sampling_input(),
             ],
             outputs=[
                 io.Image.Output(display_name="frames", tooltip="Every frame, in the stable order."),

@@ -8,7 +8,14 @@ import importlib.util
 from comfy_api.latest import io
 
 from ...trainer_core.training.options import MEMORY_CHOICES, TrainingOptions
-from ...trainer_core.training.settings import COMPILE_BLOCKS, LR_SCHEDULES, SAVE_DTYPES, TIMESTEP_SAMPLING
+from ...trainer_core.training.settings import (
+    ALGORITHMS,
+    COMPILE_BLOCKS,
+    LOKR_FACTOR_MAX,
+    LR_SCHEDULES,
+    SAVE_DTYPES,
+    TIMESTEP_SAMPLING,
+)
 from ..comfy.training_options import TRAINING_OPTIONS
 
 
@@ -27,7 +34,8 @@ class KleinLabTrainingOptions(io.ComfyNode):
             description=(
                 "Advanced choices for 'Klein Train LoRA' (connect to its options input): memory and speed, optimizer, "
                 "learning-rate schedule, gradient accumulation, caption dropout, σ sampling, EMA, save dtype, "
-                "compile. Every choice is stored with the run and kept on resume."
+                "compile, the adapter algorithm (LoRA, rsLoRA, LoKr, DoRA). Every choice is stored with the run "
+                "and kept on resume."
             ),
             inputs=[
                 io.Combo.Input(
@@ -111,6 +119,24 @@ class KleinLabTrainingOptions(io.ComfyNode):
                     default="auto",
                     tooltip="Compile the blocks for speed (auto = on NVIDIA GPUs). The first step pays a one-off "
                     "compile; off starts at once but runs slower.",
+                ),
+                io.Combo.Input(
+                    "algorithm",
+                    options=list(ALGORITHMS),
+                    default="lora",
+                    tooltip="What is trained. lora: the course's LoRA (fastest, the default). rslora: the same "
+                    "LoRA scaled alpha/√rank, so a high rank keeps learning at the same learning rate. lokr: a "
+                    "Kronecker-product adapter (LyCORIS LoKr, through PEFT). dora: LoRA plus a magnitude per "
+                    "output (PEFT's DoRA), slower. Every type loads in the pack's loaders and core's Load LoRA.",
+                ),
+                io.Int.Input(
+                    "lokr_factor",
+                    default=-1,
+                    min=-1,
+                    max=LOKR_FACTOR_MAX,
+                    tooltip="With algorithm lokr: how each weight side is split into factor × rest. -1 (the "
+                    "default): the most balanced split; a larger factor gives a larger first matrix. 0 is not "
+                    "allowed.",
                 ),
             ],
             outputs=[TRAINING_OPTIONS.Output(display_name="options")],

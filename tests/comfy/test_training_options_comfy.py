@@ -26,6 +26,8 @@ OPTIONS = {
     "ema_decay": 0.9,
     "save_dtype": "fp32",
     "compile": "off",
+    "algorithm": "lora",
+    "lokr_factor": -1,
 }
 
 
@@ -115,3 +117,40 @@ def test_options_are_stored_reported_and_kept_on_resume(comfy_server, cond_file)
     stored = json.loads((run_dir / "run.json").read_text())["settings"]
     assert {k: stored[k] for k in expected} == expected
     assert (run_dir / "checkpoints" / "step_000004.ema.safetensors").is_file()
+
+
+@pytest.mark.parametrize("algorithm", ["lokr", "dora"])
+def test_lokr_and_dora_train_through_the_node_and_load_in_core(comfy_server, cond_file, algorithm):
+    """The options node's algorithm reaches run.json and the checkpoint: a LoKr / DoRA run trains through the
+    Train node with its previews, its file holds the LyCORIS / ComfyUI keys, and core's LoraLoaderModelOnly
+    loads it with every key placed."""
+    from safetensors import safe_open
+
+    album = make_album(comfy_server.base_dir / "input" / f"album_{algorithm}")
+    options = {**OPTIONS, "ema_decay": 0.0, "algorithm": algorithm, "lokr_factor": 4}
+    prompt = _with_options(train_prompt(album, cond_file, f"algo_{algorithm}", 2), options)
+    outputs = comfy_server.run_prompt(prompt, timeout_s=600)
+    assert "Finished 2 steps" in outputs["6"]["text"][0]
+    run_dir = runs_folder(comfy_server) / f"algo_{algorithm}"
+    assert json.loads((run_dir / "run.json").read_text())["settings"]["algorithm"] == algorithm
+    assert list((run_dir / "samples").glob("step_000002_*.png")), "no preview was rendered with the adapter"
+    with safe_open(str(run_dir / "checkpoints" / "step_000002.safetensors"), "pt") as f:
+        keys = list(f.keys())
+        assert f.metadata()["klein_lab.algorithm"] == algorithm
+    wanted = "lokr_w1" if algorithm == "lokr" else "dora_scale"
+    assert any(k.endswith(wanted) for k in keys), keys[:5]
+    load = {
+        "1": {"class_type": "UNETLoader", "inputs": {"unet_name": TINY_MODEL_NAME, "weight_dtype": "default"}},
+        "2": {
+            "class_type": "LoraLoaderModelOnly",
+            "inputs": {
+                "model": ["1", 0],
+                "lora_name": f"algo_{algorithm}/checkpoints/step_000002.safetensors",
+                "strength_model": 1.0,
+            },
+        },
+        "3": {"class_type": "KleinLabModelInfo", "inputs": {"model": ["2", 0]}},
+    }
+    before = len(comfy_server.log_text())
+    comfy_server.run_prompt(load)
+    assert "lora key not loaded" not in comfy_server.log_text()[before:]

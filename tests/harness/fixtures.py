@@ -88,3 +88,27 @@ def tiny_conditioning_path(spec=None, tokens: int = 8, batch: int = 1, seed: int
         save_file({"cond": tiny_conditioning(spec, tokens, batch, seed).contiguous()}, str(path))
 
     return cached_file(name, build)
+
+
+def tiny_distilled_path(spec=None, seed: int = 0) -> Path:
+    """A 'distilled' flavour of the tiny Klein: the same module names and shapes as `tiny_klein_path(spec, seed)`,
+    its weights moved by a seeded 5% of each tensor's spread (a distilled Klein is Base fine-tuned for 4 steps:
+    one layout, other weights). ComfyUI's UNETLoader sees flux2."""
+    import torch
+    from klein_lora_lab.trainer_core.model.tiny import TinySpec, tiny_klein_state_dict
+    from safetensors.torch import save_file
+
+    spec = TinySpec() if spec is None else spec
+    name = f"tiny_klein_distilled-{_spec_key(spec)}-seed{seed}-{source_hash(_TINY_SOURCES)}.safetensors"
+
+    def build(path: Path) -> None:
+        gen = torch.Generator().manual_seed(1000 + seed)
+        state = tiny_klein_state_dict(spec, seed)
+        moved = {}
+        for key, value in sorted(state.items()):
+            spread = value.float().std() if value.numel() > 1 else value.float().abs()
+            noise = torch.randn(value.shape, generator=gen) * 0.05 * spread
+            moved[key] = (value.float() + noise).to(value.dtype).contiguous()
+        save_file(moved, str(path), metadata={"klein_lab_fixture": name})
+
+    return cached_file(name, build)

@@ -27,6 +27,9 @@ from torch import Tensor
 
 from .adapters import DenseDelta, LoraWeights
 
+# A file whose output-row DoRA magnitudes are meant for the base weight's row norm (core's LoraLoader divides by
+# ‖W‖ there, not by ‖W + ΔW‖): the pack's own DoRA checkpoints say so, with this header key set to "base".
+DORA_NORM_KEY = "klein_lab.dora_norm"
 LOKR_ROLES = ("lokr_w1", "lokr_w2", "lokr_w1_a", "lokr_w1_b", "lokr_w2_a", "lokr_w2_b", "lokr_t2")
 LOHA_ROLES = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 
@@ -68,14 +71,17 @@ def loha_delta(t: Mapping[str, Tensor], alpha: float | None) -> Tensor:
         return make_weight(f["hada_w1_a"], f["hada_w1_b"], f["hada_w2_a"], f["hada_w2_b"], torch.tensor(scale))
 
 
-def dora_delta(base: Tensor, delta: Tensor, magnitude: Tensor) -> Tensor:
-    """W' − W for DoRA: W' = m · (W + ΔW) / ‖W + ΔW‖ (per output row or per input column, from m's shape)."""
+def dora_delta(base: Tensor, delta: Tensor, magnitude: Tensor, norm_of_base: bool = False) -> Tensor:
+    """W' − W for DoRA: W' = m · (W + ΔW) / ‖W + ΔW‖ (per output row or per input column, from m's shape).
+
+    norm_of_base: per output row, divide by ‖W‖ instead (core's LoraLoader; the pack's DoRA checkpoints store
+    m·‖W‖/‖W + ΔW‖ so that core and this reader both give the trained W')."""
     from peft.tuners.lora.dora import DoraLinearLayer
 
     norm_of = DoraLinearLayer(fan_in_fan_out=False).get_weight_norm
     base, delta, m = base.float(), delta.float(), magnitude.float()
     if m.ndim == 1 or m.shape[0] == base.shape[0]:  # one magnitude per output row (PEFT, LyCORIS wd_on_out)
-        norm = norm_of(base, delta, 1.0)  # [out]
+        norm = base.norm(dim=1) if norm_of_base else norm_of(base, delta, 1.0)  # [out]
         return (base + delta) * (m.reshape(-1) / norm).unsqueeze(1) - base
     norm = norm_of(base.t(), delta.t(), 1.0)  # [in]: per input column (LyCORIS' default)
     return (base + delta) * (m.reshape(-1) / norm).unsqueeze(0) - base
@@ -96,6 +102,7 @@ class FilePart:
     rows: tuple[int, int]
     magnitude: Tensor | None = None
     transform: Callable[[Tensor], Tensor] | None = None
+    norm_of_base: bool = False  # DoRA per output row divided by ‖W‖ (DORA_NORM_KEY)
 
     def raw_delta(self) -> Tensor:
         """ΔW of this part in the source's row order, before DoRA (float32)."""
@@ -141,7 +148,7 @@ class DenseAdapter:
                 rows = base[r0:r1].to(device=out.device, dtype=torch.float32)
                 if p.transform is not None:  # the norm is taken in the source's row order
                     rows = p.transform(rows)
-                d = dora_delta(rows, d, p.magnitude.to(out.device))
+                d = dora_delta(rows, d, p.magnitude.to(out.device), p.norm_of_base)
             out[r0:r1] += p.transform(d) if p.transform is not None else d
         return out
 

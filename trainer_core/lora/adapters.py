@@ -139,13 +139,17 @@ class LoraTrainable(nn.Module):
         generator: torch.Generator | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        rslora: bool = False,
     ) -> None:
-        """targets: module name -> (in_features, out_features). Init is seeded by `generator`."""
+        """targets: module name -> (in_features, out_features). Init is seeded by `generator`.
+
+        rslora: scale the delta by alpha/√rank (rank-stabilised LoRA, PEFT's `use_rslora`) instead of alpha/rank."""
         super().__init__()
         if rank < 1:
             raise ValueError(f"rank={rank}: must be at least 1.")
         self.rank = rank
         self.alpha = float(alpha)
+        self.rslora = rslora
         self.names = tuple(sorted(targets))
         self.down = nn.ParameterDict()
         self.up = nn.ParameterDict()
@@ -160,7 +164,12 @@ class LoraTrainable(nn.Module):
 
     @property
     def scale(self) -> float:
-        return self.alpha / self.rank
+        return self.alpha / math.sqrt(self.rank) if self.rslora else self.alpha / self.rank
+
+    @property
+    def file_alpha(self) -> float:
+        """The alpha a file stores so that every loader's alpha/rank is this LoRA's scale (rsLoRA: alpha·√rank)."""
+        return self.scale * self.rank
 
     def apply(self, name: str, x: Tensor, y: Tensor) -> Tensor:
         """y + delta(x), with the add and the scale fused into the second matmul (one pass over y)."""
@@ -179,7 +188,7 @@ class LoraTrainable(nn.Module):
     def weights(self) -> dict[str, LoraWeights]:
         """Detached copies of the current weights, by module name."""
         return {
-            name: LoraWeights(self.down[key].detach().clone(), self.up[key].detach().clone(), self.alpha)
+            name: LoraWeights(self.down[key].detach().clone(), self.up[key].detach().clone(), self.file_alpha)
             for name, key in self._index.items()
         }
 

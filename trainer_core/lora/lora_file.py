@@ -80,6 +80,22 @@ def save_lora(
     atomic_write_bytes(path, save(lora_state_dict(weights, dtype), metadata=meta))
 
 
+def save_adapter_file(
+    path: str | os.PathLike[str], tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str], file_format: str
+) -> None:
+    """Write an adapter file whose tensors are already keyed (LoKr, DoRA: see peft_trainable.file_tensors)
+    atomically; refuses NaN/Inf tensors like `save_lora`. `metadata` values must be strings."""
+    if not tensors:
+        raise ValueError(f"refusing to write {path}: the adapter has no tensors.")
+    bad = sorted(k for k, t in tensors.items() if not torch.isfinite(t).all())
+    if bad:
+        raise ValueError(f"refusing to write {path}: tensor {bad[0]!r} contains NaN or Inf.")
+    meta = {"klein_lab.format": file_format, **metadata}
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise TypeError("adapter metadata must map str to str (use json.dumps / str).")
+    atomic_write_bytes(path, save(dict(tensors), metadata=meta))
+
+
 def load_lora(path: str | os.PathLike[str]) -> tuple[dict[str, LoraWeights], dict[str, str]]:
     """Read a file written by `save_lora`: module name -> LoraWeights (as stored), and the metadata.
 

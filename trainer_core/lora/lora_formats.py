@@ -47,7 +47,7 @@ from torch import Tensor
 
 from ..errors import pack_error
 from ..model.klein import LATENT_CHANNELS, TIME_EMBED_DIM, KleinShape
-from .adapter_math import LOHA_ROLES, LOKR_ROLES, DenseAdapter, FilePart, lokr_shape
+from .adapter_math import DORA_NORM_KEY, LOHA_ROLES, LOKR_ROLES, DenseAdapter, FilePart, lokr_shape
 from .adapters import LoraWeights, check_lora_weights
 
 # A Klein Linear's adapter as read from a file: low-rank, or dense (LoKr, LoHa, DoRA, diff).
@@ -482,7 +482,9 @@ def _combine(module: str, parts: list[_Part], out_features: int, hidden: int) ->
     return LoraWeights(down, up, float(rank))
 
 
-def _dense(parts: list[_Part], out_features: int, in_features: int, hidden: int) -> DenseAdapter:
+def _dense(
+    parts: list[_Part], out_features: int, in_features: int, hidden: int, norm_of_base: bool = False
+) -> DenseAdapter:
     """A target Linear whose parts include LoKr, LoHa, DoRA or diff: one dense adapter over its row slices."""
     file_parts = tuple(
         FilePart(
@@ -493,6 +495,7 @@ def _dense(parts: list[_Part], out_features: int, in_features: int, hidden: int)
             _part_rows(p.target, out_features, hidden),
             p.magnitude,
             p.target.transform,
+            norm_of_base,
         )
         for p in parts
     )
@@ -666,10 +669,11 @@ def read_lora(
             continue
         kept.append(p)
     weights: dict[str, FileAdapter] = {}
+    base_norm = (metadata or {}).get(DORA_NORM_KEY) == "base"
     for m, ps in sorted(by_target.items()):
         out_f, in_f = expected[m]
         plain = all(p.plain for p in ps)
-        weights[m] = _combine(m, ps, out_f, shape.hidden) if plain else _dense(ps, out_f, in_f, shape.hidden)
+        weights[m] = _combine(m, ps, out_f, shape.hidden) if plain else _dense(ps, out_f, in_f, shape.hidden, base_norm)
     kinds = {("DoRA " if p.magnitude is not None else "") + _KIND_NAMES[p.kind] for p in parts}
     notes = []
     if header is not None and any(p.kind == "lora" and "alpha" not in groups[p.source] for p in parts):
@@ -681,6 +685,8 @@ def read_lora(
     note = kohya_note(metadata)
     if note:
         notes.append(note)
+    if base_norm and any(p.magnitude is not None for p in parts):
+        notes.append("DoRA magnitudes over the base weight's row norm, as the file's header says (core's rule)")
     return LoraRead(weights, sorted(unmatched), "+".join(sorted(styles)), ", ".join(sorted(kinds)), notes)
 
 

@@ -13,6 +13,14 @@ from dataclasses import dataclass
 from .klein import KleinShape
 
 GROUPS = ("binding", "texture", "identity", "composition")
+
+# How a model is sampled. Klein Base and the distilled Klein share one architecture and one weight layout, so
+# nothing in the weights tells them apart: the artist says which one a render uses. The distilled Klein is
+# made for 4 steps without real CFG (cfg 1); a LoRA trained on Base loads on it unchanged.
+SAMPLING_AS_SET = "as set"
+SAMPLING_DISTILLED = "distilled: 4 steps, cfg 1"
+SAMPLING_CHOICES = (SAMPLING_AS_SET, SAMPLING_DISTILLED)
+DISTILLED_STEPS, DISTILLED_CFG = 4, 1.0
 GROUP_HELP = {
     "binding": "double-stream blocks: text↔image binding (trigger ↔ concept)",
     "texture": "early single-stream blocks: texture, colour, low-level style",

@@ -44,7 +44,7 @@ class LoraEma:
         for name in self.lora.names:
             key = self.lora._index[name]
             down, up = self.shadow[f"down.{key}"].clone(), self.shadow[f"up.{key}"].clone()
-            out[name] = LoraWeights(down, up, self.lora.alpha)
+            out[name] = LoraWeights(down, up, self.lora.file_alpha)
         return out
 
     def state_tensors(self) -> dict[str, Tensor]:

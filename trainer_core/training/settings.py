@@ -25,6 +25,10 @@ COMPILE_BLOCKS = ("auto", "on", "off")
 # largest no-recompute share that fits the free memory (memory.py); "fastest": no recompute; "least_memory":
 # recompute every block.
 MEMORY_MODES = ("share", "auto", "fastest", "least_memory")
+# The adapter trained: "lora" (the fused fast path), "rslora" (the same LoRA scaled alpha/√rank instead of
+# alpha/rank), "lokr" (a Kronecker product, PEFT's LoKr layer), "dora" (LoRA plus a per-row magnitude, PEFT's DoRA).
+ALGORITHMS = ("lora", "rslora", "lokr", "dora")
+LOKR_FACTOR_MAX = 64
 
 
 @pack_error
@@ -53,6 +57,9 @@ class TrainSettings:
     ema_decay: 0 = off; else an exponential moving average of the LoRA weights (e.g. 0.999) is kept and saved
     beside every checkpoint as step_000500.ema.safetensors.
     compile_blocks: torch.compile the blocks ("auto" = on CUDA only: faster after a one-off compile).
+    algorithm: the adapter trained (ALGORITHMS above). lokr_factor: LoKr's split of each dimension into
+    factor × rest (-1: the most balanced split, as PEFT and LyCORIS); a larger factor makes a bigger w1 and a
+    smaller w2.
     validation_holdout: share of an album of at least 10 items held out of training for the validation loss
     (a fixed, seeded choice: data.holdout_split); 0, or a smaller album, validates on training items.
     """
@@ -83,6 +90,8 @@ class TrainSettings:
     validation_holdout: float = 0.0
     memory_mode: str = "share"
     ema_decay: float = 0.0
+    algorithm: str = "lora"
+    lokr_factor: int = -1
 
     def __post_init__(self) -> None:
         self._check_int("rank", 1, 1024, "use a rank between 4 and 128 (the course uses 16-32)")
@@ -121,6 +130,17 @@ class TrainSettings:
         self._check_float("ema_decay", 0.0, 0.99999, "use 0 (off) or 0.99-0.9999 (a longer average is smoother)")
         if 0.0 < self.ema_decay < 0.5:
             raise _fail("ema_decay", self.ema_decay, "0 or in [0.5, 0.99999]", "use 0 (off) or e.g. 0.999")
+        self._check_choice("algorithm", ALGORITHMS)
+        self._check_int("lokr_factor", -1, LOKR_FACTOR_MAX, "use -1 (the most balanced split) or e.g. 4, 8, 16")
+        if self.lokr_factor == 0:
+            raise _fail("lokr_factor", 0, f"-1 or in [1, {LOKR_FACTOR_MAX}]", "use -1 (the most balanced split)")
+        if self.ema_decay > 0 and self.algorithm in ("lokr", "dora"):
+            raise _fail(
+                "ema_decay",
+                self.ema_decay,
+                f"0 with algorithm {self.algorithm!r} (the EMA file is a plain LoRA)",
+                "use ema_decay 0, or algorithm 'lora' / 'rslora'",
+            )
 
     # -- validation helpers -------------------------------------------------------------------------------
 

@@ -23,7 +23,8 @@ from torch import Tensor, nn
 from ..errors import pack_error, shown
 from ..files.atomic import DiskFullError
 from ..lora.adapters import LoraTrainable
-from ..lora.lora_file import save_lora
+from ..lora.lora_file import save_adapter_file, save_lora
+from ..lora.peft_trainable import PEFT_ALGORITHMS, PeftTrainable
 from ..model.klein import klein_forward, read_shape
 from ..model.targeting import resolve_targets
 from ..model.variants import detect_variant
@@ -73,7 +74,7 @@ class TrainCallbacks:
     def on_checkpoint(self, step: int, path: Path) -> None:
         """After checkpoint `path` (LoRA file) of `step` is on disk."""
 
-    def on_validation(self, step: int, lora: LoraTrainable) -> None:
+    def on_validation(self, step: int, lora: Trainable) -> None:
         """Every `sample_every` steps, under torch.no_grad(): render validation previews with `lora`."""
 
     def on_metrics(self, record: dict[str, Any]) -> None:
@@ -97,7 +98,7 @@ class TrainResult:
     steps_done: int
     stopped_early: bool
     last_checkpoint: Path | None
-    lora: LoraTrainable
+    lora: Trainable
     final_loss: float
     notes: tuple[str, ...] = ()  # what resume had to say: fallback to an earlier checkpoint, gaps, nothing to resume
 
@@ -124,6 +125,33 @@ def lr_at(settings: TrainSettings, step: int) -> float:
     return base
 
 
+def compiles_blocks(settings: TrainSettings, device: torch.device | str) -> bool:
+    """Whether the run compiles its blocks: "on", or "auto" on CUDA for the fused LoRA paths. PEFT's LoKr / DoRA
+    layers are left eager under auto (not measured compiled: their delta weight and norm are rebuilt per call)."""
+    if settings.compile_blocks == "on":
+        return True
+    fused = settings.algorithm not in PEFT_ALGORITHMS
+    return settings.compile_blocks == "auto" and torch.device(device).type == "cuda" and fused
+
+
+# The adapter a run trains: plain LoRA / rsLoRA on the fused fast path, LoKr / DoRA through PEFT's layers.
+Trainable = LoraTrainable | PeftTrainable
+
+
+def _trainable(
+    model: nn.Module, targets: dict[str, tuple[int, int]], settings: TrainSettings, device: torch.device
+) -> Trainable:
+    """The run's adapter, initialised from the seed alone (the same on every device and on resume)."""
+    seed = derive_seed(settings.seed, "init")
+    if settings.algorithm in PEFT_ALGORITHMS:
+        return PeftTrainable(
+            model, targets, settings.algorithm, settings.rank, settings.alpha, settings.lokr_factor, seed, device
+        )
+    gen = torch.Generator().manual_seed(seed)
+    rslora = settings.algorithm == "rslora"
+    return LoraTrainable(targets, settings.rank, settings.alpha, generator=gen, device=device, rslora=rslora)
+
+
 def _optimizer(settings: TrainSettings, params: list[nn.Parameter]) -> torch.optim.Optimizer:
     if settings.optimizer == "adamw8bit":
         import bitsandbytes as bnb  # optional; train() checked that it is importable
@@ -136,7 +164,7 @@ def _optimizer(settings: TrainSettings, params: list[nn.Parameter]) -> torch.opt
 # Resume state: fp32 master weights and optimizer state as tensors, everything else as JSON. No pickle.
 
 
-def _state_tensors(lora: LoraTrainable, opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
+def _state_tensors(lora: Trainable, opt: torch.optim.Optimizer) -> tuple[dict[str, Tensor], dict[str, Any]]:
     tensors = {f"lora.{k}": v.detach() for k, v in lora.state_dict().items()}
     state = opt.state_dict()
     scalars: dict[str, dict[str, Any]] = {}
@@ -149,7 +177,7 @@ def _state_tensors(lora: LoraTrainable, opt: torch.optim.Optimizer) -> tuple[dic
     return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
 
 
-def _load_state(lora: LoraTrainable, opt: torch.optim.Optimizer, tensors: dict[str, Tensor], info: dict) -> None:
+def _load_state(lora: Trainable, opt: torch.optim.Optimizer, tensors: dict[str, Tensor], info: dict) -> None:
     lora.load_state_dict({k[len("lora.") :]: v for k, v in tensors.items() if k.startswith("lora.")})
     per_param: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
@@ -206,13 +234,10 @@ class _Run:
                 "empty_context (the text encoder's output for an empty prompt) or set caption_dropout=0."
             )
         self.autocast = device.type == "cuda" and settings.mixed_precision == "bf16"
-        self.compile_blocks = settings.compile_blocks == "on" or (
-            settings.compile_blocks == "auto" and device.type == "cuda"
-        )
+        self.compile_blocks = compiles_blocks(settings, device)
         self.order = BatchOrder(self.items, settings.batch_size, settings.seed)
         self.targets = resolve_targets(model, settings.targets)
-        gen = torch.Generator().manual_seed(derive_seed(settings.seed, "init"))
-        self.lora = LoraTrainable(self.targets, settings.rank, settings.alpha, generator=gen, device=device)
+        self.lora = _trainable(model, self.targets, settings, device)
         self.opt = _optimizer(settings, list(self.lora.parameters()))
         self.ema = LoraEma(self.lora, settings.ema_decay) if settings.ema_decay > 0 else None
         lora_params = sum(p.numel() for p in self.lora.parameters())
@@ -373,6 +398,7 @@ class _Run:
             "klein_lab.base_model": self.variant,
             "klein_lab.rank": str(s.rank),
             "klein_lab.alpha": f"{s.alpha:g}",
+            "klein_lab.algorithm": s.algorithm,
             "klein_lab.targets": s.targets,
             "klein_lab.target_modules": json.dumps(sorted(self.targets)),
             "klein_lab.step": str(step),
@@ -401,8 +427,7 @@ class _Run:
         return path
 
     def _save_checkpoint(self, step: int) -> Path:
-        weights = self.lora.weights()
-        if not all(torch.isfinite(w.down).all() and torch.isfinite(w.up).all() for w in weights.values()):
+        if not all(bool(torch.isfinite(p).all()) for p in self.lora.parameters()):
             self._diverged(step, "the LoRA weights hold NaN/Inf")
         tensors, info = _state_tensors(self.lora, self.opt)
         if self.ema is not None:
@@ -413,7 +438,12 @@ class _Run:
         if self.ema is not None:  # before the checkpoint file: a visible checkpoint has its EMA beside it
             meta = {**self.metadata(step), "klein_lab.ema_decay": f"{self.s.ema_decay:g}"}
             save_lora(ema_path(path), self.ema.weights(), meta, dtype=_SAVE_DTYPES[self.s.save_dtype])
-        save_lora(path, weights, self.metadata(step), dtype=_SAVE_DTYPES[self.s.save_dtype])
+        dtype = _SAVE_DTYPES[self.s.save_dtype]
+        if isinstance(self.lora, PeftTrainable):
+            meta = {**self.lora.network_metadata(), **self.metadata(step)}
+            save_adapter_file(path, self.lora.file_tensors(dtype), meta, f"klein_lab.{self.lora.algorithm}.v1")
+        else:
+            save_lora(path, self.lora.weights(), self.metadata(step), dtype=dtype)
         self.last_checkpoint, self.last_saved_step = path, step
         self.run.update(last_step=step, status="running")
         self.cb.on_checkpoint(step, path)
