@@ -1,5 +1,5 @@
 """Training options: the choices the Training Options node adds on top of a preset (memory, optimizer, schedule,
-accumulation, caption dropout, σ sampling, EMA, save dtype, compile), as TrainSettings fields.
+accumulation, caption dropout, σ sampling, EMA, save dtype, compile, preservation), as TrainSettings fields.
 
 The Train node stays simple: without an options input a new run takes `TrainingOptions()` (memory "auto", the
 rest as the presets train), and a resumed run keeps the options stored in its run.json.
@@ -33,6 +33,8 @@ OPTION_FIELDS = (
     "ema_decay",
     "save_dtype",
     "compile_blocks",
+    "preservation_weight",
+    "preservation_share",
 )
 
 
@@ -51,6 +53,8 @@ class TrainingOptions:
     ema_decay: float = 0.0
     save_dtype: str = "bf16"
     compile: str = "auto"
+    preservation: float = 0.0
+    preservation_share: float = 0.5
 
     def __post_init__(self) -> None:
         if self.memory not in MEMORY_CHOICES:
@@ -72,6 +76,8 @@ class TrainingOptions:
             "ema_decay": self.ema_decay,
             "save_dtype": self.save_dtype,
             "compile_blocks": self.compile,
+            "preservation_weight": self.preservation,
+            "preservation_share": self.preservation_share,
         }
 
 
