@@ -27,7 +27,7 @@ class KleinLabTrainingOptions(io.ComfyNode):
             description=(
                 "Advanced choices for 'Klein Train LoRA' (connect to its options input): memory and speed, optimizer, "
                 "learning-rate schedule, gradient accumulation, caption dropout, σ sampling, EMA, save dtype, "
-                "compile. Every choice is stored with the run and kept on resume."
+                "compile, preservation. Every choice is stored with the run and kept on resume."
             ),
             inputs=[
                 io.Combo.Input(
@@ -111,6 +111,25 @@ class KleinLabTrainingOptions(io.ComfyNode):
                     default="auto",
                     tooltip="Compile the blocks for speed (auto = on NVIDIA GPUs). The first step pays a one-off "
                     "compile; off starts at once but runs slower.",
+                ),
+                io.Float.Input(
+                    "preservation",
+                    default=0.0,
+                    min=0.0,
+                    max=10.0,
+                    step=0.05,
+                    tooltip="0 = off. Against 'the concept appears without the trigger': each caption without its "
+                    "trigger (encoded by Klein Encode Dataset) is trained to keep the base model's own prediction, "
+                    "with this weight (0.5-1). Costs a forward and a backward more on the steps it runs.",
+                ),
+                io.Float.Input(
+                    "preservation_share",
+                    default=0.5,
+                    min=0.05,
+                    max=1.0,
+                    step=0.05,
+                    tooltip="Share of steps that also run preservation (0.5 = about every other step; 1 = every "
+                    "step, strongest and slowest).",
                 ),
             ],
             outputs=[TRAINING_OPTIONS.Output(display_name="options")],

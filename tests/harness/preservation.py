@@ -26,7 +26,7 @@ PROMPTS = ("a photo of TOK", "a photo of TOK riding a bicycle", "a photo of a bi
 LATENT_HW = (4, 4)
 SAMPLE_STEPS = 8
 WORD = 48  # tokens per word of the constructed captions
-CONCEPT = float(__import__("os").environ.get("CONCEPT", "4"))
+CONCEPT = 4.0  # size of the concept pattern: the album term dominates the loss, so it is learned first
 
 
 @dataclass(frozen=True)

@@ -146,3 +146,18 @@ def test_album_files_hash_follows_content(tmp_path: Path):
     _image(tmp_path / "a.png", (32, 32), colour=(1, 2, 3))
     h3 = album_files_hash(scan_folder(tmp_path, resolution=32))
     assert len({h1, h2, h3}) == 3
+
+
+def test_trigger_free_caption_removes_or_replaces_the_trigger() -> None:
+    """Preservation's captions: the whole-word trigger goes with the comma that set it apart, wherever it stood;
+    a class word takes its place instead; other words containing it are left alone."""
+    from klein_lora_lab.trainer_core.album.dataset import trigger_free_caption
+
+    assert trigger_free_caption("TOK, a woman on a beach", "TOK") == "a woman on a beach"
+    assert trigger_free_caption("a woman on a beach, TOK", "TOK") == "a woman on a beach"
+    assert trigger_free_caption("a photo of TOK, smiling", "TOK") == "a photo of, smiling"
+    assert trigger_free_caption("a, TOK, b", "TOK") == "a, b"
+    assert trigger_free_caption("TOK", "TOK") == ""
+    assert trigger_free_caption("TOKEN TOK", "TOK") == "TOKEN"
+    assert trigger_free_caption("TOK, a woman", "TOK", "woman") == "woman, a woman"
+    assert trigger_free_caption("a photo", "") == "a photo"

@@ -19,7 +19,7 @@ from klein_lora_lab.trainer_core.training.preservation import preservation_loss
 from klein_lora_lab.trainer_core.training.settings import SettingsError, TrainSettings
 from klein_lora_lab.trainer_core.training.trainer import TrainCallbacks, train
 
-BASE = dict(rank=4, alpha=4, learning_rate=3e-3, steps=6, checkpoint_every=3, save_dtype="fp32", targets="all_linear")
+BASE = dict(rank=4, alpha=4, learning_rate=1e-2, steps=6, checkpoint_every=3, save_dtype="fp32", targets="regex:.*")
 
 
 def _inputs(batch: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -93,7 +93,7 @@ def test_training_with_preservation_keeps_trigger_free_captions_nearer_the_base(
     drift, final = {}, {}
     for weight in (0.0, 1.0):
         model = tiny_klein(SPEC)
-        s = TrainSettings(**{**BASE, "steps": 30, "checkpoint_every": 0}, preservation_weight=weight)
+        s = TrainSettings(**{**BASE, "steps": 30, "checkpoint_every": 0}, batch_size=3, preservation_weight=weight)
         run = RunFolder.create(tmp_path / f"w{weight}", s, {})
         result = train(model, album.items, s, run)
         drift[weight] = _free_drift(model, album, result.lora)
@@ -191,3 +191,47 @@ def test_per_image_losses_are_recorded_at_each_validation_and_cut_on_resume(tmp_
     longer = TrainSettings(**{**BASE, "steps": 4, "checkpoint_every": 2}, validation_every=2)
     train(tiny_klein(SPEC), album.items, longer, RunFolder.open(run.path), resume=True)
     assert [r["step"] for r in RunFolder.open(run.path).read_per_image()] == [2, 4]
+
+
+def _record(step: int, left: dict[str, float]) -> dict:
+    return {
+        "step": step,
+        "t": [0.2, 0.4, 0.6, 0.8],
+        "items": [{"name": n, "loss": 2.0 * r, "base_loss": 2.0, "held_out": n == "e.png"} for n, r in left.items()],
+    }
+
+
+def test_per_image_list_names_the_least_and_most_learned_items(tmp_path: Path) -> None:
+    """The latest record is read as loss now / base model's loss: the items nearest 1 are listed as least learned,
+    the lowest as most learned (never the same item twice), in words, as lint notes and as a thumbnail sheet of
+    the album's files."""
+    from klein_lora_lab.trainer_core.album.dataset_lint import LintReport
+    from klein_lora_lab.trainer_core.analysis.per_image import (
+        latest_learning,
+        learning_lines,
+        learning_sheet,
+        with_learning,
+    )
+    from PIL import Image
+
+    left = {"a.png": 0.9, "b.png": 0.5, "c.png": 0.6, "d.png": 0.2, "e.png": 0.55}
+    learning = latest_learning([_record(2, {n: 1.0 for n in left}), _record(4, left)])
+    assert learning.step == 4 and learning.median == pytest.approx(0.55)
+    assert [i.name for i in learning.least(2)] == ["a.png", "c.png"]
+    assert [i.name for i in learning.most(2)] == ["d.png", "b.png"]
+    assert [i.name for i in latest_learning([_record(1, {"x": 1.0, "y": 0.5})]).most(3)] == ["y"]
+    lines = "\n".join(learning_lines(learning, 2))
+    assert "step 4" in lines and "a.png 0.90" in lines and "d.png 0.20" in lines
+    assert "validation" in learning_lines(None)[0]
+    report = with_learning(LintReport("album", 5, ()), learning, 2)
+    assert report.files("least_learned") == ["a.png", "c.png"] and report.files("most_learned") == ["b.png", "d.png"]
+    album = tmp_path / "album"
+    album.mkdir()
+    for k, name in enumerate(left):
+        Image.new("RGB", (48, 32), (50 * k, 90, 160)).save(album / name)
+    sheet = learning_sheet(learning, album, count=2)
+    assert sheet.width > 2 * 160 and sheet.height > 2 * 160  # two rows of two thumbnails with labels
+    other = tmp_path / "other"
+    other.mkdir()
+    Image.new("RGB", (8, 8)).save(other / "z.png")
+    assert learning_sheet(learning, other).height < 100  # a note, not thumbnails of another album

@@ -209,7 +209,7 @@ class _Run:
                 f"caption_dropout={settings.caption_dropout} needs the empty-prompt conditioning: pass "
                 "empty_context (the text encoder's output for an empty prompt) or set caption_dropout=0."
             )
-        _check_preservation_contexts(items, settings)
+        check_preservation_contexts(items, settings)
         self.autocast = device.type == "cuda" and settings.mixed_precision == "bf16"
         self.compile_blocks = settings.compile_blocks == "on" or (
             settings.compile_blocks == "auto" and device.type == "cuda"
@@ -578,7 +578,7 @@ class _Run:
         return tensors, info
 
 
-def _check_preservation_contexts(items: Sequence[TrainItem], settings: TrainSettings) -> None:
+def check_preservation_contexts(items: Sequence[TrainItem], settings: TrainSettings) -> None:
     """Preservation trains each caption without its trigger: every item needs that caption's encoding."""
     if settings.preservation_weight == 0:
         return
