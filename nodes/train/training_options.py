@@ -124,12 +124,12 @@ class KleinLabTrainingOptions(io.ComfyNode):
                 ),
                 io.Float.Input(
                     "preservation_share",
-                    default=0.5,
+                    default=1.0,
                     min=0.05,
                     max=1.0,
                     step=0.05,
-                    tooltip="Share of steps that also run preservation (0.5 = about every other step; 1 = every "
-                    "step, strongest and slowest).",
+                    tooltip="Share of steps that also run preservation (1 = every step, the strongest hold; 0.5 = "
+                    "about every other step: cheaper, holds far less).",
                 ),
             ],
             outputs=[TRAINING_OPTIONS.Output(display_name="options")],

@@ -27,7 +27,7 @@ OPTIONS = {
     "save_dtype": "fp32",
     "compile": "off",
     "preservation": 0.0,
-    "preservation_share": 0.5,
+    "preservation_share": 1.0,
 }
 
 

@@ -1,12 +1,14 @@
 """A constructed album for preservation on the tiny Klein: captions that share their words with trigger-free
 prompts, so a LoRA trained on them also moves those prompts (the concept leaks) unless preservation holds them.
 
-Text features are made of word vectors: "TOK" is one word, "a photo of" three shared words, each item one
-subject word (WORD tokens each, so the captions fill most of the 512 text tokens). An item's caption is [TOK, a photo of, subject_i]; its trigger-free caption [a photo of,
-subject_i]. The album's latents are one concept pattern plus a little per-item noise. The validation prompts are
-those of the live clinic: "a photo of TOK" (album-like), "a photo of TOK riding a bicycle" (novel) and two
-trigger-free ones ("a photo of a bicycle", "a photo of a subject"), measured with measure_validation as the Train
-node measures each validation (latent space).
+Text features are made of random token vectors: "TOK" (2·WORD tokens), "a photo of" (3·WORD tokens, shared) and
+one subject per item (2·WORD tokens), so the captions fill most of the 512 text tokens. An item's caption is
+[TOK, a photo of, subject_i]; its trigger-free caption [a photo of, subject_i]. The album's latents are one
+large concept pattern plus a little per-item noise, so the album term dominates the loss and a LoRA on every
+Linear learns it within a hundred steps. The validation prompts are those of the live clinic: "a photo of TOK"
+(album-like), "a photo of TOK riding a bicycle" (novel) and two trigger-free ones ("a photo of a bicycle", "a
+photo of a subject"), measured with measure_validation as the Train node measures each validation (latent
+space).
 """
 
 from __future__ import annotations

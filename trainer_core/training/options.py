@@ -54,7 +54,7 @@ class TrainingOptions:
     save_dtype: str = "bf16"
     compile: str = "auto"
     preservation: float = 0.0
-    preservation_share: float = 0.5
+    preservation_share: float = 1.0
 
     def __post_init__(self) -> None:
         if self.memory not in MEMORY_CHOICES:

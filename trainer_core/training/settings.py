@@ -58,7 +58,7 @@ class TrainSettings:
     preservation_weight: 0 = off; else, on a `preservation_share` of the steps, the item's caption without the
     trigger (or with the class word in its place) is trained toward the base model's own prediction at the same
     noise and σ, weighted by this (ai-toolkit's Differential Output Preservation; training/preservation.py).
-    Runs made before these fields existed read them as 0 / the default share: preservation off.
+    Runs made before these fields existed read them as 0 / share 1: preservation off.
     """
 
     rank: int = 16
@@ -88,7 +88,7 @@ class TrainSettings:
     memory_mode: str = "share"
     ema_decay: float = 0.0
     preservation_weight: float = 0.0
-    preservation_share: float = 0.5
+    preservation_share: float = 1.0
 
     def __post_init__(self) -> None:
         self._check_int("rank", 1, 1024, "use a rank between 4 and 128 (the course uses 16-32)")
@@ -128,7 +128,7 @@ class TrainSettings:
         if 0.0 < self.ema_decay < 0.5:
             raise _fail("ema_decay", self.ema_decay, "0 or in [0.5, 0.99999]", "use 0 (off) or e.g. 0.999")
         self._check_float("preservation_weight", 0.0, 10.0, "use 0 (off) or 0.5-1 (as strong as the concept loss)")
-        self._check_float("preservation_share", 0.0, 1.0, "use 0.5 (every other step) or 1 (every step)")
+        self._check_float("preservation_share", 0.0, 1.0, "use 1 (every step) or e.g. 0.5 (about every other step)")
         if self.preservation_weight > 0 and self.preservation_share == 0:
             raise _fail(
                 "preservation_share",
