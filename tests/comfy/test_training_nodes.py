@@ -165,8 +165,8 @@ def test_glue_training_writes_checkpoints_stock_loader_applies(comfy_env, tiny_s
     assert forward_loras_of(trained) is not None and forward_loras_of(model) is None
     assert trained.patches == model.patches == patches_before  # forward-time LoRA: no weight patches
 
-    (curve,) = KleinLabLossCurve.execute("inprocess", 400, 200, 0.9).result
-    assert curve.shape == (1, 200, 400, 3)
+    curve, per_image = KleinLabLossCurve.execute("inprocess", 400, 200, 0.9).result
+    assert curve.shape == (1, 200, 400, 3) and per_image.startswith("per-image loss")
 
 
 # ----------------------------------------------------------------------------------------------- server
