@@ -131,8 +131,8 @@ def _with_clip(prompt: dict, context_dim: int, preservation_class: str = "") -> 
 
 def test_preservation_through_the_train_node_and_the_per_image_list(comfy_server, cond_file, tiny_spec):
     """Preservation from the options node reaches run.json and runs on every step (share 1, its loss in
-    metrics.jsonl); each validation writes the album's per-image losses, which the Loss Curve node lists by file
-    name and Dataset Lint with the run adds as notes with thumbnails. An album encoded with the fixed
+    metrics.jsonl); each validation writes the album's per-image losses, which the panel's history route carries,
+    the Loss Curve node lists by file name and Dataset Lint with the run adds as notes with thumbnails. An album encoded with the fixed
     conditioning (no trigger-free captions) refuses preservation on the Train node, saying to encode again."""
     album = make_album(comfy_server.base_dir / "input" / "album_preserve")
     options = {**OPTIONS, "memory": "auto", "ema_decay": 0.0, "preservation": 1.0, "preservation_share": 1.0}
@@ -147,6 +147,12 @@ def test_preservation_through_the_train_node_and_the_per_image_list(comfy_server
     per_image = [json.loads(line) for line in (run_dir / "per_image.jsonl").read_text().splitlines()]
     assert [r["step"] for r in per_image] == [2, 4]
     assert sorted(i["name"] for i in per_image[-1]["items"]) == ["000.png", "001.png", "002.png"]
+    summary = comfy_server.get_json("/klein_lab/train/history?run=preserve")["per_image"]
+    assert summary["step"] == 4 and {i["name"] for i in summary["least"] + summary["most"]} <= {
+        "000.png",
+        "001.png",
+        "002.png",
+    }
 
     curve = comfy_server.run_prompt(
         {

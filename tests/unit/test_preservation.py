@@ -203,13 +203,14 @@ def _record(step: int, left: dict[str, float]) -> dict:
 
 def test_per_image_list_names_the_least_and_most_learned_items(tmp_path: Path) -> None:
     """The latest record is read as loss now / base model's loss: the items nearest 1 are listed as least learned,
-    the lowest as most learned (never the same item twice), in words, as lint notes and as a thumbnail sheet of
-    the album's files."""
+    the lowest as most learned (never the same item twice), in words, as plain data for the panel, as lint notes
+    and as a thumbnail sheet of the album's files."""
     from klein_lora_lab.trainer_core.album.dataset_lint import LintReport
     from klein_lora_lab.trainer_core.analysis.per_image import (
         latest_learning,
         learning_lines,
         learning_sheet,
+        learning_summary,
         with_learning,
     )
     from PIL import Image
@@ -223,6 +224,9 @@ def test_per_image_list_names_the_least_and_most_learned_items(tmp_path: Path) -
     lines = "\n".join(learning_lines(learning, 2))
     assert "step 4" in lines and "a.png 0.90" in lines and "d.png 0.20" in lines
     assert "validation" in learning_lines(None)[0]
+    summary = learning_summary(learning, 2)
+    assert [r["name"] for r in summary["least"]] == ["a.png", "c.png"] and summary["most"][0]["left"] == 0.2
+    assert learning_summary(None) is None
     report = with_learning(LintReport("album", 5, ()), learning, 2)
     assert report.files("least_learned") == ["a.png", "c.png"] and report.files("most_learned") == ["b.png", "d.png"]
     album = tmp_path / "album"

@@ -84,6 +84,22 @@ def latest_learning(records: Sequence[Mapping[str, Any]]) -> Learning | None:
     return Learning(int(last["step"]), tuple(sorted(items, key=lambda item: item.left, reverse=True)))
 
 
+def learning_summary(learning: Learning | None, count: int = 3) -> dict[str, Any] | None:
+    """The least and most learned items as plain data (the panel's history route)."""
+    if learning is None:
+        return None
+
+    def rows(items: Sequence[ItemLearning]) -> list[dict[str, Any]]:
+        return [{"name": i.name, "left": i.left, "held_out": i.held_out} for i in items]
+
+    return {
+        "step": learning.step,
+        "median": learning.median,
+        "least": rows(learning.least(count)),
+        "most": rows(learning.most(count)),
+    }
+
+
 def _listed(items: Sequence[ItemLearning]) -> str:
     return ", ".join(f"{item.name} {item.left:.2f}" + (" (held out)" if item.held_out else "") for item in items)
 
