@@ -131,9 +131,10 @@ def _with_clip(prompt: dict, context_dim: int, preservation_class: str = "") -> 
 
 def test_preservation_through_the_train_node_and_the_per_image_list(comfy_server, cond_file, tiny_spec):
     """Preservation from the options node reaches run.json and runs on every step (share 1, its loss in
-    metrics.jsonl); each validation writes the album's per-image losses, which the panel's history route carries,
-    the Loss Curve node lists by file name and Dataset Lint with the run adds as notes with thumbnails. An album encoded with the fixed
-    conditioning (no trigger-free captions) refuses preservation on the Train node, saying to encode again."""
+    metrics.jsonl); each validation writes the album's per-image losses, which the panel's history route
+    carries, the Loss Curve node lists by file name and Dataset Lint with the run adds as notes with thumbnails.
+    An album encoded with the fixed conditioning (no trigger-free captions) refuses preservation on the Train
+    node, saying to encode again."""
     album = make_album(comfy_server.base_dir / "input" / "album_preserve")
     options = {**OPTIONS, "memory": "auto", "ema_decay": 0.0, "preservation": 1.0, "preservation_share": 1.0}
     prompt = _with_options(train_prompt(album, cond_file, "preserve", 4, sample_every=2), options)
