@@ -24,6 +24,7 @@ from typing import Any
 from aiohttp import web
 
 from ...trainer_core.analysis.live_clinic import find_mark, read_clinic
+from ...trainer_core.analysis.per_image import latest_learning, learning_summary
 from ...trainer_core.runs.runfolder import RunFolder, checkpoint_step
 from ...trainer_core.training.settings import PRESETS
 from .feedback import prompt_server
@@ -103,6 +104,7 @@ def run_history(path: Path) -> dict[str, Any]:
         "samples": samples,
         "clinic": clinic,
         "mark": mark.to_dict() if mark else None,
+        "per_image": learning_summary(latest_learning(run.read_per_image())),
         "live": live.snapshot() if live else None,
     }
 

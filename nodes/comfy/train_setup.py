@@ -8,6 +8,7 @@ from collections import Counter
 from ...trainer_core.album.latent_cache import EncodedDataset
 from ...trainer_core.runs.runfolder import RunFolder
 from ...trainer_core.training.settings import TrainSettings, preset
+from ...trainer_core.training.trainer import check_preservation_contexts
 from .live_panel import ClinicSetup
 from .run_names import run_path
 from .training import SampleConfig
@@ -26,6 +27,7 @@ def settings_from_widgets(preset_name: str, **widgets) -> TrainSettings:
 
 def new_or_resumed_run(run_name: str, settings: TrainSettings, encoded: EncodedDataset, resume: bool) -> RunFolder:
     """The run folder under <output>/klein_lora_lab/runs: a new one, or the existing one when resuming."""
+    check_preservation_contexts(encoded.items, settings)  # before a folder exists: an album encoded before says so
     path = run_path(run_name)  # the same rule as the panel's routes
     name = path.name
     if (path / "run.json").is_file():

@@ -70,12 +70,24 @@ class KleinLabEncodeDataset(io.ComfyNode):
                         "CLIP (single-caption albums, tests). Leave empty to encode the captions with the CLIP."
                     ),
                 ),
+                io.String.Input(
+                    "preservation_class",
+                    default="",
+                    optional=True,
+                    tooltip=(
+                        "For preservation (Training Options): each caption is also encoded without the trigger, so "
+                        "training can keep those prompts where the base model puts them. Empty: the trigger word is "
+                        "removed; a class word (e.g. 'woman', 'dog', 'painting') takes its place instead."
+                    ),
+                ),
             ],
             outputs=[ENCODED_DATASET.Output(display_name="encoded_dataset"), io.String.Output(display_name="report")],
         )
 
     @classmethod
-    def execute(cls, dataset: Dataset, vae, validation_prompts: str, clip=None, conditioning=None) -> io.NodeOutput:
+    def execute(
+        cls, dataset: Dataset, vae, validation_prompts: str, clip=None, conditioning=None, preservation_class: str = ""
+    ) -> io.NodeOutput:
         prompts = parse_validation_prompts(validation_prompts, dataset.trigger)
         if conditioning is not None:
             fixed = conditioning_tensor(conditioning)
@@ -95,6 +107,8 @@ class KleinLabEncodeDataset(io.ComfyNode):
             # A fixed conditioning has no empty-caption counterpart, so caption dropout needs the CLIP.
             with_empty_caption=conditioning is None,
             on_progress=counter_progress(),
+            # A fixed conditioning is the same with or without the trigger: nothing to preserve against.
+            preservation_class=None if conditioning is not None else preservation_class,
         )
         report = encoded.report()
         return io.NodeOutput(encoded, report, ui={"text": [report]})

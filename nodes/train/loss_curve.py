@@ -7,6 +7,7 @@ from pathlib import Path
 from comfy_api.latest import io, ui
 
 from ...trainer_core.analysis.loss_curve import run_loss_curve
+from ...trainer_core.analysis.per_image import latest_learning, learning_lines
 from ...trainer_core.files.safe_paths import resolve_inside
 from ...trainer_core.runs.runfolder import RunFolder
 from ..comfy.paths import allowed_roots, folder_fingerprint, runs_dir
@@ -25,7 +26,10 @@ class KleinLabLossCurve(io.ComfyNode):
             node_id="KleinLabLossCurve",
             display_name="Klein Loss Curve",
             category="Klein LoRA Lab/train",
-            description="Draws a run's loss curve: raw loss, smoothed loss, validation loss and checkpoint marks.",
+            description=(
+                "Draws a run's loss curve: raw loss, smoothed loss, validation loss and checkpoint marks; lists "
+                "the album items the LoRA learns least and most (per-image loss, measured at each validation)."
+            ),
             inputs=[
                 io.String.Input(
                     "run",
@@ -43,7 +47,14 @@ class KleinLabLossCurve(io.ComfyNode):
                     tooltip="EMA factor of the smoothed curve: 0 = raw, 0.9 ≈ the last 10 steps, 0.99 ≈ the last 100.",
                 ),
             ],
-            outputs=[io.Image.Output(display_name="loss_curve")],
+            outputs=[
+                io.Image.Output(display_name="loss_curve"),
+                io.String.Output(
+                    display_name="per_image",
+                    tooltip="The items learned least (outliers?) and most (near-duplicates?) at the last validation, "
+                    "by file name, with loss now / base model's loss.",
+                ),
+            ],
             is_output_node=True,
         )
 
@@ -55,8 +66,10 @@ class KleinLabLossCurve(io.ComfyNode):
 
     @classmethod
     def execute(cls, run: str, width: int, height: int, smoothing: float) -> io.NodeOutput:
-        image = run_loss_curve(RunFolder.open(resolve_run(run)), width, height, smoothing)
-        return io.NodeOutput(image, ui=ui.PreviewImage(image, cls=cls))
+        folder = RunFolder.open(resolve_run(run))
+        image = run_loss_curve(folder, width, height, smoothing)
+        text = "\n".join(learning_lines(latest_learning(folder.read_per_image())))
+        return io.NodeOutput(image, text, ui={**ui.PreviewImage(image, cls=cls).as_dict(), "text": [text]})
 
 
 NODES = [KleinLabLossCurve]

@@ -34,8 +34,8 @@ class KleinLabTrainingOptions(io.ComfyNode):
             description=(
                 "Advanced choices for 'Klein Train LoRA' (connect to its options input): memory and speed, optimizer, "
                 "learning-rate schedule, gradient accumulation, caption dropout, σ sampling, EMA, save dtype, "
-                "compile, the adapter algorithm (LoRA, rsLoRA, LoKr, DoRA). Every choice is stored with the run "
-                "and kept on resume."
+                "compile, the adapter algorithm (LoRA, rsLoRA, LoKr, DoRA), preservation. Every choice is stored "
+                "with the run and kept on resume."
             ),
             inputs=[
                 io.Combo.Input(
@@ -137,6 +137,25 @@ class KleinLabTrainingOptions(io.ComfyNode):
                     tooltip="With algorithm lokr: how each weight side is split into factor × rest. -1 (the "
                     "default): the most balanced split; a larger factor gives a larger first matrix. 0 is not "
                     "allowed.",
+                ),
+                io.Float.Input(
+                    "preservation",
+                    default=0.0,
+                    min=0.0,
+                    max=10.0,
+                    step=0.05,
+                    tooltip="0 = off. Against 'the concept appears without the trigger': each caption without its "
+                    "trigger (encoded by Klein Encode Dataset) is trained to keep the base model's own prediction, "
+                    "with this weight (0.5-1). Costs a forward and a backward more on the steps it runs.",
+                ),
+                io.Float.Input(
+                    "preservation_share",
+                    default=1.0,
+                    min=0.05,
+                    max=1.0,
+                    step=0.05,
+                    tooltip="Share of steps that also run preservation (1 = every step, the strongest hold; 0.5 = "
+                    "about every other step: cheaper, holds far less).",
                 ),
             ],
             outputs=[TRAINING_OPTIONS.Output(display_name="options")],

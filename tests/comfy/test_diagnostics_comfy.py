@@ -155,7 +155,7 @@ def test_lint_node_reports_an_album(diag_env):
         img.save(album / f"{i:03d}.png")
     (album / "000.txt").write_text("a photo of TOK")
     start = time.perf_counter()
-    text, payload = KleinLabDatasetLint.execute(str(album), "", "TOK", "character", 512).result
+    text, payload, _learned = KleinLabDatasetLint.execute(str(album), "", "TOK", "character", 512).result
     print(f"\nlint node: 2 images in {time.perf_counter() - start:.3f} s")
     findings = json.loads(payload)["findings"]
     assert [f["files"] for f in findings if f["code"] == "missing_caption"] == [["001.png"]]

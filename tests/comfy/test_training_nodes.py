@@ -63,8 +63,8 @@ def comfy_env(comfy_root, tiny_model_file, flux2_vae_file, tmp_path_factory):
 
 
 def test_encode_node_clip_path_caches(comfy_env, tiny_spec, tmp_path):
-    """Through the CLIP interface every distinct caption (plus the empty prompt and the bicycle prompt) is
-    encoded once; a second pass encodes nothing and returns identical tensors."""
+    """Through the CLIP interface every distinct caption (plus the empty prompt, the bicycle prompt and each
+    caption without its trigger) is encoded once; a second pass encodes nothing and returns identical tensors."""
     from klein_lora_lab.nodes.train.dataset_folder import KleinLabDatasetFolder
     from klein_lora_lab.nodes.train.encode_dataset import KleinLabEncodeDataset
 
@@ -74,17 +74,27 @@ def test_encode_node_clip_path_caches(comfy_env, tiny_spec, tmp_path):
     clip = FakeClip(tiny_spec.context_dim)
     prompts = "a photo of [trigger] riding a bicycle"
     first, report1 = KleinLabEncodeDataset.execute(dataset, comfy_env["vae"], prompts, clip=clip).result
+    # ... and each caption without its trigger, for preservation ("TOK" alone becomes the empty prompt).
     assert sorted(clip.encoded) == sorted(
-        ["TOK, a small square number 0", "TOK, a small square number 1", "TOK", "a photo of TOK riding a bicycle", ""]
+        [
+            "TOK, a small square number 0",
+            "TOK, a small square number 1",
+            "TOK",
+            "a photo of TOK riding a bicycle",
+            "",
+            "a small square number 0",
+            "a small square number 1",
+        ]
     )
     w, h = dataset.items[1].bucket
     assert w > h and first.items[1].latent.shape == (128, h // 16, w // 16)
-    assert "8 encoded, 0 from cache" in report1
+    assert "10 encoded, 0 from cache" in report1
     clip.encoded.clear()
     second, report2 = KleinLabEncodeDataset.execute(dataset, comfy_env["vae"], prompts, clip=clip).result
-    assert clip.encoded == [] and "0 encoded, 8 from cache" in report2
+    assert clip.encoded == [] and "0 encoded, 10 from cache" in report2
     for a, b in zip(first.items, second.items, strict=True):
         assert torch.equal(a.latent, b.latent) and torch.equal(a.context, b.context)
+        assert torch.equal(a.free_context, b.free_context)
     with pytest.raises(ValueError, match="connect 'clip'"):
         KleinLabEncodeDataset.execute(dataset, comfy_env["vae"], prompts)
 
@@ -155,8 +165,8 @@ def test_glue_training_writes_checkpoints_stock_loader_applies(comfy_env, tiny_s
     assert forward_loras_of(trained) is not None and forward_loras_of(model) is None
     assert trained.patches == model.patches == patches_before  # forward-time LoRA: no weight patches
 
-    (curve,) = KleinLabLossCurve.execute("inprocess", 400, 200, 0.9).result
-    assert curve.shape == (1, 200, 400, 3)
+    curve, per_image = KleinLabLossCurve.execute("inprocess", 400, 200, 0.9).result
+    assert curve.shape == (1, 200, 400, 3) and per_image.startswith("per-image loss")
 
 
 # ----------------------------------------------------------------------------------------------- server

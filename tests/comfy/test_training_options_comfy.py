@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from harness.fixtures import tiny_conditioning_path
-from harness.prompts import SIZE, train_prompt
+from harness.prompts import SIZE, execution_error, train_prompt
 from harness.server import TINY_MODEL_NAME
 from PIL import Image
 
@@ -28,6 +28,8 @@ OPTIONS = {
     "compile": "off",
     "algorithm": "lora",
     "lokr_factor": -1,
+    "preservation": 0.0,
+    "preservation_share": 1.0,
 }
 
 
@@ -154,3 +156,65 @@ def test_lokr_and_dora_train_through_the_node_and_load_in_core(comfy_server, con
     before = len(comfy_server.log_text())
     comfy_server.run_prompt(load)
     assert "lora key not loaded" not in comfy_server.log_text()[before:]
+
+
+def _with_clip(prompt: dict, context_dim: int, preservation_class: str = "") -> dict:
+    """The encode node on the test CLIP (each caption encoded with and without the trigger), not the fixed
+    conditioning."""
+    prompt["3"] = {"class_type": "KleinLabTestCLIPLoader", "inputs": {"context_dim": context_dim}}
+    encode = prompt["5"]["inputs"]
+    del encode["conditioning"]
+    encode.update(clip=["3", 0], preservation_class=preservation_class)
+    return prompt
+
+
+def test_preservation_through_the_train_node_and_the_per_image_list(comfy_server, cond_file, tiny_spec):
+    """Preservation from the options node reaches run.json and runs on every step (share 1, its loss in
+    metrics.jsonl); each validation writes the album's per-image losses, which the panel's history route
+    carries, the Loss Curve node lists by file name and Dataset Lint with the run adds as notes with thumbnails.
+    An album encoded with the fixed conditioning (no trigger-free captions) refuses preservation on the Train
+    node, saying to encode again."""
+    album = make_album(comfy_server.base_dir / "input" / "album_preserve")
+    options = {**OPTIONS, "memory": "auto", "ema_decay": 0.0, "preservation": 1.0, "preservation_share": 1.0}
+    prompt = _with_options(train_prompt(album, cond_file, "preserve", 4, sample_every=2), options)
+    outputs = comfy_server.run_prompt(_with_clip(prompt, tiny_spec.context_dim), timeout_s=600)
+    assert "Finished 4 steps" in outputs["6"]["text"][0]
+    run_dir = runs_folder(comfy_server) / "preserve"
+    stored = json.loads((run_dir / "run.json").read_text())["settings"]
+    assert (stored["preservation_weight"], stored["preservation_share"]) == (1.0, 1.0)
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if m.get("preservation_loss", -1) >= 0] == [1, 2, 3, 4]
+    per_image = [json.loads(line) for line in (run_dir / "per_image.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in per_image] == [2, 4]
+    assert sorted(i["name"] for i in per_image[-1]["items"]) == ["000.png", "001.png", "002.png"]
+    summary = comfy_server.get_json("/klein_lab/train/history?run=preserve")["per_image"]
+    assert summary["step"] == 4 and {i["name"] for i in summary["least"] + summary["most"]} <= {
+        "000.png",
+        "001.png",
+        "002.png",
+    }
+
+    curve = comfy_server.run_prompt(
+        {
+            "1": {
+                "class_type": "KleinLabLossCurve",
+                "inputs": {"run": "preserve", "width": 400, "height": 200, "smoothing": 0.9},
+            }
+        }
+    )
+    listed = curve["1"]["text"][0]
+    assert "per-image loss at step 4" in listed and "least learned: 0" in listed and "most learned: 0" in listed
+    lint_inputs = {"folder": str(album), "pairs_folder": "", "trigger": "TOK", "preset": "style", "resolution": 32}
+    lint = comfy_server.run_prompt(
+        {
+            "1": {"class_type": "KleinLabDatasetLint", "inputs": {**lint_inputs, "run": "preserve"}},
+            "2": {"class_type": "PreviewImage", "inputs": {"images": ["1", 2]}},
+        }
+    )
+    assert "the run learned these least by step 4" in lint["1"]["text"][0]
+    assert lint["2"]["images"], lint
+
+    fixed = _with_options(train_prompt(album, cond_file, "preserve_fixed", 2, sample_every=0), options)
+    error = execution_error(comfy_server, fixed)
+    assert "Klein Encode Dataset" in error["exception_message"], error
+    assert not (runs_folder(comfy_server) / "preserve_fixed").exists()

@@ -211,3 +211,18 @@ def test_reference_folder_lines_skip_blank_lines():
     """The multi-line widget gives one folder per non-blank line, spaces around a line dropped."""
     assert reference_folder_lines(" pose \n\n garment\n") == ["pose", "garment"]
     assert reference_folder_lines("") == []
+
+
+def test_trigger_free_caption_removes_or_replaces_the_trigger() -> None:
+    """Preservation's captions: the whole-word trigger goes with the comma that set it apart, wherever it stood;
+    a class word takes its place instead; other words containing it are left alone."""
+    from klein_lora_lab.trainer_core.album.dataset import trigger_free_caption
+
+    assert trigger_free_caption("TOK, a woman on a beach", "TOK") == "a woman on a beach"
+    assert trigger_free_caption("a woman on a beach, TOK", "TOK") == "a woman on a beach"
+    assert trigger_free_caption("a photo of TOK, smiling", "TOK") == "a photo of, smiling"
+    assert trigger_free_caption("a, TOK, b", "TOK") == "a, b"
+    assert trigger_free_caption("TOK", "TOK") == ""
+    assert trigger_free_caption("TOKEN TOK", "TOK") == "TOKEN"
+    assert trigger_free_caption("TOK, a woman", "TOK", "woman") == "woman, a woman"
+    assert trigger_free_caption("a photo", "") == "a photo"

@@ -194,17 +194,29 @@ def _album(n: int) -> list[TrainItem]:
 
 def _train_recording(tmp_path, items: list[TrainItem], holdout: float, monkeypatch) -> tuple[RunFolder, set, set]:
     """Train 4 steps with validation every 2; returns the run and the item names seen by training batches and
-    by validation batches (validation stacks one item len(VALIDATION_T) times)."""
-    seen_train, seen_val = set(), set()
+    by validation batches (validation stacks one item len(VALIDATION_T) times). The per-image pass, which reads
+    every album item without gradients at each validation, is recorded apart (it is neither)."""
+    seen_train, seen_val, seen_per_image = set(), set(), set()
     real = trainer_module.collate
+    real_album_losses = trainer_module._Run._album_losses
+    in_per_image = [False]
 
     def recording(items_, indices, *args, **kwargs):
         batch = real(items_, indices, *args, **kwargs)
         is_val = len(indices) == len(trainer_module.VALIDATION_T) and len(set(indices)) == 1 and not args[1:]
-        (seen_val if is_val else seen_train).update(batch.names)
+        assert not (in_per_image[0] and torch.is_grad_enabled())  # the per-image pass never trains
+        (seen_per_image if in_per_image[0] else seen_val if is_val else seen_train).update(batch.names)
         return batch
 
+    def album_losses(self, base: bool) -> list[float]:
+        in_per_image[0] = True
+        try:
+            return real_album_losses(self, base)
+        finally:
+            in_per_image[0] = False
+
     monkeypatch.setattr(trainer_module, "collate", recording)
+    monkeypatch.setattr(trainer_module._Run, "_album_losses", album_losses)
     settings = TrainSettings(
         rank=4,
         alpha=4,
@@ -220,6 +232,7 @@ def _train_recording(tmp_path, items: list[TrainItem], holdout: float, monkeypat
     )
     run = RunFolder.create(tmp_path / f"run_{len(items)}_{holdout}", settings, {"trigger": "TOK"})
     train(tiny_klein(TRAIN_SPEC), items, settings, run)
+    assert seen_per_image == {item.name for item in items}
     return run, seen_train, seen_val
 
 

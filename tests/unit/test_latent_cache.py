@@ -200,3 +200,25 @@ def test_two_references_round_trip_through_the_cache_in_order(tmp_path: Path):
     enc3 = _FakeEncoders()
     loaded = encode_album(single, enc3.image, enc3.text, "vae", "te", old, with_empty_caption=False)
     assert enc3.images == 0 and all(torch.equal(i.refs[0], torch.full((128, 2, 2), 7.0)) for i in loaded.items)
+
+
+def test_encode_album_adds_trigger_free_captions_only_when_asked(tmp_path: Path):
+    """With preservation_class "" every caption is also encoded with its trigger removed (through the same
+    cache) and each item carries that context; a class word takes the trigger's place; without it (None, the
+    default) nothing more is encoded and items carry none."""
+    from klein_lora_lab.trainer_core.album.dataset import scan_folder
+    from klein_lora_lab.trainer_core.album.latent_cache import encode_album
+
+    _album(tmp_path)
+    ds = scan_folder(tmp_path / "tgt", resolution=32, trigger="TOK")
+    plain = encode_album(ds, _FakeEncoders().image, _FakeEncoders().text, "vae", "te", LatentCache(tmp_path / "c"))
+    assert all(item.free_context is None for item in plain.items) and plain.free_captions == ()
+    enc = _FakeEncoders()
+    free = encode_album(ds, enc.image, enc.text, "vae", "te", LatentCache(tmp_path / "c"), preservation_class="")
+    assert sorted(enc.texts) == ["a blue thing", "a red thing"]  # the captions with the trigger came from the cache
+    assert free.free_captions == ("a red thing", "a red thing", "a blue thing")
+    assert torch.equal(free.items[2].free_context, enc.text("a blue thing"))
+    assert torch.equal(free.items[2].context, plain.items[2].context)
+    enc = _FakeEncoders()
+    named = encode_album(ds, enc.image, enc.text, "vae", "te", LatentCache(tmp_path / "c"), preservation_class="dog")
+    assert named.free_captions == ("dog, a red thing", "dog, a red thing", "dog, a blue thing")

@@ -233,6 +233,23 @@ def insert_trigger(caption: str, trigger: str, mode: str = "prepend") -> str:
     return f"{trigger}, {caption}" if mode == "prepend" else f"{caption}, {trigger}"
 
 
+def trigger_free_caption(caption: str, trigger: str, class_word: str = "") -> str:
+    """The caption without its trigger, for preservation: each whole-word trigger removed (with the comma that
+    set it apart), or replaced by `class_word` when one is given ("TOK, a woman on a beach" -> "a woman on a
+    beach"; with class "woman": "woman, a woman on a beach"). A caption of the trigger alone becomes the class
+    word, or the empty caption."""
+    trigger = trigger.strip()
+    if not trigger:
+        return caption.strip()
+    pattern = rf"(?<!\w){re.escape(trigger)}(?!\w)"
+    if class_word.strip():
+        return re.sub(pattern, lambda _m: class_word.strip(), caption).strip()
+    out = re.sub(pattern, "", caption)
+    out = re.sub(r"\s+([,;])", r"\1", out)  # "a photo of , smiling" -> "a photo of, smiling"
+    out = re.sub(r"([,;])(\s*[,;])+", r"\1", out)  # an empty list entry left where the trigger stood
+    return re.sub(r"\s{2,}", " ", out).strip(" ,;")
+
+
 def read_caption(image: Path) -> str | None:
     """The text of the same-name .txt next to the image, or None when there is none (or it is empty)."""
     txt = image.with_suffix(".txt")

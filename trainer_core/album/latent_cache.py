@@ -25,7 +25,7 @@ from torch import Tensor
 from ..files.atomic import atomic_write_bytes
 from ..files.safe_paths import confined_file
 from ..training.data import TrainItem
-from .dataset import Dataset, album_files_hash, file_hash, load_bucket_image
+from .dataset import Dataset, album_files_hash, file_hash, load_bucket_image, trigger_free_caption
 
 CACHE_VERSION = "1"  # bump when the meaning of a cached tensor changes
 
@@ -137,7 +137,8 @@ class LatentCache:
 @dataclass(frozen=True)
 class EncodedDataset:
     """An album ready to train on: items (latent, context, refs), the empty-caption context (caption dropout),
-    validation prompts and their contexts, and how the encode pass went."""
+    validation prompts and their contexts, and how the encode pass went. free_captions: each item's caption
+    without its trigger (preservation; the items carry their contexts), empty when they were not encoded."""
 
     items: tuple[TrainItem, ...]
     captions: tuple[str, ...]
@@ -150,6 +151,7 @@ class EncodedDataset:
     encoded: int  # entries computed by the encoders in this pass
     cached: int  # entries read from the cache
     seconds: float
+    free_captions: tuple[str, ...] = ()
 
     def report(self) -> str:
         total = self.encoded + self.cached
@@ -173,16 +175,25 @@ def encode_album(
     validation_prompts: Iterable[str] = (),
     with_empty_caption: bool = True,
     on_progress: Callable[[int, int], None] | None = None,
+    preservation_class: str | None = None,
 ) -> EncodedDataset:
     """Encode every image (and each of its references) and every distinct caption once, through the cache.
 
     Captions shared by several images are encoded once; the empty caption (caption dropout) and the validation
     prompts go through the same cache. `on_progress(done, total)` is called after each entry.
+    preservation_class: None encodes no trigger-free captions; "" each caption with its trigger removed; a word
+    (e.g. "woman") each caption with that word in the trigger's place (trigger_free_caption).
     """
     start = time.perf_counter()
     hits0, misses0 = cache.stats.hits, cache.stats.misses
     prompts = tuple(p for p in validation_prompts if p.strip())
-    texts = list(dict.fromkeys([*dataset.captions(), *prompts, *([""] if with_empty_caption else [])]))
+    free = (
+        ()
+        if preservation_class is None
+        else tuple(trigger_free_caption(item.caption, dataset.trigger, preservation_class) for item in dataset.items)
+    )
+    extra = [*prompts, *([""] if with_empty_caption else []), *free]
+    texts = list(dict.fromkeys([*dataset.captions(), *extra]))
     # One latent per (file, bucket): a reference is encoded at its target's bucket (the same file used by two
     # targets of different buckets is encoded at both).
     images = list(dict.fromkeys((p, item.bucket) for item in dataset.items for p in (*item.references, item.image)))
@@ -219,8 +230,9 @@ def encode_album(
             context=contexts[item.caption],
             refs=tuple(latents[(ref, item.bucket)] for ref in item.references),  # reference 1, 2, … in order
             name=item.image.name,
+            free_context=contexts[free[k]] if free else None,
         )
-        for item in dataset.items
+        for k, item in enumerate(dataset.items)
     )
     return EncodedDataset(
         items=items,
@@ -234,4 +246,5 @@ def encode_album(
         encoded=cache.stats.misses - misses0,
         cached=cache.stats.hits - hits0,
         seconds=time.perf_counter() - start,
+        free_captions=free,
     )

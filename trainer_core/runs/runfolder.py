@@ -7,6 +7,8 @@
                                                  and a JSON description, in safetensors format. Its suffix is
                                                  not a model extension, so ComfyUI's `loras` list (which holds
                                                  the runs folder) never offers it as a LoRA.
+    <run>/per_image.jsonl                        one JSON object per validation: each album item's loss at the
+                                                 validation σ with the LoRA and with the base model
     <run>/samples/                               validation previews written by the nodes
 
 The state file is written before its LoRA file, so every checkpoint that is visible can be resumed.
@@ -31,6 +33,7 @@ from ..files.safe_paths import child_path, confined_file
 from ..training.settings import TrainSettings
 
 RUN_FORMAT = "klein_lab.run.v1"
+PER_IMAGE_FILE = "per_image.jsonl"
 _CKPT_RE = re.compile(r"^step_(\d+)\.safetensors$")
 _TMP_RE = re.compile(r"^\..+\.tmp$")  # atomic_write_bytes' temporary files
 
@@ -75,7 +78,7 @@ class RunFolder:
         self.path = path
         self.settings = settings
         self.meta = meta
-        self._tail_checked = False
+        self._tail_checked: set[Path] = set()  # JSONL files whose torn tail this process has already cut
 
     # -- creation -----------------------------------------------------------------------------------------
 
@@ -137,7 +140,8 @@ class RunFolder:
     def _check_layout(self) -> None:
         """Refuse a run folder whose files or subfolders are symlinks leading out of it: every write of the run
         (checkpoints, samples, metrics, run.json) must land inside the folder the user chose."""
-        for entry in (self.path / "run.json", self.metrics_path, self.checkpoints_dir, self.samples_dir):
+        files = (self.path / "run.json", self.metrics_path, self.per_image_path)
+        for entry in (*files, self.checkpoints_dir, self.samples_dir):
             child_path(self.path, entry.name, what=f"run folder entry of {self.path}")
 
     def _write_run_json(self) -> None:
@@ -164,6 +168,10 @@ class RunFolder:
     @property
     def metrics_path(self) -> Path:
         return self.path / "metrics.jsonl"
+
+    @property
+    def per_image_path(self) -> Path:
+        return self.path / PER_IMAGE_FILE
 
     def checkpoint_path(self, step: int) -> Path:
         return self.checkpoints_dir / f"step_{step:06d}.safetensors"
@@ -234,28 +242,44 @@ class RunFolder:
     # -- metrics ------------------------------------------------------------------------------------------
 
     def append_metrics(self, record: Mapping[str, Any]) -> None:
+        """Append one record to metrics.jsonl (see _append_line)."""
+        self._append_line(self.metrics_path, record)
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        """All records. A torn last line (a crash during a write) is ignored; a bad line elsewhere is an error."""
+        return self._read_lines(self.metrics_path, "the loss curve loses one point")
+
+    def append_per_image(self, record: Mapping[str, Any]) -> None:
+        """Append one validation's per-image losses to per_image.jsonl (see _append_line)."""
+        self._append_line(self.per_image_path, record)
+
+    def read_per_image(self) -> list[dict[str, Any]]:
+        """Every validation's per-image record, in order (a torn last line is ignored)."""
+        return self._read_lines(self.per_image_path, "the per-image list loses one validation")
+
+    def _append_line(self, path: Path, record: Mapping[str, Any]) -> None:
         """Append one JSON line (a single O_APPEND write, then fsync). A torn last line left by a crash is cut
         off first, so the new record starts on its own line instead of gluing onto the fragment."""
         line = (json.dumps(dict(record), sort_keys=True, allow_nan=True) + "\n").encode()
-        if not self._tail_checked:  # once per process: only a crash of an earlier process leaves a torn line
-            _cut_torn_tail(self.metrics_path)
-            self._tail_checked = True
-        fd = os.open(self.metrics_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        if path not in self._tail_checked:  # once per process: only a crash of an earlier process leaves a torn line
+            _cut_torn_tail(path)
+            self._tail_checked.add(path)
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             os.write(fd, line)
             os.fsync(fd)
         except OSError as err:
             # A short line may be on disk: cut it off next time (_cut_torn_tail), report the full disk now.
-            self._tail_checked = False
-            raise (disk_full_error(self.metrics_path, len(line), err) if is_disk_full(err) else err) from err
+            self._tail_checked.discard(path)
+            raise (disk_full_error(path, len(line), err) if is_disk_full(err) else err) from err
         finally:
             os.close(fd)
 
-    def read_metrics(self) -> list[dict[str, Any]]:
-        """All records. A torn last line (a crash during a write) is ignored; a bad line elsewhere is an error."""
-        if not self.metrics_path.is_file():
+    def _read_lines(self, path: Path, loss: str) -> list[dict[str, Any]]:
+        """The records of a JSONL file of this run; `loss` says what deleting a damaged line costs."""
+        if not path.is_file():
             return []
-        lines = self.metrics_path.read_bytes().decode("utf-8", "replace").splitlines()
+        lines = path.read_bytes().decode("utf-8", "replace").splitlines()
         records = []
         for n, line in enumerate(lines):
             if not line.strip():
@@ -266,14 +290,14 @@ class RunFolder:
                 if n == len(lines) - 1:
                     break
                 raise RunFolderError(
-                    f"{self.metrics_path}: line {n + 1} is damaged (not JSON: {shown(str(err))}). Fix: delete that "
-                    "line in a text editor (the loss curve loses one point), then queue again."
+                    f"{path}: line {n + 1} is damaged (not JSON: {shown(str(err))}). Fix: delete that "
+                    f"line in a text editor ({loss}), then queue again."
                 ) from err
             step = record.get("step") if isinstance(record, dict) else None
             if isinstance(step, bool) or not isinstance(step, int):
                 raise RunFolderError(
-                    f"{self.metrics_path}: line {n + 1} is damaged (no integer 'step'). Fix: delete that line in a "
-                    "text editor (the loss curve loses one point), then queue again."
+                    f"{path}: line {n + 1} is damaged (no integer 'step'). Fix: delete that line in a "
+                    f"text editor ({loss}), then queue again."
                 )
             records.append(record)
         return records
@@ -295,3 +319,7 @@ class RunFolder:
         kept = [r for r in self.read_metrics() if r["step"] <= step]
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)
         atomic_write_bytes(self.metrics_path, text.encode())
+        if self.per_image_path.is_file():  # the per-image records of the steps a resume trains again go too
+            kept = [r for r in self.read_per_image() if r["step"] <= step]
+            text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in kept)
+            atomic_write_bytes(self.per_image_path, text.encode())

@@ -23,12 +23,17 @@ HOLDOUT_MIN_ITEMS = 10  # albums smaller than this validate on training items at
 
 @dataclass(frozen=True)
 class TrainItem:
-    """One training example: latent [128, h, w], context [L, ctx], optional reference latents [128, h', w']."""
+    """One training example: latent [128, h, w], context [L, ctx], optional reference latents [128, h', w'].
+
+    free_context [L', ctx]: the caption with its trigger removed (or the class word in its place), for
+    preservation; None when the album was encoded without it. Not part of train_items_hash: a run keeps resuming
+    whether or not its album was encoded with these."""
 
     latent: Tensor
     context: Tensor
     refs: tuple[Tensor, ...] = ()
     name: str = ""
+    free_context: Tensor | None = None
 
     def __post_init__(self) -> None:
         label = f"item {self.name!r}" if self.name else "a training item"
@@ -41,6 +46,13 @@ class TrainItem:
             raise ValueError(
                 f"{label}: context has shape {tuple(self.context.shape)}, expected [tokens, features] "
                 "(one text conditioning without batch dimension)."
+            )
+        if self.free_context is not None and (
+            self.free_context.ndim != 2 or self.free_context.shape[-1] != self.context.shape[-1]
+        ):
+            raise ValueError(
+                f"{label}: the trigger-free context has shape {tuple(self.free_context.shape)}, expected "
+                f"[tokens, {self.context.shape[-1]}] like the caption's (encode both with the same text encoder)."
             )
         for k, ref in enumerate(self.refs):
             if ref.ndim != 3 or ref.shape[0] != LATENT_CHANNELS:
@@ -128,12 +140,24 @@ def derive_seed(seed: int, stream: str, *indices: int) -> int:
 
 @dataclass(frozen=True)
 class Batch:
-    """Batched tensors on the training device: x0 [b, 128, h, w], context [b, 512, ctx], refs [b, 128, h', w']."""
+    """Batched tensors on the training device: x0 [b, 128, h, w], context [b, 512, ctx], refs [b, 128, h', w'],
+    free_context [b, 512, ctx] (the trigger-free captions; None unless every chosen item has one)."""
 
     x0: Tensor
     context: Tensor
     refs: tuple[Tensor, ...]
     names: tuple[str, ...]
+    free_context: Tensor | None = None
+
+
+def _stack_contexts(contexts: Sequence[Tensor]) -> Tensor:
+    """Contexts [L, ctx] left-padded to 512 tokens and stacked [b, 512, ctx]."""
+    padded = [pad_context(c.to(torch.float32)) for c in contexts]
+    lengths = {c.shape[0] for c in padded}
+    if len(lengths) != 1:
+        # Only contexts longer than 512 tokens can differ; pad them on the left as ComfyUI batches conds.
+        padded = [pad_context(c, max(lengths)) for c in padded]
+    return torch.stack(padded)
 
 
 def collate(
@@ -152,17 +176,15 @@ def collate(
             if empty_context is None:
                 raise ValueError("caption dropout needs the empty-prompt conditioning (empty_context).")
             ctx = empty_context
-        contexts.append(pad_context(ctx.to(torch.float32)))
-    lengths = {c.shape[0] for c in contexts}
-    if len(lengths) != 1:
-        # Only contexts longer than 512 tokens can differ; pad them on the left as ComfyUI batches conds.
-        contexts = [pad_context(c, max(lengths)) for c in contexts]
+        contexts.append(ctx)
     n_refs = len(chosen[0].refs)
+    free = [it.free_context for it in chosen]
     return Batch(
         x0=torch.stack([it.latent.to(torch.float32) for it in chosen]).to(device),
-        context=torch.stack(contexts).to(device),
+        context=_stack_contexts(contexts).to(device),
         refs=tuple(torch.stack([it.refs[r].to(torch.float32) for it in chosen]).to(device) for r in range(n_refs)),
         names=tuple(it.name for it in chosen),
+        free_context=None if any(c is None for c in free) else _stack_contexts(free).to(device),
     )
 
 

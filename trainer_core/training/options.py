@@ -1,5 +1,6 @@
 """Training options: the choices the Training Options node adds on top of a preset (memory, optimizer, schedule,
-accumulation, caption dropout, σ sampling, EMA, save dtype, compile, the adapter algorithm), as TrainSettings fields.
+accumulation, caption dropout, σ sampling, EMA, save dtype, compile, the adapter algorithm, preservation), as
+TrainSettings fields.
 
 The Train node stays simple: without an options input a new run takes `TrainingOptions()` (memory "auto", the
 rest as the presets train), and a resumed run keeps the options stored in its run.json.
@@ -35,6 +36,8 @@ OPTION_FIELDS = (
     "compile_blocks",
     "algorithm",
     "lokr_factor",
+    "preservation_weight",
+    "preservation_share",
 )
 
 
@@ -55,6 +58,8 @@ class TrainingOptions:
     compile: str = "auto"
     algorithm: str = "lora"
     lokr_factor: int = -1
+    preservation: float = 0.0
+    preservation_share: float = 1.0
 
     def __post_init__(self) -> None:
         if self.memory not in MEMORY_CHOICES:
@@ -78,6 +83,8 @@ class TrainingOptions:
             "compile_blocks": self.compile,
             "algorithm": self.algorithm,
             "lokr_factor": self.lokr_factor,
+            "preservation_weight": self.preservation,
+            "preservation_share": self.preservation_share,
         }
 
 

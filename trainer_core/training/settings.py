@@ -62,6 +62,10 @@ class TrainSettings:
     smaller w2.
     validation_holdout: share of an album of at least 10 items held out of training for the validation loss
     (a fixed, seeded choice: data.holdout_split); 0, or a smaller album, validates on training items.
+    preservation_weight: 0 = off; else, on a `preservation_share` of the steps, the item's caption without the
+    trigger (or with the class word in its place) is trained toward the base model's own prediction at the same
+    noise and σ, weighted by this (ai-toolkit's Differential Output Preservation; training/preservation.py).
+    Runs made before these fields existed read them as 0 / share 1: preservation off.
     """
 
     rank: int = 16
@@ -92,6 +96,8 @@ class TrainSettings:
     ema_decay: float = 0.0
     algorithm: str = "lora"
     lokr_factor: int = -1
+    preservation_weight: float = 0.0
+    preservation_share: float = 1.0
 
     def __post_init__(self) -> None:
         self._check_int("rank", 1, 1024, "use a rank between 4 and 128 (the course uses 16-32)")
@@ -140,6 +146,15 @@ class TrainSettings:
                 self.ema_decay,
                 f"0 with algorithm {self.algorithm!r} (the EMA file is a plain LoRA)",
                 "use ema_decay 0, or algorithm 'lora' / 'rslora'",
+            )
+        self._check_float("preservation_weight", 0.0, 10.0, "use 0 (off) or 0.5-1 (as strong as the concept loss)")
+        self._check_float("preservation_share", 0.0, 1.0, "use 1 (every step) or e.g. 0.5 (about every other step)")
+        if self.preservation_weight > 0 and self.preservation_share == 0:
+            raise _fail(
+                "preservation_share",
+                self.preservation_share,
+                "above 0 while preservation_weight is above 0",
+                "use e.g. 0.5, or set preservation_weight to 0 to turn preservation off",
             )
 
     # -- validation helpers -------------------------------------------------------------------------------

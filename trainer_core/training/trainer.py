@@ -29,7 +29,7 @@ from ..model.klein import klein_forward, read_shape
 from ..model.targeting import resolve_targets
 from ..model.variants import detect_variant
 from ..runs.runfolder import RunFolder, RunFolderError, checkpoint_step
-from .data import BatchOrder, TrainItem, collate, derive_seed, holdout_split, train_items_hash
+from .data import Batch, BatchOrder, TrainItem, collate, derive_seed, holdout_split, train_items_hash
 from .ema import LoraEma, ema_path
 from .faults import TrainingOutOfMemoryError, out_of_memory_message
 from .memory import (
@@ -42,6 +42,7 @@ from .memory import (
     plan_memory,
 )
 from .objective import add_noise, flow_loss, sample_sigmas, shifted_sigmas, velocity_target
+from .preservation import preservation_loss
 from .settings import TrainSettings, require_optimizer_installed
 
 # Settings that may change between a stop and a resume: run length, cadence, file dtype and memory/speed
@@ -223,6 +224,9 @@ class _Run:
         # Albums of 10+ items may hold a fixed, seeded share out for the validation loss (never trained on);
         # with validation_holdout 0 or a smaller album every item trains, as before.
         train_idx, held_idx = holdout_split(len(items), settings.validation_holdout, settings.seed)
+        self.album = list(items)  # every item, held out or not, in the album's order (the per-image losses)
+        self.held_idx = frozenset(held_idx)
+        self.base_per_image: list[float] | None = None  # the base model's per-image losses (fixed: computed once)
         self.held_out = [items[i] for i in held_idx]
         if held_idx:
             self.items = [items[i] for i in train_idx]
@@ -233,6 +237,7 @@ class _Run:
                 f"caption_dropout={settings.caption_dropout} needs the empty-prompt conditioning: pass "
                 "empty_context (the text encoder's output for an empty prompt) or set caption_dropout=0."
             )
+        check_preservation_contexts(items, settings)
         self.autocast = device.type == "cuda" and settings.mixed_precision == "bf16"
         self.compile_blocks = compiles_blocks(settings, device)
         self.order = BatchOrder(self.items, settings.batch_size, settings.seed)
@@ -251,14 +256,15 @@ class _Run:
         self.last_saved_step = -1
         self.saving = False  # True while a checkpoint is written: an error there must not trigger another save
         self.last_loss = float("nan")
+        self.last_preservation: float | None = None  # the preservation loss of the last step, when it had one
         self.notes: list[str] = []  # what resume had to say (fallbacks, gaps, nothing to resume)
         self.variant = detect_variant(read_shape(model)).name
         self.dataset_hash = train_items_hash(items)
 
     # -- one step -------------------------------------------------------------------------------------------
 
-    def _micro_loss(self, step: int, micro: int) -> Tensor:
-        """Loss of micro-batch `micro` of optimizer step `step`, with every random draw derived from them."""
+    def _micro_batch(self, step: int, micro: int) -> tuple[Batch, Tensor, Tensor]:
+        """(batch, noise, σ) of micro-batch `micro` of optimizer step `step`, every random draw derived from them."""
         s = self.s
         indices = self.order.batch((step - 1) * s.grad_accum + micro)
         b = len(indices)
@@ -271,18 +277,52 @@ class _Run:
         noise = torch.randn(batch.x0.shape, generator=g_noise).to(self.device)
         g_sigma = torch.Generator().manual_seed(derive_seed(s.seed, "sigma", step, micro))
         sigma = sample_sigmas(b, batch.x0.shape[-2] * batch.x0.shape[-1], g_sigma, s.timestep_sampling)
-        sigma = sigma.to(self.device)
-        return self._loss(batch.x0, noise, sigma, batch.context, batch.refs, checkpointing=self.plan.share)
+        return batch, noise, sigma.to(self.device)
 
     def _loss(
-        self, x0: Tensor, noise: Tensor, sigma: Tensor, context: Tensor, refs: tuple[Tensor, ...], checkpointing: float
+        self,
+        x0: Tensor,
+        noise: Tensor,
+        sigma: Tensor,
+        context: Tensor,
+        refs: tuple[Tensor, ...],
+        checkpointing: float,
+        base: bool = False,
     ) -> Tensor:
+        """The velocity loss with the LoRA, or with the adapters off when `base`."""
         x_t = add_noise(x0, noise, sigma)
+        adapters = None if base else self.lora
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             v = klein_forward(
-                self.model, x_t, sigma, context, list(refs) or None, self.lora, checkpointing, self.compile_blocks
+                self.model, x_t, sigma, context, list(refs) or None, adapters, checkpointing, self.compile_blocks
             )
         return flow_loss(v, velocity_target(x0, noise))
+
+    def preserves(self, step: int, micro: int) -> bool:
+        """Whether micro-batch `micro` of step `step` also trains preservation: a seeded draw per (step, micro), so
+        a resumed run preserves on the same steps as one that never stopped."""
+        s = self.s
+        if s.preservation_weight == 0:
+            return False
+        g = torch.Generator().manual_seed(derive_seed(s.seed, "preserve", step, micro))
+        return bool(torch.rand(1, generator=g).item() < s.preservation_share)
+
+    def _preservation_loss(self, batch: Batch, noise: Tensor, sigma: Tensor) -> Tensor:
+        """The trigger-free captions at the step's x_σ and σ, pulled toward the base model's prediction."""
+        if batch.free_context is None:  # _Run checked every item; a batch without them is a bug, said plainly
+            raise ValueError(f"preservation: items {list(batch.names)} have no trigger-free caption context.")
+        x_t = add_noise(batch.x0, noise, sigma)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+            return preservation_loss(
+                self.model,
+                x_t,
+                sigma,
+                batch.free_context,
+                self.lora,
+                list(batch.refs) or None,
+                self.plan.share,
+                self.compile_blocks,
+            )
 
     def step(self, step: int) -> tuple[float, float]:
         """Run optimizer step `step` (1-based). Returns (loss, grad norm); raises on NaN/Inf before updating."""
@@ -292,19 +332,30 @@ class _Run:
             group["lr"] = lr
         self.opt.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
+        preserved = torch.zeros((), device=self.device)
+        n_preserved = 0
         for micro in range(s.grad_accum):
-            loss = self._micro_loss(step, micro)
-            (loss / s.grad_accum).backward()
+            batch, noise, sigma = self._micro_batch(step, micro)
+            loss = self._loss(batch.x0, noise, sigma, batch.context, batch.refs, checkpointing=self.plan.share)
+            (loss / s.grad_accum).backward()  # before the preservation forward: one graph in memory at a time
             total = total + loss.detach()
+            if self.preserves(step, micro):
+                kept = self._preservation_loss(batch, noise, sigma)
+                (kept * (s.preservation_weight / s.grad_accum)).backward()
+                preserved = preserved + kept.detach()
+                n_preserved += 1
         params = list(self.lora.parameters())
         if s.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
         else:
             norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))
         # One host sync per step: the loss is reported every step and the guard must run before the update.
-        loss_value, norm_value = torch.stack([total / s.grad_accum, norm.float()]).tolist()
-        if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
+        loss_value, norm_value, kept_value = torch.stack(
+            [total / s.grad_accum, norm.float(), preserved / max(1, n_preserved)]
+        ).tolist()
+        if not (math.isfinite(loss_value) and math.isfinite(norm_value) and math.isfinite(kept_value)):
             self._diverged(step, f"the loss is {loss_value} and the gradient norm {norm_value}, not finite")
+        self.last_preservation = kept_value if n_preserved else None
         self.opt.step()
         if self.ema is not None:
             self.ema.update()
@@ -389,6 +440,35 @@ class _Run:
             sigma = shifted_sigmas(t, h * w).to(self.device)
             losses.append(self._loss(batch.x0, noise, sigma, batch.context, batch.refs, checkpointing=False))
         return torch.stack(losses).mean().item()
+
+    @torch.no_grad()
+    def _album_losses(self, base: bool) -> list[float]:
+        """Every album item's velocity loss at the validation times VALIDATION_T (one forward of 4 per item, no
+        backward), at one fixed noise: a number per item that moves only with the LoRA."""
+        t = torch.tensor(VALIDATION_T, dtype=torch.float64)
+        losses = []
+        for i in range(len(self.album)):
+            batch = collate(self.album, [i] * len(VALIDATION_T), self.device)
+            g = torch.Generator().manual_seed(derive_seed(self.s.seed, "per_image"))
+            noise = torch.randn(batch.x0.shape, generator=g).to(self.device)
+            h, w = batch.x0.shape[-2:]
+            sigma = shifted_sigmas(t, h * w).to(self.device)
+            losses.append(self._loss(batch.x0, noise, sigma, batch.context, batch.refs, False, base=base))
+        return torch.stack(losses).tolist()  # one host sync for the album
+
+    def per_image_record(self, step: int) -> dict[str, Any]:
+        """One per_image.jsonl record: each item's loss with the LoRA of `step` and with the base model.
+
+        loss / base_loss says how much the LoRA learned an item: near 1 it barely moved (an outlier the LoRA
+        does not take in), far below the album's usual ratio it was learned by heart (a likely near-duplicate)."""
+        if self.base_per_image is None:
+            self.base_per_image = self._album_losses(base=True)
+        now = self._album_losses(base=False)
+        items = [
+            {"name": item.name or f"#{i}", "loss": loss, "base_loss": base, "held_out": i in self.held_idx}
+            for i, (item, loss, base) in enumerate(zip(self.album, now, self.base_per_image, strict=True))
+        ]
+        return {"step": step, "t": list(VALIDATION_T), "items": items}
 
     # -- checkpoints ----------------------------------------------------------------------------------------
 
@@ -528,6 +608,20 @@ class _Run:
         return tensors, info
 
 
+def check_preservation_contexts(items: Sequence[TrainItem], settings: TrainSettings) -> None:
+    """Preservation trains each caption without its trigger: every item needs that caption's encoding."""
+    if settings.preservation_weight == 0:
+        return
+    missing = [item.name or f"#{i}" for i, item in enumerate(items) if item.free_context is None]
+    if missing:
+        raise ValueError(
+            f"preservation_weight={settings.preservation_weight:g} needs each caption encoded without its trigger, "
+            f"and {len(missing)} of {len(items)} items were encoded without it (e.g. {shown(missing[0])}). Fix: "
+            "encode the album again with 'Klein Encode Dataset' (it encodes every caption with and without the "
+            "trigger), or set preservation to 0 in 'Klein Training Options'."
+        )
+
+
 def _largest_tokens(items: Sequence[TrainItem]) -> int:
     """Tokens per image of the album's largest item: text + image + reference tokens (what the blocks see)."""
 
@@ -603,8 +697,11 @@ def train(
                     "grad_norm": norm,
                     "seconds": seconds,
                 }
+                if state.last_preservation is not None:
+                    record["preservation_loss"] = state.last_preservation
                 if settings.validation_every and step % settings.validation_every == 0:
                     record["val_loss"] = state.validation_loss()
+                    run.append_per_image(state.per_image_record(step))
                 run.append_metrics(record)
                 cb.on_metrics(record)
                 cb.on_step(step, settings.steps, loss, record["lr"], seconds)
