@@ -63,7 +63,7 @@ async function buildGraph(page, type, widgets) {
         set(lora, name, typeof value === "number" && name.startsWith("lora") ? ours[value] : value);
       }
       app.canvas.ds.scale = 1;
-      app.canvas.ds.offset = [0, 0];
+      app.canvas.ds.offset = [40, 60]; // below the top bar: the node's title shows in the page screenshot
       app.graph.setDirtyCanvas(true, true);
       return { lora: String(lora.id), info: String(info.id), loras: ours };
     },
@@ -157,6 +157,11 @@ async function editorScenario(page, mode) {
   await page.waitForTimeout(300);
   r.identity = await editorState(page);
   r.identityPrompt = await promptInputs(page, ids.lora);
+  // A hand-made 4B vector for the docs' picture: binding full, texture low, identity full, composition fading.
+  const shaped = "1, 1, 1, 1, 1, 0.2, 0.2, 0.3, 0.3, 0.4, 0.5, 1, 1, 1, 1, 1, 1, 1, 1, 0.9, 0.8, 0.6, 0.5, 0.3, 0.2";
+  await setWidget(page, "KleinLabLoraLoaderBlocks", "block_vector", shaped);
+  r.shaped = await editorState(page);
+  await page.locator(EDITOR).screenshot({ path: path.join(artifactsDir, `block-editor-4b-${mode}.png`) });
   const nine = Array.from({ length: 32 }, (_, i) => (i % 2 ? "0.5" : "1")).join(", ");
   await setWidget(page, "KleinLabLoraLoaderBlocks", "block_vector", nine);
   r.nine = await editorState(page);

@@ -23,7 +23,7 @@ from harness.workflow_prompt import TINY_BLOCKS
 MODES = ("classic", "vue")
 RUN = "blocks_editor_run"
 GROUPS = ("binding", "texture", "identity", "composition")
-DOCS_IMAGES = {"block-editor-classic.png": "block-editor.png", "block-editor-vue.png": "block-editor-vue.png"}
+DOCS_IMAGES = {"block-editor-4b-classic.png": "block-editor.png", "block-editor-vue.png": "block-editor-loaded.png"}
 
 
 @pytest.fixture(scope="module")
@@ -76,6 +76,8 @@ def test_preset_button_writes_the_vector_text(page, mode: str) -> None:
     expected = [0.0] * 11 + [1.0] * 8 + [0.0] * 6
     assert _vector(identity["vectorWidget"]) == expected and identity["values"] == expected
     assert identity["presetWidget"] == "custom"
+    shaped = page["modes"][mode]["editor"]["shaped"]
+    assert shaped["count"] == 25 and shaped["values"][5] == 0.2 and shaped["values"][-1] == 0.2
     prompt = page["modes"][mode]["editor"]["identityPrompt"]
     assert prompt["preset"] == "custom" and _vector(prompt["block_vector"]) == expected
 
