@@ -191,7 +191,7 @@ async function editorScenario(page, mode) {
 
 async function mixerScenario(page, mode) {
   const r = {};
-  const ids = await buildGraph(page, "KleinLabLoraMixer", { lora_1: 0, lora_2: 1, scale_1: 1, scale_2: 0.5, on_1: true, on_2: true });
+  const ids = await buildGraph(page, "KleinLabLoraMixer", { lora_1: 0, lora_2: 1, scale_1: 1, scale_2: 0.5, on_1: true, on_2: true, more_loras: "" });
   r.loras = ids.loras;
   r.bothPrompt = await promptInputs(page, ids.lora);
   r.both = await queue(page, ids.lora);
@@ -199,6 +199,28 @@ async function mixerScenario(page, mode) {
   r.offPrompt = await promptInputs(page, ids.lora);
   r.off = await queue(page, ids.lora);
   await page.screenshot({ path: path.join(artifactsDir, `mixer-toggle-${mode}-page.png`) });
+  // '+ Add LoRA': two rows past the slots, edited through their own fields.
+  const rows = '[data-testid="klein-rows"]';
+  r.rowsBefore = await page.evaluate((sel) => Number(document.querySelector(sel)?.dataset.rows ?? -1), rows);
+  await page.locator('[data-testid="klein-rows-add"]').click();
+  await page.locator('[data-testid="klein-rows-add"]').click();
+  await page.locator('[data-testid="klein-rows-lora"]').nth(0).selectOption(ids.loras[0]);
+  await page.locator('[data-testid="klein-rows-lora"]').nth(1).selectOption(ids.loras[1]);
+  await page.locator('[data-testid="klein-rows-scale"]').nth(0).fill("0.25");
+  await page.locator('[data-testid="klein-rows-scale"]').nth(0).press("Enter");
+  await page.waitForTimeout(300);
+  r.rowsCount = await page.evaluate((sel) => Number(document.querySelector(sel)?.dataset.rows ?? -1), rows);
+  r.rowsPrompt = await promptInputs(page, ids.lora);
+  r.rowsRun = await queue(page, ids.lora);
+  await page.locator('[data-testid="klein-rows-on"]').nth(0).uncheck();
+  await page.waitForTimeout(300);
+  r.rowOffPrompt = await promptInputs(page, ids.lora);
+  r.rowOffRun = await queue(page, ids.lora);
+  await page.screenshot({ path: path.join(artifactsDir, `mixer-rows-${mode}-page.png`) });
+  await page.locator(rows).screenshot({ path: path.join(artifactsDir, `mixer-rows-${mode}.png`) });
+  await page.locator('[data-testid="klein-rows-remove"]').nth(1).click();
+  await page.waitForTimeout(300);
+  r.removedPrompt = await promptInputs(page, ids.lora);
   return r;
 }
 

@@ -145,3 +145,27 @@ def test_mixer_toggle_leaves_one_lora_out(page, mode: str) -> None:
     off = mixer["off"]["output"]["text"][0].splitlines()
     assert len(both) == 2 and both[0].startswith(first) and both[1].startswith(f"{second} @ 0.5")
     assert off == both[:1]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_mixer_add_lora_rows(page, mode: str) -> None:
+    """'+ Add LoRA' adds rows past the four slots, edited in their own fields (file, scale typed, on/off): the rows
+    travel in the prompt's more_loras text and apply after the slots; a row switched off is left out (kept in the
+    text), and × removes a row."""
+    mixer = page["modes"][mode]["mixer"]
+    first, second = mixer["loras"][:2]
+    assert mixer["rowsBefore"] == 0 and mixer["rowsCount"] == 2
+    rows = json.loads(mixer["rowsPrompt"]["more_loras"])
+    assert rows == [
+        {"on": True, "lora": first, "scale": 0.25, "preset": "all"},
+        {"on": True, "lora": second, "scale": 1, "preset": "all"},
+    ]
+    assert mixer["rowsRun"]["ok"], mixer["rowsRun"]["error"]
+    lines = mixer["rowsRun"]["output"]["text"][0].splitlines()
+    assert [line.split(" [")[0] for line in lines] == [f"{first} @ 1", f"{first} @ 0.25", f"{second} @ 1"]
+    off = json.loads(mixer["rowOffPrompt"]["more_loras"])
+    assert off[0]["on"] is False and off[1]["on"] is True
+    assert mixer["rowOffRun"]["ok"], mixer["rowOffRun"]["error"]
+    lines = mixer["rowOffRun"]["output"]["text"][0].splitlines()
+    assert [line.split(" [")[0] for line in lines] == [f"{first} @ 1", f"{second} @ 1"]
+    assert json.loads(mixer["removedPrompt"]["more_loras"]) == off[:1]
