@@ -94,9 +94,36 @@ async function fetchLayouts() {
   return variantLayouts;
 }
 
-class BlockEditor {
-  constructor(node) {
+/** Where a loader's editor reads and writes: the node's widgets, and the model's map in its properties. */
+export function widgetSource(node) {
+  const widget = (name) => node.widgets?.find((w) => w.name === name);
+  const set = (name, value) => {
+    const w = widget(name);
+    if (!w || w.value === value) return;
+    w.value = value;
+    w.callback?.(value, app.canvas, node);
+  };
+  return {
+    text: () => String(widget("block_vector")?.value ?? ""),
+    preset: () => String(widget("preset")?.value ?? "all"),
+    group: (g) => Number(widget(`${g}_strength`)?.value ?? 1),
+    write(text, preset) {
+      if (preset) set("preset", preset);
+      set("block_vector", text);
+      node.setDirtyCanvas?.(true, true);
+    },
+    clearOnPreset: true, // the loader refuses a vector with another preset: choosing one clears it
+    layout: () => node.properties?.[PROP_LAYOUT] ?? null,
+    loaded: () => node.properties?.[PROP_LOADED] ?? null,
+  };
+}
+
+export class BlockEditor {
+  /** `source`: text(), preset(), group(g), write(text, preset?), clearOnPreset, layout(), loaded(). */
+  constructor(node, source = widgetSource(node), { timer = true, presets = true } = {}) {
     this.node = node;
+    this.source = source;
+    this.withPresets = presets;
     this.variants = {};
     this.layout = null;
     this.layoutSource = "";
@@ -107,11 +134,7 @@ class BlockEditor {
       this.variants = layouts ?? {};
       this.sync(true);
     });
-    this.timer = setInterval(() => this.sync(false), SYNC_MS);
-  }
-
-  widget(name) {
-    return this.node.widgets?.find((w) => w.name === name);
+    this.timer = timer ? setInterval(() => this.sync(false), SYNC_MS) : null;
   }
 
   build() {
@@ -132,6 +155,7 @@ class BlockEditor {
       GROUPS.map((g) => el("span", {}, [el("i", { style: `background:${GROUP_COLOURS[g]}` }), g])),
     );
     this.loaded = el("div", { class: "klein-blocks-loaded", ...t("klein-blocks-loaded"), hidden: true });
+    this.presets.hidden = !this.withPresets;
     this.root = el("div", { class: "klein-blocks", ...t("klein-blocks") }, [
       this.presets,
       this.info,
@@ -158,7 +182,7 @@ class BlockEditor {
 
   // --- the model's blocks --------------------------------------------------------------------------------------
   chooseLayout(count) {
-    const ran = this.node.properties?.[PROP_LAYOUT];
+    const ran = this.source.layout();
     const known = [
       ...(ran ? [[ran, "this model (last run)"]] : []),
       ...Object.entries(this.variants).map(([name, layout]) => [layout, name]),
@@ -176,18 +200,18 @@ class BlockEditor {
     const groups = groupOf(layout);
     return groups.map((g) => {
       if (preset !== "all" && preset !== g) return preset === "custom" ? 1 : 0;
-      return Number(this.widget(`${g}_strength`)?.value ?? 1);
+      return this.source.group(g);
     });
   }
 
   // --- sync with the widgets -----------------------------------------------------------------------------------
   sync(force) {
     if (!this.root.isConnected && !force) return;
-    const text = String(this.widget("block_vector")?.value ?? "");
-    const preset = String(this.widget("preset")?.value ?? "all");
-    const groupValues = GROUPS.map((g) => this.widget(`${g}_strength`)?.value).join(",");
+    const text = this.source.text();
+    const preset = this.source.preset();
+    const groupValues = GROUPS.map((g) => this.source.group(g)).join(",");
     if (!force && text === this.lastText && preset === this.lastPreset && groupValues === this.lastGroups) return;
-    if (!force && preset !== this.lastPreset && preset !== "custom" && text.trim()) {
+    if (this.source.clearOnPreset && !force && preset !== this.lastPreset && preset !== "custom" && text.trim()) {
       // Another preset chosen in the combo: the vector would be refused with it; the sliders show the preset.
       this.lastPreset = preset;
       this.writeText("");
@@ -200,20 +224,9 @@ class BlockEditor {
   }
 
   writeText(text, preset) {
-    const vectorWidget = this.widget("block_vector");
-    if (!vectorWidget) return;
-    if (preset) this.setWidget("preset", preset);
-    this.setWidget("block_vector", text);
+    this.source.write(text, preset);
     this.lastText = null; // re-read and redraw
     this.sync(true);
-    this.node.setDirtyCanvas?.(true, true);
-  }
-
-  setWidget(name, value) {
-    const widget = this.widget(name);
-    if (!widget || widget.value === value) return;
-    widget.value = value;
-    widget.callback?.(value, app.canvas, this.node);
   }
 
   applyPreset(preset) {
@@ -304,7 +317,7 @@ class BlockEditor {
 
   // --- what the last run loaded ------------------------------------------------------------------------------------
   touchedBlocks() {
-    const loaded = this.node.properties?.[PROP_LOADED];
+    const loaded = this.source.loaded();
     if (!loaded?.length) return null;
     return new Set(loaded.flatMap((l) => l.blocks));
   }
@@ -337,7 +350,7 @@ class BlockEditor {
   }
 
   destroy() {
-    clearInterval(this.timer);
+    if (this.timer) clearInterval(this.timer);
   }
 }
 
@@ -354,7 +367,7 @@ function attachEditor(node) {
   const size = node.computeSize?.() ?? node.size;
   node.setSize?.([Math.max(node.size?.[0] ?? 0, 520), Math.max(size[1], node.size?.[1] ?? 0)]);
   for (const name of ["block_vector", "preset", ...GROUPS.map((g) => `${g}_strength`)]) {
-    const w = editor.widget(name);
+    const w = node.widgets?.find((x) => x.name === name);
     if (!w) continue;
     const callback = w.callback;
     w.callback = function () {

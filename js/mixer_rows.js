@@ -1,9 +1,11 @@
 // Klein LoRA Lab: '+ Add LoRA' on Klein LoRA Mixer. Past its four slots, the mixer takes any number of rows, each
-// with an on/off switch, a LoRA, a scale and a block preset (the Power Lora Loader way). The rows live in the node's
+// with an on/off switch, a LoRA, a scale and a block preset (the Power Lora Loader way), and its own block-weight
+// editor (the ▦ button: a slider per block, as on Klein LoRA Loader (blocks); preset 'custom'). The rows live in the node's
 // `more_loras` text (JSON, what the prompt and saved workflows carry); this DOM widget draws them and writes the
 // text back on every change. The text stays the source of truth: a text changed elsewhere (undo, a pasted node)
 // redraws the rows.
 import { app } from "../../scripts/app.js";
+import { BlockEditor } from "./block_editor.js";
 import { el, injectStyle } from "./dom.js";
 
 export const ROWS_EXTENSION_NAME = "KleinLoraLab.mixerRows";
@@ -14,12 +16,14 @@ const NONE = "None";
 const SCALE_MIN = -4;
 const SCALE_MAX = 4;
 const ROW_HEIGHT_PX = 26;
+const EDITOR_HEIGHT_PX = 262; // the block editor's own minimum height and its margin
+const PROP_LAYOUT = "klein_block_layout"; // the model's block map from the last run (as the loader keeps it)
 const SYNC_MS = 400;
 
 const STYLE = `
 .klein-rows { display: flex; flex-direction: column; gap: 3px; box-sizing: border-box; width: 100%; padding: 2px 4px;
   color: var(--input-text, #ddd); font: 11px sans-serif; }
-.klein-rows-row { display: grid; grid-template-columns: 16px minmax(80px, 1fr) 50px 84px 20px; gap: 4px;
+.klein-rows-row { display: grid; grid-template-columns: 16px minmax(80px, 1fr) 50px 84px 22px 20px; gap: 4px;
   align-items: center; height: ${ROW_HEIGHT_PX - 4}px; }
 .klein-rows-row.is-off { opacity: 0.5; }
 .klein-rows-row select, .klein-rows-row input[type=number] { min-width: 0; font-size: 11px; background: #222;
@@ -45,6 +49,8 @@ class MixerRows {
   constructor(node) {
     this.node = node;
     this.lastText = null;
+    this.expanded = new Set(); // rows whose block editor is open
+    this.editors = [];
     injectStyle("klein-rows-style", STYLE);
     this.list = el("div", { class: "klein-rows-list", "data-testid": "klein-rows-list" });
     this.error = el("div", { class: "klein-rows-error", "data-testid": "klein-rows-error", hidden: true });
@@ -68,7 +74,7 @@ class MixerRows {
   }
 
   presetChoices() {
-    return this.widget("preset_1")?.options?.values ?? ["all"];
+    return [...(this.widget("preset_1")?.options?.values ?? ["all"]), "custom"];
   }
 
   text() {
@@ -79,13 +85,16 @@ class MixerRows {
     return parseRows(this.text()) ?? [];
   }
 
-  write(rows) {
+  /** Write the rows into the text; `redraw` false when the change came from a row's own block editor (its
+   * sliders must stay under the pointer). */
+  write(rows, redraw = true) {
     const widget = this.widget(TEXT_WIDGET);
     if (!widget) return;
     const text = rows.length ? JSON.stringify(rows) : "";
+    if (!redraw) this.lastText = text;
     widget.value = text;
     widget.callback?.(text, app.canvas, this.node);
-    this.sync(true);
+    if (redraw) this.sync(true);
     this.node.setDirtyCanvas?.(true, true);
   }
 
@@ -106,7 +115,41 @@ class MixerRows {
   remove(index) {
     const rows = this.rows();
     rows.splice(index, 1);
+    this.expanded = new Set([...this.expanded].filter((i) => i !== index).map((i) => (i > index ? i - 1 : i)));
     this.write(rows);
+  }
+
+  toggleBlocks(index) {
+    if (this.expanded.has(index)) this.expanded.delete(index);
+    else this.expanded.add(index);
+    this.sync(true);
+  }
+
+  /** A row's block editor reads and writes that row: its `blocks` text and its preset. */
+  rowSource(index, presetSelect) {
+    const row = () => this.rows()[index] ?? {};
+    return {
+      text: () => String(row().blocks ?? ""),
+      preset: () => String(row().preset ?? "all"),
+      group: () => 1, // rows have no group strengths: a group preset applies 1 to its blocks
+      write: (text, preset) => {
+        const rows = this.rows();
+        if (!rows[index]) return;
+        rows[index] = { ...rows[index], blocks: text, ...(preset ? { preset } : {}) };
+        if (preset) presetSelect.value = preset;
+        this.write(rows, false);
+      },
+      clearOnPreset: false, // a row keeps its blocks under another preset (applied only with 'custom')
+      layout: () => this.node.properties?.[PROP_LAYOUT] ?? null,
+      loaded: () => null,
+    };
+  }
+
+  setLayout(payload) {
+    if (!payload?.layout) return;
+    this.node.properties ??= {};
+    this.node.properties[PROP_LAYOUT] = payload.layout;
+    this.sync(true);
   }
 
   sync(force) {
@@ -120,7 +163,9 @@ class MixerRows {
     const rows = parseRows(this.lastText);
     this.error.hidden = rows !== null;
     this.error.textContent = rows === null ? "more_loras is not a list of rows: fix the text, or clear it." : "";
-    this.list.replaceChildren(...(rows ?? []).map((row, i) => this.row(row, i)));
+    for (const editor of this.editors) editor.destroy();
+    this.editors = [];
+    this.list.replaceChildren(...(rows ?? []).flatMap((row, i) => this.row(row, i)));
     this.root.dataset.rows = String(rows?.length ?? 0);
     this.resize();
   }
@@ -151,15 +196,27 @@ class MixerRows {
       "×",
     ]);
     remove.addEventListener("click", () => this.remove(i));
+    const blocks = el("button", {
+      type: "button",
+      title: "Block weights of this LoRA (a slider per block; preset custom)",
+      "data-testid": "klein-rows-blocks",
+    }, ["▦"]);
+    blocks.setAttribute("aria-pressed", String(this.expanded.has(i)));
+    blocks.addEventListener("click", () => this.toggleBlocks(i));
     const line = el("div", { class: "klein-rows-row", "data-testid": "klein-rows-row", dataset: { index: String(i) } }, [
       on,
       lora,
       scale,
       preset,
+      blocks,
       remove,
     ]);
     line.classList.toggle("is-off", row.on === false);
-    return line;
+    if (!this.expanded.has(i)) return [line];
+    const editor = new BlockEditor(this.node, this.rowSource(i, preset), { timer: false });
+    editor.root.dataset.row = String(i);
+    this.editors.push(editor);
+    return [line, editor.root];
   }
 
   select(choices, value, testid) {
@@ -181,11 +238,12 @@ class MixerRows {
 
   height() {
     const rows = parseRows(this.lastText)?.length ?? 0;
-    return rows * ROW_HEIGHT_PX + 34;
+    return rows * ROW_HEIGHT_PX + this.expanded.size * EDITOR_HEIGHT_PX + 34;
   }
 
   destroy() {
     clearInterval(this.timer);
+    for (const editor of this.editors) editor.destroy();
   }
 }
 
@@ -210,6 +268,11 @@ function attachRows(node) {
       return result;
     };
   }
+  const onExecuted = node.onExecuted;
+  node.onExecuted = function (output) {
+    onExecuted?.apply(this, arguments);
+    rows.setLayout(output?.klein_blocks?.[0]);
+  };
   const onConfigure = node.onConfigure;
   node.onConfigure = function () {
     const result = onConfigure?.apply(this, arguments);

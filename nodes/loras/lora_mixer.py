@@ -7,7 +7,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ...trainer_core.lora.mix_rows import parse_mix_rows
-from ..comfy.forward_loras import StackItem, apply_items
+from ..comfy.forward_loras import StackItem, apply_items, loaded_summary
 from ..comfy.sockets import LORA_STACK
 from ..comfy.widgets import lora_combo, preset_input, strength_input
 
@@ -52,8 +52,9 @@ class KleinLabLoraMixer(io.ComfyNode):
                     default="",
                     optional=True,
                     advanced=True,
-                    tooltip="The LoRAs added with '+ Add LoRA' in the node (each with on/off, scale, preset), as the "
-                    'row editor writes them: [{"on": true, "lora": "a.safetensors", "scale": 1, "preset": "all"}].',
+                    tooltip="The LoRAs added with '+ Add LoRA' in the node (each with on/off, scale, preset and, for "
+                    'preset custom, its per-block vector), as the row editor writes them: [{"on": true, "lora": '
+                    '"a.safetensors", "scale": 1, "preset": "all", "blocks": ""}].',
                 ),
             ],
             outputs=[io.Model.Output(display_name="model")],
@@ -66,9 +67,11 @@ class KleinLabLoraMixer(io.ComfyNode):
             for i in range(1, SLOTS + 1)
             if slots[f"lora_{i}"] != NONE and slots[f"on_{i}"]
         ]
-        added = [StackItem(row.lora, row.scale, row.preset) for row in parse_mix_rows(more_loras) if row.on]
+        rows = parse_mix_rows(more_loras)
+        added = [StackItem(r.lora, r.scale, r.preset, block_vector=r.block_vector) for r in rows if r.on]
         patched, report = apply_items(model, [*items, *added, *(lora_stack or ())])
-        return io.NodeOutput(patched, ui={"text": [report]})
+        # The rows' block editors (js/mixer_rows.js) learn the model's block count from klein_blocks.
+        return io.NodeOutput(patched, ui={"text": [report], "klein_blocks": [loaded_summary(model, patched)]})
 
 
 NODES = [KleinLabLoraMixer]

@@ -221,6 +221,30 @@ async function mixerScenario(page, mode) {
   await page.locator('[data-testid="klein-rows-remove"]').nth(1).click();
   await page.waitForTimeout(300);
   r.removedPrompt = await promptInputs(page, ids.lora);
+  // The row's own block editor: the model's map (from the runs above), a group button, the row back on, a run.
+  await page.locator('[data-testid="klein-rows-blocks"]').nth(0).click();
+  const rowEditor = `${rows} [data-testid="klein-blocks"]`;
+  await page.waitForFunction((sel) => Number(document.querySelector(sel)?.dataset.count) > 0, rowEditor, {
+    timeout: 20_000,
+  });
+  await page.locator(`${rowEditor} [data-testid="klein-blocks-preset-texture"]`).click();
+  await page.locator('[data-testid="klein-rows-on"]').nth(0).check();
+  await page.waitForTimeout(300);
+  r.rowEditor = await page.evaluate((sel) => {
+    const root = document.querySelector(sel);
+    const cols = [...root.querySelectorAll('[data-testid="klein-blocks-col"]')];
+    return {
+      count: Number(root.dataset.count),
+      layout: root.dataset.layout,
+      values: cols.map((c) => Number(c.dataset.value)),
+      groups: cols.map((c) => c.dataset.group),
+      rowPreset: document.querySelector('[data-testid="klein-rows-preset"]').value,
+    };
+  }, rowEditor);
+  r.rowBlocksPrompt = await promptInputs(page, ids.lora);
+  r.rowBlocksRun = await queue(page, ids.lora);
+  await page.locator(rows).screenshot({ path: path.join(artifactsDir, `mixer-row-blocks-${mode}.png`) });
+  await page.screenshot({ path: path.join(artifactsDir, `mixer-row-blocks-${mode}-page.png`) });
   return r;
 }
 

@@ -23,7 +23,11 @@ from harness.workflow_prompt import TINY_BLOCKS
 MODES = ("classic", "vue")
 RUN = "blocks_editor_run"
 GROUPS = ("binding", "texture", "identity", "composition")
-DOCS_IMAGES = {"block-editor-4b-classic.png": "block-editor.png", "block-editor-vue.png": "block-editor-loaded.png"}
+DOCS_IMAGES = {
+    "block-editor-4b-classic.png": "block-editor.png",
+    "block-editor-vue.png": "block-editor-loaded.png",
+    "mixer-row-blocks-classic.png": "mixer-rows.png",
+}
 
 
 @pytest.fixture(scope="module")
@@ -169,3 +173,22 @@ def test_mixer_add_lora_rows(page, mode: str) -> None:
     lines = mixer["rowOffRun"]["output"]["text"][0].splitlines()
     assert [line.split(" [")[0] for line in lines] == [f"{first} @ 1", f"{second} @ 1"]
     assert json.loads(mixer["removedPrompt"]["more_loras"]) == off[:1]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_mixer_row_block_editor(page, mode: str) -> None:
+    """A row's ▦ opens its own block editor on the model's map (learned from the mixer's last run); its 'texture'
+    button writes the row's blocks and sets the row's preset to custom; the mix then runs with that row's blocks."""
+    mixer = page["modes"][mode]["mixer"]
+    first = mixer["loras"][0]
+    editor = mixer["rowEditor"]
+    texture = [1.0 if g == "texture" else 0.0 for g in editor["groups"]]
+    assert editor["count"] == sum(TINY_BLOCKS) and editor["layout"] == "this model (last run)"
+    assert editor["values"] == texture and editor["rowPreset"] == "custom"
+    (row,) = json.loads(mixer["rowBlocksPrompt"]["more_loras"])
+    assert row["on"] is True and row["lora"] == first and row["preset"] == "custom"
+    assert _vector(row["blocks"]) == texture
+    run = mixer["rowBlocksRun"]
+    assert run["ok"], run["error"]
+    lines = run["output"]["text"][0].splitlines()
+    assert lines[-1].startswith(f"{first} @ 0.25 [custom]")

@@ -180,8 +180,28 @@ def test_mixer_added_rows_apply_like_slots(env) -> None:
     torch.testing.assert_close(predict(out.result[0], ctx_dim), want, rtol=1e-4, atol=1e-4)
     lines = out.ui["text"][0].splitlines()
     assert [line.split(" @ ")[0] for line in lines] == [a, c]
-    with pytest.raises(ValueError, match="more_loras row 1: preset='custom'"):
+    with pytest.raises(ValueError, match="more_loras row 1: preset 'custom' needs its blocks"):
         KleinLabLoraMixer.execute(env["model"], more_loras='[{"lora": "x", "preset": "custom"}]', **slots)
+
+
+def test_mixer_row_blocks_equal_the_loader_with_the_same_blocks(env) -> None:
+    """A row with preset 'custom' and its own per-block vector (1 on the texture blocks, 0 elsewhere) gives the
+    model the loader gives with preset 'texture'; the mixer's ui sends the model's block map and what it loaded."""
+    import json
+
+    from klein_lora_lab.nodes.loras.lora_mixer import KleinLabLoraMixer
+    from klein_lora_lab.trainer_core.model.variants import block_layout
+
+    shape, ctx_dim = env["shape"], env["shape"].context_dim
+    layout = block_layout(shape.double_blocks, shape.single_blocks)
+    vector = ", ".join("1" if i in layout["groups"]["texture"] else "0" for i in range(len(layout["names"])))
+    rows = [{"lora": "lora_ours.safetensors", "scale": 0.8, "preset": "custom", "blocks": vector}]
+    empty = {f"{k}_{i}": v for i in range(1, 5) for k, v in EMPTY_SLOT}
+    out = KleinLabLoraMixer.execute(env["model"], more_loras=json.dumps(rows), **empty)
+    (want,) = loader(env["model"], "lora_ours.safetensors", 0.8, "texture").result
+    torch.testing.assert_close(predict(out.result[0], ctx_dim), predict(want, ctx_dim), rtol=1e-5, atol=1e-5)
+    (sent,) = out.ui["klein_blocks"]
+    assert sent["layout"]["names"] == layout["names"] and [x["lora"] for x in sent["loaded"]] == [rows[0]["lora"]]
 
 
 def test_block_preset_equals_core_merging_only_those_blocks(env) -> None:

@@ -24,7 +24,10 @@ def test_rows_parse_in_order_with_defaults() -> None:
         ('[{"lora": "a"}, {"lora": ""}]', "row 2: lora=''"),
         ('[{"lora": "a", "strength": 1}]', "unknown keys ['strength']"),
         ('[{"lora": "a", "on": "yes"}]', "on='yes' must be true or false"),
-        ('[{"lora": "a", "preset": "custom"}]', "preset='custom' is not one of all, binding"),
+        ('[{"lora": "a", "preset": "nope"}]', "preset='nope' is not one of all, binding"),
+        ('[{"lora": "a", "preset": "custom"}]', "row 1: preset 'custom' needs its blocks"),
+        ('[{"lora": "a", "blocks": 3}]', "row 1: blocks=3 must be a text"),
+        ('[{"lora": "a", "preset": "custom", "blocks": "1, x"}]', "row 1: block vector item 2 is 'x'"),
         ('[{"lora": "a", "scale": 9}]', "row 1 scale=9 is out of range"),
         ('[{"lora": "a", "scale": "1"}]', "is not a number"),
         ('[{"lora": "a", "scale": NaN}]', "not a finite number"),
@@ -41,3 +44,18 @@ def test_too_many_rows_are_refused() -> None:
     """A pasted list longer than MAX_ROWS is refused (it would load that many files) and points to LoRA Stack."""
     with pytest.raises(ValueError, match="Klein LoRA Stack"):
         parse_mix_rows(json.dumps([{"lora": "a"}] * (MAX_ROWS + 1)))
+
+
+def test_row_blocks_apply_only_with_preset_custom() -> None:
+    """A row's per-block vector is what it applies with preset 'custom'; with another preset it is kept in the row
+    (switching back loses nothing) but not applied."""
+    custom, kept = parse_mix_rows(
+        json.dumps(
+            [
+                {"lora": "a", "preset": "custom", "blocks": "1, 0.5 0"},
+                {"lora": "b", "preset": "texture", "blocks": "1, 0.5 0"},
+            ]
+        )
+    )
+    assert custom.block_vector == "1, 0.5 0"
+    assert kept.blocks == "1, 0.5 0" and kept.block_vector == ""
