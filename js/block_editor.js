@@ -28,18 +28,25 @@ const SLIDER_MIN = -1;
 const SLIDER_MAX = 2;
 const SLIDER_STEP = 0.05;
 const MIN_HEIGHT_PX = 250;
+const CLOSED_HEIGHT_PX = 26; // the loader's editor starts closed: one line (a button and what the blocks are)
+const LINE_PX = 15;
+const PROP_OPEN = "klein_block_editor_open";
 const SYNC_MS = 400; // the vector text may change without a callback (typed in a Vue widget, undo): re-read it
 const FALLBACK_VARIANT = "klein-4b";
 
 const STYLE = `
 .klein-blocks { display: flex; flex-direction: column; gap: 4px; box-sizing: border-box; width: 100%;
-  min-height: ${MIN_HEIGHT_PX}px; padding: 4px; color: var(--input-text, #ddd); font: 11px sans-serif; }
+  padding: 4px; color: var(--input-text, #ddd); font: 11px sans-serif; }
 .klein-blocks [hidden] { display: none !important; }
+.klein-blocks.is-open { min-height: ${MIN_HEIGHT_PX}px; }
+.klein-blocks-head { display: flex; gap: 6px; align-items: center; }
+.klein-blocks-head button { font-size: 11px; padding: 1px 6px; cursor: pointer; border-radius: 3px;
+  border: 1px solid #555; background: #2a2d33; color: inherit; white-space: nowrap; }
 .klein-blocks-presets { display: flex; flex-wrap: wrap; gap: 3px; align-items: center; }
 .klein-blocks-presets button { font-size: 11px; padding: 1px 6px; cursor: pointer; border-radius: 3px;
   border: 1px solid #555; background: #2a2d33; color: inherit; }
 .klein-blocks-presets button[data-group] { border-left: 4px solid var(--klein-group); }
-.klein-blocks-info { opacity: 0.8; }
+.klein-blocks-info { opacity: 0.8; min-width: 0; overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
 .klein-blocks-warning { color: #f0a05a; white-space: pre-wrap; }
 .klein-blocks-grid { display: flex; gap: 1px; align-items: stretch; overflow-x: auto; padding-bottom: 2px; }
 .klein-blocks-col { display: flex; flex-direction: column; align-items: center; flex: 1 0 16px; min-width: 16px;
@@ -120,10 +127,11 @@ export function widgetSource(node) {
 
 export class BlockEditor {
   /** `source`: text(), preset(), group(g), write(text, preset?), clearOnPreset, layout(), loaded(). */
-  constructor(node, source = widgetSource(node), { timer = true, presets = true } = {}) {
+  constructor(node, source = widgetSource(node), { timer = true, presets = true, collapsible = false } = {}) {
     this.node = node;
     this.source = source;
     this.withPresets = presets;
+    this.collapsible = collapsible; // the loader's editor opens with its button; a mixer row's is opened by the row
     this.variants = {};
     this.layout = null;
     this.layoutSource = "";
@@ -155,19 +163,58 @@ export class BlockEditor {
       GROUPS.map((g) => el("span", {}, [el("i", { style: `background:${GROUP_COLOURS[g]}` }), g])),
     );
     this.loaded = el("div", { class: "klein-blocks-loaded", ...t("klein-blocks-loaded"), hidden: true });
-    this.presets.hidden = !this.withPresets;
+    this.toggle = el("button", { type: "button", "data-testid": "klein-blocks-toggle", title: "Show or hide the sliders" });
+    this.toggle.addEventListener("click", () => this.setOpen(!this.isOpen()));
+    this.toggle.hidden = !this.collapsible;
     this.root = el("div", { class: "klein-blocks", ...t("klein-blocks") }, [
+      el("div", { class: "klein-blocks-head" }, [this.toggle, this.info]),
       this.presets,
-      this.info,
       this.warning,
       this.grid,
       this.legend,
       this.loaded,
     ]);
+    this.applyOpen();
     // Dragging a slider must not drag the node or pan the canvas.
     for (const type of ["pointerdown", "pointermove", "pointerup", "wheel"]) {
       this.root.addEventListener(type, (event) => event.stopPropagation());
     }
+  }
+
+  isOpen() {
+    return !this.collapsible || Boolean(this.node.properties?.[PROP_OPEN]);
+  }
+
+  setOpen(open) {
+    this.node.properties ??= {};
+    this.node.properties[PROP_OPEN] = open;
+    this.applyOpen();
+    this.render();
+    this.fit(open ? 520 : 0);
+  }
+
+  /** Grow (or shrink) the node to the editor's height; at least `width` wide. */
+  fit(width = 0) {
+    const size = this.node.computeSize?.();
+    if (size && this.node.size) this.node.setSize?.([Math.max(this.node.size[0], width), size[1]]);
+    this.node.setDirtyCanvas?.(true, true);
+  }
+
+  applyOpen() {
+    const open = this.isOpen();
+    this.root.classList.toggle("is-open", open);
+    this.root.dataset.open = String(open);
+    this.toggle.textContent = open ? "▾ blocks" : "▸ blocks";
+    this.toggle.ariaPressed = String(open);
+    this.presets.hidden = !open || !this.withPresets;
+    this.grid.hidden = !open;
+    this.legend.hidden = !open;
+  }
+
+  /** The widget's height: the sliders when open, else one line; plus the warning and what the run loaded. */
+  height() {
+    const lines = (el) => (el.hidden ? 0 : el.textContent.split("\n").length * LINE_PX + 8);
+    return (this.isOpen() ? MIN_HEIGHT_PX : CLOSED_HEIGHT_PX) + lines(this.warning) + lines(this.loaded);
   }
 
   presetButton(label, preset, title) {
@@ -329,6 +376,7 @@ export class BlockEditor {
     this.node.properties[PROP_LOADED] = payload.loaded ?? [];
     this.showLoaded();
     this.sync(true);
+    if (this.collapsible) this.fit();
   }
 
   showLoaded() {
@@ -356,16 +404,15 @@ export class BlockEditor {
 
 function attachEditor(node) {
   if (node.kleinBlocks) return node.kleinBlocks;
-  const editor = new BlockEditor(node);
+  const editor = new BlockEditor(node, widgetSource(node), { collapsible: true });
   node.kleinBlocks = editor;
   const widget = node.addDOMWidget(WIDGET_NAME, "klein_block_editor", editor.root, {
     serialize: false,
     hideOnZoom: false,
-    getMinHeight: () => MIN_HEIGHT_PX,
+    getMinHeight: () => editor.height(),
+    getMaxHeight: () => editor.height() + (editor.isOpen() ? 400 : 0),
   });
   widget.serialize = false;
-  const size = node.computeSize?.() ?? node.size;
-  node.setSize?.([Math.max(node.size?.[0] ?? 0, 520), Math.max(size[1], node.size?.[1] ?? 0)]);
   for (const name of ["block_vector", "preset", ...GROUPS.map((g) => `${g}_strength`)]) {
     const w = node.widgets?.find((x) => x.name === name);
     if (!w) continue;
@@ -385,6 +432,7 @@ function attachEditor(node) {
   const onConfigure = node.onConfigure;
   node.onConfigure = function () {
     const result = onConfigure?.apply(this, arguments);
+    editor.applyOpen(); // a saved node remembers whether its sliders were open
     editor.showLoaded();
     editor.sync(true);
     return result;

@@ -238,7 +238,7 @@ class MixerRows {
 
   height() {
     const rows = parseRows(this.lastText)?.length ?? 0;
-    return rows * ROW_HEIGHT_PX + this.expanded.size * EDITOR_HEIGHT_PX + 34;
+    return rows * ROW_HEIGHT_PX + this.expanded.size * EDITOR_HEIGHT_PX + 30;
   }
 
   destroy() {
@@ -258,7 +258,6 @@ function attachRows(node) {
     getMaxHeight: () => rows.height(),
   });
   widget.serialize = false;
-  node.setSize?.([Math.max(node.size?.[0] ?? 0, 400), node.size?.[1] ?? 0]); // room for a file name per row
   const text = rows.widget(TEXT_WIDGET);
   if (text) {
     const callback = text.callback;

@@ -152,6 +152,12 @@ async function editorScenario(page, mode) {
   await page.waitForFunction((sel) => Number(document.querySelector(sel)?.dataset.count) > 0, EDITOR, {
     timeout: 20_000,
   });
+  r.closed = await page.evaluate((sel) => {
+    const root = document.querySelector(sel);
+    return { open: root.dataset.open, height: root.getBoundingClientRect().height, sliders: root.querySelectorAll("input[type=range]").length, visibleSliders: [...root.querySelectorAll("input[type=range]")].filter((x) => x.getClientRects().length).length };
+  }, EDITOR);
+  await page.locator('[data-testid="klein-blocks-toggle"]').click();
+  await page.waitForTimeout(300);
   r.before = await editorState(page);
   await page.locator('[data-testid="klein-blocks-preset-identity"]').click();
   await page.waitForTimeout(300);
@@ -193,6 +199,11 @@ async function mixerScenario(page, mode) {
   const r = {};
   const ids = await buildGraph(page, "KleinLabLoraMixer", { lora_1: 0, lora_2: 1, scale_1: 1, scale_2: 0.5, on_1: true, on_2: true, more_loras: "" });
   r.loras = ids.loras;
+  await page.evaluate((id) => {
+    const node = window.app.graph.getNodeById(Number(id));
+    node.setSize([460, node.size[1]]); // room for the rows' file names (as an artist widens the node)
+    window.app.graph.setDirtyCanvas(true, true);
+  }, ids.lora);
   r.bothPrompt = await promptInputs(page, ids.lora);
   r.both = await queue(page, ids.lora);
   await setWidget(page, "KleinLabLoraMixer", "on_2", false);

@@ -61,8 +61,11 @@ def test_no_page_errors_from_the_pack(page) -> None:
 
 @pytest.mark.parametrize("mode", MODES)
 def test_editor_shows_the_4b_map_before_a_run(page, mode: str) -> None:
-    """Before any run and with an empty vector, the editor shows Klein 4B's 25 blocks, double blocks first, in the
-    course's four groups with four colours, at what preset 'all' applies (1 everywhere)."""
+    """The editor starts closed (one line: the node keeps its size in saved workflows); opened, before any run and
+    with an empty vector, it shows Klein 4B's 25 blocks, double blocks first, in the course's four groups with
+    four colours, at what preset 'all' applies (1 everywhere)."""
+    closed = page["modes"][mode]["editor"]["closed"]
+    assert closed["open"] == "false" and closed["visibleSliders"] == 0 and closed["height"] < 40
     before = page["modes"][mode]["editor"]["before"]
     assert before["visible"] and before["inVueNode"] is (mode == "vue")
     assert before["count"] == 25 and before["layout"] == "klein-4b"
