@@ -7,7 +7,8 @@
 //   drift) with the sweet-spot mark;
 // - a gallery of the validation previews, prompts x steps, newest first, labelled; click to enlarge; A/B of two
 //   steps side by side;
-// - status (step/total, it/s, ETA, peak VRAM, phase, last checkpoint) and the buttons Stop & keep, Sample now and,
+// - status (step/total, it/s, ETA, peak VRAM, phase, last checkpoint; 'encoding i/N' while the Encode Dataset node
+//   upstream encodes the album) and the buttons Stop & keep, Sample now and,
 //   after a stop, Resume.
 // Live data come from the server's `klein_lab.train.*` events; the history (a reload, a second tab, the last run of
 // this node) from GET /klein_lab/train/history?run=NAME, which reads the run folder. Images are files served by
@@ -131,6 +132,7 @@ class TrainPanel {
     this.hoverStep = null;
     this.drawPending = false;
     this.loading = null;
+    this.encoding = null; // {done, total} of the Encode Dataset node feeding this one, until the run reports
     this.build();
   }
 
@@ -258,9 +260,34 @@ class TrainPanel {
   }
 
   /** A live event for this node's run; events of another run are ignored (a new run reloads the history). */
+  /** Whether node `id` feeds this Train node (an Encode Dataset upstream of it). */
+  feedsFrom(id) {
+    const seen = new Set();
+    const queue = [this.node];
+    while (queue.length) {
+      const node = queue.pop();
+      for (let i = 0; i < (node.inputs?.length ?? 0); i++) {
+        const source = node.getInputNode?.(i);
+        if (!source || seen.has(source.id)) continue;
+        if (String(source.id) === id) return true;
+        seen.add(source.id);
+        queue.push(source);
+      }
+    }
+    return false;
+  }
+
   onEvent(type, d) {
+    if (type === "phase" && d.phase === "encoding" && !d.run) {
+      // The Encode Dataset node's progress (it runs before the run exists): shown by the Train nodes it feeds.
+      if (d.node == null || !this.feedsFrom(String(d.node))) return;
+      this.encoding = { done: d.done, total: d.total };
+      this.render(false);
+      return;
+    }
     const mine = d.run === this.runName() || (d.node != null && String(d.node) === String(this.node.id));
     if (!mine) return;
+    this.encoding = null; // the run itself reports from here on
     if (d.run !== this.state.run) {
       this.load(d.run); // the history brings everything up to now; the live events continue from there
       return;
@@ -334,7 +361,10 @@ class TrainPanel {
     const live = s.live;
     const last = s.checkpoints.at(-1)?.lora ?? "";
     const parts = [];
-    if (live) {
+    if (this.encoding && !live) {
+      parts.push(["run", s.run || this.runName() || "—"]);
+      parts.push(["phase", `encoding ${this.encoding.done}/${this.encoding.total}`]);
+    } else if (live) {
       parts.push(["step", `${live.step}/${live.total ?? s.total}`]);
       parts.push(["it/s", live.rate ? live.rate.toFixed(2) : "—"]);
       parts.push(["ETA", formatEta(live.eta)]);
@@ -371,6 +401,7 @@ class TrainPanel {
     this.resumeBtn.hidden = !!live || !STOPPED.has(s.status);
     this.root.dataset.points = String(s.points.size);
     this.root.dataset.status = live ? "running" : s.status;
+    this.root.dataset.phase = this.encoding && !live ? "encoding" : live?.phase ?? "";
     this.root.dataset.run = s.run;
     if (rebuildGallery) this.renderGallery();
     this.requestDraw();

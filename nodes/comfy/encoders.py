@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+import math
+import time
 
 import comfy.latent_formats
 import comfy.utils
 from torch import Tensor
 
 from ...trainer_core.album.latent_cache import fingerprint_tensors
+from .feedback import prompt_server
+from .live_panel import EVENT_PHASE, broadcast
 
 LOG = logging.getLogger("klein_lora_lab")
 
@@ -54,13 +58,27 @@ def vae_image_encoder(vae):
     return encode
 
 
-def counter_progress():
-    """on_progress(done, total) that drives the node's progress bar (and lets Cancel stop an encode pass)."""
+ENCODE_EVENT_INTERVAL_S = 0.1  # at most 10 encoding events a second (the last entry always), as the step events
+
+
+def counter_progress(node_id: str | None = None):
+    """on_progress(done, total) that drives the node's progress bar (and lets Cancel stop an encode pass) and tells
+    the page: the node's text line 'encoding i/N' and `klein_lab.train.phase` events {phase: 'encoding', done,
+    total, node} for the training panel of a Train node downstream (throttled to ENCODE_EVENT_INTERVAL_S)."""
     bar: list[comfy.utils.ProgressBar] = []
+    last_sent = [-math.inf]
 
     def update(done: int, total: int) -> None:
         if not bar:
-            bar.append(comfy.utils.ProgressBar(total))
+            bar.append(comfy.utils.ProgressBar(total, node_id=node_id))
         bar[0].update_absolute(done, total)
+        now = time.perf_counter()
+        if now - last_sent[0] < ENCODE_EVENT_INTERVAL_S and done < total:
+            return
+        last_sent[0] = now
+        broadcast(EVENT_PHASE, {"run": "", "node": node_id, "phase": "encoding", "done": done, "total": total})
+        server = prompt_server()
+        if server is not None and node_id is not None:
+            server.send_progress_text(f"encoding {done}/{total}", node_id, server.client_id)
 
     return update

@@ -32,6 +32,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
+from typing import Any
 
 import comfy.model_management
 import comfy.ops
@@ -41,8 +42,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ...trainer_core.lora.adapters import AdapterStack, add_lora, merged_weight
-from ...trainer_core.model.block_weights import PRESETS, check_strength, module_strengths, parse_block_vector
+from ...trainer_core.model.block_weights import (
+    PRESETS,
+    block_of,
+    check_strength,
+    module_strengths,
+    parse_block_vector,
+)
 from ...trainer_core.model.klein import KleinShape, read_shape
+from ...trainer_core.model.variants import block_layout, block_names
 from .lora_cache import LORA_FILES, LoadedLora, load_lora_cached
 from .paths import lora_path
 
@@ -317,3 +325,30 @@ def apply_items(model, items: Sequence[StackItem]):
         specs.append(spec)
         lines.append(line)
     return with_forward_loras(model, specs), "\n".join(lines) or "no LoRA applied"
+
+
+def loaded_summary(model, patched) -> dict[str, Any]:
+    """What the LoRAs that `patched` adds over `model` loaded, for the node in the page (the block editor): the
+    model's block layout and, per LoRA, its modules, the blocks it touches (model order) and its file format."""
+    shape = model_shape(model)
+    before = forward_loras_of(model)
+    after = forward_loras_of(patched)
+    added = (after.specs if after else ())[len(before.specs) if before else 0 :]
+    order = {name: i for i, name in enumerate(block_names(shape))}
+    loaded = []
+    for spec in added:
+        read = spec.lora.read
+        blocks = {block_of(name) for name in read.weights}
+        loaded.append(
+            {
+                "lora": spec.label,
+                "strength": spec.strength,
+                "modules": len(read.weights),
+                "blocks": sorted((b for b in blocks if b is not None), key=lambda b: order.get(b, len(order))),
+                "global_modules": sum(block_of(name) is None for name in read.weights),
+                "format": read.source_format,
+                "adapter": read.adapter_types,
+                "not_loaded": len(read.unmatched),
+            }
+        )
+    return {"layout": block_layout(shape.double_blocks, shape.single_blocks), "loaded": loaded}

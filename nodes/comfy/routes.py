@@ -7,6 +7,8 @@
   POST /klein_lab/train/stop    {run}     Stop & keep: the run stops after its current step, the prompt succeeds
   POST /klein_lab/train/sample  {run}     Sample now: validation previews after the current step
   GET  /klein_lab/train/presets           the course's presets (the panel fills rank/alpha/lr/steps from them)
+  GET  /klein_lab/blocks                  the block layout (names, the course's four groups) of every registered
+                                          Klein variant: the block-weight editor's map before the node has run
 
 Run names go through `run_names.run_path`, the Train node's own rule: nothing outside the runs folder is read.
 Images are not served here: the history names sample files that ComfyUI's /view serves from the output folder.
@@ -25,6 +27,7 @@ from aiohttp import web
 
 from ...trainer_core.analysis.live_clinic import find_mark, read_clinic
 from ...trainer_core.analysis.per_image import latest_learning, learning_summary
+from ...trainer_core.model.variants import variant_layouts
 from ...trainer_core.runs.runfolder import RunFolder, checkpoint_step
 from ...trainer_core.training.settings import PRESETS
 from .feedback import prompt_server
@@ -50,6 +53,7 @@ def register_routes() -> bool:
     routes.post(f"{PREFIX}/stop")(stop)
     routes.post(f"{PREFIX}/sample")(sample_now)
     routes.get(f"{PREFIX}/presets")(presets)
+    routes.get("/klein_lab/blocks")(blocks)
     _registered = True
     return True
 
@@ -165,3 +169,7 @@ async def sample_now(request: web.Request) -> web.Response:
 
 async def presets(_request: web.Request) -> web.Response:
     return web.json_response(PRESETS)
+
+
+async def blocks(_request: web.Request) -> web.Response:
+    return web.json_response(variant_layouts())

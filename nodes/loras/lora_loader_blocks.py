@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ...trainer_core.model.variants import GROUPS
-from ..comfy.forward_loras import StackItem, apply_items
+from ..comfy.forward_loras import StackItem, apply_items, loaded_summary
 from ..comfy.paths import lora_list
 from ..comfy.widgets import group_strength_inputs, preset_input, strength_input
 
@@ -36,7 +36,8 @@ class KleinLabLoraLoaderBlocks(io.ComfyNode):
                     "block_vector",
                     default="",
                     tooltip="Preset 'custom' only: one strength per block, double blocks first then single "
-                    "(4B: 25 values, 9B: 32), separated by commas or spaces.",
+                    "(4B: 25 values, 9B: 32), separated by commas or spaces. The block editor below writes it: a "
+                    "slider per block, coloured by the course's four groups.",
                 ),
             ],
             outputs=[io.Model.Output(display_name="model")],
@@ -55,7 +56,8 @@ class KleinLabLoraLoaderBlocks(io.ComfyNode):
             global_strength,
         )
         patched, report = apply_items(model, [item])
-        return io.NodeOutput(patched, ui={"text": [report]})
+        # The block editor (js/block_editor.js) shows what was loaded and learns the model's block count from it.
+        return io.NodeOutput(patched, ui={"text": [report], "klein_blocks": [loaded_summary(model, patched)]})
 
 
 NODES = [KleinLabLoraLoaderBlocks]

@@ -82,6 +82,7 @@ class KleinLabEncodeDataset(io.ComfyNode):
                 ),
             ],
             outputs=[ENCODED_DATASET.Output(display_name="encoded_dataset"), io.String.Output(display_name="report")],
+            hidden=[io.Hidden.unique_id],  # the node's id: its encoding progress goes to the page with it
         )
 
     @classmethod
@@ -106,7 +107,7 @@ class KleinLabEncodeDataset(io.ComfyNode):
             validation_prompts=prompts,
             # A fixed conditioning has no empty-caption counterpart, so caption dropout needs the CLIP.
             with_empty_caption=conditioning is None,
-            on_progress=counter_progress(),
+            on_progress=counter_progress(cls.hidden.unique_id if cls.hidden else None),  # None: called outside a prompt
             # A fixed conditioning is the same with or without the trigger: nothing to preserve against.
             preservation_class=None if conditioning is not None else preservation_class,
         )

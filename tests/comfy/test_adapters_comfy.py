@@ -163,6 +163,47 @@ def test_mixer_toggles_and_stack_switches(env) -> None:
     torch.testing.assert_close(predict(mixed, ctx_dim), want, rtol=1e-4, atol=1e-4)
 
 
+def test_mixer_added_rows_apply_like_slots(env) -> None:
+    """Rows added with '+ Add LoRA' (the more_loras text) apply like slots, after them: one slot plus two rows, one
+    of them off, equal core merging the slot's LoRA and the row that is on; a bad text is refused by row."""
+    import json
+
+    from klein_lora_lab.nodes.loras.lora_mixer import KleinLabLoraMixer
+
+    ctx_dim = env["shape"].context_dim
+    a, b, c = "lora_kohya.safetensors", "lora_diffusers.safetensors", "lora_ours.safetensors"
+    empty = {f"{k}_{i}": v for i in range(1, 5) for k, v in EMPTY_SLOT}
+    rows = [{"on": True, "lora": c, "scale": 0.4, "preset": "all"}, {"on": False, "lora": b, "scale": 1.0}]
+    slots = {**empty, "lora_1": a, "scale_1": 0.7}
+    out = KleinLabLoraMixer.execute(env["model"], more_loras=json.dumps(rows), **slots)
+    want = predict(core_merged(env["model"], (env["files"]["kohya"], 0.7), (env["files"]["ours"], 0.4)), ctx_dim)
+    torch.testing.assert_close(predict(out.result[0], ctx_dim), want, rtol=1e-4, atol=1e-4)
+    lines = out.ui["text"][0].splitlines()
+    assert [line.split(" @ ")[0] for line in lines] == [a, c]
+    with pytest.raises(ValueError, match="more_loras row 1: preset 'custom' needs its blocks"):
+        KleinLabLoraMixer.execute(env["model"], more_loras='[{"lora": "x", "preset": "custom"}]', **slots)
+
+
+def test_mixer_row_blocks_equal_the_loader_with_the_same_blocks(env) -> None:
+    """A row with preset 'custom' and its own per-block vector (1 on the texture blocks, 0 elsewhere) gives the
+    model the loader gives with preset 'texture'; the mixer's ui sends the model's block map and what it loaded."""
+    import json
+
+    from klein_lora_lab.nodes.loras.lora_mixer import KleinLabLoraMixer
+    from klein_lora_lab.trainer_core.model.variants import block_layout
+
+    shape, ctx_dim = env["shape"], env["shape"].context_dim
+    layout = block_layout(shape.double_blocks, shape.single_blocks)
+    vector = ", ".join("1" if i in layout["groups"]["texture"] else "0" for i in range(len(layout["names"])))
+    rows = [{"lora": "lora_ours.safetensors", "scale": 0.8, "preset": "custom", "blocks": vector}]
+    empty = {f"{k}_{i}": v for i in range(1, 5) for k, v in EMPTY_SLOT}
+    out = KleinLabLoraMixer.execute(env["model"], more_loras=json.dumps(rows), **empty)
+    (want,) = loader(env["model"], "lora_ours.safetensors", 0.8, "texture").result
+    torch.testing.assert_close(predict(out.result[0], ctx_dim), predict(want, ctx_dim), rtol=1e-5, atol=1e-5)
+    (sent,) = out.ui["klein_blocks"]
+    assert sent["layout"]["names"] == layout["names"] and [x["lora"] for x in sent["loaded"]] == [rows[0]["lora"]]
+
+
 def test_block_preset_equals_core_merging_only_those_blocks(env) -> None:
     """Preset 'texture' equals core merging only the texture blocks' keys (absolute block indices)."""
     from klein_lora_lab.trainer_core.model.block_weights import block_of

@@ -197,6 +197,34 @@ def test_history_route_by_node(comfy_server):
     assert comfy_server.get_json("/klein_lab/train/history?node=424242&run=no_such_run")["run"] == "no_such_run"
 
 
+def test_encoding_events_are_throttled_and_end_at_n(comfy_root, monkeypatch):
+    """The Encode Dataset node's progress sends 'encoding' phase events for its node at most once per 0.1 s of a
+    (controlled) clock, always the first entry and the last one (N/N), with done/total, and no run name."""
+    from klein_lora_lab.nodes.comfy import encoders
+
+    sent: list[tuple[str, dict]] = []
+    clock = [100.0]
+    monkeypatch.setattr(encoders, "broadcast", lambda event, data: sent.append((event, data)))
+    monkeypatch.setattr(encoders.time, "perf_counter", lambda: clock[0])
+    update = encoders.counter_progress("12")
+    for done in range(1, 101):  # 100 entries, 0.025 s apart: 2.5 s in all
+        update(done, 100)
+        clock[0] += 0.025
+    assert {e for e, _ in sent} == {"klein_lab.train.phase"}
+    assert all(d["phase"] == "encoding" and d["node"] == "12" and d["run"] == "" and d["total"] == 100 for _, d in sent)
+    done = [d["done"] for _, d in sent]
+    assert done[0] == 1 and done[-1] == 100 and done == sorted(done)
+    assert all(b - a >= 4 for a, b in zip(done[:-2], done[1:-1], strict=True))  # 4 entries = 0.1 s apart
+    assert len(done) <= 2.5 / encoders.ENCODE_EVENT_INTERVAL_S + 2
+
+
+def test_blocks_route_serves_the_variant_maps(comfy_server):
+    """The block editor's map before a run: GET /klein_lab/blocks gives the 4B and 9B layouts of variants.py."""
+    from klein_lora_lab.trainer_core.model.variants import variant_layouts
+
+    assert comfy_server.get_json("/api/klein_lab/blocks") == json.loads(json.dumps(variant_layouts()))
+
+
 def test_unknown_route_body_is_refused(comfy_server):
     """A body that is not JSON gets a 400 naming what to send."""
     req = urllib.request.Request(comfy_server.url + "/klein_lab/train/stop", data=b"not json")

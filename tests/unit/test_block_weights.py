@@ -138,3 +138,31 @@ def test_block_weighted_stack_equals_merged_per_module_deltas() -> None:
             rtol=1e-4,
             atol=1e-4,
         )
+
+
+@pytest.mark.parametrize("counts", [(5, 20), (8, 24), (2, 6), (1, 3), (3, 7)])
+def test_block_layout_matches_the_groups_the_weights_use(counts: tuple[int, int]) -> None:
+    """The block editor's layout (names in vector order, group -> vector positions) names exactly the blocks that
+    `block_groups` puts in each group, so a slider's colour is the group its value acts in."""
+    from klein_lora_lab.trainer_core.model.variants import block_groups, block_layout, block_names
+
+    double, single = counts
+    shape = KleinShape(hidden=8, heads=1, double_blocks=double, single_blocks=single, context_dim=8)
+    layout = block_layout(double, single)
+    assert layout["names"] == block_names(shape)
+    by_index = {g: [layout["names"][i] for i in idx] for g, idx in layout["groups"].items()}
+    assert by_index == block_groups(shape)
+    assert sorted(i for idx in layout["groups"].values() for i in idx) == list(range(double + single))
+
+
+def test_variant_layouts_are_the_course_map() -> None:
+    """GET /klein_lab/blocks serves the 4B map of the course (double 0–4; single 0–5, 6–13, 14–19) and the 9B one."""
+    from klein_lora_lab.trainer_core.model.variants import variant_layouts
+
+    layouts = variant_layouts()
+    four = layouts["klein-4b"]["groups"]
+    assert four["binding"] == list(range(5))
+    assert four["texture"] == list(range(5, 11))
+    assert four["identity"] == list(range(11, 19))
+    assert four["composition"] == list(range(19, 25))
+    assert len(layouts["klein-9b"]["names"]) == 32 and len(layouts["klein-9b"]["groups"]["binding"]) == 8

@@ -83,3 +83,27 @@ def block_groups(shape: KleinShape) -> dict[str, list[str]]:
         "identity": [f"single_blocks.{i}" for i in range(t_end, i_end)],
         "composition": [f"single_blocks.{i}" for i in range(i_end, shape.single_blocks)],
     }
+
+
+def block_layout(double_blocks: int, single_blocks: int) -> dict[str, object]:
+    """The block editor's map of a model: block names in model order and, per group, the indices of its blocks
+    in that order (what `block_groups` gives, as positions in the per-block vector)."""
+    t_end, i_end = single_group_bounds(single_blocks)
+    d = double_blocks
+    return {
+        "double": double_blocks,
+        "single": single_blocks,
+        "names": [f"double_blocks.{i}" for i in range(d)] + [f"single_blocks.{i}" for i in range(single_blocks)],
+        "groups": {
+            "binding": list(range(d)),
+            "texture": list(range(d, d + t_end)),
+            "identity": list(range(d + t_end, d + i_end)),
+            "composition": list(range(d + i_end, d + single_blocks)),
+        },
+        "help": GROUP_HELP,
+    }
+
+
+def variant_layouts() -> dict[str, dict[str, object]]:
+    """The block layout of every registered variant (the editor's choice before the node has run)."""
+    return {name: block_layout(v.double_blocks, v.single_blocks) for name, v in VARIANTS.items()}
