@@ -24,7 +24,7 @@ from ..errors import pack_error, shown
 from ..files.atomic import DiskFullError
 from ..lora.adapters import LoraTrainable
 from ..lora.lora_file import save_lora
-from ..model.klein import klein_forward, read_shape
+from ..model.klein import LATENT_CHANNELS, klein_forward, read_shape
 from ..model.targeting import resolve_targets
 from ..model.variants import detect_variant
 from ..runs.runfolder import RunFolder, RunFolderError, checkpoint_step
@@ -42,6 +42,7 @@ from .memory import (
 )
 from .objective import add_noise, flow_loss, sample_sigmas, shifted_sigmas, velocity_target
 from .settings import TrainSettings, require_optimizer_installed
+from .shard import Shard
 
 # Settings that may change between a stop and a resume: run length, cadence, file dtype and memory/speed
 # switches (resuming on a smaller GPU); none of them changes what the steps already done computed.
@@ -190,8 +191,11 @@ class _Run:
         empty_context: Tensor | None,
         device: torch.device,
         probe: MemoryProbe | None = None,
+        shard: Shard | None = None,
     ) -> None:
         self.model, self.items, self.s, self.run, self.cb = model, items, settings, run, callbacks
+        self.shard = shard  # None: this process computes every batch whole
+        self.main = shard is None or shard.main  # writes the LoRA files (the run folder of a follower is read-only)
         # Albums of 10+ items may hold a fixed, seeded share out for the validation loss (never trained on);
         # with validation_holdout 0 or a smaller album every item trains, as before.
         train_idx, held_idx = holdout_split(len(items), settings.validation_holdout, settings.seed)
@@ -232,8 +236,11 @@ class _Run:
 
     # -- one step -------------------------------------------------------------------------------------------
 
-    def _micro_loss(self, step: int, micro: int) -> Tensor:
-        """Loss of micro-batch `micro` of optimizer step `step`, with every random draw derived from them."""
+    def _micro_loss(self, step: int, micro: int) -> Tensor | None:
+        """Loss of micro-batch `micro` of optimizer step `step`, with every random draw derived from them.
+
+        In a data-parallel run the draws are made for the whole batch and this rank keeps its slice (shard.py);
+        its loss is weighted by its share of the batch. None when this rank has no item of this batch."""
         s = self.s
         indices = self.order.batch((step - 1) * s.grad_accum + micro)
         b = len(indices)
@@ -241,13 +248,18 @@ class _Run:
         if s.caption_dropout > 0:
             g = torch.Generator().manual_seed(derive_seed(s.seed, "dropout", step, micro))
             drop = (torch.rand(b, generator=g) < s.caption_dropout).tolist()
-        batch = collate(self.items, indices, self.device, drop, self.empty)
+        latent_hw = self.items[indices[0]].latent.shape[-2:]  # one bucket: every item of the batch has this size
         g_noise = torch.Generator().manual_seed(derive_seed(s.seed, "noise", step, micro))
-        noise = torch.randn(batch.x0.shape, generator=g_noise).to(self.device)
+        noise = torch.randn((b, LATENT_CHANNELS, *latent_hw), generator=g_noise)
         g_sigma = torch.Generator().manual_seed(derive_seed(s.seed, "sigma", step, micro))
-        sigma = sample_sigmas(b, batch.x0.shape[-2] * batch.x0.shape[-1], g_sigma, s.timestep_sampling)
-        sigma = sigma.to(self.device)
-        return self._loss(batch.x0, noise, sigma, batch.context, batch.refs, checkpointing=self.plan.share)
+        sigma = sample_sigmas(b, latent_hw[0] * latent_hw[1], g_sigma, s.timestep_sampling)
+        part = slice(0, b) if self.shard is None else self.shard.part(b, s.batch_size)
+        if part.stop == part.start:
+            return None
+        batch = collate(self.items, indices[part], self.device, drop[part], self.empty)
+        noise, sigma = noise[part].to(self.device), sigma[part].to(self.device)
+        loss = self._loss(batch.x0, noise, sigma, batch.context, batch.refs, checkpointing=self.plan.share)
+        return loss if self.shard is None else loss * ((part.stop - part.start) / b)
 
     def _loss(
         self, x0: Tensor, noise: Tensor, sigma: Tensor, context: Tensor, refs: tuple[Tensor, ...], checkpointing: float
@@ -269,9 +281,13 @@ class _Run:
         total = torch.zeros((), device=self.device)
         for micro in range(s.grad_accum):
             loss = self._micro_loss(step, micro)
+            if loss is None:
+                continue  # a data-parallel rank without an item of this batch: zero gradients in the sum
             (loss / s.grad_accum).backward()
             total = total + loss.detach()
         params = list(self.lora.parameters())
+        if self.shard is not None:
+            total = self.shard.all_reduce(params, total)
         if s.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
         else:
@@ -295,7 +311,8 @@ class _Run:
             result = self.step(step)
         except torch.OutOfMemoryError as err:
             # Only auto falls back: a chosen mode fails with the advice (TrainingOutOfMemoryError), as it asked.
-            if self.plan.mode != "auto" or self.plan.share >= 1.0 or self.plan.fell_back:
+            # A data-parallel rank cannot retry alone: the others wait in the step's collective.
+            if self.plan.mode != "auto" or self.plan.share >= 1.0 or self.plan.fell_back or self.shard is not None:
                 raise
             error = str(err) or "out of memory"  # retried below, once the traceback (and activations) is gone
         if error:
@@ -404,16 +421,17 @@ class _Run:
         weights = self.lora.weights()
         if not all(torch.isfinite(w.down).all() and torch.isfinite(w.up).all() for w in weights.values()):
             self._diverged(step, "the LoRA weights hold NaN/Inf")
-        tensors, info = _state_tensors(self.lora, self.opt)
-        if self.ema is not None:
-            tensors.update(self.ema.state_tensors())
-        info.update(step=step, seed=self.s.seed, dataset_hash=self.dataset_hash, rng="derived:seed,stream,step")
-        self.run.save_state(step, tensors, info)
         path = self.run.checkpoint_path(step)
-        if self.ema is not None:  # before the checkpoint file: a visible checkpoint has its EMA beside it
-            meta = {**self.metadata(step), "klein_lab.ema_decay": f"{self.s.ema_decay:g}"}
-            save_lora(ema_path(path), self.ema.weights(), meta, dtype=_SAVE_DTYPES[self.s.save_dtype])
-        save_lora(path, weights, self.metadata(step), dtype=_SAVE_DTYPES[self.s.save_dtype])
+        if self.main:  # the ranks of a data-parallel run hold the same LoRA: rank 0 writes it
+            tensors, info = _state_tensors(self.lora, self.opt)
+            if self.ema is not None:
+                tensors.update(self.ema.state_tensors())
+            info.update(step=step, seed=self.s.seed, dataset_hash=self.dataset_hash, rng="derived:seed,stream,step")
+            self.run.save_state(step, tensors, info)
+            if self.ema is not None:  # before the checkpoint file: a visible checkpoint has its EMA beside it
+                meta = {**self.metadata(step), "klein_lab.ema_decay": f"{self.s.ema_decay:g}"}
+                save_lora(ema_path(path), self.ema.weights(), meta, dtype=_SAVE_DTYPES[self.s.save_dtype])
+            save_lora(path, weights, self.metadata(step), dtype=_SAVE_DTYPES[self.s.save_dtype])
         self.last_checkpoint, self.last_saved_step = path, step
         self.run.update(last_step=step, status="running")
         self.cb.on_checkpoint(step, path)
@@ -528,6 +546,7 @@ def train(
     device: torch.device | str = "cpu",
     resume: bool = False,
     memory_probe: MemoryProbe | None = None,
+    shard: Shard | None = None,
 ) -> TrainResult:
     """Train a LoRA on `model` (Klein module names, already on `device`) and checkpoint it into `run`.
 
@@ -535,7 +554,8 @@ def train(
     run without checkpoints. Raises NonFiniteLossError when the loss diverges (no NaN checkpoint is written),
     TrainingOutOfMemoryError (memory released, last step kept) when the device runs out of memory even with
     every block recomputed. memory_probe reads the device's memory for settings.memory_mode 'auto' (default:
-    the CUDA allocator on CUDA devices, none elsewhere).
+    the CUDA allocator on CUDA devices, none elsewhere). shard: this process's share of a data-parallel run
+    (distributed.py starts those; its run folder is read-only on every rank but 0).
     """
     require_optimizer_installed(settings)
     cb = callbacks or TrainCallbacks()
@@ -548,7 +568,7 @@ def train(
     # outside it, so the whole run (including LoRA init and resume) happens in inference_mode(False).
     with torch.inference_mode(False), torch.enable_grad(), _frozen_base(model):
         probe = memory_probe if memory_probe is not None else default_probe(device)
-        state = _Run(model, items, settings, run, cb, empty_context, device, probe)
+        state = _Run(model, items, settings, run, cb, empty_context, device, probe, shard)
         cb.on_notice(state.plan.describe())
         step = state.resume() if resume else 0
         if resume and run.settings != settings:  # written only once the checkpoint has been validated
@@ -573,7 +593,7 @@ def train(
                     "grad_norm": norm,
                     "seconds": seconds,
                 }
-                if settings.validation_every and step % settings.validation_every == 0:
+                if settings.validation_every and step % settings.validation_every == 0 and state.main:
                     record["val_loss"] = state.validation_loss()
                 run.append_metrics(record)
                 cb.on_metrics(record)
@@ -583,7 +603,7 @@ def train(
                         cb.on_validation(step, state.lora)
                 if settings.checkpoint_every and step % settings.checkpoint_every == 0:
                     state.save_checkpoint(step)
-                stopped = cb.should_stop()
+                stopped = cb.should_stop() if shard is None else shard.agree(cb.should_stop(), device)
         except (NonFiniteLossError, DiskFullError):
             raise  # no further writes: the error already names the last good checkpoint
         except torch.OutOfMemoryError as err:
