@@ -8,6 +8,7 @@ from comfy_api.latest import io
 from ...trainer_core.album.latent_cache import EncodedDataset
 from ...trainer_core.runs.sweep import knobs
 from ...trainer_core.training.settings import PRESETS
+from ...trainer_core.training.spawn import parse_devices
 from ..comfy.interrupt import raise_interrupt
 from ..comfy.paths import lora_list_name
 from ..comfy.sockets import ENCODED_DATASET
@@ -103,6 +104,14 @@ class KleinLabSweep(io.ComfyNode):
                     "(targets and presets by ';' or lines). The lab's lr: 1e-5 timid, 5e-5 default, 2e-4 frantic.",
                 ),
                 *base_inputs(),
+                io.String.Input(
+                    "devices",
+                    default="",
+                    optional=True,
+                    tooltip="Empty: the runs train one after another in ComfyUI, as always. 'cuda:0, cuda:1' (or "
+                    "'auto' = every GPU): one run per GPU at the same time, each in its own process loading the "
+                    "same model file; Cancel stops them all and keeps every run. Workers render no previews.",
+                ),
                 io.Vae.Input("vae", optional=True, tooltip="Decode the previews with this VAE."),
             ],
             outputs=[
@@ -125,10 +134,12 @@ class KleinLabSweep(io.ComfyNode):
         sample_steps: int,
         sample_cfg: float,
         vae=None,
+        devices: str = "",
         **widgets,
     ) -> io.NodeOutput:
         plan = sweep_plan(sweep_name, knob, values, preset, widgets)
-        outcome = train_sweep(model, encoded_dataset, plan, sample_steps, sample_cfg, cls.hidden.unique_id, vae)
+        on = parse_devices(devices)
+        outcome = train_sweep(model, encoded_dataset, plan, sample_steps, sample_cfg, cls.hidden.unique_id, vae, on)
         if outcome.interrupted:
             raise_interrupt()
         lora_name = lora_list_name(outcome.last_checkpoint) if outcome.last_checkpoint else ""

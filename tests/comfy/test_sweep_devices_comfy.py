@@ -1,0 +1,79 @@
+"""Klein Sweep with devices 'cpu, cpu' through the real ComfyUI server on the tiny Klein: the runs go to two worker
+processes that load the MODEL's file again (the loader's record), and each run is bit-identical to the run the
+Train node trains alone in the server with the same widgets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from harness.fixtures import tiny_conditioning_path
+from harness.prompts import train_prompt
+from harness.workflow_prompt import make_album
+from safetensors.torch import load_file
+
+SWEEP = "devs"
+VALUES = (1e-3, 5e-3)
+RUNS = [f"{SWEEP}-learning_rate-{v:g}" for v in VALUES]
+STEPS = 4
+EVERY = 2
+
+
+def sweep_prompt(album: Path, cond_file: Path) -> dict[str, Any]:
+    """The training graph of harness.prompts with a Sweep over the learning rate on two CPU workers."""
+    prompt = {k: v for k, v in train_prompt(album, cond_file, "unused", STEPS).items() if k in "12345"}
+    widgets = dict(preset="style", rank=4, alpha=0.0, learning_rate=0.0, steps=STEPS, batch_size=1)
+    widgets.update(checkpoint_every=EVERY, sample_every=0, sample_steps=2, sample_cfg=1.0, seed=3)
+    widgets.update(targets="attention", validation_every=2, validation_holdout=0.0)
+    prompt["6"] = {
+        "class_type": "KleinLabSweep",
+        "inputs": {
+            "model": ["1", 0],
+            "encoded_dataset": ["5", 0],
+            "sweep_name": SWEEP,
+            "knob": "learning_rate",
+            "values": ", ".join(f"{v:g}" for v in VALUES),
+            "devices": "cpu, cpu",
+            **widgets,
+        },
+    }
+    return prompt
+
+
+@pytest.fixture(scope="module")
+def device_sweep(comfy_server, tiny_spec) -> dict[str, Any]:
+    """Queue the sweep on two workers, then train both runs alone with the Train node."""
+    cond_file = tiny_conditioning_path(tiny_spec, tokens=8)
+    album = make_album(comfy_server.base_dir / "input" / "album_devices", label="devices", tint=31)
+    outputs = comfy_server.run_prompt(sweep_prompt(album, cond_file), timeout_s=600)
+    for i, lr in enumerate(VALUES):
+        alone = train_prompt(album, cond_file, f"devalone{i}", STEPS, checkpoint_every=EVERY, sample_every=0)
+        alone["6"]["inputs"].update(learning_rate=lr, validation_every=2)
+        comfy_server.run_prompt(alone, timeout_s=600)
+    return {"outputs": outputs, "root": comfy_server.base_dir / "output" / "klein_lora_lab" / "runs"}
+
+
+def test_sweep_on_two_workers_reports_its_devices(device_sweep, comfy_server) -> None:
+    """The node's closing text names the devices the runs were trained on; no worker process outlives it."""
+    text = device_sweep["outputs"]["6"]["text"][0]
+    assert f"Sweep '{SWEEP}' finished: 2 runs of learning_rate" in text and "on cpu, cpu" in text
+    assert "Traceback" not in comfy_server.log_tail(200)
+
+
+@pytest.mark.parametrize("index", [0, 1])
+def test_each_worker_run_equals_the_run_trained_alone(device_sweep, index: int) -> None:
+    """Each run trained by a worker has the settings, checkpoints (every tensor, bit for bit) and losses of the
+    Train node's run alone in the server: the worker loaded the same model file and trained the same run."""
+    from klein_lora_lab.trainer_core.runs.runfolder import RunFolder
+
+    swept = RunFolder.open(device_sweep["root"] / RUNS[index])
+    alone = RunFolder.open(device_sweep["root"] / f"devalone{index}")
+    assert swept.settings == alone.settings and swept.settings.learning_rate == VALUES[index]
+    assert [p.name for p in swept.checkpoints()] == [p.name for p in alone.checkpoints()] != []
+    for a, b in zip(swept.checkpoints(), alone.checkpoints(), strict=True):
+        ta, tb = load_file(a), load_file(b)
+        assert ta.keys() == tb.keys()
+        assert all(ta[k].dtype == tb[k].dtype and ta[k].equal(tb[k]) for k in ta), a.name
+    assert [r["loss"] for r in swept.read_metrics()] == [r["loss"] for r in alone.read_metrics()]
+    assert swept.meta["status"] == "finished"
