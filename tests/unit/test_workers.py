@@ -104,3 +104,21 @@ def test_devices_text() -> None:
     assert parse_devices("auto") == ([] if torch.cuda.device_count() < 2 else parse_devices("auto"))
     with pytest.raises(ValueError, match="not a device"):
         parse_devices("gpu0")
+
+
+class _BrokenSource:
+    """A model source whose file is gone (picklable: defined at module level)."""
+
+    def load(self, device: torch.device):
+        raise FileNotFoundError("tiny.safetensors was moved")
+
+
+def test_a_model_that_does_not_load_fails_the_pool(tmp_path: Path) -> None:
+    """A worker that cannot load its model reports it; the pool raises with the cause and ends every process,
+    and the runs stay as they were (run.json only)."""
+    s = TrainSettings(**BASE, learning_rate=1e-3)
+    RunFolder.create(tmp_path / "y", s, {})
+    with pytest.raises(WorkerFailed, match="loading the model.*was moved"):
+        train_runs_on_devices([RunJob(0, tmp_path / "y", s, False)], ["cpu"], _BrokenSource(), _items())
+    _no_children_left()
+    assert RunFolder.open(tmp_path / "y").checkpoints() == []

@@ -164,13 +164,13 @@ def _follow(processes, events, stop, on_event, should_stop) -> tuple[RunDone | N
         try:
             event = events.get(timeout=POLL_S)
         except queue.Empty:
-            if all(not p.is_alive() for p in processes):
-                return done, failure
             dead = [p for p in processes if p.exitcode not in (None, 0)]
             if dead and not failure:
                 failure = f"a rank ended with exit code {dead[0].exitcode}: the run stopped."
                 for p in processes:  # the others wait in a collective that never completes
                     p.terminate()
+            if all(not p.is_alive() for p in processes):
+                return done, failure
             continue
         if event[0] == "done":
             _, key, device, steps, stopped, last, loss, notes = event

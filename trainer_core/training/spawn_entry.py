@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import pickle
 import sys
+import sysconfig
 
 
 def _register_pack(name: str, root: str) -> None:
@@ -20,7 +22,19 @@ def _register_pack(name: str, root: str) -> None:
     spec.loader.exec_module(module)
 
 
+def _stdlib_first() -> None:
+    """Put the standard library ahead of every other sys.path entry. The parent's sys.path (copied into this
+    process) may hold folders with modules named like standard ones (ComfyUI adds its `comfy` folder, which has
+    a logging.py); the parent imported the standard modules before that entry came, so must this process."""
+    paths = sysconfig.get_paths()
+    std = {os.path.realpath(paths["stdlib"]), os.path.realpath(paths["platstdlib"])}
+    first = [p for p in sys.path if os.path.realpath(p) in std or os.path.realpath(os.path.dirname(p)) in std]
+    first = [p for p in first if not p.rstrip("/").endswith("site-packages")]
+    sys.path[:] = first + [p for p in sys.path if p not in first]
+
+
 def main(init: dict) -> None:
+    _stdlib_first()
     import torch
 
     torch.set_num_threads(init["THREADS"])

@@ -157,12 +157,12 @@ def _follow(processes, events, stop, done: dict[int, RunDone], on_event, should_
         try:
             event = events.get(timeout=POLL_S)
         except queue.Empty:
-            if all(not p.is_alive() for p in processes):
-                break
             dead = [p for p in processes if p.exitcode not in (None, 0)]
-            if dead and not failure:  # killed without a word (out of host memory, a signal)
+            if dead and not failure:  # ended without a word (out of host memory, a signal, a failed start)
                 failure = f"a worker process ended with exit code {dead[0].exitcode} before finishing its runs."
                 stop.set()
+            if all(not p.is_alive() for p in processes):
+                break
             continue
         if event[0] == "done":
             key, device, steps, stopped, last, loss, notes = event[1:]
