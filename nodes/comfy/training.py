@@ -18,6 +18,7 @@ from ...trainer_core.runs.runfolder import RunFolder, checkpoint_step
 from ...trainer_core.training.sampling import CFG_MAX, CFG_MIN, flux2_sigmas, sample
 from ...trainer_core.training.settings import TrainSettings
 from ...trainer_core.training.trainer import TrainCallbacks, TrainResult, train
+from .data_parallel import train_on_devices
 from .feedback import LiveProgress, prompt_server
 from .images import decode_images, tensor_to_pil
 from .interrupt import interrupt_requested
@@ -206,9 +207,11 @@ def train_in_comfy(
     empty_context: Tensor | None,
     vae=None,
     clinic: ClinicSetup | None = None,
+    devices: list[str] | None = None,
 ) -> TrainOutcome:
     """Train on the MODEL ComfyUI loaded, with progress, previews and the live panel; Cancel keeps the run, the
-    panel's Stop & keep (and the sweet-spot auto-stop) end it as a success.
+    panel's Stop & keep (and the sweet-spot auto-stop) end it as a success. With `devices` the run is spread
+    over them instead (data_parallel.py: settings already carry the effective batch; no previews nor panel).
 
     Returns the outcome; when the run was cancelled the caller reports `message` and calls `raise_interrupt()`.
     """
@@ -220,6 +223,14 @@ def train_in_comfy(
         message = _outcome_message("already_finished", run, settings, checkpoint, "")
         _tell_node(node_id, message)
         return TrainOutcome(run, None, checkpoint, [], False, message, "already_finished")
+    if devices:
+        run, done, interrupted, status = train_on_devices(
+            model_patcher, items, settings, run, resume, node_id, empty_context, devices
+        )
+        extra = f"batch {settings.batch_size} over {', '.join(devices)}, final loss {done.final_loss:.4f}"
+        message = _outcome_message(status, run, settings, done.last_checkpoint, extra)
+        _tell_node(node_id, message)
+        return TrainOutcome(run, None, done.last_checkpoint, [], interrupted, message, status)
     patcher = model_patcher.clone()  # shares the weights; only our loading bookkeeping touches the clone
     progress = LiveProgress(settings.steps, node_id, run.path.name, first)
     interrupted = False

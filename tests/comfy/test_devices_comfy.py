@@ -1,6 +1,10 @@
-"""Klein Sweep with devices 'cpu, cpu' through the real ComfyUI server on the tiny Klein: the runs go to two worker
-processes that load the MODEL's file again (the loader's record), and each run is bit-identical to the run the
-Train node trains alone in the server with the same widgets."""
+"""Several devices through the real ComfyUI server on the tiny Klein, with devices 'cpu, cpu':
+
+* Klein Sweep: the runs go to two worker processes that load the MODEL's file again (the loader's record), and each
+  run is bit-identical to the run the Train node trains alone in the server with the same widgets.
+* Klein Train LoRA: one run over two processes (gloo), batch_size 1 per process, has the losses of the run trained
+  alone with batch_size 2.
+"""
 
 from __future__ import annotations
 
@@ -77,3 +81,26 @@ def test_each_worker_run_equals_the_run_trained_alone(device_sweep, index: int) 
         assert all(ta[k].dtype == tb[k].dtype and ta[k].equal(tb[k]) for k in ta), a.name
     assert [r["loss"] for r in swept.read_metrics()] == [r["loss"] for r in alone.read_metrics()]
     assert swept.meta["status"] == "finished"
+
+
+def test_train_node_on_two_processes_matches_the_effective_batch(comfy_server, tiny_spec) -> None:
+    """The Train node with devices 'cpu, cpu' and batch_size 1 trains the run of batch 2 (run.json says so) on two
+    gloo processes; its losses equal, within float tolerance, those of the Train node alone with batch_size 2,
+    and its checkpoints are the same steps."""
+    from klein_lora_lab.trainer_core.runs.runfolder import RunFolder
+
+    cond_file = tiny_conditioning_path(tiny_spec, tokens=8)
+    album = make_album(comfy_server.base_dir / "input" / "album_dp", label="dp", tint=41)
+    root = comfy_server.base_dir / "output" / "klein_lora_lab" / "runs"
+    prompts = {}
+    for name, batch, devices in (("dp2", 1, "cpu, cpu"), ("dpalone", 2, "")):
+        prompt = train_prompt(album, cond_file, name, STEPS, checkpoint_every=EVERY, sample_every=0)
+        prompt["6"]["inputs"].update(batch_size=batch, devices=devices, learning_rate=5e-3)
+        prompts[name] = comfy_server.run_prompt(prompt, timeout_s=600)
+    assert "over cpu, cpu" in prompts["dp2"]["6"]["text"][0]
+    dp, alone = RunFolder.open(root / "dp2"), RunFolder.open(root / "dpalone")
+    assert dp.settings == alone.settings and dp.settings.batch_size == 2
+    assert [p.name for p in dp.checkpoints()] == [p.name for p in alone.checkpoints()] != []
+    losses = [r["loss"] for r in alone.read_metrics()]
+    assert [r["loss"] for r in dp.read_metrics()] == pytest.approx(losses, rel=1e-5, abs=1e-7)
+    assert dp.meta["status"] == "finished"
