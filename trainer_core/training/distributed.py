@@ -33,7 +33,7 @@ from ..runs.runfolder import RunFolder
 from .data import TrainItem
 from .settings import TrainSettings
 from .shard import Shard
-from .spawn import ModelSource, QueueCallbacks, WorkerFailed, error_text, start, stop_all
+from .spawn import ItemsBlob, ModelSource, QueueCallbacks, WorkerFailed, error_text, start, stop_all
 from .trainer import TrainCallbacks, train
 from .workers import POLL_S, Event, RunDone
 
@@ -65,7 +65,7 @@ class _RankSetup:
     devices: tuple[str, ...]
     rendezvous: str  # a file:// address every rank meets at
     source: ModelSource
-    items: tuple[TrainItem, ...]
+    items: ItemsBlob
     settings: TrainSettings
     run_path: Path
     resume: bool
@@ -90,12 +90,21 @@ def rank_main(setup: _RankSetup, events, stop) -> None:
         )
         try:
             model = setup.source.load(device)
+            items = setup.items.items()
             shard = Shard(setup.rank, world)
             opened = RunFolder.open(setup.run_path)
             run = opened if shard.main else _ReadOnlyRun(opened.path, opened.settings, opened.meta)
             cb = QueueCallbacks(0, events, stop) if shard.main else TrainCallbacks()  # followers: rank 0 decides
             result = train(
-                model, setup.items, setup.settings, run, cb, setup.empty_context, device, setup.resume, shard=shard
+                model,
+                items,
+                setup.settings,
+                run,
+                cb,
+                setup.empty_context,
+                device,
+                setup.resume,
+                shard=shard,
             )
         finally:
             dist.destroy_process_group()
@@ -134,12 +143,13 @@ def train_data_parallel(
     processes: list[mp.Process] = []
     done: RunDone | None = None
     failure = ""
+    blob = ItemsBlob.of(items)
     with tempfile.TemporaryDirectory(prefix="klein_lab_dp_") as meeting:
         rendezvous = Path(meeting, "rendezvous").as_uri()
         try:
             for rank in range(len(devices)):
                 setup = _RankSetup(
-                    rank, tuple(devices), rendezvous, source, tuple(items), settings, run_path, resume, empty_context
+                    rank, tuple(devices), rendezvous, source, blob, settings, run_path, resume, empty_context
                 )
                 processes.append(
                     start("trainer_core.training.distributed:rank_main", setup, {"events": events, "stop": stop})

@@ -4,8 +4,8 @@ ended for sure (joined, then terminated) whatever happens in the parent.
 A spawned child starts a fresh interpreter. It cannot import this pack by name on its own: ComfyUI (and the test
 harness) import the pack from a file path under a module name of their choice, with no sys.path entry that finds
 it. So the child runs `spawn_entry.py` by path (`runpy.run_path` is importable everywhere), which registers the
-pack under the parent's module name and only then unpickles the payload (settings, items, the model source) and
-calls the target. Parent and child therefore share one module name and every pickled class resolves.
+pack under the parent's module name and only then takes the payload (settings, items, the model source) from its
+setup queue and calls the target. Parent and child therefore share one module name and every class resolves.
 
 ComfyUI's `main.py` is a script with start-up work at module level; spawn would re-run it in every child as
 `__mp_main__` (argument parsing, prestartup scripts, the asset seeder). `_main_not_rerun` marks the main module
@@ -18,19 +18,22 @@ from __future__ import annotations
 
 import contextlib
 import importlib.machinery
-import pickle
 import runpy
 import sys
 import time
 import traceback
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 import torch.multiprocessing as mp
+from safetensors.torch import load as load_tensors
+from safetensors.torch import save as save_tensors
 from torch import nn
 
+from .data import TrainItem
 from .trainer import TrainCallbacks
 
 PACK_DIR = Path(__file__).resolve().parents[2]
@@ -44,6 +47,34 @@ class ModelSource(Protocol):
     model's seed), never the module itself. `load` runs in the worker."""
 
     def load(self, device: torch.device) -> nn.Module: ...
+
+
+@dataclass(frozen=True)
+class ItemsBlob:
+    """Training items as one safetensors buffer. Tensors put on a queue as they are would be moved to shared memory
+    with one file descriptor each, and an album of a few hundred items with references runs past the usual limit
+    of open files; one buffer is one copy per worker, whatever the album's size."""
+
+    data: bytes
+    names: tuple[str, ...]
+    refs: tuple[int, ...]
+
+    @classmethod
+    def of(cls, items: Sequence[TrainItem]) -> ItemsBlob:
+        tensors = {}
+        for i, item in enumerate(items):
+            tensors[f"{i}.latent"] = item.latent.detach().cpu().contiguous()
+            tensors[f"{i}.context"] = item.context.detach().cpu().contiguous()
+            for k, ref in enumerate(item.refs):
+                tensors[f"{i}.ref.{k}"] = ref.detach().cpu().contiguous()
+        return cls(save_tensors(tensors), tuple(it.name for it in items), tuple(len(it.refs) for it in items))
+
+    def items(self) -> tuple[TrainItem, ...]:
+        t = load_tensors(self.data)
+        return tuple(
+            TrainItem(t[f"{i}.latent"], t[f"{i}.context"], tuple(t[f"{i}.ref.{k}"] for k in range(n)), name)
+            for i, (name, n) in enumerate(zip(self.names, self.refs, strict=True))
+        )
 
 
 class WorkerFailed(RuntimeError):
@@ -91,13 +122,16 @@ def _main_not_rerun() -> Iterator[None]:
 def start(target: str, payload: Any, channels: dict[str, Any]) -> mp.Process:
     """Start one spawned process running `target` ('trainer_core.training.workers:worker_main', relative to the
     pack) as target(payload, **channels). `channels` are multiprocessing queues/events (passed by the spawn
-    machinery); `payload` travels pickled and is unpickled once the pack is registered in the child."""
+    machinery); `payload` goes through a queue the child reads once the pack is registered there."""
     context = mp.get_context("spawn")
+    setup = context.Queue()
+    setup.put(payload)
+    setup.cancel_join_thread()  # a child that dies before reading it must not hold this process at exit
     init = {
         "PACK_NAME": PACK_NAME,
         "PACK_DIR": str(PACK_DIR),
         "TARGET": target,
-        "PAYLOAD": pickle.dumps(payload),
+        "SETUP": setup,
         "CHANNELS": channels,
         "THREADS": torch.get_num_threads(),  # CPU results depend on the intra-op split: match the parent's
     }
@@ -106,6 +140,8 @@ def start(target: str, payload: Any, channels: dict[str, Any]) -> mp.Process:
     )
     with _main_not_rerun():
         process.start()
+    # start() drops its reference to the arguments; the queue must live until the child has opened it.
+    process.setup_queue = setup
     return process
 
 

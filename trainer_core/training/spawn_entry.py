@@ -1,13 +1,12 @@
 """What a spawned training process runs first (by path, through runpy.run_path; see spawn.py): register this pack
-under the parent's module name, then unpickle the payload and call the target. Only the standard library is
-imported before the pack is registered."""
+under the parent's module name, then read the payload from the setup queue and call the target. Only the standard
+library and torch are imported before the pack is registered."""
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
 import os
-import pickle
 import sys
 import sysconfig
 
@@ -41,7 +40,7 @@ def main(init: dict) -> None:
     _register_pack(init["PACK_NAME"], init["PACK_DIR"])
     module, function = init["TARGET"].split(":")
     target = getattr(importlib.import_module(f"{init['PACK_NAME']}.{module}"), function)
-    target(pickle.loads(init["PAYLOAD"]), **init["CHANNELS"])
+    target(init["SETUP"].get(), **init["CHANNELS"])
 
 
 if __name__ == "__klein_lab_worker__":

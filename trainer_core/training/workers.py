@@ -27,7 +27,7 @@ from torch import Tensor
 from ..runs.runfolder import RunFolder
 from .data import TrainItem
 from .settings import TrainSettings
-from .spawn import ModelSource, QueueCallbacks, WorkerFailed, error_text, start, stop_all
+from .spawn import ItemsBlob, ModelSource, QueueCallbacks, WorkerFailed, error_text, start, stop_all
 from .trainer import train
 
 POLL_S = 0.05  # how often the parent looks at Cancel while no event arrives
@@ -47,7 +47,7 @@ class RunJob:
 class _WorkerSetup:
     device: str
     source: ModelSource
-    items: tuple[TrainItem, ...]
+    items: ItemsBlob
     empty_context: Tensor | None
 
 
@@ -76,6 +76,7 @@ def worker_main(setup: _WorkerSetup, jobs, events, stop) -> None:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         model = setup.source.load(device)
+        items = setup.items.items()
         while not stop.is_set():
             job: RunJob | None = jobs.get()
             if job is None:
@@ -85,7 +86,7 @@ def worker_main(setup: _WorkerSetup, jobs, events, stop) -> None:
             run = RunFolder.open(job.path)
             result = train(
                 model,
-                setup.items,
+                items,
                 job.settings,
                 run,
                 QueueCallbacks(key, events, stop),
@@ -125,7 +126,8 @@ def train_runs_on_devices(
     count = min(len(devices), len(jobs))
     for _ in range(count):
         job_queue.put(None)  # one sentinel per worker: no job left
-    setup = [_WorkerSetup(d, source, tuple(items), empty_context) for d in devices[:count]]
+    blob = ItemsBlob.of(items)
+    setup = [_WorkerSetup(d, source, blob, empty_context) for d in devices[:count]]
     processes: list[mp.Process] = []
     done: dict[int, RunDone] = {}
     failure = ""
