@@ -12,7 +12,7 @@ from klein_lora_lab.trainer_core.model.tiny import TinySource, TinySpec, tiny_kl
 from klein_lora_lab.trainer_core.runs.runfolder import RunFolder
 from klein_lora_lab.trainer_core.training.data import TrainItem
 from klein_lora_lab.trainer_core.training.settings import TrainSettings
-from klein_lora_lab.trainer_core.training.spawn import WorkerFailed, parse_devices
+from klein_lora_lab.trainer_core.training.spawn import ItemsBlob, WorkerFailed, parse_devices
 from klein_lora_lab.trainer_core.training.trainer import train
 from klein_lora_lab.trainer_core.training.workers import RunJob, train_runs_on_devices
 
@@ -122,3 +122,15 @@ def test_a_model_that_does_not_load_fails_the_pool(tmp_path: Path) -> None:
         train_runs_on_devices([RunJob(0, tmp_path / "y", s, False)], ["cpu"], _BrokenSource(), _items())
     _no_children_left()
     assert RunFolder.open(tmp_path / "y").checkpoints() == []
+
+
+def test_items_travel_whole_even_as_views_of_one_batch() -> None:
+    """Items whose tensors are views of one encoded batch (as the encoder's cache hands them out) reach a worker
+    with the same values, shapes, references and names."""
+    batch = torch.randn(3, 128, 2, 2)
+    refs = torch.randn(3, 128, 2, 2)
+    items = [TrainItem(batch[i], batch[i, :3, 0], (refs[i],), name=f"v{i}") for i in range(3)]
+    back = ItemsBlob.of(items).items()
+    for a, b in zip(items, back, strict=True):
+        assert a.name == b.name and torch.equal(a.latent, b.latent) and torch.equal(a.context, b.context)
+        assert len(b.refs) == 1 and torch.equal(a.refs[0], b.refs[0])

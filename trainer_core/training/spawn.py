@@ -31,7 +31,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load as load_tensors
 from safetensors.torch import save as save_tensors
-from torch import nn
+from torch import Tensor, nn
 
 from .data import TrainItem
 from .trainer import TrainCallbacks
@@ -61,12 +61,14 @@ class ItemsBlob:
 
     @classmethod
     def of(cls, items: Sequence[TrainItem]) -> ItemsBlob:
+        def own(t: Tensor) -> Tensor:  # a copy: items may be views of one encoded batch, which safetensors refuses
+            return t.detach().to("cpu", copy=True).contiguous()
+
         tensors = {}
         for i, item in enumerate(items):
-            tensors[f"{i}.latent"] = item.latent.detach().cpu().contiguous()
-            tensors[f"{i}.context"] = item.context.detach().cpu().contiguous()
+            tensors[f"{i}.latent"], tensors[f"{i}.context"] = own(item.latent), own(item.context)
             for k, ref in enumerate(item.refs):
-                tensors[f"{i}.ref.{k}"] = ref.detach().cpu().contiguous()
+                tensors[f"{i}.ref.{k}"] = own(ref)
         return cls(save_tensors(tensors), tuple(it.name for it in items), tuple(len(it.refs) for it in items))
 
     def items(self) -> tuple[TrainItem, ...]:
