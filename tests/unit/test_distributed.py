@@ -10,7 +10,7 @@ import pytest
 import torch
 from klein_lora_lab.trainer_core.lora.lora_file import load_lora
 from klein_lora_lab.trainer_core.model.tiny import TinySource, TinySpec, tiny_klein
-from klein_lora_lab.trainer_core.runs.runfolder import RunFolder
+from klein_lora_lab.trainer_core.runs.runfolder import RunFolder, checkpoint_step
 from klein_lora_lab.trainer_core.training.data import TrainItem
 from klein_lora_lab.trainer_core.training.distributed import train_data_parallel
 from klein_lora_lab.trainer_core.training.settings import TrainSettings
@@ -99,3 +99,25 @@ def test_batch_that_does_not_split_is_refused(tmp_path: Path) -> None:
     settings = TrainSettings(**{**SETTINGS, "batch_size": 3})
     with pytest.raises(ValueError, match="multiple of 2"):
         train_data_parallel(TinySource(SPEC), _items(), settings, tmp_path / "x", ["cpu", "cpu"])
+
+
+def test_cancel_stops_every_rank_at_the_same_step_and_keeps_it(tmp_path: Path) -> None:
+    """Cancel seen by the launcher after step 2 stops both ranks at one step (no rank waits forever in a
+    collective); rank 0 checkpoints that step, the run is 'stopped' and resumable, no process stays."""
+    settings = TrainSettings(**{**SETTINGS, "steps": 400, "checkpoint_every": 0})
+    RunFolder.create(tmp_path / "dp", settings, {})
+    seen: list[int] = []
+
+    def on_event(event: tuple) -> None:
+        if event[0] == "step":
+            seen.append(event[2])
+
+    done = train_data_parallel(
+        TinySource(SPEC), _items(), settings, tmp_path / "dp", ["cpu", "cpu"], empty_context=EMPTY,
+        on_event=on_event, should_stop=lambda: len(seen) >= 2,
+    )  # fmt: skip
+    assert multiprocessing.active_children() == []
+    run = RunFolder.open(tmp_path / "dp")
+    assert done.stopped_early and 2 <= done.steps_done < 400
+    assert checkpoint_step(run.latest_resumable()) == done.steps_done and run.meta["status"] == "stopped"
+    assert [r["step"] for r in run.read_metrics()] == list(range(1, done.steps_done + 1))
