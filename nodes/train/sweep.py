@@ -104,6 +104,7 @@ class KleinLabSweep(io.ComfyNode):
                     "(targets and presets by ';' or lines). The lab's lr: 1e-5 timid, 5e-5 default, 2e-4 frantic.",
                 ),
                 *base_inputs(),
+                io.Vae.Input("vae", optional=True, tooltip="Decode the previews with this VAE."),
                 io.String.Input(
                     "devices",
                     default="",
@@ -112,7 +113,6 @@ class KleinLabSweep(io.ComfyNode):
                     "'auto' = every GPU): one run per GPU at the same time, each in its own process loading the "
                     "same model file; Cancel stops them all and keeps every run. Workers render no previews.",
                 ),
-                io.Vae.Input("vae", optional=True, tooltip="Decode the previews with this VAE."),
             ],
             outputs=[
                 SWEEP.Output(display_name="sweep", tooltip="The runs of the sweep, with the knob and values."),

@@ -164,6 +164,12 @@ class KleinLabTrainLora(io.ComfyNode):
                     optional=True,
                     tooltip="Decode previews with this VAE; without it previews are a rough latent view.",
                 ),
+                TRAINING_OPTIONS.Input(
+                    "options",
+                    optional=True,
+                    tooltip="From 'Klein Training Options' (memory, optimizer, schedule, EMA, ...). Without it: "
+                    "memory auto and the preset's choices; a resumed run keeps its own.",
+                ),
                 io.String.Input(
                     "devices",
                     default="",
@@ -171,12 +177,6 @@ class KleinLabTrainLora(io.ComfyNode):
                     tooltip="Empty: train on the MODEL's device, as always. 'cuda:0, cuda:1' (or 'auto' = every GPU): "
                     "one run spread over the GPUs, one process each loading the same model file; batch_size is "
                     "per GPU (the run trains with batch_size × GPUs). No previews or live panel meanwhile.",
-                ),
-                TRAINING_OPTIONS.Input(
-                    "options",
-                    optional=True,
-                    tooltip="From 'Klein Training Options' (memory, optimizer, schedule, EMA, ...). Without it: "
-                    "memory auto and the preset's choices; a resumed run keeps its own.",
                 ),
             ],
             outputs=[
