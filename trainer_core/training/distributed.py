@@ -35,7 +35,7 @@ from .settings import TrainSettings
 from .shard import Shard
 from .spawn import ItemsBlob, ModelSource, QueueCallbacks, WorkerFailed, error_text, start, stop_all
 from .trainer import TrainCallbacks, train
-from .workers import POLL_S, Event, RunDone
+from .workers import GRACE_POLLS, POLL_S, Event, RunDone
 
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0"}
 
@@ -168,20 +168,23 @@ def train_data_parallel(
 def _follow(processes, events, stop, on_event, should_stop) -> tuple[RunDone | None, str]:
     done: RunDone | None = None
     failure = ""
+    quiet = 0  # polls in a row without an event
     while True:
         if should_stop is not None and not stop.is_set() and should_stop():
             stop.set()
         try:
             event = events.get(timeout=POLL_S)
         except queue.Empty:
+            quiet += 1
             dead = [p for p in processes if p.exitcode not in (None, 0)]
-            if dead and not failure:
+            if dead and not failure and quiet > GRACE_POLLS:  # its own error report, if any, came first
                 failure = f"a rank ended with exit code {dead[0].exitcode}: the run stopped."
                 for p in processes:  # the others wait in a collective that never completes
                     p.terminate()
-            if all(not p.is_alive() for p in processes):
+            if all(not p.is_alive() for p in processes) and (failure or not dead):
                 return done, failure
             continue
+        quiet = 0
         if event[0] == "done":
             _, key, device, steps, stopped, last, loss, notes = event
             done = RunDone(key, device, steps, stopped, Path(last) if last else None, loss, tuple(notes))

@@ -13,7 +13,7 @@ import json
 import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -223,8 +223,10 @@ class _Run:
         self.probe = probe
         blocks = [*model.double_blocks, *model.single_blocks]
         tokens = _largest_tokens(self.items)
+        # A data-parallel rank holds the activations of its slice of the batch only.
+        planned = settings if shard is None else replace(settings, batch_size=-(-settings.batch_size // shard.world))
         self.plan: MemoryPlan = plan_memory(
-            settings, read_shape(model), tokens, self.compile_blocks, lora_params, probe, cast_weight_bytes(blocks)
+            planned, read_shape(model), tokens, self.compile_blocks, lora_params, probe, cast_weight_bytes(blocks)
         )
         self.last_checkpoint: Path | None = None
         self.last_saved_step = -1

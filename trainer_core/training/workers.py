@@ -31,6 +31,7 @@ from .spawn import ItemsBlob, ModelSource, QueueCallbacks, WorkerFailed, error_t
 from .trainer import train
 
 POLL_S = 0.05  # how often the parent looks at Cancel while no event arrives
+GRACE_POLLS = 20  # a process that ended with an error gets 1 s for its report to arrive before its exit code is all
 
 
 @dataclass(frozen=True)
@@ -153,19 +154,23 @@ def train_runs_on_devices(
 def _follow(processes, events, stop, done: dict[int, RunDone], on_event, should_stop) -> str:
     """Relay events until every worker has ended; returns the first failure ('' when none)."""
     failure = ""
+    quiet = 0  # polls in a row without an event
     while True:
         if should_stop is not None and not stop.is_set() and should_stop():
             stop.set()
         try:
             event = events.get(timeout=POLL_S)
         except queue.Empty:
+            quiet += 1
             dead = [p for p in processes if p.exitcode not in (None, 0)]
-            if dead and not failure:  # ended without a word (out of host memory, a signal, a failed start)
+            # A worker's own error report may still be in the pipe when it has ended: give it GRACE_POLLS to come.
+            if dead and not failure and quiet > GRACE_POLLS:  # ended without a word (a signal, a failed start)
                 failure = f"a worker process ended with exit code {dead[0].exitcode} before finishing its runs."
                 stop.set()
-            if all(not p.is_alive() for p in processes):
+            if all(not p.is_alive() for p in processes) and (failure or not dead):
                 break
             continue
+        quiet = 0
         if event[0] == "done":
             key, device, steps, stopped, last, loss, notes = event[1:]
             done[key] = RunDone(key, device, steps, stopped, Path(last) if last else None, loss, tuple(notes))
