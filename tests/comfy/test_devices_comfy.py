@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 from harness.fixtures import tiny_conditioning_path
 from harness.prompts import train_prompt
 from harness.workflow_prompt import make_album
@@ -104,3 +105,45 @@ def test_train_node_on_two_processes_matches_the_effective_batch(comfy_server, t
     losses = [r["loss"] for r in alone.read_metrics()]
     assert [r["loss"] for r in dp.read_metrics()] == pytest.approx(losses, rel=1e-5, abs=1e-7)
     assert dp.meta["status"] == "finished"
+
+
+def test_worker_progress_shows_one_bar_and_a_line_per_worker(comfy_root) -> None:
+    """The Sweep node's progress on several devices: one bar over every run's steps, and per run a line with its
+    device, label, step and loss, which says 'stopped' or 'finished' at the end."""
+    from klein_lora_lab.nodes.comfy.feedback import WorkersProgress
+
+    progress = WorkersProgress(None, {0: ("learning_rate=0.001", 4), 1: ("learning_rate=0.005", 4)})
+    progress.event(("started", 0, "cuda:0"))
+    progress.event(("started", 1, "cuda:1"))
+    progress.event(("step", 0, 3, 4, 0.25, 1e-3, 0.1))
+    progress.event(("step", 1, 2, 4, 0.5, 5e-3, 0.1))
+    assert progress.bar.current == 5 and progress.bar.total == 8
+    assert progress.line(0) == "cuda:0 · learning_rate=0.001 · step 3/4 · loss 0.2500"
+    assert progress.line(1) == "cuda:1 · learning_rate=0.005 · step 2/4 · loss 0.5000"
+    progress.event(("done", 1, "cuda:1", 2, True, None, 0.5, ()))
+    assert progress.line(1) == "cuda:1 · learning_rate=0.005 · stopped at step 2"
+
+
+def test_worker_model_source_loads_the_same_file_and_refuses_patched_models(comfy_root, tiny_model_file) -> None:
+    """A MODEL from load_diffusion_model gives its loader's record; loading it again (as a worker does) gives the
+    same weights; a MODEL with a LoRA patched in upstream is refused with the fix."""
+    import comfy.model_management as mm
+    import comfy.sd
+    from klein_lora_lab.nodes.comfy.worker_model import WorkerModelError, model_source
+
+    patcher = comfy.sd.load_diffusion_model(str(tiny_model_file))
+    source = model_source(patcher)
+    assert source.loader == "comfy.sd:load_diffusion_model" and source.args[0] == str(tiny_model_file)
+    previous = mm.in_training
+    try:
+        module = source.load(torch.device("cpu"))
+    finally:
+        mm.in_training = previous
+    original = patcher.model.diffusion_model.state_dict()
+    assert module.state_dict().keys() == original.keys()
+    assert all(torch.equal(v, original[k]) for k, v in module.state_dict().items())
+    patched = patcher.clone()
+    key = next(k for k in patched.model.state_dict() if k.endswith("img_in.weight"))
+    patched.add_patches({key: (torch.zeros_like(patched.model.state_dict()[key]),)}, 1.0)
+    with pytest.raises(WorkerModelError, match="LoRA loaded before this node"):
+        model_source(patched)

@@ -15,6 +15,7 @@ from klein_lora_lab.trainer_core.training.data import TrainItem
 from klein_lora_lab.trainer_core.training.distributed import train_data_parallel
 from klein_lora_lab.trainer_core.training.settings import TrainSettings
 from klein_lora_lab.trainer_core.training.shard import Shard
+from klein_lora_lab.trainer_core.training.spawn import WorkerFailed
 from klein_lora_lab.trainer_core.training.trainer import train
 
 SPEC = TinySpec(hidden=128, double_blocks=1, single_blocks=1, context_dim=16)
@@ -121,3 +122,26 @@ def test_cancel_stops_every_rank_at_the_same_step_and_keeps_it(tmp_path: Path) -
     assert done.stopped_early and 2 <= done.steps_done < 400
     assert checkpoint_step(run.latest_resumable()) == done.steps_done and run.meta["status"] == "stopped"
     assert [r["step"] for r in run.read_metrics()] == list(range(1, done.steps_done + 1))
+
+
+class _RankZeroCannotLoad:
+    """Rank 0's copy of the model fails to load (e.g. out of memory on its GPU); the other rank's loads and then
+    waits for rank 0 in the first collective."""
+
+    def load(self, device: torch.device):
+        import torch.distributed as dist
+
+        if dist.get_rank() == 0:
+            raise MemoryError("no room for the model on rank 0")
+        return tiny_klein(SPEC)
+
+
+def test_a_failing_rank_ends_the_run_with_its_error(tmp_path: Path) -> None:
+    """When one rank fails while the other waits in a collective, the launcher reports that rank's error and ends
+    every process (none is left waiting); the run folder keeps no checkpoint."""
+    settings = TrainSettings(**SETTINGS)
+    RunFolder.create(tmp_path / "dp", settings, {})
+    with pytest.raises(WorkerFailed, match="rank 0 on cpu failed: MemoryError: no room"):
+        train_data_parallel(_RankZeroCannotLoad(), _items(), settings, tmp_path / "dp", ["cpu", "cpu"])
+    assert multiprocessing.active_children() == []
+    assert RunFolder.open(tmp_path / "dp").checkpoints() == []
