@@ -38,9 +38,9 @@ def data_parallel_settings(settings: TrainSettings, devices: list[str]) -> Train
 def train_on_devices(
     model_patcher, items, settings: TrainSettings, run: RunFolder, resume: bool, node_id: str | None,
     empty_context: Tensor | None, devices: list[str],
-) -> tuple[RunFolder, RunDone, bool, str]:  # fmt: skip
-    """Train the run data-parallel on `devices`; returns (the run as the ranks left it, rank 0's report,
-    interrupted, status)."""
+) -> tuple[RunFolder, RunDone | None, bool, str]:  # fmt: skip
+    """Train the run data-parallel on `devices`; returns (the run as the ranks left it, rank 0's report (None
+    when Cancel came through ComfyUI's progress hook), interrupted, status)."""
     source = model_source(model_patcher)  # refused before any process starts when workers cannot rebuild it
     first = checkpoint_step(run.latest_resumable()) if resume and run.latest_resumable() is not None else 0
     progress = LiveProgress(settings.steps, node_id, run.path.name, first)
@@ -51,10 +51,13 @@ def train_on_devices(
         if event[0] == "step":
             progress.step(event[2], event[4], event[5])
 
-    done = train_data_parallel(
-        source, items, settings, run.path, devices, resume, empty_context, on_event, interrupt_requested
-    )
-    interrupted = done.stopped_early and interrupt_requested()
+    try:
+        done = train_data_parallel(
+            source, items, settings, run.path, devices, resume, empty_context, on_event, interrupt_requested
+        )
+        interrupted = done.stopped_early and interrupt_requested()
+    except mm.InterruptProcessingException:  # ComfyUI's progress hook saw Cancel first; the ranks stopped all the same
+        done, interrupted = None, True
     run = RunFolder.open(run.path)  # rank 0 rewrote run.json
     status = "cancelled" if interrupted else ("stopped" if done.stopped_early else "finished")
     if interrupted:

@@ -176,21 +176,33 @@ def _train_on_devices(
     mm.unload_all_models()  # a worker on this process's GPU needs the memory of the MODEL held here
     mm.soft_empty_cache()
     progress = WorkersProgress(node_id, {job.key: (plan.runs[job.key].label, job.settings.steps) for job in jobs})
+    resumed = {job.key: job.resume for job in jobs}
 
     def on_event(event: tuple) -> None:
         progress.event(event)
         if event[0] in ("started", "done"):
             run_plan = plan.runs[event[1]]
-            status = "training" if event[0] == "started" else ("stopped" if event[4] else "finished")
+            verb = "resuming" if resumed[event[1]] else "training"
+            status = verb if event[0] == "started" else ("stopped" if event[4] else "finished")
             data = {"sweep": plan.name, "index": event[1], "total": total, "run": run_plan.name}
             send_event(EVENT_SWEEP_RUN, {**data, "label": run_plan.label, "status": status, "device": event[2]})
 
-    done = train_runs_on_devices(
-        jobs, devices, source, encoded.items, encoded.empty_context, on_event, interrupt_requested
-    )
-    state = statuses(root, plan)
-    write_manifest(root, plan, state)
-    interrupted = any(d.stopped_early for d in done) or len(done) < len(jobs)
+    done = []
+    cancelled = False
+    try:
+        done = train_runs_on_devices(
+            jobs, devices, source, encoded.items, encoded.empty_context, on_event, interrupt_requested
+        )
+    except mm.InterruptProcessingException:
+        cancelled = True  # ComfyUI's progress hook saw Cancel first; the workers were stopped and kept all the same
+    finally:  # the manifest says what is on disk, also after a failed worker
+        state = statuses(root, plan)
+        write_manifest(root, plan, state)
+    interrupted = cancelled or any(d.stopped_early for d in done) or len(done) < len(jobs)
+    for job in jobs if interrupted else ():
+        run = RunFolder.open(job.path)
+        if run.meta.get("status") == "stopped":  # as the Train node: run.json says the artist cancelled it
+            run.update(status="interrupted")
     trained = [
         TrainOutcome(runs[d.key], None, d.last_checkpoint, [], interrupted, progress.line(d.key), "finished")
         for d in done

@@ -227,10 +227,12 @@ def train_in_comfy(
         run, done, interrupted, status = train_on_devices(
             model_patcher, items, settings, run, resume, node_id, empty_context, devices
         )
-        extra = f"batch {settings.batch_size} over {', '.join(devices)}, final loss {done.final_loss:.4f}"
-        message = _outcome_message(status, run, settings, done.last_checkpoint, extra)
+        checkpoint = run.latest_checkpoint()
+        extra = f"batch {settings.batch_size} over {', '.join(devices)}"
+        extra += f", final loss {done.final_loss:.4f}" if done is not None else ""
+        message = _outcome_message(status, run, settings, checkpoint, extra)
         _tell_node(node_id, message)
-        return TrainOutcome(run, None, done.last_checkpoint, [], interrupted, message, status)
+        return TrainOutcome(run, None, checkpoint, [], interrupted, message, status)
     patcher = model_patcher.clone()  # shares the weights; only our loading bookkeeping touches the clone
     progress = LiveProgress(settings.steps, node_id, run.path.name, first)
     interrupted = False

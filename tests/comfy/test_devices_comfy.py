@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -25,10 +27,10 @@ STEPS = 4
 EVERY = 2
 
 
-def sweep_prompt(album: Path, cond_file: Path) -> dict[str, Any]:
+def sweep_prompt(album: Path, cond_file: Path, name: str = SWEEP, steps: int = STEPS) -> dict[str, Any]:
     """The training graph of harness.prompts with a Sweep over the learning rate on two CPU workers."""
-    prompt = {k: v for k, v in train_prompt(album, cond_file, "unused", STEPS).items() if k in "12345"}
-    widgets = dict(preset="style", rank=4, alpha=0.0, learning_rate=0.0, steps=STEPS, batch_size=1)
+    prompt = {k: v for k, v in train_prompt(album, cond_file, "unused", steps).items() if k in "12345"}
+    widgets = dict(preset="style", rank=4, alpha=0.0, learning_rate=0.0, steps=steps, batch_size=1)
     widgets.update(checkpoint_every=EVERY, sample_every=0, sample_steps=2, sample_cfg=1.0, seed=3)
     widgets.update(targets="attention", validation_every=2, validation_holdout=0.0)
     prompt["6"] = {
@@ -36,7 +38,7 @@ def sweep_prompt(album: Path, cond_file: Path) -> dict[str, Any]:
         "inputs": {
             "model": ["1", 0],
             "encoded_dataset": ["5", 0],
-            "sweep_name": SWEEP,
+            "sweep_name": name,
             "knob": "learning_rate",
             "values": ", ".join(f"{v:g}" for v in VALUES),
             "devices": "cpu, cpu",
@@ -147,3 +149,75 @@ def test_worker_model_source_loads_the_same_file_and_refuses_patched_models(comf
     patched.add_patches({key: (torch.zeros_like(patched.model.state_dict()[key]),)}, 1.0)
     with pytest.raises(WorkerModelError, match="LoRA loaded before this node"):
         model_source(patched)
+
+
+def _children(pid: int) -> list[str]:
+    """Command lines of the live child processes of `pid` (multiprocessing's resource tracker left out: it
+    serves the whole server, not one sweep)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue  # ended while we looked
+        if int(fields[1]) == pid and fields[0] != "Z" and "resource_tracker" not in cmdline:
+            found.append(cmdline)
+    return found
+
+
+def test_cancel_stops_every_worker_and_keeps_every_run(comfy_server, tiny_spec) -> None:
+    """Cancel while both workers train ends the prompt as interrupted; each run keeps a resumable checkpoint of
+    the step it stopped at (run.json: interrupted, the manifest: partial), and no worker process outlives it."""
+    from klein_lora_lab.trainer_core.runs.runfolder import RunFolder, checkpoint_step
+
+    cond_file = tiny_conditioning_path(tiny_spec, tokens=8)
+    album = make_album(comfy_server.base_dir / "input" / "album_devcancel", label="devcancel", tint=37)
+    root = comfy_server.base_dir / "output" / "klein_lora_lab" / "runs"
+    runs = [f"devcancel-learning_rate-{v:g}" for v in VALUES]
+    prompt_id = comfy_server.queue_prompt(sweep_prompt(album, cond_file, "devcancel", steps=400))
+    deadline = time.monotonic() + 300
+    firsts = [root / r / "checkpoints" / f"step_{EVERY:06d}.safetensors" for r in runs]
+    while not all(p.exists() for p in firsts):
+        assert time.monotonic() < deadline, comfy_server.log_tail()
+        time.sleep(0.1)
+    comfy_server.interrupt()
+    entry = comfy_server.wait_history(prompt_id, timeout_s=300)
+    assert entry["status"]["status_str"] == "error"
+    for name in runs:
+        run = RunFolder.open(root / name)
+        assert run.meta["status"] == "interrupted"
+        assert EVERY <= checkpoint_step(run.latest_resumable()) < 400
+    manifest = json.loads((root / "devcancel.sweep.json").read_text())
+    assert [r["status"] for r in manifest["runs"]] == ["partial", "partial"]
+    deadline = time.monotonic() + 30
+    while _children(comfy_server.process.pid):
+        assert time.monotonic() < deadline, _children(comfy_server.process.pid)
+        time.sleep(0.2)
+
+
+def test_cancel_of_a_data_parallel_run_keeps_it(comfy_server, tiny_spec) -> None:
+    """Cancel during a Train-node run on 'cpu, cpu' ends the prompt as interrupted; rank 0 kept a resumable
+    checkpoint of the step both ranks stopped at (run.json: interrupted) and no rank outlives it."""
+    from klein_lora_lab.trainer_core.runs.runfolder import RunFolder, checkpoint_step
+
+    cond_file = tiny_conditioning_path(tiny_spec, tokens=8)
+    album = make_album(comfy_server.base_dir / "input" / "album_dpcancel", label="dpcancel", tint=43)
+    root = comfy_server.base_dir / "output" / "klein_lora_lab" / "runs"
+    prompt = train_prompt(album, cond_file, "dpcancel", 400, checkpoint_every=1, sample_every=0)
+    prompt["6"]["inputs"].update(devices="cpu, cpu")
+    prompt_id = comfy_server.queue_prompt(prompt)
+    first = root / "dpcancel" / "checkpoints" / "step_000001.safetensors"
+    deadline = time.monotonic() + 300
+    while not first.exists():
+        assert time.monotonic() < deadline, comfy_server.log_tail()
+        time.sleep(0.1)
+    comfy_server.interrupt()
+    entry = comfy_server.wait_history(prompt_id, timeout_s=300)
+    assert entry["status"]["status_str"] == "error"
+    run = RunFolder.open(root / "dpcancel")
+    assert run.meta["status"] == "interrupted" and 1 <= checkpoint_step(run.latest_resumable()) < 400
+    deadline = time.monotonic() + 30
+    while _children(comfy_server.process.pid):
+        assert time.monotonic() < deadline, _children(comfy_server.process.pid)
+        time.sleep(0.2)
