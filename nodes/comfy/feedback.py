@@ -83,3 +83,47 @@ class LiveProgress:
 
     def preview(self, step: int, image: Image.Image) -> None:
         self.bar.update_absolute(step, self.total, preview=("JPEG", image, 512))
+
+
+class WorkersProgress:
+    """The runs of a sweep trained by worker processes: one bar over every run's steps, one text line per run
+    (device, label, step, loss), refreshed at most 10 times a second."""
+
+    def __init__(self, node_id: str | None, runs: dict[int, tuple[str, int]]) -> None:
+        self.node_id = node_id
+        self.runs = runs  # key -> (label, steps)
+        self.steps = dict.fromkeys(runs, 0)
+        self.lines: dict[int, str] = {}
+        self.devices: dict[int, str] = {}
+        self.total = max(1, sum(steps for _, steps in runs.values()))
+        self.bar = comfy.utils.ProgressBar(self.total, node_id=node_id)
+        self.last_text = 0.0
+
+    def line(self, key: int) -> str:
+        return self.lines.get(key, "")
+
+    def event(self, event: tuple) -> None:
+        """One event of train_runs_on_devices: ('started', key, device), ('step', key, step, total, loss, ...),
+        ('done', key, device, ...)."""
+        kind, key = event[0], event[1]
+        label, steps = self.runs.get(key, ("", 0))
+        if kind == "started":
+            self.devices[key] = event[2]
+            self.lines[key] = f"{event[2]} · {label} · starting"
+        elif kind == "step":
+            self.steps[key] = event[2]
+            self.lines[key] = f"{self.devices.get(key, '?')} · {label} · step {event[2]}/{steps} · loss {event[4]:.4f}"
+            self.bar.update_absolute(sum(self.steps.values()), self.total)
+        elif kind == "done":
+            self.lines[key] = f"{event[2]} · {label} · {'stopped' if event[4] else 'finished'} at step {event[3]}"
+        else:
+            return
+        now = time.perf_counter()
+        if kind == "step" and now - self.last_text < TEXT_INTERVAL_S:
+            return
+        self.last_text = now
+        server = prompt_server()
+        if server is not None and self.node_id is not None:
+            server.send_progress_text(
+                "\n".join(self.lines[k] for k in sorted(self.lines)), self.node_id, server.client_id
+            )

@@ -4,6 +4,11 @@ in sequence on the loaded MODEL; the sweep's socket type; the runs of a sweep as
 Queueing a sweep again continues it: finished runs are skipped, a partial run resumes from its last checkpoint,
 missing runs start. Cancel keeps every finished run and the checkpoint of the run in progress (the Train node's
 rule), and the manifest `<runs>/<sweep>.sweep.json` is rewritten after every run.
+
+With `devices` (e.g. cuda:0, cuda:1) the runs go one per device instead, in worker processes that load the
+MODEL's file again (worker_model.py) and train through the same `train(...)`; the node shows one line per
+worker and one bar for the whole sweep; Cancel stops every worker at its next step, each keeping its checkpoint.
+Workers render no previews (scrub the sweep afterwards).
 """
 
 from __future__ import annotations
@@ -34,10 +39,13 @@ from ...trainer_core.runs.sweep import (
 )
 from ...trainer_core.training.options import with_default_options
 from ...trainer_core.training.trainer import RESUMABLE_CHANGES
-from .feedback import prompt_server, send_event
+from ...trainer_core.training.workers import RunJob, train_runs_on_devices
+from .feedback import WorkersProgress, prompt_server, send_event
+from .interrupt import interrupt_requested
 from .paths import register_runs_folder
 from .train_setup import new_or_resumed_run, sample_config, settings_from_widgets
 from .training import TrainOutcome, train_in_comfy
+from .worker_model import model_source
 
 LOG = logging.getLogger("klein_lora_lab")
 SWEEP = io.Custom("KLEIN_SWEEP")
@@ -112,13 +120,16 @@ def train_sweep(
     sample_cfg: float,
     node_id: str | None,
     vae=None,
+    devices: list[str] | None = None,
 ) -> SweepOutcome:
-    """Train every unfinished run of `plan` in order (see the module doc). Stops at the first Cancel; the caller
-    reports the message and raises the interruption."""
+    """Train every unfinished run of `plan` in order, or spread over `devices` (see the module doc). Stops at
+    the first Cancel; the caller reports the message and raises the interruption."""
     root = register_runs_folder()
     check_existing(root, plan, RESUMABLE_CHANGES)
     state = statuses(root, plan)
     write_manifest(root, plan, state)
+    if devices:
+        return _train_on_devices(model_patcher, encoded, plan, state, node_id, devices)
     trained: list[TrainOutcome] = []
     total = len(plan.runs)
     for run_plan in plan.runs:
@@ -161,5 +172,77 @@ def train_sweep(
     last = RunFolder.open(root / plan.runs[-1].name).latest_checkpoint()
     done = ", ".join(r.label for r in plan.runs)
     message = f"Sweep '{plan.name}' finished: {total} runs of {plan.knob} ({done}); {len(trained)} trained now."
+    _say(node_id, message)
+    return SweepOutcome(Sweep.of(plan), trained, False, last, message)
+
+
+def _train_on_devices(
+    model_patcher, encoded: EncodedDataset, plan: SweepPlan, state: list[str], node_id: str | None, devices: list[str]
+) -> SweepOutcome:
+    """The unfinished runs of `plan`, one per device in worker processes (train_runs_on_devices)."""
+    import comfy.model_management as mm
+
+    root = register_runs_folder()
+    source = model_source(model_patcher)  # refused before any folder is touched when workers cannot rebuild it
+    jobs, runs = [], {}
+    for run_plan in plan.runs:
+        if state[run_plan.index] == FINISHED:
+            continue
+        resume = state[run_plan.index] == PARTIAL
+        run = new_or_resumed_run(run_plan.name, run_plan.settings, encoded, resume)
+        settings = run_plan.settings
+        if resume:  # as the Train node: a resumed run keeps its own held-out share
+            settings = replace(settings, validation_holdout=run.settings.validation_holdout)
+        jobs.append(RunJob(run_plan.index, run.path, settings, resume))
+        runs[run_plan.index] = run
+    total = len(plan.runs)
+    _say(node_id, f"sweep '{plan.name}': {len(jobs)} run(s) of {total} on {', '.join(devices)}")
+    mm.unload_all_models()  # a worker on this process's GPU needs the memory of the MODEL held here
+    mm.soft_empty_cache()
+    progress = WorkersProgress(node_id, {job.key: (plan.runs[job.key].label, job.settings.steps) for job in jobs})
+    resumed = {job.key: job.resume for job in jobs}
+
+    def on_event(event: tuple) -> None:
+        progress.event(event)
+        if event[0] in ("started", "done"):
+            run_plan = plan.runs[event[1]]
+            verb = "resuming" if resumed[event[1]] else "training"
+            status = verb if event[0] == "started" else ("stopped" if event[4] else "finished")
+            data = {"sweep": plan.name, "index": event[1], "total": total, "run": run_plan.name}
+            send_event(EVENT_SWEEP_RUN, {**data, "label": run_plan.label, "status": status, "device": event[2]})
+
+    done = []
+    cancelled = False
+    try:
+        done = train_runs_on_devices(
+            jobs, devices, source, encoded.items, encoded.empty_context, on_event, interrupt_requested
+        )
+    except mm.InterruptProcessingException:
+        cancelled = True  # ComfyUI's progress hook saw Cancel first; the workers were stopped and kept all the same
+    finally:  # the manifest says what is on disk, also after a failed worker
+        state = statuses(root, plan)
+        write_manifest(root, plan, state)
+    interrupted = cancelled or any(d.stopped_early for d in done) or len(done) < len(jobs)
+    for job in jobs if interrupted else ():
+        run = RunFolder.open(job.path)
+        if run.meta.get("status") == "stopped":  # as the Train node: run.json says the artist cancelled it
+            run.update(status="interrupted")
+    trained = [
+        TrainOutcome(runs[d.key], None, d.last_checkpoint, [], interrupted, progress.line(d.key), "finished")
+        for d in done
+    ]
+    finished = sum(s == FINISHED for s in state)
+    if interrupted:
+        message = (
+            f"Sweep '{plan.name}' cancelled on {len(devices)} devices: {finished} of {total} runs finished, the "
+            "others kept at their last step. Queue the sweep again to continue it."
+        )
+        _say(node_id, message)
+        return SweepOutcome(Sweep.of(plan), trained, True, None, message)
+    last = RunFolder.open(root / plan.runs[-1].name).latest_checkpoint()
+    message = (
+        f"Sweep '{plan.name}' finished: {total} runs of {plan.knob} ({', '.join(r.label for r in plan.runs)}); "
+        f"{len(done)} trained now on {', '.join(devices)}."
+    )
     _say(node_id, message)
     return SweepOutcome(Sweep.of(plan), trained, False, last, message)

@@ -19,6 +19,7 @@ from ...trainer_core.runs.runfolder import RunFolder, checkpoint_step
 from ...trainer_core.training.sampling import CFG_MAX, CFG_MIN, flux2_sigmas, sample
 from ...trainer_core.training.settings import TrainSettings
 from ...trainer_core.training.trainer import TrainCallbacks, TrainResult, compiles_blocks, train
+from .data_parallel import train_on_devices
 from .feedback import LiveProgress, prompt_server
 from .images import decode_images, tensor_to_pil
 from .interrupt import interrupt_requested
@@ -208,9 +209,11 @@ def train_in_comfy(
     vae=None,
     clinic: ClinicSetup | None = None,
     sweep: dict[str, Any] | None = None,
+    devices: list[str] | None = None,
 ) -> TrainOutcome:
     """Train on the MODEL ComfyUI loaded, with progress, previews and the live panel; Cancel keeps the run, the
-    panel's Stop & keep (and the sweet-spot auto-stop) end it as a success.
+    panel's Stop & keep (and the sweet-spot auto-stop) end it as a success. With `devices` the run is spread
+    over them instead (data_parallel.py: settings already carry the effective batch; no previews nor panel).
 
     `sweep` says which run of a sweep this is (LivePanel.sweep: the panel shows "run 2 of 3: ..."); None alone.
     Returns the outcome; when the run was cancelled the caller reports `message` and calls `raise_interrupt()`.
@@ -223,6 +226,16 @@ def train_in_comfy(
         message = _outcome_message("already_finished", run, settings, checkpoint, "")
         _tell_node(node_id, message)
         return TrainOutcome(run, None, checkpoint, [], False, message, "already_finished")
+    if devices:
+        run, done, interrupted, status = train_on_devices(
+            model_patcher, items, settings, run, resume, node_id, empty_context, devices
+        )
+        checkpoint = run.latest_checkpoint()
+        extra = f"batch {settings.batch_size} over {', '.join(devices)}"
+        extra += f", final loss {done.final_loss:.4f}" if done is not None else ""
+        message = _outcome_message(status, run, settings, checkpoint, extra)
+        _tell_node(node_id, message)
+        return TrainOutcome(run, None, checkpoint, [], interrupted, message, status)
     patcher = model_patcher.clone()  # shares the weights; only our loading bookkeeping touches the clone
     progress = LiveProgress(settings.steps, node_id, run.path.name, first)
     interrupted = False

@@ -7,6 +7,7 @@ from comfy_api.latest import io
 
 from ...trainer_core.album.latent_cache import EncodedDataset
 from ...trainer_core.runs.sweep import knobs
+from ...trainer_core.training.spawn import parse_devices
 from ..comfy.interrupt import raise_interrupt
 from ..comfy.paths import lora_list_name
 from ..comfy.sockets import ENCODED_DATASET
@@ -49,6 +50,15 @@ class KleinLabSweep(io.ComfyNode):
                 ),
                 *training_widgets(sweep=True),
                 io.Vae.Input("vae", optional=True, tooltip="Decode the previews with this VAE."),
+                io.String.Input(
+                    "devices",
+                    default="auto",
+                    optional=True,
+                    tooltip="auto (the default): with two or more GPUs visible, one run per GPU at the same time, "
+                    "each in its own process loading the same model file (Cancel stops them all and keeps every "
+                    "run; workers render no previews); with one GPU, the runs train one after another in ComfyUI. "
+                    "'cuda:0, cuda:1': those GPUs. Empty: always one after another in ComfyUI.",
+                ),
             ],
             outputs=[
                 SWEEP.Output(display_name="sweep", tooltip="The runs of the sweep, with the knob and values."),
@@ -70,10 +80,12 @@ class KleinLabSweep(io.ComfyNode):
         sample_steps: int,
         sample_cfg: float,
         vae=None,
+        devices: str = "auto",
         **widgets,
     ) -> io.NodeOutput:
         plan = sweep_plan(sweep_name, knob, values, preset, widgets)
-        outcome = train_sweep(model, encoded_dataset, plan, sample_steps, sample_cfg, cls.hidden.unique_id, vae)
+        on = parse_devices(devices)
+        outcome = train_sweep(model, encoded_dataset, plan, sample_steps, sample_cfg, cls.hidden.unique_id, vae, on)
         if outcome.interrupted:
             raise_interrupt()
         lora_name = lora_list_name(outcome.last_checkpoint) if outcome.last_checkpoint else ""

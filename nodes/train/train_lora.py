@@ -11,6 +11,8 @@ from ...trainer_core.analysis.loss_curve import run_loss_curve
 from ...trainer_core.errors import check_number
 from ...trainer_core.training.options import TrainingOptions, keep_run_options, with_options
 from ...trainer_core.training.sampling import CFG_MAX, CFG_MIN
+from ...trainer_core.training.spawn import parse_devices
+from ..comfy.data_parallel import data_parallel_settings
 from ..comfy.interrupt import raise_interrupt
 from ..comfy.paths import lora_list_name
 from ..comfy.run_outputs import output_fingerprint, record_output
@@ -79,6 +81,14 @@ class KleinLabTrainLora(io.ComfyNode):
                     tooltip="From 'Klein Training Options' (memory, optimizer, schedule, EMA, ...). Without it: "
                     "memory auto and the preset's choices; a resumed run keeps its own.",
                 ),
+                io.String.Input(
+                    "devices",
+                    default="",
+                    optional=True,
+                    tooltip="Empty: train on the MODEL's device, as always. 'cuda:0, cuda:1' (or 'auto' = every GPU): "
+                    "one run spread over the GPUs, one process each loading the same model file; batch_size is "
+                    "per GPU (the run trains with batch_size × GPUs). No previews or live panel meanwhile.",
+                ),
             ],
             outputs=[
                 io.Model.Output(display_name="model"),
@@ -108,9 +118,11 @@ class KleinLabTrainLora(io.ComfyNode):
         options: TrainingOptions | None = None,
         stop_at_sweet_spot: bool = False,
         stop_after_validations: int = 1,
+        devices: str = "",
         **widgets,
     ) -> io.NodeOutput:
-        settings = with_options(settings_from_widgets(preset, **widgets), options)
+        on = parse_devices(devices)
+        settings = data_parallel_settings(with_options(settings_from_widgets(preset, **widgets), options), on)
         check_number(sample_cfg, "sample_cfg", CFG_MIN, CFG_MAX)  # before the run folder exists (NaN passes min/max)
         run = new_or_resumed_run(run_name, settings, encoded_dataset, resume)
         if resume:  # which items train was decided when the run started: keep its held-out share
@@ -128,6 +140,7 @@ class KleinLabTrainLora(io.ComfyNode):
             encoded_dataset.empty_context,
             vae,
             clinic_setup(encoded_dataset, stop_at_sweet_spot, stop_after_validations),
+            on,
         )
         if outcome.interrupted:
             raise_interrupt()

@@ -144,6 +144,17 @@ def tiny_klein(spec: TinySpec = TinySpec(), seed: int = 0) -> TinyKlein:
     return model.eval()
 
 
+@dataclass(frozen=True)
+class TinySource:
+    """A tiny Klein described by its spec and seed: what a worker process builds again on its own device."""
+
+    spec: TinySpec = TinySpec()
+    seed: int = 0
+
+    def load(self, device: torch.device) -> TinyKlein:
+        return tiny_klein(self.spec, self.seed).to(device)
+
+
 def to_checkpoint_keys(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
     """Module state dict -> the key names of a FLUX.2 checkpoint file (RMSNorm `.weight` -> `.scale`)."""
     out = {}

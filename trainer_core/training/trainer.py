@@ -13,7 +13,7 @@ import json
 import math
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +25,7 @@ from ..files.atomic import DiskFullError
 from ..lora.adapters import LoraTrainable
 from ..lora.lora_file import save_adapter_file, save_lora
 from ..lora.peft_trainable import PEFT_ALGORITHMS, PeftTrainable
-from ..model.klein import klein_forward, read_shape
+from ..model.klein import LATENT_CHANNELS, klein_forward, read_shape
 from ..model.targeting import resolve_targets
 from ..model.variants import detect_variant
 from ..runs.runfolder import RunFolder, RunFolderError, checkpoint_step
@@ -44,6 +44,7 @@ from .memory import (
 from .objective import add_noise, flow_loss, sample_sigmas, shifted_sigmas, velocity_target
 from .preservation import preservation_loss
 from .settings import TrainSettings, require_optimizer_installed
+from .shard import Shard
 
 # Settings that may change between a stop and a resume: run length, cadence, file dtype and memory/speed
 # switches (resuming on a smaller GPU); none of them changes what the steps already done computed.
@@ -219,8 +220,11 @@ class _Run:
         empty_context: Tensor | None,
         device: torch.device,
         probe: MemoryProbe | None = None,
+        shard: Shard | None = None,
     ) -> None:
         self.model, self.items, self.s, self.run, self.cb = model, items, settings, run, callbacks
+        self.shard = shard  # None: this process computes every batch whole
+        self.main = shard is None or shard.main  # writes the LoRA files (the run folder of a follower is read-only)
         # Albums of 10+ items may hold a fixed, seeded share out for the validation loss (never trained on);
         # with validation_holdout 0 or a smaller album every item trains, as before.
         train_idx, held_idx = holdout_split(len(items), settings.validation_holdout, settings.seed)
@@ -249,8 +253,10 @@ class _Run:
         self.probe = probe
         blocks = [*model.double_blocks, *model.single_blocks]
         tokens = _largest_tokens(self.items)
+        # A data-parallel rank holds the activations of its slice of the batch only.
+        planned = settings if shard is None else replace(settings, batch_size=-(-settings.batch_size // shard.world))
         self.plan: MemoryPlan = plan_memory(
-            settings, read_shape(model), tokens, self.compile_blocks, lora_params, probe, cast_weight_bytes(blocks)
+            planned, read_shape(model), tokens, self.compile_blocks, lora_params, probe, cast_weight_bytes(blocks)
         )
         self.last_checkpoint: Path | None = None
         self.last_saved_step = -1
@@ -263,8 +269,13 @@ class _Run:
 
     # -- one step -------------------------------------------------------------------------------------------
 
-    def _micro_batch(self, step: int, micro: int) -> tuple[Batch, Tensor, Tensor]:
-        """(batch, noise, σ) of micro-batch `micro` of optimizer step `step`, every random draw derived from them."""
+    def _micro_batch(self, step: int, micro: int) -> tuple[Batch, Tensor, Tensor, float | None] | None:
+        """(batch, noise, σ, share) of micro-batch `micro` of optimizer step `step`, every random draw derived
+        from them.
+
+        In a data-parallel run the draws are made for the whole batch and this rank keeps its slice (shard.py);
+        `share` is its part of the batch, which weights its losses (None in a single-process run). None when this
+        rank has no item of this batch."""
         s = self.s
         indices = self.order.batch((step - 1) * s.grad_accum + micro)
         b = len(indices)
@@ -272,12 +283,17 @@ class _Run:
         if s.caption_dropout > 0:
             g = torch.Generator().manual_seed(derive_seed(s.seed, "dropout", step, micro))
             drop = (torch.rand(b, generator=g) < s.caption_dropout).tolist()
-        batch = collate(self.items, indices, self.device, drop, self.empty)
+        latent_hw = self.items[indices[0]].latent.shape[-2:]  # one bucket: every item of the batch has this size
         g_noise = torch.Generator().manual_seed(derive_seed(s.seed, "noise", step, micro))
-        noise = torch.randn(batch.x0.shape, generator=g_noise).to(self.device)
+        noise = torch.randn((b, LATENT_CHANNELS, *latent_hw), generator=g_noise)
         g_sigma = torch.Generator().manual_seed(derive_seed(s.seed, "sigma", step, micro))
-        sigma = sample_sigmas(b, batch.x0.shape[-2] * batch.x0.shape[-1], g_sigma, s.timestep_sampling)
-        return batch, noise, sigma.to(self.device)
+        sigma = sample_sigmas(b, latent_hw[0] * latent_hw[1], g_sigma, s.timestep_sampling)
+        part = slice(0, b) if self.shard is None else self.shard.part(b, s.batch_size)
+        if part.stop == part.start:
+            return None
+        batch = collate(self.items, indices[part], self.device, drop[part], self.empty)
+        share = None if self.shard is None else (part.stop - part.start) / b
+        return batch, noise[part].to(self.device), sigma[part].to(self.device), share
 
     def _loss(
         self,
@@ -335,16 +351,25 @@ class _Run:
         preserved = torch.zeros((), device=self.device)
         n_preserved = 0
         for micro in range(s.grad_accum):
-            batch, noise, sigma = self._micro_batch(step, micro)
+            drawn = self._micro_batch(step, micro)
+            if drawn is None:
+                continue  # a data-parallel rank without an item of this batch: zero gradients in the sum
+            batch, noise, sigma, share = drawn
             loss = self._loss(batch.x0, noise, sigma, batch.context, batch.refs, checkpointing=self.plan.share)
+            if share is not None:
+                loss = loss * share
             (loss / s.grad_accum).backward()  # before the preservation forward: one graph in memory at a time
             total = total + loss.detach()
             if self.preserves(step, micro):
                 kept = self._preservation_loss(batch, noise, sigma)
+                if share is not None:
+                    kept = kept * share
                 (kept * (s.preservation_weight / s.grad_accum)).backward()
                 preserved = preserved + kept.detach()
                 n_preserved += 1
         params = list(self.lora.parameters())
+        if self.shard is not None:
+            total, preserved = self.shard.all_reduce(params, torch.stack([total, preserved]))
         if s.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
         else:
@@ -371,7 +396,8 @@ class _Run:
             result = self.step(step)
         except torch.OutOfMemoryError as err:
             # Only auto falls back: a chosen mode fails with the advice (TrainingOutOfMemoryError), as it asked.
-            if self.plan.mode != "auto" or self.plan.share >= 1.0 or self.plan.fell_back:
+            # A data-parallel rank cannot retry alone: the others wait in the step's collective.
+            if self.plan.mode != "auto" or self.plan.share >= 1.0 or self.plan.fell_back or self.shard is not None:
                 raise
             error = str(err) or "out of memory"  # retried below, once the traceback (and activations) is gone
         if error:
@@ -509,21 +535,22 @@ class _Run:
     def _save_checkpoint(self, step: int) -> Path:
         if not all(bool(torch.isfinite(p).all()) for p in self.lora.parameters()):
             self._diverged(step, "the LoRA weights hold NaN/Inf")
-        tensors, info = _state_tensors(self.lora, self.opt)
-        if self.ema is not None:
-            tensors.update(self.ema.state_tensors())
-        info.update(step=step, seed=self.s.seed, dataset_hash=self.dataset_hash, rng="derived:seed,stream,step")
-        self.run.save_state(step, tensors, info)
         path = self.run.checkpoint_path(step)
-        if self.ema is not None:  # before the checkpoint file: a visible checkpoint has its EMA beside it
-            meta = {**self.metadata(step), "klein_lab.ema_decay": f"{self.s.ema_decay:g}"}
-            save_lora(ema_path(path), self.ema.weights(), meta, dtype=_SAVE_DTYPES[self.s.save_dtype])
-        dtype = _SAVE_DTYPES[self.s.save_dtype]
-        if isinstance(self.lora, PeftTrainable):
-            meta = {**self.lora.network_metadata(), **self.metadata(step)}
-            save_adapter_file(path, self.lora.file_tensors(dtype), meta, f"klein_lab.{self.lora.algorithm}.v1")
-        else:
-            save_lora(path, self.lora.weights(), self.metadata(step), dtype=dtype)
+        if self.main:  # the ranks of a data-parallel run hold the same LoRA and optimizer state: rank 0 writes them
+            tensors, info = _state_tensors(self.lora, self.opt)
+            if self.ema is not None:
+                tensors.update(self.ema.state_tensors())
+            info.update(step=step, seed=self.s.seed, dataset_hash=self.dataset_hash, rng="derived:seed,stream,step")
+            self.run.save_state(step, tensors, info)
+            if self.ema is not None:  # before the checkpoint file: a visible checkpoint has its EMA beside it
+                meta = {**self.metadata(step), "klein_lab.ema_decay": f"{self.s.ema_decay:g}"}
+                save_lora(ema_path(path), self.ema.weights(), meta, dtype=_SAVE_DTYPES[self.s.save_dtype])
+            dtype = _SAVE_DTYPES[self.s.save_dtype]
+            if isinstance(self.lora, PeftTrainable):
+                meta = {**self.lora.network_metadata(), **self.metadata(step)}
+                save_adapter_file(path, self.lora.file_tensors(dtype), meta, f"klein_lab.{self.lora.algorithm}.v1")
+            else:
+                save_lora(path, self.lora.weights(), self.metadata(step), dtype=dtype)
         self.last_checkpoint, self.last_saved_step = path, step
         self.run.update(last_step=step, status="running")
         self.cb.on_checkpoint(step, path)
@@ -652,6 +679,7 @@ def train(
     device: torch.device | str = "cpu",
     resume: bool = False,
     memory_probe: MemoryProbe | None = None,
+    shard: Shard | None = None,
 ) -> TrainResult:
     """Train a LoRA on `model` (Klein module names, already on `device`) and checkpoint it into `run`.
 
@@ -659,7 +687,8 @@ def train(
     run without checkpoints. Raises NonFiniteLossError when the loss diverges (no NaN checkpoint is written),
     TrainingOutOfMemoryError (memory released, last step kept) when the device runs out of memory even with
     every block recomputed. memory_probe reads the device's memory for settings.memory_mode 'auto' (default:
-    the CUDA allocator on CUDA devices, none elsewhere).
+    the CUDA allocator on CUDA devices, none elsewhere). shard: this process's share of a data-parallel run
+    (distributed.py starts those; its run folder is read-only on every rank but 0).
     """
     require_optimizer_installed(settings)
     cb = callbacks or TrainCallbacks()
@@ -672,7 +701,7 @@ def train(
     # outside it, so the whole run (including LoRA init and resume) happens in inference_mode(False).
     with torch.inference_mode(False), torch.enable_grad(), _frozen_base(model):
         probe = memory_probe if memory_probe is not None else default_probe(device)
-        state = _Run(model, items, settings, run, cb, empty_context, device, probe)
+        state = _Run(model, items, settings, run, cb, empty_context, device, probe, shard)
         cb.on_notice(state.plan.describe())
         step = state.resume() if resume else 0
         if resume and run.settings != settings:  # written only once the checkpoint has been validated
@@ -699,7 +728,7 @@ def train(
                 }
                 if state.last_preservation is not None:
                     record["preservation_loss"] = state.last_preservation
-                if settings.validation_every and step % settings.validation_every == 0:
+                if settings.validation_every and step % settings.validation_every == 0 and state.main:
                     record["val_loss"] = state.validation_loss()
                     run.append_per_image(state.per_image_record(step))
                 run.append_metrics(record)
@@ -710,7 +739,7 @@ def train(
                         cb.on_validation(step, state.lora)
                 if settings.checkpoint_every and step % settings.checkpoint_every == 0:
                     state.save_checkpoint(step)
-                stopped = cb.should_stop()
+                stopped = cb.should_stop() if shard is None else shard.agree(cb.should_stop(), device)
         except (NonFiniteLossError, DiskFullError):
             raise  # no further writes: the error already names the last good checkpoint
         except torch.OutOfMemoryError as err:
