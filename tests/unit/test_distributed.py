@@ -142,6 +142,8 @@ def test_a_failing_rank_ends_the_run_with_its_error(tmp_path: Path) -> None:
     settings = TrainSettings(**SETTINGS)
     RunFolder.create(tmp_path / "dp", settings, {})
     with pytest.raises(WorkerFailed, match="rank 0 on cpu failed: MemoryError: no room"):
-        train_data_parallel(_RankZeroCannotLoad(), _items(), settings, tmp_path / "dp", ["cpu", "cpu"])
+        train_data_parallel(
+            _RankZeroCannotLoad(), _items(), settings, tmp_path / "dp", ["cpu", "cpu"], empty_context=EMPTY
+        )
     assert multiprocessing.active_children() == []
     assert RunFolder.open(tmp_path / "dp").checkpoints() == []
