@@ -208,6 +208,7 @@ def train_in_comfy(
     empty_context: Tensor | None,
     vae=None,
     clinic: ClinicSetup | None = None,
+    *,
     sweep: dict[str, Any] | None = None,
     devices: list[str] | None = None,
 ) -> TrainOutcome:

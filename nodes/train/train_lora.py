@@ -140,7 +140,7 @@ class KleinLabTrainLora(io.ComfyNode):
             encoded_dataset.empty_context,
             vae,
             clinic_setup(encoded_dataset, stop_at_sweet_spot, stop_after_validations),
-            on,
+            devices=on,
         )
         if outcome.interrupted:
             raise_interrupt()
