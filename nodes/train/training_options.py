@@ -8,7 +8,7 @@ import importlib.util
 from comfy_api.latest import io
 
 from ...trainer_core.training.options import MEMORY_CHOICES, TrainingOptions
-from ...trainer_core.training.settings import COMPILE_BLOCKS, LR_SCHEDULES, SAVE_DTYPES, TIMESTEP_SAMPLING
+from ...trainer_core.training.settings import COMPILE_BLOCKS, COMPUTE, LR_SCHEDULES, SAVE_DTYPES, TIMESTEP_SAMPLING
 from ..comfy.training_options import TRAINING_OPTIONS
 
 
@@ -27,7 +27,7 @@ class KleinLabTrainingOptions(io.ComfyNode):
             description=(
                 "Advanced choices for 'Klein Train LoRA' (connect to its options input): memory and speed, optimizer, "
                 "learning-rate schedule, gradient accumulation, caption dropout, σ sampling, EMA, save dtype, "
-                "compile. Every choice is stored with the run and kept on resume."
+                "compile, compute precision. Every choice is stored with the run and kept on resume."
             ),
             inputs=[
                 io.Combo.Input(
@@ -111,6 +111,14 @@ class KleinLabTrainingOptions(io.ComfyNode):
                     default="auto",
                     tooltip="Compile the blocks for speed (auto = on NVIDIA GPUs). The first step pays a one-off "
                     "compile; off starts at once but runs slower.",
+                ),
+                io.Combo.Input(
+                    "compute",
+                    options=list(COMPUTE),
+                    default="bf16",
+                    tooltip="fp8: the frozen model's matmuls run on fp8 tensor cores (RTX 40xx, H100 or newer), "
+                    "faster steps; the LoRA itself, norms and attention stay bf16. Where the GPU has no fp8 tensor "
+                    "cores the run computes in bf16 and the Train node says why.",
                 ),
             ],
             outputs=[TRAINING_OPTIONS.Output(display_name="options")],

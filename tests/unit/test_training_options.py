@@ -259,3 +259,18 @@ def test_ema_is_saved_beside_each_checkpoint_and_survives_resume(tmp_path: Path)
     resumed, _ = load_lora(ema_path(split.checkpoints()[-1]))
     for key in ema:
         assert torch.equal(resumed[key].down, ema[key].down) and torch.equal(resumed[key].up, ema[key].up)
+
+
+def test_fp8_compute_on_a_cpu_trains_in_bf16_and_says_why(tmp_path: Path) -> None:
+    """A run asking for fp8 compute on a device without fp8 tensor cores trains exactly as a bf16 run and the
+    Train node is told why (compute stays 'fp8' in run.json, so a GPU that has them uses it on resume)."""
+    s = TrainSettings(**BASE, compute="fp8")
+    notices = Notices()
+    run = RunFolder.create(tmp_path / "a", s, {})
+    train(tiny_klein(SPEC), _items(), s, run, notices)
+    assert any("fp8 compute needs" in line and "computing in bf16" in line for line in notices.lines)
+    plain = TrainSettings(**BASE)
+    ref = RunFolder.create(tmp_path / "b", plain, {})
+    train(tiny_klein(SPEC), _items(), plain, ref)
+    assert [r["loss"] for r in run.read_metrics()] == [r["loss"] for r in ref.read_metrics()]
+    assert run.settings.compute == "fp8"

@@ -1,5 +1,5 @@
 """Training options: the choices the Training Options node adds on top of a preset (memory, optimizer, schedule,
-accumulation, caption dropout, σ sampling, EMA, save dtype, compile), as TrainSettings fields.
+accumulation, caption dropout, σ sampling, EMA, save dtype, compile, compute precision), as TrainSettings fields.
 
 The Train node stays simple: without an options input a new run takes `TrainingOptions()` (memory "auto", the
 rest as the presets train), and a resumed run keeps the options stored in its run.json.
@@ -33,6 +33,7 @@ OPTION_FIELDS = (
     "ema_decay",
     "save_dtype",
     "compile_blocks",
+    "compute",
 )
 
 
@@ -51,6 +52,7 @@ class TrainingOptions:
     ema_decay: float = 0.0
     save_dtype: str = "bf16"
     compile: str = "auto"
+    compute: str = "bf16"
 
     def __post_init__(self) -> None:
         if self.memory not in MEMORY_CHOICES:
@@ -72,6 +74,7 @@ class TrainingOptions:
             "ema_decay": self.ema_decay,
             "save_dtype": self.save_dtype,
             "compile_blocks": self.compile,
+            "compute": self.compute,
         }
 
 

@@ -24,6 +24,7 @@ from ..errors import pack_error, shown
 from ..files.atomic import DiskFullError
 from ..lora.adapters import LoraTrainable
 from ..lora.lora_file import save_lora
+from ..model.fp8_compute import resolve_compute
 from ..model.klein import klein_forward, read_shape
 from ..model.targeting import resolve_targets
 from ..model.variants import detect_variant
@@ -56,6 +57,7 @@ RESUMABLE_CHANGES = frozenset(
         "checkpoint_share",
         "compile_blocks",
         "memory_mode",
+        "compute",
     }
 )
 VALIDATION_T = (0.2, 0.4, 0.6, 0.8)  # fixed times of the validation loss (mapped through the Flux2 shift)
@@ -209,6 +211,8 @@ class _Run:
         self.compile_blocks = settings.compile_blocks == "on" or (
             settings.compile_blocks == "auto" and device.type == "cuda"
         )
+        # fp8 compute where the GPU has fp8 tensor cores; elsewhere bf16 and `compute_notice` says why.
+        self.compute, self.compute_notice = resolve_compute(settings.compute, device)
         self.order = BatchOrder(self.items, settings.batch_size, settings.seed)
         self.targets = resolve_targets(model, settings.targets)
         gen = torch.Generator().manual_seed(derive_seed(settings.seed, "init"))
@@ -219,8 +223,10 @@ class _Run:
         self.probe = probe
         blocks = [*model.double_blocks, *model.single_blocks]
         tokens = _largest_tokens(self.items)
+        # fp8 compute saves the stored fp8 weights for backward, not bf16 copies of them (fp8_compute.py).
+        casts = cast_weight_bytes(blocks) if self.compute == "bf16" else 0
         self.plan: MemoryPlan = plan_memory(
-            settings, read_shape(model), tokens, self.compile_blocks, lora_params, probe, cast_weight_bytes(blocks)
+            settings, read_shape(model), tokens, self.compile_blocks, lora_params, probe, casts
         )
         self.last_checkpoint: Path | None = None
         self.last_saved_step = -1
@@ -255,7 +261,15 @@ class _Run:
         x_t = add_noise(x0, noise, sigma)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             v = klein_forward(
-                self.model, x_t, sigma, context, list(refs) or None, self.lora, checkpointing, self.compile_blocks
+                self.model,
+                x_t,
+                sigma,
+                context,
+                list(refs) or None,
+                self.lora,
+                checkpointing,
+                self.compile_blocks,
+                self.compute,
             )
         return flow_loss(v, velocity_target(x0, noise))
 
@@ -550,6 +564,8 @@ def train(
         probe = memory_probe if memory_probe is not None else default_probe(device)
         state = _Run(model, items, settings, run, cb, empty_context, device, probe)
         cb.on_notice(state.plan.describe())
+        if state.compute_notice:
+            cb.on_notice(state.compute_notice)
         step = state.resume() if resume else 0
         if resume and run.settings != settings:  # written only once the checkpoint has been validated
             run.update(settings=settings)
