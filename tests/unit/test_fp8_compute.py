@@ -117,3 +117,26 @@ def test_compute_option_is_validated_stored_and_defaults_to_bf16_for_older_runs(
     assert TrainSettings.from_json(older).compute == "bf16"
     with pytest.raises(SettingsError, match=r"compute='fp16' is not allowed.*Fix: use 'bf16'"):
         TrainSettings(compute="fp16")
+
+
+def test_block_inputs_in_host_memory_give_the_same_gradients() -> None:
+    """Recomputed blocks whose inputs wait in host memory (the least-memory fallback for a small card) give
+    the prediction and LoRA gradients of the usual recompute, also for the first block, whose input needs no
+    gradient of its own."""
+    spec = TinySpec(hidden=128, double_blocks=2, single_blocks=2, context_dim=32)
+    model = tiny_klein(spec).requires_grad_(False)
+    gen = torch.Generator().manual_seed(4)
+    x, sigma, ctx = torch.randn(1, 128, 2, 2, generator=gen), torch.tensor([0.3]), tiny_conditioning(spec, 3, 1)
+    results = []
+    for offload in (False, True):
+        lora = LoraTrainable(resolve_targets(model, "attention"), 4, 4, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            for p in lora.up.values():
+                p.normal_(generator=torch.Generator().manual_seed(1))
+        out = klein_forward(model, x, sigma, ctx, None, lora, 1.0, False, "bf16", offload)
+        out.square().mean().backward()
+        results.append((out.detach(), [p.grad for p in lora.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    assert all(g is not None for g in results[1][1])
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(a, b)

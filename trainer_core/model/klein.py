@@ -380,10 +380,26 @@ def checkpoint_fraction(checkpointing: bool | float) -> float:
     return value
 
 
-def _run_block(checkpointed: bool, fn: Callable, *args: Tensor):
-    if checkpointed and torch.is_grad_enabled():
+def _run_block(checkpointed: bool, fn: Callable, *args: Tensor, offload: bool = False):
+    if not (checkpointed and torch.is_grad_enabled()):
+        return fn(*args)
+    if not offload:
         return checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
+    return _offloaded_checkpoint(fn, *args)
+
+
+def _offloaded_checkpoint(fn: Callable, *args: Tensor):
+    """A recomputed block whose inputs wait in host memory until backward (Klein 9B at 1024²: ~38 MB a block).
+
+    torch's reentrant checkpoint keeps its inputs through save_for_backward, so `save_on_cpu` moves exactly them
+    to (pinned) host memory and back; the non-reentrant one keeps them in a closure, out of the hooks' reach.
+    Reentrant checkpointing only builds a graph when an input requires grad: the first block's input does not
+    (the base is frozen), so it gets a detached copy that does (its gradient is computed and dropped).
+    """
+    if not any(a.requires_grad for a in args):
+        args = (args[0].detach().requires_grad_(), *args[1:])
+    with torch.autograd.graph.save_on_cpu(pin_memory=args[0].is_cuda):
+        return checkpoint(fn, *args, use_reentrant=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -399,6 +415,7 @@ def klein_forward(
     checkpointing: bool | float = False,
     compile_blocks: bool | str = False,
     compute: str = "bf16",
+    offload_inputs: bool = False,
 ) -> Tensor:
     """Velocity prediction v ≈ noise − x0 of a Klein model.
 
@@ -408,14 +425,15 @@ def klein_forward(
     checkpointing: False/True or the share of blocks recomputed in backward. compile_blocks: run the blocks
     through torch.compile (True = inductor, or a backend name; worth it on CUDA, the first steps pay the compile
     time). compute: "bf16", or "fp8" for the block Linears' matmuls (fp8_compute.py; the caller checks the GPU
-    supports it).
+    supports it). offload_inputs: the recomputed blocks' inputs wait in host memory until backward.
     """
+    args = (model, x, sigma, context, ref_latents, adapters, checkpointing)
     if not compile_blocks:
-        return _klein_forward(model, x, sigma, context, ref_latents, adapters, checkpointing, False, compute)
+        return _klein_forward(*args, False, compute, offload_inputs)
     import torch._dynamo
 
     with torch._dynamo.config.patch(recompile_limit=COMPILE_RECOMPILE_LIMIT):
-        return _klein_forward(model, x, sigma, context, ref_latents, adapters, checkpointing, compile_blocks, compute)
+        return _klein_forward(*args, compile_blocks, compute, offload_inputs)
 
 
 def _klein_forward(
@@ -428,6 +446,7 @@ def _klein_forward(
     checkpointing: bool | float,
     compile_blocks: bool | str,
     compute: str = "bf16",
+    offload: bool = False,
 ) -> Tensor:
     shape = read_shape(model)
     n_blocks = shape.double_blocks + shape.single_blocks
@@ -463,7 +482,7 @@ def _klein_forward(
             )
         else:
             fn = _bind_double(lin, block, f"double_blocks.{i}", shape.heads, double_fn)
-        img, txt = _run_block(i < n_checkpointed, fn, img, txt, pe, *double_mods)
+        img, txt = _run_block(i < n_checkpointed, fn, img, txt, pe, *double_mods, offload=offload)
 
     joint = torch.cat((txt, img), dim=1)
     single_mods = _modulation(lin, model.single_stream_modulation, "single_stream_modulation", vec, 3)
@@ -473,7 +492,7 @@ def _klein_forward(
             fn = _bind_single_region(single_region, block, lora, shape.heads, shape.hidden, compute)
         else:
             fn = _bind_single(lin, block, f"single_blocks.{i}", shape.heads, shape.hidden, single_fn)
-        joint = _run_block(shape.double_blocks + i < n_checkpointed, fn, joint, pe, *single_mods)
+        joint = _run_block(shape.double_blocks + i < n_checkpointed, fn, joint, pe, *single_mods, offload=offload)
     img = joint[:, txt.shape[1] : txt.shape[1] + n_img]
 
     shift, scale = lin(

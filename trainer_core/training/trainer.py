@@ -270,6 +270,7 @@ class _Run:
                 checkpointing,
                 self.compile_blocks,
                 self.compute,
+                self.plan.offload,
             )
         return flow_loss(v, velocity_target(x0, noise))
 
@@ -309,7 +310,7 @@ class _Run:
             result = self.step(step)
         except torch.OutOfMemoryError as err:
             # Only auto falls back: a chosen mode fails with the advice (TrainingOutOfMemoryError), as it asked.
-            if self.plan.mode != "auto" or self.plan.share >= 1.0 or self.plan.fell_back:
+            if self.plan.mode != "auto" or self.plan.offload or self.plan.fell_back:
                 raise
             error = str(err) or "out of memory"  # retried below, once the traceback (and activations) is gone
         if error:
