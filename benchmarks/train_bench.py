@@ -259,6 +259,7 @@ def main() -> None:
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="Training Options' compile")
     parser.add_argument("--weight-dtype", choices=sorted(WEIGHT_DTYPES), default="bf16", help="base weights")
     parser.add_argument("--compute", choices=("bf16", "fp8"), default="bf16", help="Training Options' compute")
+    parser.add_argument("--fp8-scaling", choices=("rowwise", "tensor"), default="rowwise", help="fp8 compute's scales")
     parser.add_argument("--table", type=Path, default=None, help="only print the docs table of these JSON lines")
     args = parser.parse_args()
     if args.table is not None:
@@ -276,6 +277,9 @@ def main() -> None:
 
     comfy.cli_args.args.cpu = False
     register_pack()
+    from klein_lora_lab.trainer_core.model import fp8_compute
+
+    fp8_compute.CUDA_ROWWISE = args.fp8_scaling == "rowwise"
     import folder_paths
 
     folder_paths.set_output_directory(str(args.model_dir / "comfy_output"))
@@ -321,7 +325,8 @@ def main() -> None:
                             + ("" if args.sdpa == "default" else f"/{args.sdpa}")
                             + (f"/compile-{args.compile}" if which.startswith("ours") else "")
                             + ("/fp8-weights" if args.weight_dtype == "fp8" else "")
-                            + ("/fp8-compute" if args.compute == "fp8" and which.startswith("ours") else ""),
+                            + ("/fp8-compute" if args.compute == "fp8" and which.startswith("ours") else "")
+                            + ("/tensor-scaled" if args.compute == "fp8" and args.fp8_scaling == "tensor" else ""),
                             "cap_gib": args.cap_gib if which.startswith("ours") else 0.0,
                             "variant": variant,
                             "res": res,

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from klein_lora_lab.trainer_core.model import fp8_compute
 from klein_lora_lab.trainer_core.runs.runfolder import RunFolder
 from klein_lora_lab.trainer_core.training.data import TrainItem
 from klein_lora_lab.trainer_core.training.settings import TrainSettings
@@ -70,11 +71,14 @@ def _train(model, items, compute: str, folder: Path) -> tuple[Record, dict]:
     return record, result.lora.weights()
 
 
-def test_fp8_compute_passes_the_quality_gate_against_bf16(tmp_path: Path) -> None:
+def test_fp8_compute_passes_the_quality_gate_against_bf16(tmp_path: Path, monkeypatch) -> None:
     """200 steps on full-size Klein 4B: mean relative loss difference to bf16 ≤ 0.5%, mean ΔW cosine ≥ 0.9,
-    and no notice that fp8 fell back to bf16 (an H100/H200 has fp8 tensor cores)."""
+    and no notice that fp8 fell back to bf16 (an H100/H200 has fp8 tensor cores). KLEIN_LAB_FP8_SCALING=tensor
+    checks one scale per tensor instead of the default row-wise scales."""
     if torch.cuda.get_device_capability() < (8, 9):
         pytest.skip("needs fp8 tensor cores (compute capability 8.9+)")
+    scaling = os.environ.get("KLEIN_LAB_FP8_SCALING", "rowwise")
+    monkeypatch.setattr(fp8_compute, "CUDA_ROWWISE", scaling == "rowwise")
     model = random_klein_4b()
     items = _items()
     bf16, lora_bf16 = _train(model, items, "bf16", tmp_path / "bf16")
@@ -88,6 +92,7 @@ def test_fp8_compute_passes_the_quality_gate_against_bf16(tmp_path: Path) -> Non
     ]
     row = {
         "test": "fp8_compute_quality",
+        "scaling": scaling,
         "gpu": torch.cuda.get_device_name(),
         "variant": "4b",
         "res": RES,

@@ -24,6 +24,8 @@ COMPUTE_CHOICES = ("bf16", "fp8")
 MIN_CAPABILITY = (8, 9)  # fp8 tensor cores: Ada (8.9), Hopper (9.0) and newer
 _ALIGN = 16  # torch._scaled_mm needs both matmul dimensions of the weight divisible by 16
 _WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, FP8)
+# Row-wise scales on CUDA (one per token row and weight row); False: one scale per tensor (benchmarks compare).
+CUDA_ROWWISE = True
 
 
 def fp8_unsupported_reason(device: torch.device) -> str | None:
@@ -105,7 +107,7 @@ def fp8_linear(module: nn.Module, x: Tensor, rowwise: bool | None = None) -> Ten
     if not fp8_eligible(module, x):
         return module(x)
     kind = x.device.type
-    rowwise = kind == "cuda" if rowwise is None else rowwise
+    rowwise = (kind == "cuda" and CUDA_ROWWISE) if rowwise is None else rowwise
     out_dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
     y = _FrozenFp8Linear.apply(x.reshape(-1, x.shape[-1]), module.weight, out_dtype, rowwise)
     if module.bias is not None:
