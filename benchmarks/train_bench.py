@@ -281,6 +281,7 @@ def main() -> None:
 
     fp8_compute.CUDA_ROWWISE = args.fp8_scaling == "rowwise"
     import folder_paths
+    from klein_lora_lab.trainer_core.training.faults import TrainingOutOfMemoryError
 
     folder_paths.set_output_directory(str(args.model_dir / "comfy_output"))
     gpu = torch.cuda.get_device_name()
@@ -313,7 +314,7 @@ def main() -> None:
                                 r = bench_core(
                                     patcher, variant, res, rank, batch, args.warmup, args.steps, args.core_depth
                                 )
-                        except torch.OutOfMemoryError as err:
+                        except (torch.OutOfMemoryError, TrainingOutOfMemoryError) as err:
                             r = {"s_per_step": float("nan"), "peak_gib": float("nan"), "error": f"OOM: {err}"[:200]}
                         finally:
                             _cap(0.0)
