@@ -6,10 +6,10 @@ through `torch._scaled_mm` on e4m3 operands with row-wise scales (one per token 
 row of W in forward and per input column of W in backward), accumulating in fp32 and writing bf16. The LoRA
 path (`add_lora`), the norms and attention stay bf16; so do the Linears of the embedders and modulation.
 
-Why hand-written: torchao's float8 training converts Linears whose weights are trained (it also casts the weight
-gradient) and is not installed with ComfyUI; comfy-kitchen's fp8 kernels are inference-only (no backward).
-What a frozen Linear needs is one small autograd Function around `torch._scaled_mm` whose backward returns
-only the input gradient. Weights are quantized on the fly from the stored weight (bf16 or fp8 e4m3fn), so no
+Why hand-written: torchao's float8 training is not installed with ComfyUI and is built for Linears whose
+weights train (it also computes the weight gradient in fp8); ComfyUI's own fp8 paths serve inference. What a
+frozen Linear needs is one small autograd Function around `torch._scaled_mm` whose backward returns only the
+input gradient. Weights are quantized on the fly from the stored weight (bf16 or fp8 e4m3fn), so no
 second copy of the model is kept; under torch.compile the amax, scale and cast fuse into one pass.
 """
 
