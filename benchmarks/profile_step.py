@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from train_bench import WEIGHT_DTYPES, bench_items, load_klein  # noqa: E402
 
 KINDS = (
+    ("fp8 matmul", ("f8f8", "e4m3", "fp8", "float8", "scaled_mm")),
     ("matmul", ("gemm", "cutlass", "nvjet", "sm90_xmma", "cublas", "matmul", "addmm")),
     ("attention", ("flash", "fmha", "attention", "cudnn")),
     ("fused element-wise (compiled)", ("triton",)),
@@ -44,7 +45,7 @@ def _is_range(evt) -> bool:
     return bool(getattr(evt, "is_user_annotation", False)) or name.startswith(("##", "Torch-Compiled", "Compiled"))
 
 
-def profile(patcher, variant: str, res: int, memory: str, warmup: int, steps: int) -> dict:
+def profile(patcher, variant: str, res: int, memory: str, warmup: int, steps: int, compute: str = "bf16") -> dict:
     from klein_lora_lab.trainer_core.runs.runfolder import RunFolder
     from klein_lora_lab.trainer_core.training.options import TrainingOptions, with_options
     from klein_lora_lab.trainer_core.training.settings import TrainSettings
@@ -53,7 +54,7 @@ def profile(patcher, variant: str, res: int, memory: str, warmup: int, steps: in
 
     settings = with_options(
         TrainSettings(rank=32, alpha=32.0, steps=warmup + steps + 1, checkpoint_every=0),
-        TrainingOptions(memory=memory),
+        TrainingOptions(memory=memory, compute=compute),
     )
     prof = torch.profiler.profile(
         activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
@@ -80,6 +81,7 @@ def profile(patcher, variant: str, res: int, memory: str, warmup: int, steps: in
         "variant": variant,
         "res": res,
         "memory": memory,
+        "compute": compute,
         "gpu_ms_per_step": total / steps / 1e3,
         "share": {k: v / total for k, v in sorted(gpu.items(), key=lambda kv: -kv[1])},
         "host_sync_ms_per_step": host_sync / steps / 1e3,
@@ -94,6 +96,7 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--weight-dtype", choices=sorted(WEIGHT_DTYPES), default="bf16")
+    parser.add_argument("--compute", choices=("bf16", "fp8"), default="bf16", help="Training Options' compute")
     parser.add_argument("--model-dir", type=Path, default=Path("/tmp"))
     parser.add_argument("--jsonl", type=Path, default=None)
     args = parser.parse_args()
@@ -106,7 +109,7 @@ def main() -> None:
     comfy.cli_args.args.cpu = False
     register_pack()
     patcher = load_klein(args.variant, args.model_dir, WEIGHT_DTYPES[args.weight_dtype])
-    row = profile(patcher, args.variant, args.res, args.memory, args.warmup, args.steps)
+    row = profile(patcher, args.variant, args.res, args.memory, args.warmup, args.steps, args.compute)
     line = json.dumps(row)
     print(line, flush=True)
     if args.jsonl:

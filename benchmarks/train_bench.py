@@ -115,6 +115,7 @@ def bench_ours(
     memory: str,
     compile_mode: str,
     algorithm: str = "lora",
+    compute: str = "bf16",
 ) -> dict:
     """This pack's Train node path: `train_in_comfy` (the function the node's execute calls) on the loaded MODEL,
     with the Training Options `memory` ("auto", "fastest", "least memory" or a recompute share), `compile` and
@@ -124,6 +125,7 @@ def bench_ours(
     import uuid
 
     import comfy.model_management
+    from klein_lora_lab.nodes.comfy.live_panel import peak_vram_gib
     from klein_lora_lab.nodes.comfy.paths import register_runs_folder, runs_dir
     from klein_lora_lab.nodes.comfy.training import train_in_comfy
     from klein_lora_lab.trainer_core.runs.runfolder import RunFolder
@@ -135,10 +137,11 @@ def bench_ours(
     torch.cuda.empty_cache()
     items = bench_items(variant, res, batch)
     if memory in MEMORY_CHOICES:
-        options = TrainingOptions(memory=memory, compile=compile_mode, algorithm=algorithm)
+        options = TrainingOptions(memory=memory, compile=compile_mode, algorithm=algorithm, compute=compute)
     else:
+        share = float(memory)
         options = TrainingOptions(
-            memory="recompute share", recompute_share=float(memory), compile=compile_mode, algorithm=algorithm
+            memory="recompute share", recompute_share=share, compile=compile_mode, algorithm=algorithm, compute=compute
         )
     base = TrainSettings(
         rank=rank, alpha=float(rank), steps=warmup + steps, batch_size=batch, checkpoint_every=0, sample_every=0
@@ -155,7 +158,28 @@ def bench_ours(
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
         "first_step_s": seconds[0],
         "memory_plan": [n for n in outcome.notices if n.startswith("memory")],
+        "notices": [n for n in outcome.notices if not n.startswith("memory")],
+        "panel_peak_vram_gib": peak_vram_gib(),  # what the training panel's peak VRAM field shows
+        "fp8_eligible_block_linears": _fp8_eligible(patcher, variant) if compute == "fp8" else None,
     }
+
+
+def _fp8_eligible(patcher, variant: str) -> str:
+    """How many of the blocks' Linears fp8 compute could stand in for, of all (ComfyUI's ops as loaded)."""
+    from klein_lora_lab.trainer_core.model.fp8_compute import fp8_eligible
+
+    model = patcher.model.diffusion_model
+    x = torch.zeros(1, VARIANTS[variant][0], device="cuda")
+    linears = [m for b in (*model.double_blocks, *model.single_blocks) for m in b.modules()]
+    linears = [m for m in linears if isinstance(m, torch.nn.Linear)]
+    flags = [(m.weight, m.weight.requires_grad) for m in linears]
+    try:
+        for w, _ in flags:
+            w.requires_grad_(False)
+        return f"{sum(fp8_eligible(m, x) for m in linears)} of {len(linears)}"
+    finally:
+        for w, flag in flags:
+            w.requires_grad_(flag)
 
 
 def bench_core(patcher, variant: str, res: int, rank: int, batch: int, warmup: int, steps: int, depth: int) -> dict:
@@ -237,6 +261,8 @@ def main() -> None:
     parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="Training Options' compile")
     parser.add_argument("--weight-dtype", choices=sorted(WEIGHT_DTYPES), default="bf16", help="base weights")
     parser.add_argument("--algorithm", default="lora", help="our rows' adapter: lora, rslora, lokr or dora")
+    parser.add_argument("--compute", choices=("bf16", "fp8"), default="bf16", help="Training Options' compute")
+    parser.add_argument("--fp8-scaling", choices=("rowwise", "tensor"), default="rowwise", help="fp8 compute's scales")
     parser.add_argument("--table", type=Path, default=None, help="only print the docs table of these JSON lines")
     args = parser.parse_args()
     if args.table is not None:
@@ -254,7 +280,11 @@ def main() -> None:
 
     comfy.cli_args.args.cpu = False
     register_pack()
+    from klein_lora_lab.trainer_core.model import fp8_compute
+
+    fp8_compute.CUDA_ROWWISE = args.fp8_scaling == "rowwise"
     import folder_paths
+    from klein_lora_lab.trainer_core.training.faults import TrainingOutOfMemoryError
 
     folder_paths.set_output_directory(str(args.model_dir / "comfy_output"))
     gpu = torch.cuda.get_device_name()
@@ -282,12 +312,13 @@ def main() -> None:
                                     memory,
                                     args.compile,
                                     args.algorithm,
+                                    args.compute,
                                 )
                             else:
                                 r = bench_core(
                                     patcher, variant, res, rank, batch, args.warmup, args.steps, args.core_depth
                                 )
-                        except torch.OutOfMemoryError as err:
+                        except (torch.OutOfMemoryError, TrainingOutOfMemoryError) as err:
                             r = {"s_per_step": float("nan"), "peak_gib": float("nan"), "error": f"OOM: {err}"[:200]}
                         finally:
                             _cap(0.0)
@@ -299,7 +330,9 @@ def main() -> None:
                             + ("" if args.sdpa == "default" else f"/{args.sdpa}")
                             + (f"/compile-{args.compile}" if which.startswith("ours") else "")
                             + (f"/{args.algorithm}" if which.startswith("ours") and args.algorithm != "lora" else "")
-                            + ("/fp8-weights" if args.weight_dtype == "fp8" else ""),
+                            + ("/fp8-weights" if args.weight_dtype == "fp8" else "")
+                            + ("/fp8-compute" if args.compute == "fp8" and which.startswith("ours") else "")
+                            + ("/tensor-scaled" if args.compute == "fp8" and args.fp8_scaling == "tensor" else ""),
                             "cap_gib": args.cap_gib if which.startswith("ours") else 0.0,
                             "variant": variant,
                             "res": res,

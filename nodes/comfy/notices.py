@@ -41,7 +41,7 @@ class NodeNotices:
 
         def tick() -> None:
             while not self._stop.wait(TICK_SECONDS):
-                plan = f" · {self.lines[-1]}" if self.lines else ""
+                plan = "".join(f" · {line}" for line in self._latest())
                 show_on_node(self.node_id, f"compiling (one-off) {time.perf_counter() - started:.0f} s{plan}")
 
         self._started = started
@@ -57,9 +57,14 @@ class NodeNotices:
         self.compile_seconds = time.perf_counter() - self._started
         LOG.info("Klein LoRA Lab: first step (compile) took %.1f s", self.compile_seconds)
 
+    def _latest(self) -> list[str]:
+        """The latest memory line (a plan replaces the one before) and every other notice (fp8 fallback)."""
+        memory = [line for line in self.lines if line.startswith("memory")]
+        return memory[-1:] + [line for line in self.lines if not line.startswith("memory")]
+
     def summary(self) -> str:
-        """The latest memory line and the first step's time, for the final message."""
-        parts = [self.lines[-1]] if self.lines else []
+        """The latest memory line, other notices and the first step's time, for the final message."""
+        parts = self._latest()
         if self.compile_seconds is not None:
             parts.append(f"first step (compile) {self.compile_seconds:.1f} s")
         return " ".join(parts)

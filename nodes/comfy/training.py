@@ -19,6 +19,7 @@ from ...trainer_core.runs.runfolder import RunFolder, checkpoint_step
 from ...trainer_core.training.sampling import CFG_MAX, CFG_MIN, flux2_sigmas, sample
 from ...trainer_core.training.settings import TrainSettings
 from ...trainer_core.training.trainer import TrainCallbacks, TrainResult, compiles_blocks, train
+from .compile_cache import pack_compile_cache
 from .data_parallel import train_on_devices
 from .feedback import LiveProgress, prompt_server
 from .images import decode_images, tensor_to_pil
@@ -246,7 +247,10 @@ def train_in_comfy(
         notices = NodeNotices(node_id)
         if compiling:
             notices.start_compile_clock()
-        with LivePanel(run.path.name, node_id, settings.steps, first, run.path, clinic, compiling, sweep) as panel:
+        with (
+            LivePanel(run.path.name, node_id, settings.steps, first, run.path, clinic, compiling, sweep) as panel,
+            pack_compile_cache(compiling),
+        ):
             callbacks = ComfyCallbacks(
                 progress, run, patcher, model, device, samples, vae, panel, settings.checkpoint_every, notices
             )

@@ -11,6 +11,7 @@ from ...trainer_core.training.options import MEMORY_CHOICES, TrainingOptions
 from ...trainer_core.training.settings import (
     ALGORITHMS,
     COMPILE_BLOCKS,
+    COMPUTE,
     LOKR_FACTOR_MAX,
     LR_SCHEDULES,
     SAVE_DTYPES,
@@ -34,8 +35,8 @@ class KleinLabTrainingOptions(io.ComfyNode):
             description=(
                 "Advanced choices for 'Klein Train LoRA' (connect to its options input): memory and speed, optimizer, "
                 "learning-rate schedule, gradient accumulation, caption dropout, σ sampling, EMA, save dtype, "
-                "compile, the adapter algorithm (LoRA, rsLoRA, LoKr, DoRA), preservation. Every choice is stored "
-                "with the run and kept on resume."
+                "compile, the adapter algorithm (LoRA, rsLoRA, LoKr, DoRA), preservation, compute precision. Every "
+                "choice is stored with the run and kept on resume."
             ),
             inputs=[
                 io.Combo.Input(
@@ -156,6 +157,14 @@ class KleinLabTrainingOptions(io.ComfyNode):
                     step=0.05,
                     tooltip="Share of steps that also run preservation (1 = every step, the strongest hold; 0.5 = "
                     "about every other step: cheaper, holds far less).",
+                ),
+                io.Combo.Input(
+                    "compute",
+                    options=list(COMPUTE),
+                    default="bf16",
+                    tooltip="fp8: the frozen model's matmuls run on fp8 tensor cores (RTX 40xx, H100 or newer), "
+                    "faster steps; the LoRA itself, norms and attention stay bf16. Where the GPU has no fp8 tensor "
+                    "cores the run computes in bf16 and the Train node says why.",
                 ),
             ],
             outputs=[TRAINING_OPTIONS.Output(display_name="options")],

@@ -30,6 +30,7 @@ OPTIONS = {
     "lokr_factor": -1,
     "preservation": 0.0,
     "preservation_share": 1.0,
+    "compute": "fp8",
 }
 
 
@@ -79,6 +80,7 @@ def test_options_are_stored_reported_and_kept_on_resume(comfy_server, cond_file)
     outputs = comfy_server.run_prompt(prompt, timeout_s=600)
     text = outputs["6"]["text"][0]
     assert "Finished 2 steps" in text and "memory least memory: every block recomputed" in text, text
+    assert "fp8 compute needs an NVIDIA GPU" in text and "computing in bf16" in text, text  # CPU: bf16, said
     run_dir = runs_folder(comfy_server) / "opts"
     stored = json.loads((run_dir / "run.json").read_text())["settings"]
     expected = {
@@ -90,6 +92,7 @@ def test_options_are_stored_reported_and_kept_on_resume(comfy_server, cond_file)
         "ema_decay": 0.9,
         "save_dtype": "fp32",
         "compile_blocks": "off",
+        "compute": "fp8",
     }
     assert {k: stored[k] for k in expected} == expected
     assert (run_dir / "checkpoints" / "step_000002.ema.safetensors").is_file()

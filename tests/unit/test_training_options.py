@@ -168,9 +168,18 @@ def test_auto_picks_the_least_recompute_that_fits() -> None:
     assert 8.0 < _plan(40.0, "least_memory").expected_peak / GIB < 10.0  # measured 9.2 GiB on an H200
 
 
-def test_auto_says_when_even_least_memory_may_not_fit() -> None:
-    plan = _plan(8.0)
-    assert plan.share == 1.0 and "Even least memory may not fit" in plan.describe()
+def test_auto_moves_the_block_inputs_to_the_host_where_least_memory_does_not_fit() -> None:
+    """Where every block recomputed would not fit but the same without the blocks' inputs on the device does,
+    auto keeps those inputs in host memory and says so; where even that does not fit it says so too; where
+    least memory fits nothing is offloaded."""
+    plan = _plan(9.2)
+    room = plan.limit - memory.margin(plan.limit)
+    assert plan.peak_at(1.0, offload=False) > room >= plan.expected_peak
+    assert plan.share == 1.0 and plan.offload and "their inputs in host memory" in plan.describe()
+    assert "Least memory does not fit" in plan.describe()
+    worse = _plan(7.5)
+    assert worse.offload and "Even least memory with the blocks' inputs in host memory may not fit" in worse.reason
+    assert not _plan(12.0).offload
 
 
 def test_fixed_modes_and_no_probe() -> None:
@@ -225,6 +234,7 @@ def test_out_of_memory_falls_back_to_least_memory(tmp_path: Path, monkeypatch) -
     train(tiny_klein(SPEC), _items(), s, run, notices, memory_probe=FakeProbe(0, 100 * GIB, peak=1))
     assert shares[0] == 0.0 and set(shares[1:]) == {1.0}
     assert "fell back to least memory" in notices.lines[-1]
+    assert memory.fall_back(memory.fall_back(_plan(12.0), "oom"), "oom").offload  # then the inputs go to host
     least = TrainSettings(**BASE, memory_mode="least_memory")
     ref = RunFolder.create(tmp_path / "b", least, {})
     train(tiny_klein(SPEC), _items(), least, ref)
@@ -259,3 +269,18 @@ def test_ema_is_saved_beside_each_checkpoint_and_survives_resume(tmp_path: Path)
     resumed, _ = load_lora(ema_path(split.checkpoints()[-1]))
     for key in ema:
         assert torch.equal(resumed[key].down, ema[key].down) and torch.equal(resumed[key].up, ema[key].up)
+
+
+def test_fp8_compute_on_a_cpu_trains_in_bf16_and_says_why(tmp_path: Path) -> None:
+    """A run asking for fp8 compute on a device without fp8 tensor cores trains exactly as a bf16 run and the
+    Train node is told why (compute stays 'fp8' in run.json, so a GPU that has them uses it on resume)."""
+    s = TrainSettings(**BASE, compute="fp8")
+    notices = Notices()
+    run = RunFolder.create(tmp_path / "a", s, {})
+    train(tiny_klein(SPEC), _items(), s, run, notices)
+    assert any("fp8 compute needs" in line and "computing in bf16" in line for line in notices.lines)
+    plain = TrainSettings(**BASE)
+    ref = RunFolder.create(tmp_path / "b", plain, {})
+    train(tiny_klein(SPEC), _items(), plain, ref)
+    assert [r["loss"] for r in run.read_metrics()] == [r["loss"] for r in ref.read_metrics()]
+    assert run.settings.compute == "fp8"

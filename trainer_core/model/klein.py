@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from ..lora.adapters import add_lora
+from .fp8_compute import fp8_linear
 
 LATENT_CHANNELS = 128
 HEAD_DIM = 128
@@ -143,9 +144,26 @@ def timestep_embedding(t: Tensor, dim: int = TIME_EMBED_DIM, max_period: float =
 Linear = Callable[[nn.Module, str, Tensor], Tensor]
 
 
-def _make_lin(adapters: AdapterDeltas) -> Linear:
+def _call_module(module: nn.Module, x: Tensor) -> Tensor:
+    return module(x)
+
+
+def _base_linear(compute: str) -> Callable[[nn.Module, Tensor], Tensor]:
+    """How a frozen base Linear is computed: the module itself (bf16 under autocast) or fp8 (fp8_compute.py)."""
+    if compute not in ("bf16", "fp8"):
+        raise ValueError(f"compute={compute!r}: use 'bf16' or 'fp8'.")
+    return fp8_linear if compute == "fp8" else _call_module
+
+
+def _make_lin(adapters: AdapterDeltas, compute: str = "bf16") -> Linear:
+    """The `lin` the blocks call. With fp8 compute only the block Linears (names starting with 'double_blocks.'
+    or 'single_blocks.') use fp8: the embedders and modulation are small and stay bf16."""
+    base = _base_linear(compute)
+
     def lin(module: nn.Module, name: str, x: Tensor) -> Tensor:
-        return adapters.apply(name, x, module(x))
+        in_block = name.startswith(("double_blocks.", "single_blocks."))
+        y = base(module, x) if in_block else module(x)
+        return adapters.apply(name, x, y)
 
     return lin
 
@@ -235,16 +253,18 @@ def _bind_single(
     return run
 
 
-def _bind_double_region(region: Callable, block: nn.Module, lora: BlockLora, heads: int) -> Callable:
+def _bind_double_region(region: Callable, block: nn.Module, lora: BlockLora, heads: int, compute: str) -> Callable:
     def run(img: Tensor, txt: Tensor, pe: Tensor, *mods: Tensor) -> tuple[Tensor, Tensor]:
-        return region(block, img, txt, pe, mods, lora, heads)
+        return region(block, img, txt, pe, mods, lora, heads, compute)
 
     return run
 
 
-def _bind_single_region(region: Callable, block: nn.Module, lora: BlockLora, heads: int, hidden: int) -> Callable:
+def _bind_single_region(
+    region: Callable, block: nn.Module, lora: BlockLora, heads: int, hidden: int, compute: str
+) -> Callable:
     def run(x: Tensor, pe: Tensor, *mods: Tensor) -> Tensor:
-        return region(block, x, pe, mods, lora, heads, hidden)
+        return region(block, x, pe, mods, lora, heads, hidden, compute)
 
     return run
 
@@ -283,9 +303,11 @@ def _block_functions(compiled: bool | str | Callable) -> tuple[Callable, Callabl
 BlockLora = dict[str, tuple[Tensor, Tensor, float]]
 
 
-def _dict_lin(lora: BlockLora) -> Linear:
+def _dict_lin(lora: BlockLora, compute: str = "bf16") -> Linear:
+    base = _base_linear(compute)
+
     def lin(module: nn.Module, name: str, x: Tensor) -> Tensor:
-        y = module(x)
+        y = base(module, x)
         entry = lora.get(name)
         return y if entry is None else add_lora(x, y, *entry)
 
@@ -293,15 +315,29 @@ def _dict_lin(lora: BlockLora) -> Linear:
 
 
 def _double_region(
-    block: nn.Module, img: Tensor, txt: Tensor, pe: Tensor, mods: tuple[Tensor, ...], lora: BlockLora, heads: int
+    block: nn.Module,
+    img: Tensor,
+    txt: Tensor,
+    pe: Tensor,
+    mods: tuple[Tensor, ...],
+    lora: BlockLora,
+    heads: int,
+    compute: str = "bf16",
 ) -> tuple[Tensor, Tensor]:
-    return double_block(_dict_lin(lora), block, "", img, txt, mods, pe, heads)
+    return double_block(_dict_lin(lora, compute), block, "", img, txt, mods, pe, heads)
 
 
 def _single_region(
-    block: nn.Module, x: Tensor, pe: Tensor, mods: tuple[Tensor, ...], lora: BlockLora, heads: int, hidden: int
+    block: nn.Module,
+    x: Tensor,
+    pe: Tensor,
+    mods: tuple[Tensor, ...],
+    lora: BlockLora,
+    heads: int,
+    hidden: int,
+    compute: str = "bf16",
 ) -> Tensor:
-    return single_block(_dict_lin(lora), block, "", x, mods, pe, heads, hidden)
+    return single_block(_dict_lin(lora, compute), block, "", x, mods, pe, heads, hidden)
 
 
 def _region_functions(compiled: bool | str | Callable) -> tuple[Callable, Callable]:
@@ -344,10 +380,26 @@ def checkpoint_fraction(checkpointing: bool | float) -> float:
     return value
 
 
-def _run_block(checkpointed: bool, fn: Callable, *args: Tensor):
-    if checkpointed and torch.is_grad_enabled():
+def _run_block(checkpointed: bool, fn: Callable, *args: Tensor, offload: bool = False):
+    if not (checkpointed and torch.is_grad_enabled()):
+        return fn(*args)
+    if not offload:
         return checkpoint(fn, *args, use_reentrant=False)
-    return fn(*args)
+    return _offloaded_checkpoint(fn, *args)
+
+
+def _offloaded_checkpoint(fn: Callable, *args: Tensor):
+    """A recomputed block whose inputs wait in host memory until backward (Klein 9B at 1024²: ~38 MB a block).
+
+    torch's reentrant checkpoint keeps its inputs through save_for_backward, so `save_on_cpu` moves exactly them
+    to (pinned) host memory and back; the non-reentrant one keeps them in a closure, out of the hooks' reach.
+    Reentrant checkpointing only builds a graph when an input requires grad: the first block's input does not
+    (the base is frozen), so it gets a detached copy that does (its gradient is computed and dropped).
+    """
+    if not any(a.requires_grad for a in args):
+        args = (args[0].detach().requires_grad_(), *args[1:])
+    with torch.autograd.graph.save_on_cpu(pin_memory=args[0].is_cuda):
+        return checkpoint(fn, *args, use_reentrant=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -362,6 +414,8 @@ def klein_forward(
     adapters: AdapterDeltas | None = None,
     checkpointing: bool | float = False,
     compile_blocks: bool | str = False,
+    compute: str = "bf16",
+    offload_inputs: bool = False,
 ) -> Tensor:
     """Velocity prediction v ≈ noise − x0 of a Klein model.
 
@@ -372,14 +426,16 @@ def klein_forward(
     Returns [b, 128, h, w].
     checkpointing: False/True or the share of blocks recomputed in backward. compile_blocks: run the blocks
     through torch.compile (True = inductor, or a backend name; worth it on CUDA, the first steps pay the compile
-    time).
+    time). compute: "bf16", or "fp8" for the block Linears' matmuls (fp8_compute.py; the caller checks the GPU
+    supports it). offload_inputs: the recomputed blocks' inputs wait in host memory until backward.
     """
+    args = (model, x, sigma, context, ref_latents, adapters, checkpointing)
     if not compile_blocks:
-        return _klein_forward(model, x, sigma, context, ref_latents, adapters, checkpointing, False)
+        return _klein_forward(*args, False, compute, offload_inputs)
     import torch._dynamo
 
     with torch._dynamo.config.patch(recompile_limit=COMPILE_RECOMPILE_LIMIT):
-        return _klein_forward(model, x, sigma, context, ref_latents, adapters, checkpointing, compile_blocks)
+        return _klein_forward(*args, compile_blocks, compute, offload_inputs)
 
 
 def _klein_forward(
@@ -391,11 +447,13 @@ def _klein_forward(
     adapters: AdapterDeltas | None,
     checkpointing: bool | float,
     compile_blocks: bool | str,
+    compute: str = "bf16",
+    offload: bool = False,
 ) -> Tensor:
     shape = read_shape(model)
     n_blocks = shape.double_blocks + shape.single_blocks
     n_checkpointed = round(checkpoint_fraction(checkpointing) * n_blocks)  # the first n blocks are checkpointed
-    lin = _make_lin(adapters or NoAdapters())
+    lin = _make_lin(adapters or NoAdapters(), compute)
     # Regional compilation where the adapters can hand out their tensors (see _region_functions).
     regional = bool(compile_blocks) and (adapters is None or hasattr(adapters, "fused"))
     double_fn, single_fn = _block_functions(False if regional else compile_blocks)
@@ -422,21 +480,21 @@ def _klein_forward(
     for i, block in enumerate(model.double_blocks):
         if double_region is not None:
             fn = _bind_double_region(
-                double_region, block, _block_lora(adapters, block, f"double_blocks.{i}"), shape.heads
+                double_region, block, _block_lora(adapters, block, f"double_blocks.{i}"), shape.heads, compute
             )
         else:
             fn = _bind_double(lin, block, f"double_blocks.{i}", shape.heads, double_fn)
-        img, txt = _run_block(i < n_checkpointed, fn, img, txt, pe, *double_mods)
+        img, txt = _run_block(i < n_checkpointed, fn, img, txt, pe, *double_mods, offload=offload)
 
     joint = torch.cat((txt, img), dim=1)
     single_mods = _modulation(lin, model.single_stream_modulation, "single_stream_modulation", vec, 3)
     for i, block in enumerate(model.single_blocks):
         if single_region is not None:
             lora = _block_lora(adapters, block, f"single_blocks.{i}")
-            fn = _bind_single_region(single_region, block, lora, shape.heads, shape.hidden)
+            fn = _bind_single_region(single_region, block, lora, shape.heads, shape.hidden, compute)
         else:
             fn = _bind_single(lin, block, f"single_blocks.{i}", shape.heads, shape.hidden, single_fn)
-        joint = _run_block(shape.double_blocks + i < n_checkpointed, fn, joint, pe, *single_mods)
+        joint = _run_block(shape.double_blocks + i < n_checkpointed, fn, joint, pe, *single_mods, offload=offload)
     img = joint[:, txt.shape[1] : txt.shape[1] + n_img]
 
     shift, scale = lin(

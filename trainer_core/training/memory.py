@@ -5,7 +5,10 @@ and runs its forward a second time in backward. `auto` estimates, from the model
 largest bucket, how many bytes one block's activations take and keeps as many blocks un-recomputed as fit the
 memory the device has for this process (free memory, capped by a per-process memory fraction), minus a safety
 margin. The estimate is checked against the first step's measured peak and the plan corrected; if a step still
-runs out of memory, the run falls back to recomputing every block (least memory) and says so.
+runs out of memory, the run falls back to recomputing every block (least memory) and says so. Where even least
+memory does not fit (Klein 9B under 10 GiB), the recomputed blocks' inputs also move to host memory during the
+step (`offload`: pinned memory, copied back for backward), and a run out of memory at least memory falls back
+to that once.
 
 Estimate (bf16 activations, per block, per image of `tokens` = text + image (+ reference) tokens):
     saved activations   ≈ ACTIVATION_WIDTHS · tokens · hidden · 2 bytes   (measured: 16.3 on 4B, 16.4 on 9B,
@@ -114,14 +117,17 @@ class MemoryPlan:
     fixed: int = 0  # bytes that do not depend on the share: base in use, LoRA state, working set
     estimate: ActivationEstimate | None = None
     fell_back: bool = False
+    offload: bool = False  # the recomputed blocks' inputs wait in host memory (klein_forward offload_inputs)
 
-    def peak_at(self, share: float) -> int:
-        """Expected peak bytes with `share` of the blocks recomputed."""
+    def peak_at(self, share: float, offload: bool | None = None) -> int:
+        """Expected peak bytes with `share` of the blocks recomputed (their inputs on the host with `offload`,
+        default: this plan's)."""
         if self.estimate is None:
             raise ValueError("this plan has no activation estimate")
         recomputed = round(share * self.blocks)
         kept = self.blocks - recomputed
-        return self.fixed + recomputed * self.estimate.per_input + kept * self.estimate.per_block
+        per_input = 0 if (self.offload if offload is None else offload) else self.estimate.per_input
+        return self.fixed + recomputed * per_input + kept * self.estimate.per_block
 
     def describe(self) -> str:
         """One line for the node: the choice, the expected peak and the reason."""
@@ -132,7 +138,7 @@ class MemoryPlan:
             else "every block recomputed"
             if recomputed == self.blocks
             else f"{recomputed} of {self.blocks} blocks recomputed"
-        )
+        ) + (", their inputs in host memory" if self.offload else "")
         peak = f", expected peak {self.expected_peak / GIB:.1f} GiB" if self.expected_peak else ""
         limit = f" of {self.limit / GIB:.1f} GiB" if self.limit else ""
         return f"memory {self.mode.replace('_', ' ')}: {what}{peak}{limit}. {self.reason}"
@@ -196,9 +202,14 @@ def _choose(plan: MemoryPlan, note: str) -> MemoryPlan:
     assert plan.limit is not None and plan.estimate is not None
     room = plan.limit - margin(plan.limit)
     saved_per_kept = plan.estimate.per_block - plan.estimate.per_input
-    all_recomputed = plan.peak_at(1.0)
+    all_recomputed = plan.peak_at(1.0, offload=False)
     if all_recomputed > room:
-        share, reason = 1.0, "Even least memory may not fit: lower the resolution or batch, or load fp8 weights."
+        offloaded = replace(plan, share=1.0, offload=True)
+        reason = "Least memory does not fit: the blocks' inputs wait in host memory (slower steps)."
+        if offloaded.peak_at(1.0) > room:
+            reason = "Even least memory with the blocks' inputs in host memory may not fit: lower the resolution or "
+            reason += "batch, or load fp8 weights."
+        return replace(offloaded, expected_peak=offloaded.peak_at(1.0), reason=(note + " " + reason).strip())
     else:
         kept = min(plan.blocks, math.floor((room - all_recomputed) / max(1, saved_per_kept)))
         share = (plan.blocks - kept) / plan.blocks
@@ -228,12 +239,16 @@ def check_first_step(plan: MemoryPlan, measured_peak: int) -> MemoryPlan:
 
 
 def fall_back(plan: MemoryPlan, error: str) -> MemoryPlan:
-    """After running out of memory with part of the blocks kept: recompute every block from now on."""
+    """After running out of memory with part of the blocks kept: recompute every block from now on; when every
+    block was already recomputed, also keep their inputs in host memory."""
     first_line = error.strip().splitlines()[0][:160] if error.strip() else "out of memory"
+    offload = plan.share >= 1.0
+    then = "their inputs in host memory" if offload else "least memory"
     return replace(
         plan,
         share=1.0,
-        expected_peak=plan.peak_at(1.0) if plan.limit is not None else None,
+        offload=offload,
+        expected_peak=replace(plan, offload=offload).peak_at(1.0) if plan.limit is not None else None,
         fell_back=True,
-        reason=f"Ran out of memory with {plan.share:.2f} recomputed ({first_line}); fell back to least memory.",
+        reason=f"Ran out of memory with {plan.share:.2f} recomputed ({first_line}); fell back to {then}.",
     )

@@ -1,6 +1,6 @@
 """Training options: the choices the Training Options node adds on top of a preset (memory, optimizer, schedule,
-accumulation, caption dropout, σ sampling, EMA, save dtype, compile, the adapter algorithm, preservation), as
-TrainSettings fields.
+accumulation, caption dropout, σ sampling, EMA, save dtype, compile, the adapter algorithm, preservation,
+compute precision), as TrainSettings fields.
 
 The Train node stays simple: without an options input a new run takes `TrainingOptions()` (memory "auto", the
 rest as the presets train), and a resumed run keeps the options stored in its run.json.
@@ -38,6 +38,7 @@ OPTION_FIELDS = (
     "lokr_factor",
     "preservation_weight",
     "preservation_share",
+    "compute",
 )
 
 
@@ -60,6 +61,7 @@ class TrainingOptions:
     lokr_factor: int = -1
     preservation: float = 0.0
     preservation_share: float = 1.0
+    compute: str = "bf16"
 
     def __post_init__(self) -> None:
         if self.memory not in MEMORY_CHOICES:
@@ -85,6 +87,7 @@ class TrainingOptions:
             "lokr_factor": self.lokr_factor,
             "preservation_weight": self.preservation,
             "preservation_share": self.preservation_share,
+            "compute": self.compute,
         }
 
 

@@ -34,10 +34,11 @@ def base_prediction(
     context: Tensor,
     refs: Sequence[Tensor] | None = None,
     compile_blocks: bool = False,
+    compute: str = "bf16",
 ) -> Tensor:
     """v of the model without any adapter [b, 128, h, w], under no_grad (a target, never trained through)."""
     with torch.no_grad():
-        return klein_forward(model, x_t, sigma, context, refs, None, False, compile_blocks)
+        return klein_forward(model, x_t, sigma, context, refs, None, False, compile_blocks, compute)
 
 
 def preservation_loss(
@@ -49,12 +50,16 @@ def preservation_loss(
     refs: Sequence[Tensor] | None = None,
     checkpointing: bool | float = False,
     compile_blocks: bool = False,
+    compute: str = "bf16",
+    offload_inputs: bool = False,
 ) -> Tensor:
     """MSE between the adapted and the base model's velocity for one trigger-free conditioning.
 
     x_t [b, 128, h, w] is the noisy latent of the training step, sigma [b] its σ, context [b, L, ctx] the
     trigger-free captions. Exactly 0 with adapters None (the same forward twice) or a LoRA whose B is still 0.
     """
-    target = base_prediction(model, x_t, sigma, context, refs, compile_blocks)
-    v = klein_forward(model, x_t, sigma, context, refs, adapters, checkpointing, compile_blocks)
+    target = base_prediction(model, x_t, sigma, context, refs, compile_blocks, compute)
+    v = klein_forward(
+        model, x_t, sigma, context, refs, adapters, checkpointing, compile_blocks, compute, offload_inputs
+    )
     return flow_loss(v, target)

@@ -21,6 +21,8 @@ MIXED_PRECISION = ("bf16", "fp32")
 TIMESTEP_SAMPLING = ("uniform", "logit_normal", "flux2_shift")
 SAVE_DTYPES = ("bf16", "fp16", "fp32")
 COMPILE_BLOCKS = ("auto", "on", "off")
+# "fp8": the block Linears' matmuls on fp8 tensor cores (model/fp8_compute.py), bf16 where the GPU has none.
+COMPUTE = ("bf16", "fp8")
 # "share": recompute `checkpoint_share` of the blocks (runs made before memory modes existed); "auto": the
 # largest no-recompute share that fits the free memory (memory.py); "fastest": no recompute; "least_memory":
 # recompute every block.
@@ -60,6 +62,8 @@ class TrainSettings:
     algorithm: the adapter trained (ALGORITHMS above). lokr_factor: LoKr's split of each dimension into
     factor × rest (-1: the most balanced split, as PEFT and LyCORIS); a larger factor makes a bigger w1 and a
     smaller w2.
+    compute: "bf16", or "fp8": the frozen block Linears' forward and input-gradient matmuls in fp8 with row-wise
+    scales (LoRA, norms and attention stay bf16); a GPU without fp8 tensor cores computes in bf16 and says so.
     validation_holdout: share of an album of at least 10 items held out of training for the validation loss
     (a fixed, seeded choice: data.holdout_split); 0, or a smaller album, validates on training items.
     preservation_weight: 0 = off; else, on a `preservation_share` of the steps, the item's caption without the
@@ -98,6 +102,7 @@ class TrainSettings:
     lokr_factor: int = -1
     preservation_weight: float = 0.0
     preservation_share: float = 1.0
+    compute: str = "bf16"
 
     def __post_init__(self) -> None:
         self._check_int("rank", 1, 1024, "use a rank between 4 and 128 (the course uses 16-32)")
@@ -131,6 +136,7 @@ class TrainSettings:
         self._check_choice("save_dtype", SAVE_DTYPES)
         self._check_float("checkpoint_share", 0.0, 1.0, "use 1.0 (least memory) or e.g. 0.5 for speed")
         self._check_choice("compile_blocks", COMPILE_BLOCKS)
+        self._check_choice("compute", COMPUTE)
         self._check_float("validation_holdout", 0.0, 0.5, "use 0.1 (one item in ten held out) or 0 to train on all")
         self._check_choice("memory_mode", MEMORY_MODES)
         self._check_float("ema_decay", 0.0, 0.99999, "use 0 (off) or 0.99-0.9999 (a longer average is smoother)")

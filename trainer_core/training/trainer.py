@@ -25,6 +25,7 @@ from ..files.atomic import DiskFullError
 from ..lora.adapters import LoraTrainable
 from ..lora.lora_file import save_adapter_file, save_lora
 from ..lora.peft_trainable import PEFT_ALGORITHMS, PeftTrainable
+from ..model.fp8_compute import resolve_compute
 from ..model.klein import LATENT_CHANNELS, klein_forward, read_shape
 from ..model.targeting import resolve_targets
 from ..model.variants import detect_variant
@@ -59,6 +60,7 @@ RESUMABLE_CHANGES = frozenset(
         "checkpoint_share",
         "compile_blocks",
         "memory_mode",
+        "compute",
     }
 )
 VALIDATION_T = (0.2, 0.4, 0.6, 0.8)  # fixed times of the validation loss (mapped through the Flux2 shift)
@@ -244,6 +246,8 @@ class _Run:
         check_preservation_contexts(items, settings)
         self.autocast = device.type == "cuda" and settings.mixed_precision == "bf16"
         self.compile_blocks = compiles_blocks(settings, device)
+        # fp8 compute where the GPU has fp8 tensor cores; elsewhere bf16 and `compute_notice` says why.
+        self.compute, self.compute_notice = resolve_compute(settings.compute, device)
         self.order = BatchOrder(self.items, settings.batch_size, settings.seed)
         self.targets = resolve_targets(model, settings.targets)
         self.lora = _trainable(model, self.targets, settings, device)
@@ -255,8 +259,10 @@ class _Run:
         tokens = _largest_tokens(self.items)
         # A data-parallel rank holds the activations of its slice of the batch only.
         planned = settings if shard is None else replace(settings, batch_size=-(-settings.batch_size // shard.world))
+        # fp8 compute saves the stored fp8 weights for backward, not bf16 copies of them (fp8_compute.py).
+        casts = cast_weight_bytes(blocks) if self.compute == "bf16" else 0
         self.plan: MemoryPlan = plan_memory(
-            planned, read_shape(model), tokens, self.compile_blocks, lora_params, probe, cast_weight_bytes(blocks)
+            planned, read_shape(model), tokens, self.compile_blocks, lora_params, probe, casts
         )
         self.last_checkpoint: Path | None = None
         self.last_saved_step = -1
@@ -310,7 +316,16 @@ class _Run:
         adapters = None if base else self.lora
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
             v = klein_forward(
-                self.model, x_t, sigma, context, list(refs) or None, adapters, checkpointing, self.compile_blocks
+                self.model,
+                x_t,
+                sigma,
+                context,
+                list(refs) or None,
+                adapters,
+                checkpointing,
+                self.compile_blocks,
+                self.compute,
+                self.plan.offload,
             )
         return flow_loss(v, velocity_target(x0, noise))
 
@@ -338,6 +353,8 @@ class _Run:
                 list(batch.refs) or None,
                 self.plan.share,
                 self.compile_blocks,
+                self.compute,
+                self.plan.offload,
             )
 
     def step(self, step: int) -> tuple[float, float]:
@@ -397,7 +414,7 @@ class _Run:
         except torch.OutOfMemoryError as err:
             # Only auto falls back: a chosen mode fails with the advice (TrainingOutOfMemoryError), as it asked.
             # A data-parallel rank cannot retry alone: the others wait in the step's collective.
-            if self.plan.mode != "auto" or self.plan.share >= 1.0 or self.plan.fell_back or self.shard is not None:
+            if self.plan.mode != "auto" or self.plan.offload or self.plan.fell_back or self.shard is not None:
                 raise
             error = str(err) or "out of memory"  # retried below, once the traceback (and activations) is gone
         if error:
@@ -703,6 +720,8 @@ def train(
         probe = memory_probe if memory_probe is not None else default_probe(device)
         state = _Run(model, items, settings, run, cb, empty_context, device, probe, shard)
         cb.on_notice(state.plan.describe())
+        if state.compute_notice:
+            cb.on_notice(state.compute_notice)
         step = state.resume() if resume else 0
         if resume and run.settings != settings:  # written only once the checkpoint has been validated
             run.update(settings=settings)

@@ -1,0 +1,142 @@
+"""fp8 compute for the frozen base Linears: quantization, the fp8 matmul and its input-only gradient, where it
+stands aside (ComfyUI's own path), the bf16 fallback with its reason, and the option through settings."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from klein_lora_lab.trainer_core.lora.adapters import LoraTrainable
+from klein_lora_lab.trainer_core.model.fp8_compute import (
+    FP8_MAX,
+    fp8_eligible,
+    fp8_linear,
+    quantize,
+    resolve_compute,
+)
+from klein_lora_lab.trainer_core.model.klein import klein_forward
+from klein_lora_lab.trainer_core.model.targeting import resolve_targets
+from klein_lora_lab.trainer_core.model.tiny import TinySpec, tiny_conditioning, tiny_klein
+from klein_lora_lab.trainer_core.training.options import TrainingOptions, with_options
+from klein_lora_lab.trainer_core.training.settings import SettingsError, TrainSettings
+from torch import nn
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    return torch.nn.functional.cosine_similarity(a.flatten().double(), b.flatten().double(), dim=0).item()
+
+
+def test_rowwise_quantize_uses_each_rows_full_range() -> None:
+    """Each row's largest magnitude lands on e4m3's largest value (448) and the row comes back within e4m3's
+    precision (3 mantissa bits: ≤ 1/16 relative for values in the normal range), whatever the row's scale."""
+    gen = torch.Generator().manual_seed(0)
+    t = torch.randn(4, 64, generator=gen) * torch.tensor([[1e-3], [1.0], [50.0], [3e3]])
+    q, inv = quantize(t, rowwise=True)
+    assert q.dtype == torch.float8_e4m3fn and inv.shape == (4, 1) and q.is_contiguous()
+    assert torch.equal(q.float().abs().amax(dim=1), torch.full((4,), FP8_MAX))
+    back = q.float() * inv
+    big = t.abs() > t.abs().amax(dim=1, keepdim=True) / 64  # away from e4m3's subnormals
+    assert ((back - t).abs() <= t.abs() / 16)[big].all()
+
+
+def test_fp8_matmul_forward_and_input_gradient_match_bf16_and_leave_the_weight_without_gradient() -> None:
+    """y = x Wᵀ and dx = dy W through fp8 agree with the full-precision matmuls (cosine ≥ 0.998); the frozen
+    weight gets no gradient and is not copied for backward."""
+    gen = torch.Generator().manual_seed(1)
+    lin = nn.Linear(64, 96, bias=False).requires_grad_(False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(96, 64, generator=gen) / 8)
+    x = torch.randn(2, 16, 64, generator=gen, requires_grad=True)
+    dy = torch.randn(2, 16, 96, generator=gen)
+    y = fp8_linear(lin, x)
+    y.backward(dy)
+    assert y.shape == (2, 16, 96) and y.dtype == x.dtype
+    assert _cosine(y.detach(), x.detach() @ lin.weight.t()) > 0.998
+    assert _cosine(x.grad, dy @ lin.weight) > 0.998
+    assert lin.weight.grad is None
+
+
+def test_fp8_linear_stands_aside_where_it_cannot_stand_in() -> None:
+    """A Linear with dimensions not divisible by 16, a trained weight, or ComfyUI weight patches runs its own
+    forward: the result is exactly module(x)."""
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(3, 24, generator=gen)
+    odd = nn.Linear(24, 40).requires_grad_(False)  # 24 and 40: 40 is not divisible by 16
+    trained = nn.Linear(32, 32)
+    patched = nn.Linear(32, 32).requires_grad_(False)
+    patched.weight_function = [lambda w: w * 2]  # what ComfyUI's ops carry for a LoRA patched at cast time
+    assert not fp8_eligible(odd, x) and torch.equal(fp8_linear(odd, x), odd(x))
+    x32 = torch.randn(3, 32, generator=gen)
+    assert not fp8_eligible(trained, x32) and torch.equal(fp8_linear(trained, x32), trained(x32))
+    assert not fp8_eligible(patched, x32)
+    assert fp8_eligible(nn.Linear(32, 48).requires_grad_(False), x32)
+
+
+def test_fp8_compute_falls_back_to_bf16_with_the_reason_on_a_cpu() -> None:
+    """On a device without fp8 tensor cores fp8 compute runs in bf16 and says why; bf16 is kept silently."""
+    compute, reason = resolve_compute("fp8", torch.device("cpu"))
+    assert compute == "bf16" and "fp8 compute needs" in reason and "computing in bf16" in reason
+    assert resolve_compute("bf16", torch.device("cpu")) == ("bf16", None)
+    with pytest.raises(ValueError, match="compute='fp16'"):
+        resolve_compute("fp16", torch.device("cpu"))
+
+
+def test_klein_forward_in_fp8_tracks_bf16_and_its_lora_gradients() -> None:
+    """The whole forward with the block Linears in fp8 gives the prediction and LoRA gradients of the
+    full-precision forward (cosine ≥ 0.99), with and without recomputed blocks and through torch.compile."""
+    spec = TinySpec(hidden=128, double_blocks=2, single_blocks=2, context_dim=32)
+    model = tiny_klein(spec).requires_grad_(False)
+    gen = torch.Generator().manual_seed(3)
+    x, sigma, ctx = torch.randn(1, 128, 4, 4, generator=gen), torch.tensor([0.6]), tiny_conditioning(spec, 16, 1)
+
+    def run(compute: str, checkpointing: float, compiled: object) -> tuple[torch.Tensor, torch.Tensor]:
+        lora = LoraTrainable(resolve_targets(model, "all_linear"), 4, 4, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            for p in lora.up.values():
+                p.normal_(generator=torch.Generator().manual_seed(1))
+        out = klein_forward(model, x, sigma, ctx, None, lora, checkpointing, compiled, compute)
+        out.square().mean().backward()
+        return out.detach(), torch.cat([p.grad.flatten() for p in lora.parameters()])
+
+    ref_out, ref_grad = run("bf16", 0.0, False)
+    for checkpointing, compiled in ((0.0, False), (1.0, False), (0.5, "aot_eager")):
+        out, grad = run("fp8", checkpointing, compiled)
+        assert not torch.equal(out, ref_out)  # fp8 was used
+        assert _cosine(out, ref_out) > 0.99 and _cosine(grad, ref_grad) > 0.99
+
+
+def test_compute_option_is_validated_stored_and_defaults_to_bf16_for_older_runs() -> None:
+    """compute is a Training Option stored in run.json; a bad value names the field and the fix; a run.json
+    written before the option existed reads as bf16."""
+    settings = with_options(TrainSettings(steps=10), TrainingOptions(compute="fp8"))
+    assert settings.compute == "fp8"
+    assert TrainSettings.from_json(settings.to_json()).compute == "fp8"
+    older = json.loads(TrainSettings().to_json())
+    del older["compute"]
+    assert TrainSettings.from_json(older).compute == "bf16"
+    with pytest.raises(SettingsError, match=r"compute='fp16' is not allowed.*Fix: use 'bf16'"):
+        TrainSettings(compute="fp16")
+
+
+def test_block_inputs_in_host_memory_give_the_same_gradients() -> None:
+    """Recomputed blocks whose inputs wait in host memory (the least-memory fallback for a small card) give
+    the prediction and LoRA gradients of the usual recompute, also for the first block, whose input needs no
+    gradient of its own."""
+    spec = TinySpec(hidden=128, double_blocks=2, single_blocks=2, context_dim=32)
+    model = tiny_klein(spec).requires_grad_(False)
+    gen = torch.Generator().manual_seed(4)
+    x, sigma, ctx = torch.randn(1, 128, 2, 2, generator=gen), torch.tensor([0.3]), tiny_conditioning(spec, 3, 1)
+    results = []
+    for offload in (False, True):
+        lora = LoraTrainable(resolve_targets(model, "attention"), 4, 4, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            for p in lora.up.values():
+                p.normal_(generator=torch.Generator().manual_seed(1))
+        out = klein_forward(model, x, sigma, ctx, None, lora, 1.0, False, "bf16", offload)
+        out.square().mean().backward()
+        results.append((out.detach(), [p.grad for p in lora.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0])
+    assert all(g is not None for g in results[1][1])
+    for a, b in zip(results[0][1], results[1][1], strict=True):
+        torch.testing.assert_close(a, b)

@@ -1,0 +1,126 @@
+"""fp8 compute for the frozen base Linears: their forward and input-gradient matmuls on fp8 tensor cores.
+
+A LoRA step spends most of its GPU time in the frozen Linears (y = x Wᵀ forward, dx = dy W backward; W itself
+needs no gradient). On GPUs with fp8 tensor cores (compute capability 8.9+: Ada, Hopper, Blackwell) both run
+through `torch._scaled_mm` on e4m3 operands with row-wise scales (one per token row of x or dy, one per output
+row of W in forward and per input column of W in backward), accumulating in fp32 and writing bf16. The LoRA
+path (`add_lora`), the norms and attention stay bf16; so do the Linears of the embedders and modulation.
+
+Why hand-written: torchao's float8 training is not installed with ComfyUI and is built for Linears whose
+weights train (it also computes the weight gradient in fp8); ComfyUI's own fp8 paths serve inference. What a
+frozen Linear needs is one small autograd Function around `torch._scaled_mm` whose backward returns only the
+input gradient. Weights are quantized on the fly from the stored weight (bf16 or fp8 e4m3fn), so no
+second copy of the model is kept; under torch.compile the amax, scale and cast fuse into one pass.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+COMPUTE_CHOICES = ("bf16", "fp8")
+MIN_CAPABILITY = (8, 9)  # fp8 tensor cores: Ada (8.9), Hopper (9.0) and newer
+_ALIGN = 16  # torch._scaled_mm needs both matmul dimensions of the weight divisible by 16
+_WEIGHT_DTYPES = (torch.bfloat16, torch.float16, torch.float32, FP8)
+# Row-wise scales on CUDA (one per token row and weight row); False: one scale per tensor (benchmarks compare).
+CUDA_ROWWISE = True
+
+
+def fp8_unsupported_reason(device: torch.device) -> str | None:
+    """Why fp8 compute cannot run on `device` (None when it can): the notice the Train node shows."""
+    if device.type != "cuda":
+        return f"fp8 compute needs an NVIDIA GPU with fp8 tensor cores; this run is on {device.type}: computing in bf16"
+    capability = torch.cuda.get_device_capability(device)
+    if capability < MIN_CAPABILITY:
+        name = torch.cuda.get_device_name(device)
+        return (
+            f"fp8 compute needs fp8 tensor cores (compute capability 8.9+: RTX 40xx, H100 or newer); {name} has "
+            f"{capability[0]}.{capability[1]}: computing in bf16"
+        )
+    return None
+
+
+def quantize(t: Tensor, rowwise: bool = True) -> tuple[Tensor, Tensor]:
+    """t [m, k] -> (e4m3 [m, k] row-major, inverse scale [m, 1] fp32, or [] with rowwise False).
+
+    Each row (or the whole tensor) is scaled so its largest magnitude lands on e4m3's largest value (448):
+    the full fp8 range is used and nothing overflows. t ≈ q · inverse scale.
+    """
+    t32 = t.float()
+    amax = t32.abs().amax(dim=-1, keepdim=True) if rowwise else t32.abs().amax()
+    scale = FP8_MAX / amax.clamp(min=1e-12)
+    q = (t32 * scale).clamp(-FP8_MAX, FP8_MAX).to(FP8).contiguous()
+    return q, scale.reciprocal()
+
+
+def _scaled_matmul(a: Tensor, b: Tensor, out_dtype: torch.dtype, rowwise: bool) -> Tensor:
+    """a [m, k] @ bᵀ for b [n, k], both quantized here: [m, n] in `out_dtype`."""
+    qa, sa = quantize(a, rowwise)
+    qb, sb = quantize(b, rowwise)
+    # _scaled_mm takes b column-major ([k, n] as the transpose of a row-major [n, k]) and its scale as [1, n].
+    return torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb.t() if rowwise else sb, out_dtype=out_dtype)
+
+
+class _FrozenFp8Linear(torch.autograd.Function):
+    """y = x Wᵀ with fp8 operands; backward gives x its gradient dy W (fp8 too) and W none (it is frozen)."""
+
+    @staticmethod
+    def forward(ctx, x2d: Tensor, weight: Tensor, out_dtype: torch.dtype, rowwise: bool) -> Tensor:
+        ctx.save_for_backward(weight)  # the stored parameter itself: no copy is kept for backward
+        ctx.x_dtype, ctx.rowwise = x2d.dtype, rowwise
+        return _scaled_matmul(x2d, weight, out_dtype, rowwise)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        (weight,) = ctx.saved_tensors
+        # dx [m, k] = dy [m, n] @ W [n, k]: W's rows become columns, so it is scaled per input column (Wᵀ rows).
+        dx = _scaled_matmul(dy.contiguous(), weight.t(), dy.dtype, ctx.rowwise)
+        return dx.to(ctx.x_dtype), None, None, None
+
+
+def fp8_eligible(module: nn.Module, x: Tensor) -> bool:
+    """Whether `module` is a plain frozen Linear that fp8 compute can stand in for: its weight on x's device in a
+    dtype we can quantize, both dimensions divisible by 16, and no ComfyUI weight patches (a LoRA merged by
+    ComfyUI, or a scaled-fp8 file, stays on ComfyUI's own path so its math is kept)."""
+    if not isinstance(module, nn.Linear) or module.weight.requires_grad:
+        return False
+    w = module.weight
+    # A tensor subclass (ComfyUI's quantized weights) keeps its own matmul.
+    if type(w) not in (nn.Parameter, Tensor) or w.device != x.device or w.dtype not in _WEIGHT_DTYPES:
+        return False
+    if getattr(module, "weight_function", None) or getattr(module, "bias_function", None):
+        return False
+    if getattr(module, "scale_weight", None) is not None or getattr(module, "scale_input", None) is not None:
+        return False
+    return w.shape[0] % _ALIGN == 0 and w.shape[1] % _ALIGN == 0
+
+
+def fp8_linear(module: nn.Module, x: Tensor, rowwise: bool | None = None) -> Tensor:
+    """module(x) with the matmul in fp8 (see the module docstring); module(x) itself where not eligible.
+
+    x [..., in] -> [..., out] in the autocast dtype when autocast is on (as nn.Linear under autocast), else in
+    x's dtype. rowwise None: row-wise scales on CUDA, one scale per tensor elsewhere (the CPU's _scaled_mm has
+    only that; it serves the tests).
+    """
+    if not fp8_eligible(module, x):
+        return module(x)
+    kind = x.device.type
+    rowwise = (kind == "cuda" and CUDA_ROWWISE) if rowwise is None else rowwise
+    out_dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+    y = _FrozenFp8Linear.apply(x.reshape(-1, x.shape[-1]), module.weight, out_dtype, rowwise)
+    if module.bias is not None:
+        y = y + module.bias.to(out_dtype)
+    return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def resolve_compute(requested: str, device: torch.device) -> tuple[str, str | None]:
+    """The compute precision a run uses on `device` and, when it differs from `requested`, why (a notice)."""
+    if requested not in COMPUTE_CHOICES:
+        raise ValueError(f"compute={requested!r}: use one of {COMPUTE_CHOICES}.")
+    if requested == "fp8":
+        reason = fp8_unsupported_reason(device)
+        if reason is not None:
+            return "bf16", reason
+    return requested, None
