@@ -53,19 +53,21 @@ def device_sweep(comfy_server, tiny_spec) -> dict[str, Any]:
     """Queue the sweep on two workers, then train both runs alone with the Train node."""
     cond_file = tiny_conditioning_path(tiny_spec, tokens=8)
     album = make_album(comfy_server.base_dir / "input" / "album_devices", label="devices", tint=31)
+    before = len(comfy_server.log_text())  # the server's log from here on is this sweep's (and its runs')
     outputs = comfy_server.run_prompt(sweep_prompt(album, cond_file), timeout_s=600)
+    log = comfy_server.log_text()[before:]
     for i, lr in enumerate(VALUES):
         alone = train_prompt(album, cond_file, f"devalone{i}", STEPS, checkpoint_every=EVERY, sample_every=0)
         alone["6"]["inputs"].update(learning_rate=lr, validation_every=2)
         comfy_server.run_prompt(alone, timeout_s=600)
-    return {"outputs": outputs, "root": comfy_server.base_dir / "output" / "klein_lora_lab" / "runs"}
+    return {"outputs": outputs, "log": log, "root": comfy_server.base_dir / "output" / "klein_lora_lab" / "runs"}
 
 
 def test_sweep_on_two_workers_reports_its_devices(device_sweep, comfy_server) -> None:
     """The node's closing text names the devices the runs were trained on; no worker process outlives it."""
     text = device_sweep["outputs"]["6"]["text"][0]
     assert f"Sweep '{SWEEP}' finished: 2 runs of learning_rate" in text and "on cpu, cpu" in text
-    assert "Traceback" not in comfy_server.log_tail(200)
+    assert "Traceback" not in device_sweep["log"]
 
 
 @pytest.mark.parametrize("index", [0, 1])
