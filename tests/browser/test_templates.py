@@ -5,7 +5,8 @@ settings, searches "Klein", and clicks each of this pack's cards, in the classic
 test server has none of the Klein model files, so the stock loaders are reported missing in the standard way:
 each such node must name its file in `properties.models` with a download URL and folder (what the frontend's
 missing-model notice offers). The LoRA choices are checkpoints of the pack's own earlier workflows (a style run,
-a character run, an edit run); they get listing stand-ins here, as if those workflows had run. Nothing else may
+a character run, an edit run, a two-reference edit run trained as Klein 15's note says); they get listing
+stand-ins here, as if those workflows had run. Nothing else may
 be drawn red.
 
 Screenshots go to test-artifacts/browser/template-*.png. With KLEIN_LAB_UPDATE_DOCS_IMAGES=1 the dialog and the
