@@ -110,7 +110,10 @@ class ComfyServer:
             "sqlite:///:memory:",
             "--disable-api-nodes",
         ]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        # One intra-op thread unless the caller chose: CPU float sums are reproducible between the server and the
+        # training processes it spawns (the device tests compare them bit for bit) only at one fixed split, and
+        # a 2-core CI machine runs the test process and the server side by side.
+        env = {"OMP_NUM_THREADS": "1", **os.environ, "PYTHONUNBUFFERED": "1"}
         start = time.perf_counter()
         with open(log_path, "wb") as log:
             process = subprocess.Popen(

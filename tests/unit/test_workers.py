@@ -35,7 +35,20 @@ def _no_children_left() -> None:
     assert multiprocessing.active_children() == []
 
 
-def test_two_workers_train_runs_bit_identical_to_runs_trained_alone(tmp_path: Path) -> None:
+@pytest.fixture
+def one_thread():
+    """One intra-op thread here and in the workers (they take this process's count): CPU float sums are
+    reproducible across processes only at a fixed split, and two workers with two threads each on a 2-core
+    machine do not keep theirs."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_two_workers_train_runs_bit_identical_to_runs_trained_alone(tmp_path: Path, one_thread) -> None:
     """Three runs of a learning-rate sweep on two CPU workers give, run by run, exactly the losses and LoRA
     weights of the same run trained alone in this process; every run lands in its own folder, no process stays."""
     items = _items()
