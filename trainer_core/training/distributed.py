@@ -106,6 +106,9 @@ def rank_main(setup: _RankSetup, events, stop) -> None:
                 setup.resume,
                 shard=shard,
             )
+            # Every rank leaves the last collective before any tears the group down: a gloo peer that closes its
+            # pairs while the other still reads them can abort that process ("terminate called ...").
+            dist.barrier()
         finally:
             dist.destroy_process_group()
         if shard.main:
@@ -177,11 +180,14 @@ def _follow(processes, events, stop, on_event, should_stop) -> tuple[RunDone | N
         except queue.Empty:
             quiet += 1
             dead = [p for p in processes if p.exitcode not in (None, 0)]
-            if dead and not failure and quiet > GRACE_POLLS:  # its own error report, if any, came first
+            # Rank 0 reports the finished run after the group is torn down: a rank that dies after that report
+            # died in its process's teardown, and the run (checkpoints, metrics, run.json) is complete.
+            torn_down = done is not None
+            if dead and not failure and not torn_down and quiet > GRACE_POLLS:  # its own error report came first
                 failure = f"a rank ended with exit code {dead[0].exitcode}: the run stopped."
                 for p in processes:  # the others wait in a collective that never completes
                     p.terminate()
-            if all(not p.is_alive() for p in processes) and (failure or not dead):
+            if all(not p.is_alive() for p in processes) and (failure or not dead or torn_down):
                 return done, failure
             continue
         quiet = 0
