@@ -49,10 +49,14 @@ def env(comfy_root, tmp_path_factory):
         down = torch.randn(4, fan_in, generator=gen) * fan_in**-0.5
         weights[name] = LoraWeights(down, torch.randn(fan_out, 4, generator=gen) * 0.05, alpha=8.0)
     loras = tmp_path_factory.mktemp("loras_dfout")
-    folder_paths.add_model_folder_path("loras", str(loras), is_default=True)
     original = write_peft(weights)
     save_file(original, str(loras / "original.safetensors"))
-    out = KleinLabSaveLoraAs.execute(model, "original.safetensors", 1.0, "diffusers", 0, "to_diffusers", "")
+    # first in the list while saving (the node writes into the first loras folder), then out of other tests' way
+    folder_paths.add_model_folder_path("loras", str(loras), is_default=True)
+    try:
+        out = KleinLabSaveLoraAs.execute(model, "original.safetensors", 1.0, "diffusers", 0, "to_diffusers", "")
+    finally:
+        folder_paths.folder_names_and_paths["loras"][0].remove(str(loras))
     return {
         "transformer": transformer,
         "model": model,
