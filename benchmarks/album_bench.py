@@ -274,7 +274,7 @@ def encode_phase(res: int, vae: Any, clip: Any) -> tuple[Any, dict]:
 
     def run_node() -> tuple[Any, float]:
         t0 = time.perf_counter()
-        with progress_log("encoding"):
+        with progress_log("encoding"), torch.inference_mode():  # as ComfyUI runs a node
             encoded, _report = KleinLabEncodeDataset.execute(
                 dataset,
                 timed_vae,
@@ -333,18 +333,20 @@ def train_widgets() -> tuple[str, dict[str, Any]]:
     return defaults["preset"], {k: v for k, v in defaults.items() if k not in named}
 
 
-def train_phase(patcher: Any, encoded: Any, steps: int, batch: int, warmup: int) -> dict:
+def train_phase(patcher: Any, encoded: Any, steps: int, batch: int, warmup: int, compile_mode: str = "auto") -> dict:
     """The Train node's path on the encoded album: its widget defaults with `steps` and `batch` (previews off),
-    Training Options absent (memory auto), `train_in_comfy` under inference mode as ComfyUI runs a node."""
+    Training Options absent (memory auto; with `compile_mode` other than auto, Training Options with only that
+    compile set), `train_in_comfy` under inference mode as ComfyUI runs a node."""
     from klein_lora_lab.nodes.comfy.paths import register_runs_folder
     from klein_lora_lab.nodes.comfy.train_setup import new_or_resumed_run, settings_from_widgets
     from klein_lora_lab.nodes.comfy.training import train_in_comfy
     from klein_lora_lab.trainer_core.training.data import BatchOrder, holdout_split
-    from klein_lora_lab.trainer_core.training.options import with_options
+    from klein_lora_lab.trainer_core.training.options import TrainingOptions, with_options
 
     preset_name, widgets = train_widgets()
     widgets.update(steps=steps, batch_size=batch, sample_every=0)
-    settings = with_options(settings_from_widgets(preset_name, **widgets), None)
+    options = None if compile_mode == "auto" else TrainingOptions(compile=compile_mode)
+    settings = with_options(settings_from_widgets(preset_name, **widgets), options)
     register_runs_folder()
     run = new_or_resumed_run(f"album-bench-{uuid.uuid4().hex[:8]}", settings, encoded, resume=False)
     cuda = torch.cuda.is_available()
@@ -370,13 +372,13 @@ def train_phase(patcher: Any, encoded: Any, steps: int, batch: int, warmup: int)
         shapes.append((f"{w * 16}x{h * 16}", sum(len(m) for m in micro)))
     measured = list(range(min(warmup, len(seconds) - 1), len(seconds)))
     median = statistics.median(seconds[i] for i in measured)
-    images = sum(shapes[i][1] for i in measured)
-    # A step that takes much longer than the median is (on a GPU) a new shape compiling.
+    # A step that takes much longer than the median is (on a GPU) a new shape compiling: torch.compile makes one
+    # graph per (bucket, batch size), and a bucket's last batch of an epoch may be short.
     slow = [i for i in range(len(seconds)) if seconds[i] > 3 * median]
+    steady = [i for i in measured if i not in slow]
     per_bucket: dict[str, list[float]] = {}
-    for i in measured:
-        if i not in slow:
-            per_bucket.setdefault(shapes[i][0], []).append(seconds[i] / shapes[i][1])
+    for i in steady:
+        per_bucket.setdefault(shapes[i][0], []).append(seconds[i] / shapes[i][1])
     return {
         "phase": "train",
         "steps": len(seconds),
@@ -385,8 +387,9 @@ def train_phase(patcher: Any, encoded: Any, steps: int, batch: int, warmup: int)
         "trained_items": len(items),
         "held_out": len(held_idx),
         "s_per_step": round(median, 4),
-        "images_per_s": round(images / sum(seconds[i] for i in measured), 3),
-        "images_per_s_median_step": round(batch / median, 3),
+        "images_per_s": round(sum(shapes[i][1] for i in steady) / sum(seconds[i] for i in steady), 3),
+        "images_per_s_overall": round(sum(n for _, n in shapes) / sum(seconds), 3),  # compiles included
+        "compile": compile_mode,
         "first_step_s": round(seconds[0], 3),
         "train_wall_s": round(wall_s, 3),
         "peak_gib": None if peak is None else round(peak, 2),
@@ -413,6 +416,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=None, help="training steps (default 40 full-size, 4 tiny)")
     parser.add_argument("--warmup", type=int, default=3, help="first steps left out of the median")
+    parser.add_argument("--compile", choices=("auto", "on", "off"), default="auto", help="Training Options' compile")
     parser.add_argument("--seed", type=int, default=0, help="the album's pictures and captions")
     parser.add_argument("--workdir", type=Path, default=None, help="album, cache and runs (default: a temp folder)")
     parser.add_argument("--keep", action="store_true", help="keep the workdir (a default temp one is removed)")
@@ -481,9 +485,11 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         del vae, clip
         comfy.model_management.unload_all_models()  # as the Train node does: the encoders leave the GPU
         gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         log("loading the diffusion model")
         patcher = load_model()
-        record = train_phase(patcher, encoded, args.steps, args.batch, args.warmup)
+        record = train_phase(patcher, encoded, args.steps, args.batch, args.warmup, args.compile)
         records.append(emit({**common, **record, "resolution": args.res}, args.jsonl))
     finally:
         folder_paths.set_output_directory(previous[0])
@@ -522,8 +528,9 @@ def table(records: Sequence[dict]) -> str:
         if r["phase"] == "train":
             peak = "—" if r["peak_gib"] is None else f"{r['peak_gib']:.1f} GiB"
             lines.append(
-                f"| train batch {r['batch']} | {r['s_per_step']:.3f} s/step, {r['images_per_s']:.2f} images/s, "
-                f"peak {peak}, {r['shapes_seen']} shapes, {r['slow_steps']} slow steps ({r['slow_steps_s']:.0f} s) |"
+                f"| train batch {r['batch']}, compile {r['compile']} | {r['s_per_step']:.3f} s/step (median), "
+                f"{r['images_per_s']:.2f} images/s ({r['images_per_s_overall']:.2f} with the slow steps), peak {peak}, "
+                f"{r['shapes_seen']} shapes, {r['slow_steps']} slow steps ({r['slow_steps_s']:.0f} s) |"
             )
     return "\n".join(lines)
 

@@ -36,9 +36,10 @@ def test_album_bench_main_tiny_records_agree(comfy_root, tmp_path, capsys):
 
     assert train["phase"] == "train" and train["steps"] == 2 and train["batch"] == 4
     assert train["trained_items"] + train["held_out"] == 8
-    assert train["s_per_step"] > 0 and train["images_per_s"] > 0 and train["peak_gib"] is None
+    assert train["s_per_step"] > 0 and train["images_per_s"] > 0 and train["images_per_s_overall"] > 0
+    assert train["peak_gib"] is None and train["compile"] == "auto"
     assert 1 <= train["shapes_seen"] <= 2 and train["status"] == "finished"
 
     assert [json.loads(line) for line in jsonl.read_text().splitlines()] == [encode, train]
-    assert "| train batch 4 |" in capsys.readouterr().out
+    assert "| train batch 4, compile auto |" in capsys.readouterr().out
     assert folder_paths.get_output_directory() == output_before
