@@ -208,6 +208,13 @@ def random_text_encoder(variant: str, device: str = "cuda"):
     return clip
 
 
+def on_cuda() -> bool:
+    """Whether ComfyUI computes on a CUDA device here (a smoke run on a GPU machine stays on the CPU)."""
+    import comfy.model_management
+
+    return comfy.model_management.get_torch_device().type == "cuda"
+
+
 def node_defaults(node: type) -> dict[str, Any]:
     """Every input's default in a node's schema: what a node dropped on the canvas starts with."""
     return {i.id: i.default for i in node.define_schema().inputs if getattr(i, "default", None) is not None}
@@ -282,7 +289,7 @@ def encode_phase(res: int, vae: Any, clip: Any) -> tuple[Any, dict]:
                 clip=timed_clip,
                 preservation_class=encode["preservation_class"],
             ).result
-        if torch.cuda.is_available():
+        if on_cuda():
             torch.cuda.synchronize()
         return encoded, time.perf_counter() - t0
 
@@ -349,7 +356,7 @@ def train_phase(patcher: Any, encoded: Any, steps: int, batch: int, warmup: int,
     settings = with_options(settings_from_widgets(preset_name, **widgets), options)
     register_runs_folder()
     run = new_or_resumed_run(f"album-bench-{uuid.uuid4().hex[:8]}", settings, encoded, resume=False)
-    cuda = torch.cuda.is_available()
+    cuda = on_cuda()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     log(f"training {steps} steps, batch {batch}, preset {preset_name!r}, {len(encoded.items)} items")
@@ -485,7 +492,7 @@ def main(argv: Sequence[str] | None = None) -> list[dict]:
         del vae, clip
         comfy.model_management.unload_all_models()  # as the Train node does: the encoders leave the GPU
         gc.collect()
-        if torch.cuda.is_available():
+        if on_cuda():
             torch.cuda.empty_cache()
         log("loading the diffusion model")
         patcher = load_model()
