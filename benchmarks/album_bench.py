@@ -536,7 +536,7 @@ def table(records: Sequence[dict]) -> str:
             peak = "—" if r["peak_gib"] is None else f"{r['peak_gib']:.1f} GiB"
             lines.append(
                 f"| train batch {r['batch']}, compile {r['compile']} | {r['s_per_step']:.3f} s/step (median), "
-                f"{r['images_per_s']:.2f} images/s ({r['images_per_s_overall']:.2f} with the slow steps), peak {peak}, "
+                f"{r['images_per_s']:.2f} images/s ({r['images_per_s_overall']:.2f} over every step), peak {peak}, "
                 f"{r['shapes_seen']} shapes, {r['slow_steps']} slow steps ({r['slow_steps_s']:.0f} s) |"
             )
     return "\n".join(lines)
