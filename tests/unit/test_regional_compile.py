@@ -48,3 +48,30 @@ def _graphs(spec: TinySpec) -> int:
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-3, atol=1e-6)
     return backend.graphs
+
+
+def test_new_shapes_reuse_one_dynamic_graph() -> None:
+    """An album with several aspect buckets and short batches: the first shape compiles static, a new token count
+    recompiles once with it symbolic, a new batch size once more; after that no shape traces a new graph (6
+    shapes trace as many graphs as 3, at most 3× one shape's; compiling each shape static traced one set per
+    shape)."""
+    spec = TinySpec(hidden=128, double_blocks=2, single_blocks=2, context_dim=32)
+    one = _graphs_over_shapes(spec, [(1, 2, 2)])
+    three = _graphs_over_shapes(spec, [(1, 2, 2), (1, 2, 3), (2, 3, 2)])
+    six = _graphs_over_shapes(spec, [(1, 2, 2), (1, 2, 3), (2, 3, 2), (2, 3, 3), (1, 4, 2), (3, 2, 4)])
+    assert six == three <= 3 * one
+
+
+def _graphs_over_shapes(spec: TinySpec, shapes: list[tuple[int, int, int]]) -> int:
+    """Graphs traced by one training-like pass per (batch, latent h, latent w)."""
+    torch._dynamo.reset()
+    model = tiny_klein(spec)
+    backend = CountingBackend()
+    lora = LoraTrainable(resolve_targets(model, "all_linear"), 4, 4, generator=torch.Generator().manual_seed(0))
+    for batch, h, w in shapes:
+        gen = torch.Generator().manual_seed(h * 10 + w)
+        x = torch.randn(batch, 128, h, w, generator=gen)
+        ctx = tiny_conditioning(spec, 3, batch)
+        out = klein_forward(model, x, torch.full((batch,), 0.4), ctx, adapters=lora, compile_blocks=backend)
+        out.square().mean().backward()
+    return backend.graphs

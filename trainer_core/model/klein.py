@@ -278,6 +278,11 @@ def _bind_single_region(
 # That needs adapters that can hand out their tensors (`fused(name)`: LoraTrainable, AdapterStack); others go
 # through the per-block path, where each block compiles once (its module names are constants of its graph),
 # hence the raised recompile limit.
+#
+# dynamic=None (torch's automatic dynamic shapes): the first shape compiles a graph specialised to it; the first
+# other shape (another aspect bucket, a short batch at an epoch's end) compiles once more with the changing sizes
+# symbolic, and every later shape reuses that graph. Compiled static, each (bucket, batch) pair compiled anew:
+# an album of 200 images in 5 buckets spent its first 14 steps (6 minutes on an H200) compiling 9 shapes.
 _COMPILED: dict[object, tuple[Callable, Callable]] = {}
 _REGIONS: dict[object, tuple[Callable, Callable]] = {}
 COMPILE_RECOMPILE_LIMIT = 128
@@ -294,8 +299,8 @@ def _block_functions(compiled: bool | str | Callable) -> tuple[Callable, Callabl
     backend = _backend(compiled)
     if backend not in _COMPILED:
         _COMPILED[backend] = (
-            torch.compile(double_block, dynamic=False, backend=backend),
-            torch.compile(single_block, dynamic=False, backend=backend),
+            torch.compile(double_block, dynamic=None, backend=backend),
+            torch.compile(single_block, dynamic=None, backend=backend),
         )
     return _COMPILED[backend]
 
@@ -345,8 +350,8 @@ def _region_functions(compiled: bool | str | Callable) -> tuple[Callable, Callab
     backend = _backend(compiled)
     if backend not in _REGIONS:
         _REGIONS[backend] = (
-            torch.compile(_double_region, dynamic=False, backend=backend),
-            torch.compile(_single_region, dynamic=False, backend=backend),
+            torch.compile(_double_region, dynamic=None, backend=backend),
+            torch.compile(_single_region, dynamic=None, backend=backend),
         )
     return _REGIONS[backend]
 
