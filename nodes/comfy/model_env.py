@@ -77,8 +77,9 @@ class PartialLoadStreamer:
     the compute dtype is a view of a cast buffer the next module's cast overwrites, and autograd saves that weight
     for the input gradient of a recomputed block. Without them every cast is a tensor of its own.
 
-    ComfyUI's dynamic VRAM patchers (`is_dynamic()`) page weights on their own: nothing is streamed there
-    (streamable 0), the plan then says what to lower instead.
+    ComfyUI's dynamic VRAM patchers (`is_dynamic()`) page weights on their own, and an offload device other than
+    the host (--highvram, --gpu-only) keeps weights on the GPU: nothing is streamed there (streamable 0), and the
+    plan says what to lower instead.
     """
 
     def __init__(self, model_patcher, on_stream: Callable[[], None] | None = None) -> None:
@@ -89,7 +90,9 @@ class PartialLoadStreamer:
 
     def streamable(self) -> int:
         """Bytes of the loaded modules whose weights ComfyUI can cast per call (comfy_cast_weights)."""
-        if self.patcher.is_dynamic():
+        # Dynamic VRAM pages weights itself; an offload device that is not the host (--highvram, --gpu-only)
+        # would keep "streamed" weights on the GPU.
+        if self.patcher.is_dynamic() or torch.device(self.patcher.offload_device).type != "cpu":
             return 0
         model = self.patcher.model
         return sum(

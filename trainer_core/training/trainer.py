@@ -265,8 +265,9 @@ class _Run:
         planned = settings if shard is None else replace(settings, batch_size=-(-settings.batch_size // shard.world))
         # fp8 compute saves the stored fp8 weights for backward, not bf16 copies of them (fp8_compute.py).
         casts = cast_weight_bytes(blocks) if self.compute == "bf16" else 0
-        # Streaming needs the caller's loader (ComfyUI's partial loading) and a single process.
-        self.streamer = streamer if shard is None else None
+        # Streaming needs the caller's loader (ComfyUI's partial loading) and a single process; PEFT's LoKr / DoRA
+        # layers read their base weight directly (DoRA's norm), so they keep every weight on the device.
+        self.streamer = streamer if shard is None and settings.algorithm not in PEFT_ALGORITHMS else None
         streamable = self.streamer.streamable() if self.streamer is not None else 0
         self.plan: MemoryPlan = plan_memory(
             planned,
