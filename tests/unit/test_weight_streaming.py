@@ -218,3 +218,23 @@ def test_out_of_memory_in_the_trainer_falls_back_down_to_streaming(tmp_path: Pat
             memory_probe=FakeProbe(0, 100 * GIB),
             weight_streamer=FakeStreamer(0),
         )
+
+
+def test_a_streamed_run_resumes_exactly_and_run_json_keeps_no_plan(tmp_path: Path, monkeypatch) -> None:
+    """The plan is made again by every run and never stored: a run that streamed, stopped after 2 steps and
+    resumed without streaming (a larger budget) ends with the same losses as one run of 4 steps; run.json holds
+    the settings only."""
+    _forward_spy(monkeypatch, lambda *a: False)
+    tight = FakeProbe(in_use=9 * GIB, limit=int(9.2 * GIB))
+    roomy = FakeProbe(in_use=0, limit=100 * GIB)
+    s2 = TrainSettings(**{**BASE, "steps": 2, "checkpoint_every": 2}, memory_mode="auto")
+    s4 = TrainSettings(**{**BASE, "steps": 4, "checkpoint_every": 2}, memory_mode="auto")
+    run = RunFolder.create(tmp_path / "a", s2, {})
+    streamer = FakeStreamer(4 * GIB)
+    train(tiny_klein(SPEC), _items(), s2, run, memory_probe=tight, weight_streamer=streamer)
+    assert streamer.streamed > 0
+    assert "stream" not in (tmp_path / "a" / "run.json").read_text()
+    train(tiny_klein(SPEC), _items(), s4, run, memory_probe=roomy, weight_streamer=FakeStreamer(4 * GIB), resume=True)
+    whole = RunFolder.create(tmp_path / "b", s4, {})
+    train(tiny_klein(SPEC), _items(), s4, whole, memory_probe=roomy)
+    assert [r["loss"] for r in run.read_metrics()] == [r["loss"] for r in whole.read_metrics()]
