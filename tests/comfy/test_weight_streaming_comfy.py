@@ -92,6 +92,29 @@ def test_partial_unload_streams_the_named_bytes_and_restore_brings_all_back(load
     assert all(torch.equal(after[k].view(torch.uint8), before[k].view(torch.uint8)) for k in before)
 
 
+def test_reload_after_a_vae_decode_streams_the_same_bytes(loaded, monkeypatch) -> None:
+    """A VAE decode between steps may unload the MODEL: reload puts it back with the streamed modules left in
+    host memory again (not the full load reload_model does without streaming); when nothing moved it, reload
+    loads nothing."""
+    import comfy.model_management as mm
+    from klein_lora_lab.nodes.comfy.model_env import PartialLoadStreamer, reload_model
+
+    streamer = PartialLoadStreamer(loaded)
+    got = streamer.stream(streamer.streamable() // 2)
+    calls: list[object] = []
+    real_load = mm.load_models_gpu
+    monkeypatch.setattr(mm, "load_models_gpu", lambda *a, **k: (calls.append(a), real_load(*a, **k))[1])
+    reload_model(loaded, streamer)
+    assert calls == [] and loaded.loaded_size() == loaded.model_size() - got
+    mm.unload_all_models()  # what freeing memory for the VAE may do
+    assert loaded.loaded_size() == 0
+    reload_model(loaded, streamer)
+    assert len(calls) == 1 and streamer.streamed >= got and loaded.model.model_lowvram
+    assert loaded.loaded_size() == loaded.model_size() - streamer.streamed
+    streamer.restore()
+    assert not loaded.model.model_lowvram and loaded.loaded_size() == loaded.model_size()
+
+
 def test_dynamic_vram_patchers_stream_nothing(loaded, monkeypatch) -> None:
     """A patcher with ComfyUI's dynamic VRAM pages its weights itself: the streamer offers nothing to stream."""
     from klein_lora_lab.nodes.comfy.model_env import PartialLoadStreamer
