@@ -8,7 +8,11 @@ bf16. Prints one JSON line per measurement and a markdown table at the end.
         --which ours-auto,ours-least,core --cap-gib 12
 
 Our rows run the Train node's own path (`nodes/comfy/training.train_in_comfy`, what the node's execute calls)
-with Training Options applied; `--cap-gib` limits the process's GPU memory as a smaller card would.
+with Training Options applied; `--cap-gib` limits the process's GPU memory as a smaller card would. Where memory
+auto streams base weights from host memory (Klein 9B, fp8 weights, `--cap-gib 10`), "streamed GiB" says how much:
+
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/train_bench.py --variants 9b --res 1024 --which ours-auto \
+        --weight-dtype fp8 --compute fp8 --cap-gib 10
 
 FLOPs per step are counted analytically for a LoRA step without recomputation: the forward (2·params·tokens
 for the block/global linears plus 4·L²·hidden per block for attention) and a backward that needs input
@@ -153,15 +157,25 @@ def bench_ours(
     with _sdpa_backend():
         outcome = train_in_comfy(patcher, items, settings, run, False, None, None, None)
     seconds = [r["seconds"] for r in run.read_metrics() if "seconds" in r]
+    plans = [n for n in outcome.notices if n.startswith("memory")]
     return {
         "s_per_step": statistics.median(seconds[warmup:]),
         "peak_gib": torch.cuda.max_memory_allocated() / 2**30,
+        "streamed_gib": _streamed_gib(plans),
         "first_step_s": seconds[0],
-        "memory_plan": [n for n in outcome.notices if n.startswith("memory")],
+        "memory_plan": plans,
         "notices": [n for n in outcome.notices if not n.startswith("memory")],
         "panel_peak_vram_gib": peak_vram_gib(),  # what the training panel's peak VRAM field shows
         "fp8_eligible_block_linears": _fp8_eligible(patcher, variant) if compute == "fp8" else None,
     }
+
+
+def _streamed_gib(plans: list[str]) -> float:
+    """GiB of base weights the last memory plan streamed from host memory (0 when none did)."""
+    import re
+
+    found = re.search(r"streaming ([\d.]+) GiB", plans[-1]) if plans else None
+    return float(found.group(1)) if found else 0.0
 
 
 def _fp8_eligible(patcher, variant: str) -> str:
@@ -357,15 +371,17 @@ def main() -> None:
 def markdown_table(rows: list[dict]) -> str:
     """The docs table from benchmark rows (the JSON lines this script prints)."""
     lines = [
-        "| trainer | variant | res | batch | cap GiB | s/step | peak GiB | img/s | TFLOP/s | first step s |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| trainer | variant | res | batch | cap GiB | s/step | peak GiB | streamed GiB | img/s | TFLOP/s "
+        "| first step s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         cap = f"{r['cap_gib']:g}" if r.get("cap_gib") else "—"
         first = f"{r['first_step_s']:.1f}" if "first_step_s" in r else "—"
+        streamed = f"{r['streamed_gib']:.1f}" if r.get("streamed_gib") else "—"
         lines.append(
             f"| {r['trainer']} | {r['variant']} | {r['res']}² | {r['batch']} | {cap} | {r['s_per_step']:.3f} | "
-            f"{r['peak_gib']:.1f} | {r['images_per_s']:.2f} | {r['tflops']:.0f} | {first} |"
+            f"{r['peak_gib']:.1f} | {streamed} | {r['images_per_s']:.2f} | {r['tflops']:.0f} | {first} |"
         )
     return "\n".join(lines)
 

@@ -4,7 +4,7 @@ inference mode, with `in_training` set, and given back afterwards."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import comfy.model_management as mm
@@ -56,9 +56,97 @@ def normalize_inference_tensors(module: nn.Module) -> int:
     return converted
 
 
-def reload_model(model_patcher) -> None:
-    """Make sure the MODEL is back on its device (a VAE decode between steps may have moved it off)."""
+def reload_model(model_patcher, streamer: PartialLoadStreamer | None = None) -> None:
+    """Make sure the MODEL is back on its device (a VAE decode between steps may have moved it off); with a
+    streamer that streams, as the run's memory plan has it (its streamed weights left in host memory)."""
+    if streamer is not None and streamer.streamed:
+        streamer.reload()
+        return
     mm.load_models_gpu([model_patcher], force_full_load=True)
+
+
+class PartialLoadStreamer:
+    """Base weights left in host memory through ComfyUI's own partial loading (trainer_core's WeightStreamer).
+
+    `ModelPatcher.partially_unload(offload_device, nbytes)` moves whole modules to the offload device, smallest
+    first (ComfyUI's order), until at least `nbytes` went, and sets their `comfy_cast_weights`: every call of such
+    a module then casts its weight to the input's device and dtype (comfy/ops.py cast_bias_weight), so each step
+    copies the streamed weights over again. `restore` loads the MODEL fully again, as `loaded_for_training` had it.
+
+    While weights stream, ComfyUI's async offload streams are off (`NUM_STREAMS` 0): with them a cast weight in
+    the compute dtype is a view of a cast buffer the next module's cast overwrites, and autograd saves that weight
+    for the input gradient of a recomputed block. Without them every cast is a tensor of its own.
+
+    ComfyUI's dynamic VRAM patchers (`is_dynamic()`) page weights on their own, and an offload device other than
+    the host (--highvram, --gpu-only) keeps weights on the GPU: nothing is streamed there (streamable 0), and the
+    plan says what to lower instead.
+    """
+
+    def __init__(self, model_patcher, on_stream: Callable[[], None] | None = None) -> None:
+        self.patcher = model_patcher
+        self.on_stream = on_stream  # told when weights start streaming (the blocks then run uncompiled)
+        self.streamed = 0
+        self._streams: int | None = None  # ComfyUI's NUM_STREAMS while weights stream, restored by `restore`
+
+    def streamable(self) -> int:
+        """Bytes of the loaded modules whose weights ComfyUI can cast per call (comfy_cast_weights)."""
+        # Dynamic VRAM pages weights itself; an offload device that is not the host (--highvram, --gpu-only)
+        # would keep "streamed" weights on the GPU.
+        if self.patcher.is_dynamic() or torch.device(self.patcher.offload_device).type != "cpu":
+            return 0
+        model = self.patcher.model
+        return sum(
+            mm.module_size(m)
+            for m in model.modules()
+            if hasattr(m, "comfy_cast_weights") and getattr(m, "comfy_patched_weights", False)
+        )
+
+    def stream(self, nbytes: int) -> int:
+        """Leave at least `nbytes` of base weights in host memory in all; returns the bytes left there."""
+        need = nbytes - self.streamed
+        if need <= 0:
+            return self.streamed
+        if self._streams is None:
+            self._streams, mm.NUM_STREAMS = mm.NUM_STREAMS, 0
+            if self.on_stream is not None:
+                self.on_stream()
+        self.streamed += self.patcher.partially_unload(self.patcher.offload_device, need)
+        mm.soft_empty_cache()
+        LOG.info("Klein LoRA Lab: %.2f GiB of the base weights stream from host memory", self.streamed / 2**30)
+        return self.streamed
+
+    def reload(self) -> None:
+        """After something else moved the MODEL (a VAE decode): back on the device with the same bytes streamed."""
+        loaded = any(m is self.patcher for m in mm.loaded_models())
+        if loaded and self.patcher.loaded_size() >= self.patcher.model_size() - self.streamed:
+            return  # nothing moved it: no round trip through a full load
+        target, self.streamed = self.streamed, 0
+        mm.load_models_gpu([self.patcher], force_full_load=True)
+        self.stream(target)
+
+    def restore(self) -> None:
+        """Load the MODEL fully again and give ComfyUI its async offload streams back."""
+        try:
+            if self.streamed:
+                try:
+                    mm.load_models_gpu([self.patcher], force_full_load=True)
+                except torch.OutOfMemoryError:
+                    # ComfyUI detached the model on the failed load: it loads again when next used.
+                    LOG.warning("Klein LoRA Lab: the MODEL did not fit fully after training; ComfyUI reloads it")
+                self.streamed = 0
+        finally:
+            if self._streams is not None:
+                mm.NUM_STREAMS, self._streams = self._streams, None
+
+
+@contextmanager
+def streamed_weights(model_patcher, on_stream: Callable[[], None] | None = None) -> Iterator[PartialLoadStreamer]:
+    """A streamer for a training run on the loaded MODEL; on exit the MODEL is fully loaded again."""
+    streamer = PartialLoadStreamer(model_patcher, on_stream)
+    try:
+        yield streamer
+    finally:
+        streamer.restore()
 
 
 @contextmanager

@@ -57,6 +57,13 @@ class NodeNotices:
         self.compile_seconds = time.perf_counter() - self._started
         LOG.info("Klein LoRA Lab: first step (compile) took %.1f s", self.compile_seconds)
 
+    def compile_skipped(self) -> None:
+        """The run does not compile after all (its base weights stream): stop the clock, no compile time kept."""
+        if self._clock is None or self._stop.is_set():
+            return
+        self._stop.set()
+        self._clock.join()
+
     def _latest(self) -> list[str]:
         """The latest memory line (a plan replaces the one before) and every other notice (fp8 fallback)."""
         memory = [line for line in self.lines if line.startswith("memory")]

@@ -25,7 +25,7 @@ from .feedback import LiveProgress, prompt_server
 from .images import decode_images, tensor_to_pil
 from .interrupt import interrupt_requested
 from .live_panel import RULES, ClinicSetup, LivePanel
-from .model_env import loaded_for_training, reload_model, training_mode
+from .model_env import PartialLoadStreamer, loaded_for_training, reload_model, streamed_weights, training_mode
 from .notices import NodeNotices
 from .paths import lora_list_name, output_relative
 
@@ -63,8 +63,10 @@ class ComfyCallbacks(TrainCallbacks):
         panel: LivePanel | None = None,
         checkpoint_every: int = 0,
         notices: NodeNotices | None = None,
+        streamer: PartialLoadStreamer | None = None,
     ) -> None:
         self.progress, self.run, self.patcher, self.model, self.device = progress, run, model_patcher, model, device
+        self.streamer = streamer  # base weights the memory plan streams stay in host memory after a VAE decode
         self.samples, self.vae, self.panel, self.checkpoint_every = samples, vae, panel, checkpoint_every
         self.notices = notices or NodeNotices(None)
         self.sample_files: list[Path] = []
@@ -140,7 +142,7 @@ class ComfyCallbacks(TrainCallbacks):
         """Decode (VAE, or the latent view) and write `samples/step_<step>_prompt<i>.png`; (files, images)."""
         images = tensor_to_pil(decode_images(latents, self.vae))
         if self.vae is not None:
-            reload_model(self.patcher)  # decoding may have moved the diffusion model off the device
+            reload_model(self.patcher, self.streamer)  # decoding may have moved the diffusion model off the device
         files = []
         for i, pil in enumerate(images):
             path = self.run.sample_path(step, f"prompt{i}.png")
@@ -250,12 +252,15 @@ def train_in_comfy(
         with (
             LivePanel(run.path.name, node_id, settings.steps, first, run.path, clinic, compiling, sweep) as panel,
             pack_compile_cache(compiling),
+            streamed_weights(patcher, notices.compile_skipped) as streamer,
         ):
             callbacks = ComfyCallbacks(
-                progress, run, patcher, model, device, samples, vae, panel, settings.checkpoint_every, notices
+                progress, run, patcher, model, device, samples, vae, panel, settings.checkpoint_every, notices, streamer
             )
             try:
-                result = train(model, items, settings, run, callbacks, empty_context, device, resume)
+                result = train(
+                    model, items, settings, run, callbacks, empty_context, device, resume, weight_streamer=streamer
+                )
                 interrupted = result.stopped_early and interrupt_requested()
             except mm.InterruptProcessingException:
                 interrupted = True

@@ -44,8 +44,9 @@ class KleinLabTrainingOptions(io.ComfyNode):
                     options=list(MEMORY_CHOICES),
                     default="auto",
                     tooltip="auto: the fastest setting that fits this GPU's free memory (the choice and expected "
-                    "peak show on the Train node); fastest: nothing recomputed (most memory); least memory: every "
-                    "block recomputed (~40% slower); recompute share: the share below.",
+                    "peak show on the Train node; where nothing else fits, e.g. Klein 9B on a 10 GB card, part of the "
+                    "base weights streams from host memory each step, slower); fastest: nothing recomputed (most "
+                    "memory); least memory: every block recomputed (~40% slower); recompute share: the share below.",
                 ),
                 io.Float.Input(
                     "recompute_share",

@@ -36,11 +36,14 @@ from .faults import TrainingOutOfMemoryError, out_of_memory_message
 from .memory import (
     MemoryPlan,
     MemoryProbe,
+    WeightStreamer,
+    can_fall_back,
     cast_weight_bytes,
     check_first_step,
     default_probe,
     fall_back,
     plan_memory,
+    stream_work_bytes,
 )
 from .objective import add_noise, flow_loss, sample_sigmas, shifted_sigmas, velocity_target
 from .preservation import preservation_loss
@@ -223,6 +226,7 @@ class _Run:
         device: torch.device,
         probe: MemoryProbe | None = None,
         shard: Shard | None = None,
+        streamer: WeightStreamer | None = None,
     ) -> None:
         self.model, self.items, self.s, self.run, self.cb = model, items, settings, run, callbacks
         self.shard = shard  # None: this process computes every batch whole
@@ -261,9 +265,22 @@ class _Run:
         planned = settings if shard is None else replace(settings, batch_size=-(-settings.batch_size // shard.world))
         # fp8 compute saves the stored fp8 weights for backward, not bf16 copies of them (fp8_compute.py).
         casts = cast_weight_bytes(blocks) if self.compute == "bf16" else 0
+        # Streaming needs the caller's loader (ComfyUI's partial loading) and a single process; PEFT's LoKr / DoRA
+        # layers read their base weight directly (DoRA's norm), so they keep every weight on the device.
+        self.streamer = streamer if shard is None and settings.algorithm not in PEFT_ALGORITHMS else None
+        streamable = self.streamer.streamable() if self.streamer is not None else 0
         self.plan: MemoryPlan = plan_memory(
-            planned, read_shape(model), tokens, self.compile_blocks, lora_params, probe, casts
+            planned,
+            read_shape(model),
+            tokens,
+            self.compile_blocks,
+            lora_params,
+            probe,
+            casts,
+            streamable,
+            stream_work_bytes(blocks),
         )
+        self.apply_streaming()
         self.last_checkpoint: Path | None = None
         self.last_saved_step = -1
         self.saving = False  # True while a checkpoint is written: an error there must not trigger another save
@@ -272,6 +289,17 @@ class _Run:
         self.notes: list[str] = []  # what resume had to say (fallbacks, gaps, nothing to resume)
         self.variant = detect_variant(read_shape(model)).name
         self.dataset_hash = train_items_hash(items)
+
+    @property
+    def compiled(self) -> bool:
+        """Whether the blocks run compiled now: never while base weights stream (the plan turns it off)."""
+        return self.compile_blocks and self.plan.stream_bytes == 0
+
+    def apply_streaming(self) -> None:
+        """Leave the plan's bytes of base weights in host memory; the plan then says what actually went."""
+        if self.plan.stream_bytes == 0 or self.streamer is None:
+            return
+        self.plan = replace(self.plan, stream_bytes=self.streamer.stream(self.plan.stream_bytes))
 
     # -- one step -------------------------------------------------------------------------------------------
 
@@ -323,7 +351,7 @@ class _Run:
                 list(refs) or None,
                 adapters,
                 checkpointing,
-                self.compile_blocks,
+                self.compiled,
                 self.compute,
                 self.plan.offload,
             )
@@ -352,7 +380,7 @@ class _Run:
                 self.lora,
                 list(batch.refs) or None,
                 self.plan.share,
-                self.compile_blocks,
+                self.compiled,
                 self.compute,
                 self.plan.offload,
             )
@@ -405,31 +433,43 @@ class _Run:
 
     def guarded_step(self, step: int, first: bool) -> tuple[float, float]:
         """`step`, with an auto memory plan checked against the first step's peak and, when a step runs out of
-        memory while blocks were kept, retried once with every block recomputed (least memory)."""
+        memory, retried down the fallback chain (memory.fall_back: least memory, the blocks' inputs in host memory,
+        base weights streamed from host memory) until it fits or the chain ends."""
         if first and self.probe is not None:
             self.probe.reset_peak()
-        error = ""
-        try:
-            result = self.step(step)
-        except torch.OutOfMemoryError as err:
-            # Only auto falls back: a chosen mode fails with the advice (TrainingOutOfMemoryError), as it asked.
-            # A data-parallel rank cannot retry alone: the others wait in the step's collective.
-            if self.plan.mode != "auto" or self.plan.offload or self.plan.fell_back or self.shard is not None:
-                raise
-            error = str(err) or "out of memory"  # retried below, once the traceback (and activations) is gone
-        if error:
+        fell_back = False
+        while True:
+            error = ""
+            try:
+                result = self.step(step)
+            except torch.OutOfMemoryError as err:
+                # Only auto falls back: a chosen mode fails with the advice (TrainingOutOfMemoryError), as it asked.
+                # A data-parallel rank cannot retry alone: the others wait in the step's collective.
+                if self.shard is not None or not self._can_fall_back():
+                    raise
+                error = str(err) or "out of memory"  # retried below, once the traceback (and activations) is gone
+            if not error:
+                break
             self.opt.zero_grad(set_to_none=True)
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
             self.plan = fall_back(self.plan, error)
+            self.apply_streaming()
             self.cb.on_notice(self.plan.describe())
-            return self.step(step)
+            fell_back = True
+        if fell_back:
+            return result
         if first and self.probe is not None:
             checked = check_first_step(self.plan, self.probe.peak())
             if checked != self.plan:
                 self.plan = checked
+                self.apply_streaming()
                 self.cb.on_notice(self.plan.describe())
         return result
+
+    def _can_fall_back(self) -> bool:
+        """Whether the plan has a next step (streaming only with a streamer: without one streamable is 0)."""
+        return can_fall_back(self.plan)
 
     def _diverged(self, step: int, what: str) -> None:
         """Stop with a message naming the step, the likely cause and the last good checkpoint."""
@@ -697,6 +737,7 @@ def train(
     resume: bool = False,
     memory_probe: MemoryProbe | None = None,
     shard: Shard | None = None,
+    weight_streamer: WeightStreamer | None = None,
 ) -> TrainResult:
     """Train a LoRA on `model` (Klein module names, already on `device`) and checkpoint it into `run`.
 
@@ -705,7 +746,8 @@ def train(
     TrainingOutOfMemoryError (memory released, last step kept) when the device runs out of memory even with
     every block recomputed. memory_probe reads the device's memory for settings.memory_mode 'auto' (default:
     the CUDA allocator on CUDA devices, none elsewhere). shard: this process's share of a data-parallel run
-    (distributed.py starts those; its run folder is read-only on every rank but 0).
+    (distributed.py starts those; its run folder is read-only on every rank but 0). weight_streamer: leaves base
+    weights in host memory where auto's plan needs it (ComfyUI's partial loading; None: nothing streams).
     """
     require_optimizer_installed(settings)
     cb = callbacks or TrainCallbacks()
@@ -718,7 +760,7 @@ def train(
     # outside it, so the whole run (including LoRA init and resume) happens in inference_mode(False).
     with torch.inference_mode(False), torch.enable_grad(), _frozen_base(model):
         probe = memory_probe if memory_probe is not None else default_probe(device)
-        state = _Run(model, items, settings, run, cb, empty_context, device, probe, shard)
+        state = _Run(model, items, settings, run, cb, empty_context, device, probe, shard, weight_streamer)
         cb.on_notice(state.plan.describe())
         if state.compute_notice:
             cb.on_notice(state.compute_notice)
