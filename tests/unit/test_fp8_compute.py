@@ -189,6 +189,31 @@ def test_klein_forward_in_fp8_tracks_bf16_and_its_lora_gradients() -> None:
         assert _cosine(out, ref_out) > 0.99 and _cosine(grad, ref_grad) > 0.99
 
 
+def test_compiled_block_regions_with_fp8_compute_are_as_many_graphs_as_bf16_and_all_cacheable() -> None:
+    """The Klein block regions compiled with fp8 compute (half the blocks recomputed, a LoRA on every Linear)
+    trace as many graphs as with bf16 compute (the fp8 op breaks no graph) and AOTAutograd's cache accepts each
+    of them: a new process reuses the compiled fp8 regions instead of tracing them again."""
+    spec = TinySpec(hidden=128, double_blocks=2, single_blocks=2, context_dim=32)
+    model = tiny_klein(spec).requires_grad_(False)
+    gen = torch.Generator().manual_seed(7)
+    x, sigma, ctx = torch.randn(1, 128, 2, 2, generator=gen), torch.tensor([0.5]), tiny_conditioning(spec, 3, 1)
+    graphs: dict[str, list[torch.fx.GraphModule]] = {"bf16": [], "fp8": []}
+    for compute, seen in graphs.items():
+
+        def backend(gm: torch.fx.GraphModule, example_inputs: list, seen: list = seen) -> object:
+            seen.append(gm)
+            return gm.forward
+
+        lora = LoraTrainable(resolve_targets(model, "all_linear"), 4, 4, generator=torch.Generator().manual_seed(0))
+        klein_forward(model, x, sigma, ctx, None, lora, 0.5, backend, compute).square().mean().backward()
+    assert 0 < len(graphs["fp8"]) == len(graphs["bf16"])
+    fp8_ops = 0
+    for gm in graphs["fp8"]:
+        check_cacheable(gm)  # raises BypassAOTAutogradCache for a graph the cache refuses
+        fp8_ops += sum(n.target is torch.ops.klein_lora_lab.frozen_fp8_mm.default for n in gm.graph.nodes)
+    assert fp8_ops > 0
+
+
 def test_compute_option_is_validated_stored_and_defaults_to_bf16_for_older_runs() -> None:
     """compute is a Training Option stored in run.json; a bad value names the field and the fix; a run.json
     written before the option existed reads as bf16."""
