@@ -7,6 +7,15 @@ bf16. Prints one JSON line per measurement and a markdown table at the end.
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/train_bench.py --variants 4b --res 512,1024 --ranks 32 \
         --which ours-auto,ours-least,core --cap-gib 12
 
+`first_step_s` is the first step's time, compile included. The Train node keeps inductor's compile cache in
+the pack's folder (nodes/comfy/compile_cache.py) unless TORCHINDUCTOR_CACHE_DIR names another; `--compile-cache
+DIR` sets that variable for this process, so a cold and a warm first step are two runs with the same DIR, the
+first on an empty one (each row records which it was, "compile_cache_state"):
+
+    python benchmarks/train_bench.py --variants 4b --res 1024 --which ours-auto --cap-gib 12 --compute fp8 \
+        --compile-cache /tmp/klein-cc    # cold: the folder is new
+    python benchmarks/train_bench.py ... the same ... --compile-cache /tmp/klein-cc    # warm
+
 Our rows run the Train node's own path (`nodes/comfy/training.train_in_comfy`, what the node's execute calls)
 with Training Options applied; `--cap-gib` limits the process's GPU memory as a smaller card would. Where memory
 auto streams base weights from host memory (Klein 9B, fp8 weights, `--cap-gib 10`), "streamed GiB" says how much:
@@ -23,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -277,11 +287,19 @@ def main() -> None:
     parser.add_argument("--algorithm", default="lora", help="our rows' adapter: lora, rslora, lokr or dora")
     parser.add_argument("--compute", choices=("bf16", "fp8"), default="bf16", help="Training Options' compute")
     parser.add_argument("--fp8-scaling", choices=("rowwise", "tensor"), default="rowwise", help="fp8 compute's scales")
+    parser.add_argument(
+        "--compile-cache",
+        type=Path,
+        default=None,
+        help="inductor's compile cache folder for this process (TORCHINDUCTOR_CACHE_DIR; Triton's kernels go under "
+        "it too): a new folder gives a cold first step, the same folder again a warm one; default: the pack's folder",
+    )
     parser.add_argument("--table", type=Path, default=None, help="only print the docs table of these JSON lines")
     args = parser.parse_args()
     if args.table is not None:
         print(markdown_table([json.loads(line) for line in args.table.read_text().splitlines() if line.strip()]))
         return
+    cache_state = use_compile_cache(args.compile_cache) if args.compile_cache is not None else None
     SDPA_BACKEND["name"] = args.sdpa
 
     root = comfy_path()
@@ -352,6 +370,7 @@ def main() -> None:
                             "res": res,
                             "rank": rank,
                             "batch": batch,
+                            **({"compile_cache_state": cache_state} if cache_state else {}),
                             **r,
                             "images_per_s": batch / r["s_per_step"],
                             "tflops": flops / r["s_per_step"] / 1e12,
@@ -368,6 +387,17 @@ def main() -> None:
     print(markdown_table(rows))
 
 
+def use_compile_cache(folder: Path) -> str:
+    """Point inductor's cache (and Triton's, which lives under it unless TRITON_CACHE_DIR is set) at `folder`
+    for this process, before anything compiles; the pack keeps a folder set this way. Returns "cold" when the
+    folder is new or empty, else "warm"."""
+    folder = folder.resolve()
+    state = "warm" if folder.is_dir() and any(folder.iterdir()) else "cold"
+    folder.mkdir(parents=True, exist_ok=True)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    return state
+
+
 def markdown_table(rows: list[dict]) -> str:
     """The docs table from benchmark rows (the JSON lines this script prints)."""
     lines = [
@@ -379,6 +409,8 @@ def markdown_table(rows: list[dict]) -> str:
         cap = f"{r['cap_gib']:g}" if r.get("cap_gib") else "—"
         first = f"{r['first_step_s']:.1f}" if "first_step_s" in r else "—"
         streamed = f"{r['streamed_gib']:.1f}" if r.get("streamed_gib") else "—"
+        if "compile_cache_state" in r and "first_step_s" in r:
+            first += f" ({r['compile_cache_state']})"
         lines.append(
             f"| {r['trainer']} | {r['variant']} | {r['res']}² | {r['batch']} | {cap} | {r['s_per_step']:.3f} | "
             f"{r['peak_gib']:.1f} | {streamed} | {r['images_per_s']:.2f} | {r['tflops']:.0f} | {first} |"

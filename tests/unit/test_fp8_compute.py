@@ -12,6 +12,7 @@ from klein_lora_lab.trainer_core.model.fp8_compute import (
     FP8_MAX,
     fp8_eligible,
     fp8_linear,
+    frozen_fp8_mm,
     quantize,
     resolve_compute,
 )
@@ -21,6 +22,10 @@ from klein_lora_lab.trainer_core.model.tiny import TinySpec, tiny_conditioning, 
 from klein_lora_lab.trainer_core.training.options import TrainingOptions, with_options
 from klein_lora_lab.trainer_core.training.settings import SettingsError, TrainSettings
 from torch import nn
+
+# AOTAutograd's own test of whether a Dynamo graph may be cached (it raises BypassAOTAutogradCache otherwise);
+# private, but it is exactly the decision the compile cache takes for the block regions.
+from torch._functorch._aot_autograd.autograd_cache import check_cacheable
 
 
 def _cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -55,6 +60,84 @@ def test_fp8_matmul_forward_and_input_gradient_match_bf16_and_leave_the_weight_w
     assert _cosine(y.detach(), x.detach() @ lin.weight.t()) > 0.998
     assert _cosine(x.grad, dy @ lin.weight) > 0.998
     assert lin.weight.grad is None
+
+
+def test_input_gradient_is_the_fp8_product_of_dy_and_the_weight_and_only_the_weight_is_saved() -> None:
+    """dx is exactly dy W with both operands quantized (dy per row or tensor, W per input column): the math of
+    the autograd.Function this op replaced, bit for bit; it tracks the bf16 reference within fp8's precision
+    (cosine ≥ 0.998); and backward keeps the stored weight itself, no other tensor (no quantized copy, no x)."""
+    gen = torch.Generator().manual_seed(5)
+    lin = nn.Linear(64, 96, bias=True).requires_grad_(False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(96, 64, generator=gen) / 8)
+    x = torch.randn(3, 16, 64, generator=gen, requires_grad=True)
+    dy = torch.randn(3, 16, 96, generator=gen)
+    saved: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        y = fp8_linear(lin, x, rowwise=False)
+    y.backward(dy)
+    qdy, sdy = quantize(dy.reshape(-1, 96), rowwise=False)
+    qwt, swt = quantize(lin.weight.t(), rowwise=False)
+    expected = torch._scaled_mm(qdy, qwt.t(), scale_a=sdy, scale_b=swt, out_dtype=torch.float32)
+    assert torch.equal(x.grad, expected.view(3, 16, 64))
+    reference = dy.bfloat16() @ lin.weight.bfloat16()
+    assert _cosine(x.grad, reference) > 0.998
+    assert [t.data_ptr() for t in saved] == [lin.weight.data_ptr()]
+    assert lin.weight.grad is None
+
+
+class _TwoLinears(nn.Module):
+    """norm → Linear (bias) → GELU → Linear (no bias), both frozen Linears through fp8_linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.up = nn.Linear(64, 128).requires_grad_(False)
+        self.down = nn.Linear(128, 64, bias=False).requires_grad_(False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = fp8_linear(self.up, nn.functional.layer_norm(x, (64,)), rowwise=False)
+        return fp8_linear(self.down, nn.functional.gelu(h), rowwise=False)
+
+
+def test_fp8_linear_compiles_into_one_cacheable_graph_that_matches_eager() -> None:
+    """torch.compile(fullgraph=True) of a module with two fp8 Linears traces one graph (no graph break) in
+    which each matmul is the custom op `klein_lora_lab::frozen_fp8_mm`, a graph AOTAutograd's cache accepts
+    (an autograd.Function there made it bypass the cache, so every process traced the regions again); through
+    AOTAutograd's forward and backward it gives the eager output and x's gradient bit for bit."""
+    torch.manual_seed(6)
+    module = _TwoLinears()
+    x = torch.randn(2, 16, 64)
+    dy = torch.randn(2, 16, 64)
+    graphs: list[torch.fx.GraphModule] = []
+
+    def backend(gm: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(gm)
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
+
+    results = []
+    for fn in (module, torch.compile(module, fullgraph=True, backend=backend)):
+        xi = x.clone().requires_grad_(True)
+        y = fn(xi)
+        y.backward(dy)
+        results.append((y.detach(), xi.grad))
+    assert len(graphs) == 1
+    ops = [n.target for n in graphs[0].graph.nodes if n.op == "call_function"]
+    assert ops.count(torch.ops.klein_lora_lab.frozen_fp8_mm.default) == 2
+    check_cacheable(graphs[0])  # raises BypassAOTAutogradCache for a graph the cache refuses
+    (y_eager, dx_eager), (y_compiled, dx_compiled) = results
+    assert torch.equal(y_compiled, y_eager) and torch.equal(dx_compiled, dx_eager)
+
+
+def test_frozen_fp8_mm_fake_gives_the_output_shape_and_dtype() -> None:
+    """Under fake tensors (how torch.compile traces) the op reports [m, n] in the requested dtype without
+    running the matmul."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x, w = torch.empty(32, 64), torch.empty(96, 64)
+        qx, qw = torch.empty(32, 64, dtype=torch.float8_e4m3fn), torch.empty(96, 64, dtype=torch.float8_e4m3fn)
+        y = frozen_fp8_mm(x, w, qx, torch.empty(32, 1), qw, torch.empty(96, 1), torch.bfloat16, True)
+    assert y.shape == (32, 96) and y.dtype == torch.bfloat16
 
 
 def test_fp8_linear_stands_aside_where_it_cannot_stand_in() -> None:
@@ -104,6 +187,31 @@ def test_klein_forward_in_fp8_tracks_bf16_and_its_lora_gradients() -> None:
         out, grad = run("fp8", checkpointing, compiled)
         assert not torch.equal(out, ref_out)  # fp8 was used
         assert _cosine(out, ref_out) > 0.99 and _cosine(grad, ref_grad) > 0.99
+
+
+def test_compiled_block_regions_with_fp8_compute_are_as_many_graphs_as_bf16_and_all_cacheable() -> None:
+    """The Klein block regions compiled with fp8 compute (half the blocks recomputed, a LoRA on every Linear)
+    trace as many graphs as with bf16 compute (the fp8 op breaks no graph) and AOTAutograd's cache accepts each
+    of them: a new process reuses the compiled fp8 regions instead of tracing them again."""
+    spec = TinySpec(hidden=128, double_blocks=2, single_blocks=2, context_dim=32)
+    model = tiny_klein(spec).requires_grad_(False)
+    gen = torch.Generator().manual_seed(7)
+    x, sigma, ctx = torch.randn(1, 128, 2, 2, generator=gen), torch.tensor([0.5]), tiny_conditioning(spec, 3, 1)
+    graphs: dict[str, list[torch.fx.GraphModule]] = {"bf16": [], "fp8": []}
+    for compute, seen in graphs.items():
+
+        def backend(gm: torch.fx.GraphModule, example_inputs: list, seen: list = seen) -> object:
+            seen.append(gm)
+            return gm.forward
+
+        lora = LoraTrainable(resolve_targets(model, "all_linear"), 4, 4, generator=torch.Generator().manual_seed(0))
+        klein_forward(model, x, sigma, ctx, None, lora, 0.5, backend, compute).square().mean().backward()
+    assert 0 < len(graphs["fp8"]) == len(graphs["bf16"])
+    fp8_ops = 0
+    for gm in graphs["fp8"]:
+        check_cacheable(gm)  # raises BypassAOTAutogradCache for a graph the cache refuses
+        fp8_ops += sum(n.target is torch.ops.klein_lora_lab.frozen_fp8_mm.default for n in gm.graph.nodes)
+    assert fp8_ops > 0
 
 
 def test_compute_option_is_validated_stored_and_defaults_to_bf16_for_older_runs() -> None:

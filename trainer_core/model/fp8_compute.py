@@ -8,9 +8,25 @@ path (`add_lora`), the norms and attention stay bf16; so do the Linears of the e
 
 Why hand-written: torchao's float8 training is not installed with ComfyUI and is built for Linears whose
 weights train (it also computes the weight gradient in fp8); ComfyUI's own fp8 paths serve inference. What a
-frozen Linear needs is one small autograd Function around `torch._scaled_mm` whose backward returns only the
-input gradient. Weights are quantized on the fly from the stored weight (bf16 or fp8 e4m3fn), so no
-second copy of the model is kept; under torch.compile the amax, scale and cast fuse into one pass.
+frozen Linear needs is one fp8 matmul whose backward returns only the input gradient. Weights are quantized on
+the fly from the stored weight (bf16 or fp8 e4m3fn), so no second copy of the model is kept.
+
+Why a custom op (`torch.library.custom_op`, ``klein_lora_lab::frozen_fp8_mm``) and not an autograd.Function:
+inside the compiled block regions Dynamo turns an autograd.Function into the `autograd_function_apply`
+higher-order op, which AOTAutograd's cache refuses by default (torch/_functorch/_aot_autograd/autograd_cache.py:
+`HigherOrderOperator.cacheable()` is False for it unless `autograd_cache_allow_custom_autograd_functions`), so
+every new process traced the fp8 regions' forward and backward again. A custom op is an `OpOverload`, which
+that cache accepts, and its backward (`register_autograd`) is traced into the backward graph like any aten op.
+
+Why the quantization stays outside the op: the op is opaque to inductor, so whatever runs inside it runs as
+eager kernels. Quantizing x (and W) is an amax reduction, a scale and a cast, ~8 separate kernels with fp32
+temporaries in eager, one or two fused passes when inductor sees them. So `fp8_linear` quantizes with plain
+torch ops (fused by inductor in the compiled regions) and hands the op the e4m3 operands and their scales;
+the op holds only the `_scaled_mm` (a cuBLAS call either way). x and W are passed to the op as well, unread by
+its forward: x so that autograd routes its gradient through the op's backward (the quantization itself is
+not differentiated: it is done on x.detach()), W so the backward can quantize Wᵀ from the stored weight
+(saved as the parameter itself, no copy). The backward (quantize dy and Wᵀ, `_scaled_mm`) is plain torch ops
+too, so inductor fuses its quantization the same way.
 """
 
 from __future__ import annotations
@@ -55,29 +71,49 @@ def quantize(t: Tensor, rowwise: bool = True) -> tuple[Tensor, Tensor]:
     return q, scale.reciprocal()
 
 
-def _scaled_matmul(a: Tensor, b: Tensor, out_dtype: torch.dtype, rowwise: bool) -> Tensor:
-    """a [m, k] @ bᵀ for b [n, k], both quantized here: [m, n] in `out_dtype`."""
-    qa, sa = quantize(a, rowwise)
-    qb, sb = quantize(b, rowwise)
+def _fp8_mm(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch.dtype, rowwise: bool) -> Tensor:
+    """(qa·sa) (qb·sb)ᵀ for quantized qa [m, k] and qb [n, k] (see `quantize`): [m, n] in `out_dtype`."""
     # _scaled_mm takes b column-major ([k, n] as the transpose of a row-major [n, k]) and its scale as [1, n].
     return torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb.t() if rowwise else sb, out_dtype=out_dtype)
 
 
-class _FrozenFp8Linear(torch.autograd.Function):
-    """y = x Wᵀ with fp8 operands; backward gives x its gradient dy W (fp8 too) and W none (it is frozen)."""
+def _scaled_matmul(a: Tensor, b: Tensor, out_dtype: torch.dtype, rowwise: bool) -> Tensor:
+    """a [m, k] @ bᵀ for b [n, k], both quantized here: [m, n] in `out_dtype`."""
+    return _fp8_mm(*quantize(a, rowwise), *quantize(b, rowwise), out_dtype, rowwise)
 
-    @staticmethod
-    def forward(ctx, x2d: Tensor, weight: Tensor, out_dtype: torch.dtype, rowwise: bool) -> Tensor:
-        ctx.save_for_backward(weight)  # the stored parameter itself: no copy is kept for backward
-        ctx.x_dtype, ctx.rowwise = x2d.dtype, rowwise
-        return _scaled_matmul(x2d, weight, out_dtype, rowwise)
 
-    @staticmethod
-    def backward(ctx, dy: Tensor):
-        (weight,) = ctx.saved_tensors
-        # dx [m, k] = dy [m, n] @ W [n, k]: W's rows become columns, so it is scaled per input column (Wᵀ rows).
-        dx = _scaled_matmul(dy.contiguous(), weight.t(), dy.dtype, ctx.rowwise)
-        return dx.to(ctx.x_dtype), None, None, None
+@torch.library.custom_op("klein_lora_lab::frozen_fp8_mm", mutates_args=())
+def frozen_fp8_mm(
+    x2d: Tensor, weight: Tensor, qx: Tensor, sx: Tensor, qw: Tensor, sw: Tensor, out_dtype: torch.dtype, rowwise: bool
+) -> Tensor:
+    """y [m, n] = (qx·sx) (qw·sw)ᵀ in `out_dtype`, from qx [m, k] and qw [n, k] e4m3 with their inverse scales
+    ([m, 1] and [n, 1] row-wise, [] per tensor). x2d [m, k] and weight [n, k] are what qx and qw quantize: the
+    backward gives x2d its gradient dy W (in fp8 too) and the frozen weight none; the forward does not read them.
+    """
+    return _fp8_mm(qx, sx, qw, sw, out_dtype, rowwise)
+
+
+@frozen_fp8_mm.register_fake
+def _frozen_fp8_mm_fake(
+    x2d: Tensor, weight: Tensor, qx: Tensor, sx: Tensor, qw: Tensor, sw: Tensor, out_dtype: torch.dtype, rowwise: bool
+) -> Tensor:
+    return qx.new_empty((qx.shape[0], qw.shape[0]), dtype=out_dtype)
+
+
+def _frozen_fp8_mm_setup(ctx, inputs: tuple, output: Tensor) -> None:
+    x2d, weight, *_, rowwise = inputs
+    ctx.save_for_backward(weight)  # the stored parameter itself: no copy is kept for backward
+    ctx.x_dtype, ctx.rowwise = x2d.dtype, rowwise
+
+
+def _frozen_fp8_mm_backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
+    (weight,) = ctx.saved_tensors
+    # dx [m, k] = dy [m, n] @ W [n, k]: W's rows become columns, so it is scaled per input column (Wᵀ rows).
+    dx = _scaled_matmul(dy.contiguous(), weight.t(), dy.dtype, ctx.rowwise)
+    return dx.to(ctx.x_dtype), None, None, None, None, None, None, None
+
+
+frozen_fp8_mm.register_autograd(_frozen_fp8_mm_backward, setup_context=_frozen_fp8_mm_setup)
 
 
 def fp8_eligible(module: nn.Module, x: Tensor) -> bool:
@@ -109,7 +145,10 @@ def fp8_linear(module: nn.Module, x: Tensor, rowwise: bool | None = None) -> Ten
     kind = x.device.type
     rowwise = (kind == "cuda" and CUDA_ROWWISE) if rowwise is None else rowwise
     out_dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
-    y = _FrozenFp8Linear.apply(x.reshape(-1, x.shape[-1]), module.weight, out_dtype, rowwise)
+    x2d, weight = x.reshape(-1, x.shape[-1]), module.weight
+    qx, sx = quantize(x2d.detach(), rowwise)
+    qw, sw = quantize(weight.detach(), rowwise)
+    y = frozen_fp8_mm(x2d, weight, qx, sx, qw, sw, out_dtype, rowwise)
     if module.bias is not None:
         y = y + module.bias.to(out_dtype)
     return y.view(*x.shape[:-1], y.shape[-1])
