@@ -11,6 +11,7 @@ import {
   openBrowser,
   openFrontend,
   queuePrompt,
+  runDriver,
   setRenderer,
   waitFor,
   waitReady,
@@ -498,10 +499,7 @@ async function main() {
   } finally {
     await context.close();
   }
-  console.log(JSON.stringify(result));
+  return result;
 }
 
-main().catch((err) => {
-  console.error(err);
-  process.exit(1);
-});
+runDriver(main);
