@@ -4,6 +4,7 @@ Cancel passed on, and what a dead process means under each death policy (data-pa
 from __future__ import annotations
 
 import queue
+import threading
 from collections.abc import Callable
 
 import pytest
@@ -31,17 +32,6 @@ class FakeProcess:
         self.terminated = True
         if self.exitcode is None:
             self.exitcode = -15
-
-
-class FakeEvent:
-    def __init__(self) -> None:
-        self.flag = False
-
-    def is_set(self) -> bool:
-        return self.flag
-
-    def set(self) -> None:
-        self.flag = True
 
 
 class ScriptedQueue:
@@ -72,7 +62,7 @@ def test_reports_are_relayed_and_collected_by_key() -> None:
     a, b = FakeProcess(), FakeProcess()
     events = ScriptedQueue(("started", 0, "cpu"), ("step", 0, 1, 4, 0.9, 1e-3, 0.1), _done(0), _done(1), a.end, b.end)
     seen: list[tuple] = []
-    done, failure = follow_processes([a, b], events, FakeEvent(), WORKER_DEATH, seen.append)
+    done, failure = follow_processes([a, b], events, threading.Event(), WORKER_DEATH, seen.append)
     assert failure == ""
     assert [e[0] for e in seen] == ["started", "step", "done", "done"]
     assert set(done) == {0, 1} and isinstance(done[1], RunDone)
@@ -82,7 +72,7 @@ def test_reports_are_relayed_and_collected_by_key() -> None:
 
 def test_cancel_sets_stop() -> None:
     """should_stop (Cancel in the parent) sets the shared stop event the processes read."""
-    a, stop = FakeProcess(), FakeEvent()
+    a, stop = FakeProcess(), threading.Event()
     follow_processes([a], ScriptedQueue(None, a.end), stop, WORKER_DEATH, should_stop=lambda: True)
     assert stop.is_set()
 
@@ -90,7 +80,7 @@ def test_cancel_sets_stop() -> None:
 def test_a_failing_rank_terminates_every_rank() -> None:
     """Data parallel: a rank's error ends the run with that rank's message, and every rank still alive (waiting in
     a collective) is terminated rather than left to finish."""
-    r0, r1, stop = FakeProcess(), FakeProcess(), FakeEvent()
+    r0, r1, stop = FakeProcess(), FakeProcess(), threading.Event()
     events = ScriptedQueue(("error", 1, "cpu", "MemoryError: no room"), lambda: r1.end(1))
     done, failure = follow_processes([r0, r1], events, stop, RANK_DEATH)
     assert failure == "rank 1 on cpu failed: MemoryError: no room"
@@ -100,7 +90,7 @@ def test_a_failing_rank_terminates_every_rank() -> None:
 def test_a_failing_worker_stops_the_others_without_terminating_them() -> None:
     """Sweep workers: a worker's error sets stop; the other worker is not terminated, finishes its run and its
     report is kept, and the failure names the worker's run."""
-    w0, w1, stop = FakeProcess(), FakeProcess(), FakeEvent()
+    w0, w1, stop = FakeProcess(), FakeProcess(), threading.Event()
     events = ScriptedQueue(("error", 2, "cuda:1", "ValueError: bad"), lambda: w1.end(1), None, _done(0), w0.end)
     done, failure = follow_processes([w0, w1], events, stop, WORKER_DEATH)
     assert failure == "the worker on cuda:1 failed (run 2): ValueError: bad"
@@ -114,7 +104,7 @@ def test_a_silent_death_fails_after_the_grace_polls(policy) -> None:
     GRACE_POLLS empty polls (its own report may still be in the pipe); a report arriving within them wins."""
     a, b = FakeProcess(), FakeProcess()
     events = ScriptedQueue(lambda: a.end(-9), *[None] * (GRACE_POLLS + 5), b.end)
-    _, failure = follow_processes([a, b], events, FakeEvent(), policy)
+    _, failure = follow_processes([a, b], events, threading.Event(), policy)
     assert failure.startswith("a ") and "exit code -9" in failure
     assert b.terminated == policy.terminate  # ranks: ended at once; workers: b ends on its own
     assert events.polls == (GRACE_POLLS + 1 if policy.terminate else GRACE_POLLS + 7)
@@ -122,7 +112,7 @@ def test_a_silent_death_fails_after_the_grace_polls(policy) -> None:
     a, b = FakeProcess(), FakeProcess()
     late = [None] * (GRACE_POLLS - 1)
     events = ScriptedQueue(lambda: a.end(1), *late, ("error", 0, "cpu", "OSError: disk"), b.end)
-    _, failure = follow_processes([a, b], events, FakeEvent(), policy)
+    _, failure = follow_processes([a, b], events, threading.Event(), policy)
     assert "OSError: disk" in failure and "exit code" not in failure
 
 
@@ -132,10 +122,10 @@ def test_a_rank_dying_after_the_final_report_does_not_fail_the_run() -> None:
     fails (its other runs are unfinished)."""
     r0, r1 = FakeProcess(), FakeProcess()
     events = ScriptedQueue(_done(0), r0.end, lambda: r1.end(-6))
-    done, failure = follow_processes([r0, r1], events, FakeEvent(), RANK_DEATH)
+    done, failure = follow_processes([r0, r1], events, threading.Event(), RANK_DEATH)
     assert failure == "" and set(done) == {0}
 
     w0, w1 = FakeProcess(), FakeProcess()
     events = ScriptedQueue(_done(0), w0.end, lambda: w1.end(-6))
-    _, failure = follow_processes([w0, w1], events, FakeEvent(), WORKER_DEATH)
+    _, failure = follow_processes([w0, w1], events, threading.Event(), WORKER_DEATH)
     assert failure == "a worker process ended with exit code -6 before finishing its runs."
