@@ -17,7 +17,7 @@ from torch import Tensor
 from ...trainer_core.runs.runfolder import RunFolder, checkpoint_step
 from ...trainer_core.training.distributed import train_data_parallel
 from ...trainer_core.training.settings import SettingsError, TrainSettings
-from ...trainer_core.training.workers import RunDone
+from ...trainer_core.training.spawn import RunDone
 from .feedback import LiveProgress
 from .interrupt import interrupt_requested
 from .worker_model import model_source

@@ -78,3 +78,74 @@ export async function collectExecutionErrors(page) {
 export async function executionErrors(page) {
   return page.evaluate(() => (window.__kleinErrors ?? []).map((e) => JSON.stringify(e).slice(0, 2000)));
 }
+
+// Loads `workflow` with ComfyUI's CLIPLoader nodes swapped for the pack's test CLIP loader (no tiny text encoder
+// exists: KleinLabTestCLIPLoader returns ComfyUI's CLIP interface), wired to the same inputs. Returns one line per
+// swap, e.g. "CLIPLoader 3 -> KleinLabTestCLIPLoader 12 (2 links)".
+export async function loadWithTestClip(page, workflow) {
+  return page.evaluate(async (workflow) => {
+    const app = window.app;
+    await app.loadGraphData(structuredClone(workflow));
+    const swapped = [];
+    for (const node of app.graph.nodes.filter((n) => n.type === "CLIPLoader")) {
+      const fake = window.LiteGraph.createNode("KleinLabTestCLIPLoader");
+      fake.pos = [...node.pos];
+      app.graph.add(fake);
+      const targets = (node.outputs[0].links ?? []).map((id) => {
+        const link = app.graph.links instanceof Map ? app.graph.links.get(id) : app.graph.links[id];
+        return [app.graph.getNodeById(link.target_id), link.target_slot];
+      });
+      app.graph.remove(node);
+      for (const [target, slot] of targets) fake.connect(0, target, slot);
+      swapped.push(`CLIPLoader ${node.id} -> KleinLabTestCLIPLoader ${fake.id} (${targets.length} links)`);
+    }
+    return swapped;
+  }, workflow);
+}
+
+// Loads `workflow` (the style workflow, "Klein 01 - Train a style LoRA") ready for a test server: the test CLIP
+// loader in place of ComfyUI's (loadWithTestClip), the node types in `remove` taken out, the
+// `widgets` ({node type: {widget: value}}) set with the album folder and the Train node's run name; the nodes to the
+// right of the Train node moved `shiftRight` further right (room for its panel), and the canvas at `scale` with the
+// Train node's corner at `corner` in the window. Returns the ids of the Train and Encode Dataset nodes as strings.
+export async function prepareStyleWorkflow(page, { workflow, album, run, widgets, remove, shiftRight, scale, corner }) {
+  await loadWithTestClip(page, workflow);
+  return page.evaluate(
+    async ({ album, run, widgets, remove, shiftRight, scale, corner }) => {
+      const app = window.app;
+      const set = (node, name, value) => {
+        const widget = node.widgets?.find((w) => w.name === name);
+        if (!widget) throw new Error(`${node.type} has no widget ${name}`);
+        widget.value = value;
+        widget.callback?.(value);
+      };
+      for (const node of app.graph.nodes.filter((n) => remove.includes(n.type))) app.graph.remove(node);
+      for (const node of app.graph.nodes) {
+        for (const [name, value] of Object.entries(widgets[node.type] ?? {})) set(node, name, value);
+        if (node.type === "KleinLabDatasetFolder") set(node, "folder", album);
+        if (node.type === "KleinLabTrainLora") set(node, "run_name", run);
+      }
+      const train = app.graph.nodes.find((n) => n.type === "KleinLabTrainLora");
+      const encode = app.graph.nodes.find((n) => n.type === "KleinLabEncodeDataset");
+      for (const node of app.graph.nodes) {
+        if (node !== train && node.pos[0] >= train.pos[0]) node.pos = [train.pos[0] + shiftRight, node.pos[1]];
+      }
+      app.canvas.ds.scale = scale;
+      app.canvas.ds.offset = [corner[0] - train.pos[0], corner[1] - train.pos[1]];
+      app.graph.setDirtyCanvas(true, true);
+      return { train: String(train.id), encode: encode ? String(encode.id) : null };
+    },
+    { album, run, widgets, remove, shiftRight, scale, corner },
+  );
+}
+
+// Runs a driver's `main()`, which resolves to its result: prints the result as one JSON line (what
+// tests/harness/browser.py reads); an error is printed and ends the process with exit code 1.
+export function runDriver(main) {
+  main()
+    .then((result) => console.log(JSON.stringify(result)))
+    .catch((err) => {
+      console.error(err);
+      process.exit(1);
+    });
+}

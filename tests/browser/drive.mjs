@@ -2,7 +2,7 @@
 // Usage: node drive.mjs <server-url> <profile-dir> <artifacts-dir>
 // Prints one JSON line: {modes: {classic: {...}, vue: {...}}, pageErrors: [...]}; pytest asserts on it.
 import path from "node:path";
-import { openBrowser, openFrontend } from "./comfy_page.mjs";
+import { openBrowser, openFrontend, runDriver } from "./comfy_page.mjs";
 
 const [url, profileDir, artifactsDir] = process.argv.slice(2);
 
@@ -53,10 +53,7 @@ async function main() {
   } finally {
     await context.close();
   }
-  console.log(JSON.stringify(result));
+  return result;
 }
 
-main().catch((err) => {
-  console.error(err);
-  process.exit(1);
-});
+runDriver(main);

@@ -9,69 +9,36 @@
 // {workflow, albums: {classic, vue}, runs: {classic, vue}, widgets, timeoutMs}. Prints one JSON line.
 import fs from "node:fs";
 import path from "node:path";
-import { openBrowser, openFrontend } from "./comfy_page.mjs";
+import { openBrowser, openFrontend, prepareStyleWorkflow, runDriver, setRenderer } from "./comfy_page.mjs";
 
 const [url, profileDir, artifactsDir] = process.argv.slice(2);
 const config = JSON.parse(fs.readFileSync(process.env.KLEIN_LAB_LIVE_CONFIG, "utf8"));
 const CURVE = '[data-testid="klein-curve"]';
 const PANEL = '[data-testid="klein-panel"]';
 
-async function setRenderer(page, mode) {
-  await page.evaluate(async (vue) => {
-    await window.app.extensionManager.setting.set("Comfy.VueNodes.Enabled", vue);
-  }, mode === "vue");
-  await page.waitForTimeout(400);
-}
-
 // The style workflow with the test loaders, small sizes and a muted Loss Curve node on the run; returns ids.
 async function prepare(page, album, run) {
-  return page.evaluate(
-    async ({ workflow, album, run, widgets }) => {
+  const remove = ["MarkdownNote", "PreviewAny", "PreviewImage"];
+  const { workflow, widgets } = config;
+  const layout = { shiftRight: 1400, scale: 0.8, corner: [60, 40] };
+  const ids = await prepareStyleWorkflow(page, { workflow, album, run, widgets, remove, ...layout });
+  const curve = await page.evaluate(
+    ({ train, run }) => {
       const app = window.app;
-      await app.loadGraphData(structuredClone(workflow));
-      const set = (node, name, value) => {
-        const widget = node.widgets?.find((w) => w.name === name);
-        if (!widget) throw new Error(`${node.type} has no widget ${name}`);
-        widget.value = value;
-        widget.callback?.(value);
-      };
-      for (const node of [...app.graph.nodes]) {
-        if (node.type === "CLIPLoader") {
-          const fake = window.LiteGraph.createNode("KleinLabTestCLIPLoader");
-          fake.pos = [...node.pos];
-          app.graph.add(fake);
-          const targets = (node.outputs[0].links ?? []).map((id) => {
-            const link = app.graph.links instanceof Map ? app.graph.links.get(id) : app.graph.links[id];
-            return [app.graph.getNodeById(link.target_id), link.target_slot];
-          });
-          app.graph.remove(node);
-          for (const [target, slot] of targets) fake.connect(0, target, slot);
-        } else if (node.type === "MarkdownNote" || node.type === "PreviewAny" || node.type === "PreviewImage") {
-          app.graph.remove(node);
-        }
-      }
-      for (const node of app.graph.nodes) {
-        for (const [name, value] of Object.entries(widgets[node.type] ?? {})) set(node, name, value);
-        if (node.type === "KleinLabDatasetFolder") set(node, "folder", album);
-        if (node.type === "KleinLabTrainLora") set(node, "run_name", run);
-      }
-      const train = app.graph.nodes.find((n) => n.type === "KleinLabTrainLora");
-      const encode = app.graph.nodes.find((n) => n.type === "KleinLabEncodeDataset");
-      for (const node of app.graph.nodes) {
-        if (node !== train && node.pos[0] >= train.pos[0]) node.pos = [train.pos[0] + 1400, node.pos[1]];
-      }
+      const node = app.graph.getNodeById(Number(train));
       const curve = window.LiteGraph.createNode("KleinLabLossCurve");
-      curve.pos = [train.pos[0] + (train.size?.[0] ?? 560) + 30, train.pos[1]];
+      curve.pos = [node.pos[0] + (node.size?.[0] ?? 560) + 30, node.pos[1]];
       app.graph.add(curve);
-      set(curve, "run", run);
+      const widget = curve.widgets.find((w) => w.name === "run");
+      widget.value = run;
+      widget.callback?.(run);
       curve.mode = 2; // muted: the Train node's own chart is the picture of this prompt; the curve follows live
-      app.canvas.ds.scale = 0.8;
-      app.canvas.ds.offset = [60 - train.pos[0], 40 - train.pos[1]];
       app.graph.setDirtyCanvas(true, true);
-      return { train: String(train.id), encode: String(encode.id), curve: String(curve.id) };
+      return String(curve.id);
     },
-    { workflow: config.workflow, album, run, widgets: config.widgets },
+    { train: ids.train, run },
   );
+  return { ...ids, curve };
 }
 
 // Records the encoding phase events and every status text the panel shows, from now on.
@@ -118,7 +85,7 @@ async function curveState(page) {
 
 async function scenario(page, mode) {
   const r = {};
-  await setRenderer(page, mode);
+  await setRenderer(page, mode, 400);
   const ids = await prepare(page, config.albums[mode], config.runs[mode]);
   r.ids = ids;
   await page.waitForTimeout(500);
@@ -153,10 +120,7 @@ async function main() {
   } finally {
     await context.close();
   }
-  console.log(JSON.stringify(result));
+  return result;
 }
 
-main().catch((err) => {
-  console.error(err);
-  process.exit(1);
-});
+runDriver(main);

@@ -8,7 +8,7 @@
 // {model, run, timeoutMs}. Prints one JSON line with what the page showed.
 import fs from "node:fs";
 import path from "node:path";
-import { openBrowser, openFrontend } from "./comfy_page.mjs";
+import { openBrowser, openFrontend, runDriver } from "./comfy_page.mjs";
 
 const [url, profileDir, artifactsDir] = process.argv.slice(2);
 const config = JSON.parse(fs.readFileSync(process.env.KLEIN_LAB_LORAS_CONFIG, "utf8"));
@@ -272,10 +272,7 @@ async function main() {
   } finally {
     await context.close();
   }
-  console.log(JSON.stringify(result));
+  return result;
 }
 
-main().catch((err) => {
-  console.error(err);
-  process.exit(1);
-});
+runDriver(main);

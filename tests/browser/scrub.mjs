@@ -8,9 +8,11 @@ import path from "node:path";
 import {
   collectExecutionErrors,
   executionErrors,
+  loadWithTestClip,
   openBrowser,
   openFrontend,
   queuePrompt,
+  runDriver,
   setRenderer,
   waitFor,
   waitReady,
@@ -362,10 +364,10 @@ async function scenario(page, mode, { small, large, mixer }) {
 // Load the workflow, put the tiny test model, VAE and the fake CLIP loader in place of the real loaders, set the
 // widgets given per node type (and any width/height/steps to the small values), and return the scrub node id.
 async function prepareWorkflow(page, workflow, widgets, small) {
+  const swapped = await loadWithTestClip(page, workflow);
   return page.evaluate(
-    async ({ workflow, widgets, small, type }) => {
+    async ({ widgets, small, type, swapped }) => {
       const app = window.app;
-      await app.loadGraphData(structuredClone(workflow));
       const set = (node, name, value) => {
         const widget = node.widgets?.find((w) => w.name === name);
         if (!widget) return false;
@@ -373,22 +375,8 @@ async function prepareWorkflow(page, workflow, widgets, small) {
         widget.callback?.(value);
         return true;
       };
-      const changed = [];
-      for (const node of [...app.graph.nodes]) {
-        if (node.type === "CLIPLoader") {
-          // No tiny text encoder exists: a test loader returning ComfyUI's CLIP interface, wired the same way.
-          const fake = window.LiteGraph.createNode("KleinLabTestCLIPLoader");
-          fake.pos = [...node.pos];
-          app.graph.add(fake);
-          const targets = (node.outputs[0].links ?? []).map((id) => {
-            const link = app.graph.links instanceof Map ? app.graph.links.get(id) : app.graph.links[id];
-            return [app.graph.getNodeById(link.target_id), link.target_slot];
-          });
-          app.graph.remove(node);
-          for (const [target, slot] of targets) fake.connect(0, target, slot);
-          changed.push(`CLIPLoader ${node.id} -> KleinLabTestCLIPLoader ${fake.id} (${targets.length} links)`);
-          continue;
-        }
+      const changed = [...swapped];
+      for (const node of app.graph.nodes) {
         for (const [name, value] of Object.entries(widgets[node.type] ?? {})) {
           if (set(node, name, value)) changed.push(`${node.type}.${name} = ${JSON.stringify(value)}`);
         }
@@ -407,7 +395,7 @@ async function prepareWorkflow(page, workflow, widgets, small) {
       app.graph.setDirtyCanvas(true, true);
       return { scrubId: String(scrub.id), changed, types: app.graph.nodes.map((n) => n.type) };
     },
-    { workflow, widgets, small, type: NODE_TYPE },
+    { widgets, small, type: NODE_TYPE, swapped },
   );
 }
 
@@ -498,10 +486,7 @@ async function main() {
   } finally {
     await context.close();
   }
-  console.log(JSON.stringify(result));
+  return result;
 }
 
-main().catch((err) => {
-  console.error(err);
-  process.exit(1);
-});
+runDriver(main);

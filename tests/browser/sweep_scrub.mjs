@@ -4,7 +4,7 @@
 // $KLEIN_LAB_SWEEP_SCRUB_CONFIG ({meta}). Prints one JSON line of observations per renderer.
 import fs from "node:fs";
 import path from "node:path";
-import { openBrowser, openFrontend, setRenderer } from "./comfy_page.mjs";
+import { openBrowser, openFrontend, runDriver, setRenderer } from "./comfy_page.mjs";
 
 const [url, profileDir, artifactsDir] = process.argv.slice(2);
 const { meta } = JSON.parse(fs.readFileSync(process.env.KLEIN_LAB_SWEEP_SCRUB_CONFIG, "utf8"));
@@ -148,10 +148,7 @@ async function main() {
   } finally {
     await context.close();
   }
-  console.log(JSON.stringify(result));
+  return result;
 }
 
-main().catch((err) => {
-  console.error(err);
-  process.exit(1);
-});
+runDriver(main);

@@ -3,7 +3,7 @@
 // entry under Extensions, and reads the cards in page order; then the same for a "Klein" search.
 // Usage: node template_order.mjs <server-url> <profile-dir> <artifacts-dir>. Prints one JSON line.
 import path from "node:path";
-import { openBrowser, openFrontend } from "./comfy_page.mjs";
+import { openBrowser, openFrontend, runDriver } from "./comfy_page.mjs";
 
 const [url, profileDir, artifactsDir] = process.argv.slice(2);
 const PACK = process.env.KLEIN_LAB_PACK_DIR || "klein_lora_lab";
@@ -42,10 +42,7 @@ async function main() {
   } finally {
     await context.close();
   }
-  console.log(JSON.stringify(result));
+  return result;
 }
 
-main().catch((err) => {
-  console.error(err);
-  process.exit(1);
-});
+runDriver(main);

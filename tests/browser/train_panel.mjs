@@ -7,57 +7,29 @@
 // {workflow, album, runs: {classic, vue}, planted, timeoutMs}.
 import fs from "node:fs";
 import path from "node:path";
-import { openBrowser, openFrontend, queuePrompt, setRenderer, waitFor, waitReady } from "./comfy_page.mjs";
+import {
+  openBrowser,
+  openFrontend,
+  prepareStyleWorkflow,
+  queuePrompt,
+  runDriver,
+  setRenderer,
+  waitFor,
+  waitReady,
+} from "./comfy_page.mjs";
 
 const [url, profileDir, artifactsDir] = process.argv.slice(2);
 const config = JSON.parse(fs.readFileSync(process.env.KLEIN_LAB_PANEL_CONFIG, "utf8"));
 const ROOT = '[data-testid="klein-panel"]';
 const TYPE = "KleinLabTrainLora";
 
-// The style workflow with the test loaders and small sizes; returns the Train node's id.
+// The style workflow with the test loaders and small sizes, the Train node at the top left of the window at scale 1
+// (its panel on screen; text previews, which would sit on top of its taller panel, taken out); returns its id.
 async function prepare(page, workflow, album, run, widgets) {
-  return page.evaluate(
-    async ({ workflow, album, run, widgets, type }) => {
-      const app = window.app;
-      await app.loadGraphData(structuredClone(workflow));
-      const set = (node, name, value) => {
-        const widget = node.widgets?.find((w) => w.name === name);
-        if (!widget) throw new Error(`${node.type} has no widget ${name}`);
-        widget.value = value;
-        widget.callback?.(value);
-      };
-      for (const node of [...app.graph.nodes]) {
-        if (node.type === "CLIPLoader") {
-          const fake = window.LiteGraph.createNode("KleinLabTestCLIPLoader");
-          fake.pos = [...node.pos];
-          app.graph.add(fake);
-          const targets = (node.outputs[0].links ?? []).map((id) => {
-            const link = app.graph.links instanceof Map ? app.graph.links.get(id) : app.graph.links[id];
-            return [app.graph.getNodeById(link.target_id), link.target_slot];
-          });
-          app.graph.remove(node);
-          for (const [target, slot] of targets) fake.connect(0, target, slot);
-        } else if (node.type === "MarkdownNote" || node.type === "PreviewAny") {
-          app.graph.remove(node); // text previews would sit on top of the (taller) Train node's panel
-        }
-      }
-      for (const node of app.graph.nodes) {
-        for (const [name, value] of Object.entries(widgets[node.type] ?? {})) set(node, name, value);
-        if (node.type === "KleinLabDatasetFolder") set(node, "folder", album);
-        if (node.type === type) set(node, "run_name", run);
-      }
-      const train = app.graph.nodes.find((n) => n.type === type);
-      for (const node of app.graph.nodes) {
-        if (node !== train && node.pos[0] >= train.pos[0]) node.pos = [train.pos[0] + 700, node.pos[1]];
-      }
-      // The Train node at the top left of the window at scale 1, so its panel is on screen.
-      app.canvas.ds.scale = 1;
-      app.canvas.ds.offset = [90 - train.pos[0], 20 - train.pos[1]];
-      app.graph.setDirtyCanvas(true, true);
-      return String(train.id);
-    },
-    { workflow, album, run, widgets, type: TYPE },
-  );
+  const remove = ["MarkdownNote", "PreviewAny"];
+  const layout = { shiftRight: 700, scale: 1, corner: [90, 20] };
+  const ids = await prepareStyleWorkflow(page, { workflow, album, run, widgets, remove, ...layout });
+  return ids.train;
 }
 
 async function observe(page) {
@@ -350,10 +322,7 @@ async function main() {
   } finally {
     await context.close();
   }
-  console.log(JSON.stringify(result));
+  return result;
 }
 
-main().catch((err) => {
-  console.error(err);
-  process.exit(1);
-});
+runDriver(main);

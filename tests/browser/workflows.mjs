@@ -5,7 +5,7 @@
 // Usage: node workflows.mjs <server-url> <profile-dir> <artifacts-dir>
 // Prints one JSON line: {pack, modes: {classic: {<name>: report}, vue: {...}}, pageErrors}.
 import path from "node:path";
-import { openBrowser, openFrontend } from "./comfy_page.mjs";
+import { openBrowser, openFrontend, runDriver } from "./comfy_page.mjs";
 
 const [url, profileDir, artifactsDir] = process.argv.slice(2);
 const PACK = process.env.KLEIN_LAB_PACK_DIR || "klein_lora_lab";
@@ -100,10 +100,7 @@ async function main() {
   } finally {
     await context.close();
   }
-  console.log(JSON.stringify(result));
+  return result;
 }
 
-main().catch((err) => {
-  console.error(err);
-  process.exit(1);
-});
+runDriver(main);

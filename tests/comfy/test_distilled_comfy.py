@@ -14,6 +14,7 @@ from harness.comfy_test_nodes import FakeClip
 from harness.fixtures import tiny_distilled_path
 from harness.predict import core_merged, predict
 from harness.runs import make_tiny_run
+from harness.scrub import scrub_run
 
 SIZE = 64
 RENDER = dict(seed=3, steps=3, cfg=2.0, sampler_name="euler", scheduler="simple", width=SIZE, height=SIZE)
@@ -78,23 +79,11 @@ def test_a_base_lora_loads_on_the_distilled_klein_in_every_loader(env) -> None:
 
 
 def _scrub(env, **overrides):
-    from klein_lora_lab.nodes.scrub.scrub_run import KleinLabScrubRun
-
-    args = dict(
-        model=env["distilled"],
-        vae=env["vae"],
-        run="base_run",
-        lora_files="",
-        checkpoints="last 1",
-        scales="0,1",
-        prompts=PROMPT,
-        block_preset="all",
-        clip=FakeClip(),
-        **RENDER,
+    """The Scrub Run node on the distilled model, defaults: the Base run's last checkpoint, scales 0 and 1."""
+    defaults = dict(
+        model=env["distilled"], vae=env["vae"], run="base_run", checkpoints="last 1", scales="0,1", prompts=PROMPT
     )
-    args.update(overrides)
-    with torch.inference_mode():
-        return KleinLabScrubRun.execute(**args)
+    return scrub_run({**defaults, **RENDER}, **overrides)
 
 
 def _ksampler(env, steps: int, cfg: float) -> torch.Tensor:

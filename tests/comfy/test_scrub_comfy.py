@@ -16,6 +16,7 @@ import pytest
 import torch
 from harness.comfy_test_nodes import FakeClip
 from harness.runs import make_tiny_run
+from harness.scrub import scrub_run
 
 SIZE = 64  # frame width/height: a 4×4 latent, as the run was trained
 RENDER = dict(seed=3, steps=3, cfg=2.0, sampler_name="euler", scheduler="simple", width=SIZE, height=SIZE)
@@ -46,23 +47,8 @@ def scrub_env(comfy_root, tiny_model_file, flux2_vae_file, tmp_path_factory):
 
 def scrub(env, **overrides):
     """KleinLabScrubRun.execute as ComfyUI calls it (under inference mode), defaults: the run, 3 scales, 1 prompt."""
-    from klein_lora_lab.nodes.scrub.scrub_run import KleinLabScrubRun
-
-    args = dict(
-        model=env["model"],
-        vae=env["vae"],
-        run="arc",
-        lora_files="",
-        checkpoints="all",
-        scales="0,1,2",
-        prompts=PROMPT,
-        block_preset="all",
-        clip=FakeClip(),
-        **RENDER,
-    )
-    args.update(overrides)
-    with torch.inference_mode():
-        return KleinLabScrubRun.execute(**args)
+    defaults = dict(model=env["model"], vae=env["vae"], run="arc", checkpoints="all", scales="0,1,2", prompts=PROMPT)
+    return scrub_run({**defaults, **RENDER}, **overrides)
 
 
 def base_render(env, prompt: str = PROMPT) -> torch.Tensor:

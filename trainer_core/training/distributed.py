@@ -17,7 +17,6 @@ step, which rank 0 then checkpoints. NVLink multicast (NVLS) stays off: NCCL_NVL
 from __future__ import annotations
 
 import os
-import queue
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -33,9 +32,20 @@ from ..runs.runfolder import RunFolder
 from .data import TrainItem
 from .settings import TrainSettings
 from .shard import Shard
-from .spawn import ItemsBlob, ModelSource, QueueCallbacks, WorkerFailed, error_text, start, stop_all
+from .spawn import (
+    DeathPolicy,
+    Event,
+    ItemsBlob,
+    ModelSource,
+    QueueCallbacks,
+    RunDone,
+    WorkerFailed,
+    error_text,
+    follow_processes,
+    start,
+    stop_all,
+)
 from .trainer import TrainCallbacks, train
-from .workers import GRACE_POLLS, POLL_S, Event, RunDone
 
 NCCL_ENV = {"NCCL_NVLS_ENABLE": "0"}
 
@@ -157,7 +167,8 @@ def train_data_parallel(
                 processes.append(
                     start("trainer_core.training.distributed:rank_main", setup, {"events": events, "stop": stop})
                 )
-            done, failure = _follow(processes, events, stop, on_event, should_stop)
+            reports, failure = follow_processes(processes, events, stop, RANK_DEATH, on_event, should_stop)
+            done = reports.get(0)
         finally:
             stop.set()
             stop_all(processes)
@@ -168,37 +179,10 @@ def train_data_parallel(
     return done
 
 
-def _follow(processes, events, stop, on_event, should_stop) -> tuple[RunDone | None, str]:
-    done: RunDone | None = None
-    failure = ""
-    quiet = 0  # polls in a row without an event
-    while True:
-        if should_stop is not None and not stop.is_set() and should_stop():
-            stop.set()
-        try:
-            event = events.get(timeout=POLL_S)
-        except queue.Empty:
-            quiet += 1
-            dead = [p for p in processes if p.exitcode not in (None, 0)]
-            # Rank 0 reports the finished run after the group is torn down: a rank that dies after that report
-            # died in its process's teardown, and the run (checkpoints, metrics, run.json) is complete.
-            torn_down = done is not None
-            if dead and not failure and not torn_down and quiet > GRACE_POLLS:  # its own error report came first
-                failure = f"a rank ended with exit code {dead[0].exitcode}: the run stopped."
-                for p in processes:  # the others wait in a collective that never completes
-                    p.terminate()
-            if all(not p.is_alive() for p in processes) and (failure or not dead or torn_down):
-                return done, failure
-            continue
-        quiet = 0
-        if event[0] == "done":
-            _, key, device, steps, stopped, last, loss, notes = event
-            done = RunDone(key, device, steps, stopped, Path(last) if last else None, loss, tuple(notes))
-        elif event[0] == "error" and not failure:
-            failure = f"rank {event[1]} on {event[2]} failed: {event[3]}"
-            stop.set()
-            for p in processes:  # the other ranks wait in a collective that never completes
-                if p.is_alive():
-                    p.terminate()
-        if on_event is not None:
-            on_event(event)
+# A rank that fails ends the run: the others wait in a collective that never completes.
+RANK_DEATH = DeathPolicy(
+    terminate=True,
+    done_is_final=True,
+    error_message=lambda rank, device, text: f"rank {rank} on {device} failed: {text}",
+    exit_message=lambda code: f"a rank ended with exit code {code}: the run stopped.",
+)

@@ -12,17 +12,20 @@ ComfyUI's `main.py` is a script with start-up work at module level; spawn would 
 as one the child must not import again (multiprocessing skips a main module named `__main__`).
 
 Progress comes back over a queue as plain tuples (`QueueCallbacks`); Cancel goes out through a shared event.
+The parent relays those events until every process has ended (`follow_processes`); what the death of one process
+means for the others is the caller's `DeathPolicy` (data-parallel ranks end together, sweep workers do not).
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.machinery
+import queue
 import runpy
 import sys
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,6 +43,11 @@ PACK_DIR = Path(__file__).resolve().parents[2]
 PACK_NAME = __name__.rsplit(".trainer_core.", 1)[0]  # the name the parent imported the pack under
 ENTRY = Path(__file__).with_name("spawn_entry.py")
 JOIN_TIMEOUT_S = 30.0  # a worker asked to stop finishes its step and its checkpoint within this time
+POLL_S = 0.05  # how often the parent looks at Cancel while no event arrives
+GRACE_POLLS = 20  # a process that ended with an error gets 1 s for its report to arrive before its exit code is all
+
+Event = tuple  # ('started', key, device) | ('step', key, step, total, loss, lr, s) | ('checkpoint', key, step, path)
+# | ('done', key, device, steps, stopped, last path or None, loss, notes) | ('error', key, device, text)
 
 
 class ModelSource(Protocol):
@@ -77,6 +85,36 @@ class ItemsBlob:
             TrainItem(t[f"{i}.latent"], t[f"{i}.context"], tuple(t[f"{i}.ref.{k}"] for k in range(n)), name)
             for i, (name, n) in enumerate(zip(self.names, self.refs, strict=True))
         )
+
+
+@dataclass(frozen=True)
+class RunDone:
+    """What a process reports for a finished (or stopped) run."""
+
+    key: int
+    device: str
+    steps_done: int
+    stopped_early: bool
+    last_checkpoint: Path | None
+    final_loss: float
+    notes: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class DeathPolicy:
+    """What a failed process means for the others, and how the failure reads.
+
+    terminate: end the others at once (data-parallel ranks wait in a collective that never completes); otherwise
+        set `stop` and let each finish its step with its checkpoint (the workers of a sweep).
+    done_is_final: the first 'done' reports the whole job, sent after the process group is torn down: a process
+        that dies after it died in its own teardown, and the job (checkpoints, metrics, run.json) is complete.
+    error_message(key, device, text): the failure for an ('error', ...) event.
+    exit_message(exit code): the failure for a process that ended without a report (a signal, a failed start)."""
+
+    terminate: bool
+    done_is_final: bool
+    error_message: Callable[[int, str, str], str]
+    exit_message: Callable[[int], str]
 
 
 class WorkerFailed(RuntimeError):
@@ -159,6 +197,55 @@ def stop_all(processes: Sequence[mp.Process], timeout_s: float = JOIN_TIMEOUT_S)
         if process.is_alive():
             process.kill()
             process.join()
+
+
+def follow_processes(
+    processes: Sequence[mp.Process],
+    events,
+    stop,
+    policy: DeathPolicy,
+    on_event: Callable[[Event], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+) -> tuple[dict[int, RunDone], str]:
+    """Relay `events` to `on_event` until every process has ended; `should_stop` (Cancel) is polled meanwhile and
+    sets `stop`. Returns the 'done' reports by key and the first failure ('' when none); on a failure `stop` is
+    set and, with `policy.terminate`, every process still alive is terminated."""
+    done: dict[int, RunDone] = {}
+    failure = ""
+    quiet = 0  # polls in a row without an event
+    while True:
+        if should_stop is not None and not stop.is_set() and should_stop():
+            stop.set()
+        try:
+            event = events.get(timeout=POLL_S)
+        except queue.Empty:
+            quiet += 1
+            dead = [p for p in processes if p.exitcode not in (None, 0)]
+            finished = policy.done_is_final and bool(done)
+            # A process's own error report may still be in the pipe when it has ended: give it GRACE_POLLS to come.
+            if dead and not failure and not finished and quiet > GRACE_POLLS:
+                failure = policy.exit_message(dead[0].exitcode)
+                _after_failure(processes, stop, policy)
+            if all(not p.is_alive() for p in processes) and (failure or not dead or finished):
+                return done, failure
+            continue
+        quiet = 0
+        if event[0] == "done":
+            key, device, steps, stopped, last, loss, notes = event[1:]
+            done[key] = RunDone(key, device, steps, stopped, Path(last) if last else None, loss, tuple(notes))
+        elif event[0] == "error" and not failure:
+            failure = policy.error_message(*event[1:4])
+            _after_failure(processes, stop, policy)
+        if on_event is not None:
+            on_event(event)
+
+
+def _after_failure(processes: Sequence[mp.Process], stop, policy: DeathPolicy) -> None:
+    stop.set()
+    if policy.terminate:
+        for p in processes:
+            if p.is_alive():
+                p.terminate()
 
 
 def error_text(err: BaseException) -> str:

@@ -15,7 +15,6 @@ checkpoint of that step, and takes no further run.
 
 from __future__ import annotations
 
-import queue
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +26,20 @@ from torch import Tensor
 from ..runs.runfolder import RunFolder
 from .data import TrainItem
 from .settings import TrainSettings
-from .spawn import ItemsBlob, ModelSource, QueueCallbacks, WorkerFailed, error_text, start, stop_all
+from .spawn import (
+    DeathPolicy,
+    Event,
+    ItemsBlob,
+    ModelSource,
+    QueueCallbacks,
+    RunDone,
+    WorkerFailed,
+    error_text,
+    follow_processes,
+    start,
+    stop_all,
+)
 from .trainer import train
-
-POLL_S = 0.05  # how often the parent looks at Cancel while no event arrives
-GRACE_POLLS = 20  # a process that ended with an error gets 1 s for its report to arrive before its exit code is all
 
 
 @dataclass(frozen=True)
@@ -50,22 +58,6 @@ class _WorkerSetup:
     source: ModelSource
     items: ItemsBlob
     empty_context: Tensor | None
-
-
-@dataclass(frozen=True)
-class RunDone:
-    """What a worker reports for a finished (or stopped) run."""
-
-    key: int
-    device: str
-    steps_done: int
-    stopped_early: bool
-    last_checkpoint: Path | None
-    final_loss: float
-    notes: tuple[str, ...]
-
-
-Event = tuple  # ('started', key, device) | ('step', key, step, total, loss, lr, s) | ('checkpoint', key, step, path)
 
 
 def worker_main(setup: _WorkerSetup, jobs, events, stop) -> None:
@@ -139,7 +131,7 @@ def train_runs_on_devices(
                     "trainer_core.training.workers:worker_main", s, {"jobs": job_queue, "events": events, "stop": stop}
                 )
             )
-        failure = _follow(processes, events, stop, done, on_event, should_stop)
+        done, failure = follow_processes(processes, events, stop, WORKER_DEATH, on_event, should_stop)
     finally:
         stop.set()
         stop_all(processes)
@@ -151,34 +143,15 @@ def train_runs_on_devices(
     return [done[job.key] for job in jobs if job.key in done]
 
 
-def _follow(processes, events, stop, done: dict[int, RunDone], on_event, should_stop) -> str:
-    """Relay events until every worker has ended; returns the first failure ('' when none)."""
-    failure = ""
-    quiet = 0  # polls in a row without an event
-    while True:
-        if should_stop is not None and not stop.is_set() and should_stop():
-            stop.set()
-        try:
-            event = events.get(timeout=POLL_S)
-        except queue.Empty:
-            quiet += 1
-            dead = [p for p in processes if p.exitcode not in (None, 0)]
-            # A worker's own error report may still be in the pipe when it has ended: give it GRACE_POLLS to come.
-            if dead and not failure and quiet > GRACE_POLLS:  # ended without a word (a signal, a failed start)
-                failure = f"a worker process ended with exit code {dead[0].exitcode} before finishing its runs."
-                stop.set()
-            if all(not p.is_alive() for p in processes) and (failure or not dead):
-                break
-            continue
-        quiet = 0
-        if event[0] == "done":
-            key, device, steps, stopped, last, loss, notes = event[1:]
-            done[key] = RunDone(key, device, steps, stopped, Path(last) if last else None, loss, tuple(notes))
-        elif event[0] == "error" and not failure:
-            key, device, text = event[1:]
-            which = f"run {key}" if key >= 0 else "loading the model"
-            failure = f"the worker on {device} failed ({which}): {text}"
-            stop.set()
-        if on_event is not None:
-            on_event(event)
-    return failure
+def _worker_error(key: int, device: str, text: str) -> str:
+    which = f"run {key}" if key >= 0 else "loading the model"
+    return f"the worker on {device} failed ({which}): {text}"
+
+
+# A worker that fails stops the sweep: the others finish their step, keep its checkpoint and take no further run.
+WORKER_DEATH = DeathPolicy(
+    terminate=False,
+    done_is_final=False,
+    error_message=_worker_error,
+    exit_message=lambda code: f"a worker process ended with exit code {code} before finishing its runs.",
+)
