@@ -6,12 +6,15 @@ from pathlib import Path
 
 import torch
 from klein_lora_lab.trainer_core.album.latent_cache import (
+    WIDENED_KEY,
     LatentCache,
     content_key,
     fingerprint_tensors,
     image_key,
     text_key,
 )
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 
 def test_keys_depend_on_every_part():
@@ -222,3 +225,150 @@ def test_encode_album_adds_trigger_free_captions_only_when_asked(tmp_path: Path)
     enc = _FakeEncoders()
     named = encode_album(ds, enc.image, enc.text, "vae", "te", LatentCache(tmp_path / "c"), preservation_class="dog")
     assert named.free_captions == ("dog, a red thing", "dog, a red thing", "dog, a blue thing")
+
+
+# ------------------------------------------------------------------------------- bf16 storage of float32 entries
+
+
+def _bf16_valued(*shape: int, seed: int = 0) -> torch.Tensor:
+    """float32 whose every value is a bf16 value, as ComfyUI's text encoder (bf16 on a GPU) hands it over."""
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(torch.bfloat16).float()
+
+
+def _stored_dtypes(path: Path) -> dict[str, str]:
+    """Each tensor's dtype as the file holds it (safetensors' names: F32, BF16, BOOL)."""
+    with safe_open(str(path), framework="pt") as entry:
+        return {name: entry.get_slice(name).get_dtype() for name in entry.keys()}
+
+
+def _float32_copy(new: LatentCache, old_root: Path) -> LatentCache:
+    """The same entries written as the cache wrote them before bf16 storage: float32 tensors, the caller's
+    metadata only (safetensors' own save_file, not LatentCache.put)."""
+    for path in new.root.rglob("*.safetensors"):
+        with safe_open(str(path), framework="pt") as entry:
+            meta = {k: v for k, v in (entry.metadata() or {}).items() if k != WIDENED_KEY}
+        target = old_root / path.relative_to(new.root)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        save_file(new.get(path.stem), str(target), metadata=meta)
+    return LatentCache(old_root)
+
+
+def test_bf16_valued_float32_is_stored_in_half_the_bytes_and_reads_back_bit_identical(tmp_path: Path):
+    """A float32 conditioning whose values are all bf16 values (the real encoder's output) is written as bf16
+    (half the bytes of the same entry in float32) and get() gives back float32 with the very same bits; a bool
+    mask beside it is stored as it is."""
+    cache = LatentCache(tmp_path)
+    context = _bf16_valued(512, 64)
+    context[0, :4] = torch.tensor([0.0, -0.0, float("inf"), -float("inf")])
+    key = text_key("TOK, a cat", "te")
+    cache.put(key, {"context": context, "mask": torch.ones(512, dtype=torch.bool)}, {"caption": "TOK, a cat"})
+    assert _stored_dtypes(cache.path(key)) == {"context": "BF16", "mask": "BOOL"}
+
+    reference = tmp_path / "float32.safetensors"
+    save_file({"context": context, "mask": torch.ones(512, dtype=torch.bool)}, str(reference))
+    context_bytes = context.numel() * 4
+    assert reference.stat().st_size - cache.path(key).stat().st_size >= context_bytes // 2 - 256  # the marker
+    assert cache.path(key).stat().st_size < 0.55 * reference.stat().st_size
+
+    back = cache.get(key)
+    assert back["context"].dtype == torch.float32 and back["mask"].dtype == torch.bool
+    assert torch.equal(back["context"].view(torch.int32), context.view(torch.int32))  # bit for bit, -0.0 too
+
+
+def test_float32_output_of_a_cpu_model_is_stored_unchanged(tmp_path: Path):
+    """A tensor computed in float32 (a tiny Klein's prediction on the CPU) is not exact in bf16: it is stored
+    as float32, with no bf16 marker, and reads back bit-identical; so is a bf16 tensor given as bf16."""
+    from klein_lora_lab.trainer_core.model.klein import klein_forward
+    from klein_lora_lab.trainer_core.model.tiny import TinySpec, tiny_conditioning, tiny_klein
+
+    spec = TinySpec(hidden=128, double_blocks=1, single_blocks=1, context_dim=16)
+    with torch.no_grad():
+        out = klein_forward(tiny_klein(spec), torch.randn(1, 128, 2, 2), torch.tensor([0.5]), tiny_conditioning(spec))
+    assert out.dtype == torch.float32 and not torch.equal(out.to(torch.bfloat16).float(), out)
+    cache = LatentCache(tmp_path)
+    key = content_key("image", "cpu")
+    native = _bf16_valued(3, 16).to(torch.bfloat16)
+    cache.put(key, {"latent": out[0], "native": native})
+    assert _stored_dtypes(cache.path(key)) == {"latent": "F32", "native": "BF16"}
+    with safe_open(str(cache.path(key)), framework="pt") as entry:
+        assert WIDENED_KEY not in (entry.metadata() or {})
+    back = cache.get(key)
+    assert back["latent"].dtype == torch.float32 and torch.equal(back["latent"], out[0])
+    assert back["native"].dtype == torch.bfloat16 and torch.equal(back["native"], native)  # not widened
+
+
+def test_float32_entries_written_before_still_load_and_hit(tmp_path: Path):
+    """A cache written before bf16 storage (float32 files, no marker) keeps its keys and loads as float32: an
+    album encoded into it is read, not encoded again, with the same tensors as a fresh encode."""
+    from klein_lora_lab.trainer_core.album.dataset import scan_folder
+    from klein_lora_lab.trainer_core.album.latent_cache import encode_album
+
+    _album(tmp_path)
+    ds = scan_folder(tmp_path / "tgt", resolution=32, trigger="TOK")
+    fresh = encode_album(ds, _Bf16Encoders().image, _Bf16Encoders().text, "vae", "te", LatentCache(tmp_path / "c"))
+    old = _float32_copy(LatentCache(tmp_path / "c"), tmp_path / "old")
+    assert {d for p in old.root.rglob("*.safetensors") for d in _stored_dtypes(p).values()} == {"F32"}
+    enc = _Bf16Encoders()
+    loaded = encode_album(ds, enc.image, enc.text, "vae", "te", old)
+    assert enc.images == 0 and enc.texts == [] and loaded.encoded == 0
+    for a, b in zip(fresh.items, loaded.items, strict=True):
+        assert b.latent.dtype == b.context.dtype == torch.float32
+        assert torch.equal(a.latent, b.latent) and torch.equal(a.context, b.context)
+    corrupt = old.path(text_key("TOK, a red thing", "te"))
+    save_file({"context": torch.zeros(2, 16)}, str(corrupt), metadata={WIDENED_KEY: '["context"]'})
+    assert old.get(corrupt.stem) is None  # a marker that names a float32 tensor: damaged, a miss
+
+
+class _Bf16Encoders(_FakeEncoders):
+    """The fake encoders with outputs rounded to bf16 and widened back, as a bf16 GPU encoder hands them over;
+    text features 16 wide (a tiny Klein's context width)."""
+
+    def image(self, pixels: torch.Tensor) -> torch.Tensor:
+        latent = super().image(pixels)
+        return (latent + torch.linspace(-1, 1, latent.numel()).reshape(latent.shape)).to(torch.bfloat16).float()
+
+    def text(self, caption: str) -> torch.Tensor:
+        self.texts.append(caption)
+        seed = sum((i + 1) * ord(c) for i, c in enumerate(caption))
+        return _bf16_valued(max(1, len(caption) // 4), 16, seed=seed)
+
+
+def test_training_from_a_bf16_cache_equals_training_from_the_float32_cache(tmp_path: Path):
+    """The same album read from a cache written now (bf16 files) and from the float32 files the cache wrote
+    before gives items of the same dtypes and values, and a tiny Klein trained on each (with preservation and
+    caption dropout, so the trigger-free and empty captions are used too) logs bit-identical losses, also equal to
+    the run on the freshly encoded tensors."""
+    from klein_lora_lab.trainer_core.album.dataset import scan_folder
+    from klein_lora_lab.trainer_core.album.latent_cache import encode_album
+    from klein_lora_lab.trainer_core.model.tiny import TinySpec, tiny_klein
+    from klein_lora_lab.trainer_core.runs.runfolder import RunFolder
+    from klein_lora_lab.trainer_core.training.settings import TrainSettings
+    from klein_lora_lab.trainer_core.training.trainer import train
+
+    _album(tmp_path)
+    ds = scan_folder(tmp_path / "tgt", resolution=32, trigger="TOK")
+    enc = _Bf16Encoders()
+    fresh = encode_album(ds, enc.image, enc.text, "vae", "te", LatentCache(tmp_path / "c"), preservation_class="")
+    stored = {d for p in (tmp_path / "c").rglob("*.safetensors") for d in _stored_dtypes(p).values()}
+    assert stored == {"BF16"}  # every entry written now is bf16 on disk
+    old = _float32_copy(LatentCache(tmp_path / "c"), tmp_path / "old")
+    albums = {"fresh": fresh}
+    for name, cache in (("bf16", LatentCache(tmp_path / "c")), ("float32", old)):
+        again = _Bf16Encoders()
+        albums[name] = encode_album(ds, again.image, again.text, "vae", "te", cache, preservation_class="")
+        assert again.texts == [] and again.images == 0  # all read from the cache
+
+    settings = TrainSettings(
+        rank=4, alpha=4, learning_rate=1e-3, steps=4, checkpoint_every=0, save_dtype="fp32", batch_size=2,
+        caption_dropout=0.3, preservation_weight=1.0, preservation_share=0.5,
+    )  # fmt: skip
+    spec = TinySpec(hidden=128, double_blocks=1, single_blocks=1, context_dim=16)
+    losses = {}
+    for name, album in albums.items():
+        tensors = [t for item in album.items for t in (item.latent, item.context, item.free_context)]
+        assert all(t.dtype == torch.float32 for t in [*tensors, album.empty_context])
+        run = RunFolder.create(tmp_path / f"run-{name}", settings, {"trigger": "TOK"})
+        train(tiny_klein(spec), list(album.items), settings, run, empty_context=album.empty_context)
+        losses[name] = [(r["step"], r["loss"]) for r in run.read_metrics()]
+    assert len(losses["fresh"]) == 4
+    assert losses["bf16"] == losses["float32"] == losses["fresh"]

@@ -6,6 +6,10 @@ the same encoders hits the cache whatever the files are called or wherever they 
 retouched image, an edited caption, another VAE) is a miss. Entries are safetensors files written atomically
 (files/atomic.py: temporary file, fsync, rename), so an interrupted run never leaves a half-written entry
 that later reads as valid, and a full disk gives the pack's disk-full message.
+
+A float32 tensor whose every value is a bf16 value (the encoders' own precision, see `_bf16_exact`) is stored
+as bf16 and read back as the float32 it was, bit for bit: half the bytes, nothing lost. Other tensors, and
+entries written before, are stored and read as they are.
 """
 
 from __future__ import annotations
@@ -18,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save
 from torch import Tensor
 
 from ..files.atomic import atomic_write_bytes
@@ -28,6 +32,9 @@ from ..training.data import TrainItem
 from .dataset import Dataset, album_files_hash, file_hash, load_bucket_image, trigger_free_caption
 
 CACHE_VERSION = "1"  # bump when the meaning of a cached tensor changes
+# Metadata key of an entry: the names (a JSON list) of its float32 tensors that the file holds as bf16. A reader
+# widens exactly these back to float32; an entry without the key (written before) is read as it is stored.
+WIDENED_KEY = "klein_lab.float32_stored_as_bf16"
 
 
 def content_key(kind: str, *parts: str | bytes) -> str:
@@ -68,6 +75,20 @@ def fingerprint_tensors(named: Iterable[tuple[str, Tensor]], extra: str = "") ->
     return digest.hexdigest()[:32]
 
 
+def _bf16_exact(tensor: Tensor) -> bool:
+    """Whether a float32 tensor round-trips through bf16 bit for bit (every value is a widened bf16 value).
+
+    Why this holds for the real encoders: on a GPU ComfyUI runs Klein's Qwen3 text encoder in bf16 (the VAE too,
+    where its dtype is bf16) and widens the output to float32 for the caller, so the low 16 bits of each float32
+    are zero and float32 on disk doubles the bytes for nothing (a 512 × 7680 conditioning: 15.7 MB instead of
+    7.9 MB). A tensor computed in float32 (a CPU encoder) has other bits there and is kept as float32. The check
+    is per tensor and bitwise (NaN payloads, the sign of zero), so storing never changes a value."""
+    if tensor.dtype != torch.float32:
+        return False
+    widened = tensor.to(torch.bfloat16).to(torch.float32)
+    return torch.equal(widened.view(torch.int32), tensor.view(torch.int32))
+
+
 @dataclass
 class CacheStats:
     """How many entries a pass found in the cache and how many it had to encode."""
@@ -102,16 +123,40 @@ class LatentCache:
             return None
         confined_file(path, [self.root], "encode cache entry")  # a link planted in the cache is never read
         try:
-            return load_file(str(path))
-        except (SafetensorError, OSError):
+            with safe_open(str(path), framework="pt") as entry:
+                widened = json.loads((entry.metadata() or {}).get(WIDENED_KEY, "[]"))
+                tensors = {name: entry.get_tensor(name) for name in entry.keys()}
+        except (SafetensorError, OSError, json.JSONDecodeError):
             return None
+        if not isinstance(widened, list) or not all(
+            name in tensors and tensors[name].dtype == torch.bfloat16 for name in widened
+        ):
+            return None  # metadata that does not match its tensors: damaged, a miss like a truncated file
+        for name in widened:
+            tensors[name] = tensors[name].to(torch.float32)  # exactly the float32 the encoder gave (put)
+        return tensors
 
     def put(self, key: str, tensors: Mapping[str, Tensor], metadata: Mapping[str, str] | None = None) -> Path:
         """Write an entry with the pack's atomic writer (fsynced, renamed into place; a full disk raises
-        DiskFullError naming the entry and the fix, and leaves no partial file)."""
+        DiskFullError naming the entry and the fix, and leaves no partial file). Float32 tensors that are exact
+        in bf16 are stored as bf16 and named in the entry's metadata (WIDENED_KEY); get() widens them back."""
         path = self.path(key)
-        data = {name: t.detach().to("cpu").contiguous() for name, t in tensors.items()}
-        atomic_write_bytes(path, save(data, metadata={k: str(v) for k, v in (metadata or {}).items()}))
+        meta = {k: str(v) for k, v in (metadata or {}).items()}
+        if WIDENED_KEY in meta:
+            raise ValueError(
+                f"cache metadata key {WIDENED_KEY!r} is the cache's own: name the entry's fields otherwise."
+            )
+        data: dict[str, Tensor] = {}
+        widened: list[str] = []
+        for name, tensor in tensors.items():
+            t = tensor.detach().to("cpu").contiguous()
+            if _bf16_exact(t):
+                t = t.to(torch.bfloat16)
+                widened.append(name)
+            data[name] = t
+        if widened:
+            meta[WIDENED_KEY] = json.dumps(widened)
+        atomic_write_bytes(path, save(data, metadata=meta))
         return path
 
     def get_or_compute(
