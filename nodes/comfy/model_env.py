@@ -1,5 +1,14 @@
 """The MODEL ComfyUI holds, made ready for training: loaded onto the device (never a second copy), out of
-inference mode, with `in_training` set, and given back afterwards."""
+inference mode, with `in_training` set, and given back afterwards.
+
+Under ComfyUI's dynamic VRAM (comfy-aimdo: the default of a server on an NVIDIA GPU since ComfyUI 0.29) a MODEL's
+patcher is a `ModelPatcherDynamic`. Its "load" puts no weight on the device: each large Linear keeps its host
+(memory-mapped, read-only) weight and gets a range of aimdo's virtual VRAM, and ComfyUI's own Linear.forward copies
+the weight in for that call only (comfy/ops.py `cast_bias_weight`). Training needs more than that: fp8 compute and
+the streamer read `module.weight` on the device, and autograd keeps each frozen weight for the input gradient,
+while aimdo may unmap that virtual range as soon as the call returns (comfy-aimdo `vbar_unpin`, then `vbars_free`
+under memory pressure). So a run trains on a plain ModelPatcher (`training_patcher`).
+"""
 
 from __future__ import annotations
 
@@ -11,7 +20,42 @@ import comfy.model_management as mm
 import torch
 from torch import nn
 
+from ...trainer_core.errors import pack_error
+
 LOG = logging.getLogger("klein_lora_lab")
+
+
+@pack_error
+class DynamicVramError(RuntimeError):
+    """A MODEL under ComfyUI's dynamic VRAM that cannot be trained on; the message says what to do instead."""
+
+
+def is_dynamic(model_patcher) -> bool:
+    """Whether ComfyUI's dynamic VRAM (comfy-aimdo) manages this patcher's weights."""
+    check = getattr(model_patcher, "is_dynamic", None)  # ComfyUI before dynamic VRAM has no such method
+    return bool(check()) if check is not None else False
+
+
+def training_patcher(model_patcher):
+    """The patcher a training run loads and trains on; the MODEL received is never changed.
+
+    A plain ModelPatcher: its clone, which shares the weights. A dynamic VRAM patcher: ComfyUI's own non-dynamic
+    clone (`clone(disable_dynamic=True)`, what its samplers use for hooks), a plain ModelPatcher over the same file
+    loaded again by its loader record (`cached_patcher_init`) with the MODEL's patches, object patches and
+    wrappers, so the run loads and streams exactly as with `--disable-dynamic-vram`. The price is reading the
+    file once more per run (the plain copy is freed when the run ends).
+    """
+    if not is_dynamic(model_patcher):
+        return model_patcher.clone()
+    if getattr(model_patcher, "cached_patcher_init", None) is None:
+        raise DynamicVramError(
+            "This MODEL runs under ComfyUI's dynamic VRAM (the default on NVIDIA GPUs), which copies each weight "
+            "to the GPU only for the call that uses it; training needs the weights loaded, and this MODEL's loader "
+            "kept no record of its file to load it again that way. Fix: load it with 'Load Diffusion Model', or "
+            "start ComfyUI with --disable-dynamic-vram."
+        )
+    LOG.info("Klein LoRA Lab: the MODEL uses ComfyUI's dynamic VRAM; training loads its file again as a plain model")
+    return model_patcher.clone(disable_dynamic=True)
 
 
 @contextmanager
@@ -20,7 +64,13 @@ def loaded_for_training(model_patcher) -> Iterator[tuple[nn.Module, torch.device
 
     The diffusion model is the very module ComfyUI loaded (`model_patcher.model.diffusion_model`): no clone of
     the weights, no deepcopy. On exit the device cache is emptied; the model stays loaded for sampling next.
+    A dynamic VRAM patcher is refused (its weights would not be on the device): pass `training_patcher(MODEL)`.
     """
+    if is_dynamic(model_patcher):
+        raise DynamicVramError(
+            "loaded_for_training got a dynamic VRAM patcher, whose weights stay off the device. "
+            "Fix: pass training_patcher(model_patcher)."
+        )
     mm.unload_all_models()
     mm.soft_empty_cache()
     mm.load_models_gpu([model_patcher], force_full_load=True)
@@ -77,9 +127,9 @@ class PartialLoadStreamer:
     the compute dtype is a view of a cast buffer the next module's cast overwrites, and autograd saves that weight
     for the input gradient of a recomputed block. Without them every cast is a tensor of its own.
 
-    ComfyUI's dynamic VRAM patchers (`is_dynamic()`) page weights on their own, and an offload device other than
-    the host (--highvram, --gpu-only) keeps weights on the GPU: nothing is streamed there (streamable 0), and the
-    plan says what to lower instead.
+    A training run never gets a dynamic VRAM patcher (`training_patcher` swaps it for a plain one); should one come
+    here anyway it pages weights on its own, and an offload device other than the host (--highvram, --gpu-only)
+    keeps weights on the GPU: nothing is streamed there (streamable 0), and the plan says what to lower instead.
     """
 
     def __init__(self, model_patcher, on_stream: Callable[[], None] | None = None) -> None:
@@ -92,7 +142,7 @@ class PartialLoadStreamer:
         """Bytes of the loaded modules whose weights ComfyUI can cast per call (comfy_cast_weights)."""
         # Dynamic VRAM pages weights itself; an offload device that is not the host (--highvram, --gpu-only)
         # would keep "streamed" weights on the GPU.
-        if self.patcher.is_dynamic() or torch.device(self.patcher.offload_device).type != "cpu":
+        if is_dynamic(self.patcher) or torch.device(self.patcher.offload_device).type != "cpu":
             return 0
         model = self.patcher.model
         return sum(

@@ -25,7 +25,14 @@ from .feedback import LiveProgress, prompt_server
 from .images import decode_images, tensor_to_pil
 from .interrupt import interrupt_requested
 from .live_panel import RULES, ClinicSetup, LivePanel
-from .model_env import PartialLoadStreamer, loaded_for_training, reload_model, streamed_weights, training_mode
+from .model_env import (
+    PartialLoadStreamer,
+    loaded_for_training,
+    reload_model,
+    streamed_weights,
+    training_mode,
+    training_patcher,
+)
 from .notices import NodeNotices
 from .paths import lora_list_name, output_relative
 
@@ -240,7 +247,8 @@ def train_in_comfy(
         message = _outcome_message(status, run, settings, checkpoint, extra)
         _tell_node(node_id, message)
         return TrainOutcome(run, None, checkpoint, [], interrupted, message, status)
-    patcher = model_patcher.clone()  # shares the weights; only our loading bookkeeping touches the clone
+    # a clone sharing the weights (only our loading bookkeeping touches it); under dynamic VRAM a plain copy
+    patcher = training_patcher(model_patcher)
     progress = LiveProgress(settings.steps, node_id, run.path.name, first)
     interrupted = False
     result = None
