@@ -1,7 +1,7 @@
 """The MODEL ComfyUI holds, made ready for training: loaded onto the device (never a second copy), out of
 inference mode, with `in_training` set, and given back afterwards.
 
-Under ComfyUI's dynamic VRAM (comfy-aimdo: the default of a server on an NVIDIA GPU since ComfyUI 0.29) a MODEL's
+Under ComfyUI's dynamic VRAM (comfy-aimdo: the default of a server on an NVIDIA GPU in ComfyUI 0.29) a MODEL's
 patcher is a `ModelPatcherDynamic`. Its "load" puts no weight on the device: each large Linear keeps its host
 (memory-mapped, read-only) weight and gets a range of aimdo's virtual VRAM, and ComfyUI's own Linear.forward copies
 the weight in for that call only (comfy/ops.py `cast_bias_weight`). Training needs more than that: fp8 compute and
