@@ -392,9 +392,11 @@ def test_workflow_scrubber_mouse_and_keys(workflow_run, mode: str) -> None:
 
 
 def test_workflow_position_survives_page_reload(workflow_run) -> None:
-    """After a real page reload the frontend restores the workflow and the widget shows the same frame and label
-    from the node's properties, without running it again."""
+    """The frontend stores the open workflow with the widget's frame in the node's properties; after a real page
+    reload it restores the workflow and the widget shows the same frame and label, without running it again."""
     before, after = workflow_run["beforeReload"], workflow_run.get("afterReload")
-    assert workflow_run["reloadedFound"] and after is not None
+    assert workflow_run["persisted"], "no stored workflow held the scrub node at the shown frame before the reload"
+    assert workflow_run["reloadedFound"], "after the reload no scrub node restored its result"
+    assert after is not None
     frame_of(workflow_run["meta"], after, before["frame"])
     assert after["label"] == before["label"] and before["frame"] > 0
