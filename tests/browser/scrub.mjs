@@ -462,28 +462,28 @@ async function workflowScenario(page, spec) {
   // A real page reload: the frontend restores the open workflow, the widget its frame from the node properties.
   w.beforeReload = await observe(page);
   // The frontend stores the open workflow (a draft in localStorage) a moment after the graph changed; reloading
-  // before that would restore an older state. Wait until a stored graph holds the scrub node at the shown frame.
+  // before that would restore an older state. Wait until a stored graph holds the scrub node as it is now: the
+  // same result, frame and A/B (earlier graphs of this page may be stored too, at the same frame number).
+  let t0 = Date.now();
   w.persisted = await holdsWithin(
     page,
-    ({ type, frame }) => {
-      const graphs = [];
+    (id) => {
+      const props = (p) => JSON.stringify([p?.klein_scrub_meta, p?.klein_scrub_frame, p?.klein_scrub_ab]);
+      const want = props(window.app.graph.getNodeById(id).properties);
       for (let i = 0; i < localStorage.length; i++) {
-        try {
-          const value = JSON.parse(localStorage.getItem(localStorage.key(i)));
-          graphs.push(typeof value?.data === "string" ? JSON.parse(value.data) : value);
-        } catch {
-          // not JSON: not a stored workflow
-        }
+        const raw = localStorage.getItem(localStorage.key(i));
+        if (!raw?.startsWith("{")) continue;
+        const value = JSON.parse(raw);
+        const graph = typeof value.data === "string" && value.data.startsWith("{") ? JSON.parse(value.data) : value;
+        if (graph.nodes?.some?.((n) => String(n.id) === id && props(n.properties) === want)) return true;
       }
-      return graphs.some((g) =>
-        g?.nodes?.some?.(
-          (n) => n.type === type && n.properties?.klein_scrub_meta && n.properties.klein_scrub_frame === frame,
-        ),
-      );
+      return false;
     },
-    { type: NODE_TYPE, frame: w.beforeReload.frame },
+    prepared.scrubId,
     RESTORE_TIMEOUT_MS,
   );
+  w.persistMs = Date.now() - t0;
+  t0 = Date.now();
   await page.reload({ waitUntil: "domcontentloaded" });
   await waitReady(page);
   // The app is ready before it has restored the stored workflow; the widget restores its result in onConfigure.
@@ -493,6 +493,7 @@ async function workflowScenario(page, spec) {
     NODE_TYPE,
     RESTORE_TIMEOUT_MS,
   );
+  w.reloadRestoreMs = Date.now() - t0;
   if (w.reloadedFound) {
     const reloadedId = await page.evaluate(
       (type) => String(window.app.graph.nodes.find((n) => n.type === type).id),
