@@ -2,7 +2,7 @@
 // Usage: node drive.mjs <server-url> <profile-dir> <artifacts-dir>
 // Prints one JSON line: {modes: {classic: {...}, vue: {...}}, pageErrors: [...]}; pytest asserts on it.
 import path from "node:path";
-import { openBrowser, openFrontend, runDriver } from "./comfy_page.mjs";
+import { openBrowser, openFrontend, runDriver, switchRenderer } from "./comfy_page.mjs";
 
 const [url, profileDir, artifactsDir] = process.argv.slice(2);
 
@@ -43,10 +43,7 @@ async function main() {
     await openFrontend(page, url);
     result.extensions = await page.evaluate(() => window.app.extensions.map((e) => e.name));
     for (const mode of ["classic", "vue"]) {
-      await page.evaluate(async (vue) => {
-        await window.app.extensionManager.setting.set("Comfy.VueNodes.Enabled", vue);
-      }, mode === "vue");
-      await page.waitForTimeout(500);
+      await switchRenderer(page, mode);
       result.modes[mode] = await addModelInfoNode(page, mode);
       await page.screenshot({ path: path.join(artifactsDir, `frontend-${mode}.png`) });
     }
