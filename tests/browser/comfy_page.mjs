@@ -98,6 +98,31 @@ export async function holdsWithin(page, predicate, arg, timeout) {
   }
 }
 
+// The frontend stores the open workflow (a draft in localStorage) a moment after the graph changed, and a page
+// reload restores that draft: reloading before it is stored restores an older state. True once a stored graph holds
+// node `nodeId` as it is now (its type, its widgets' values and the `properties` named), false if none did within
+// `timeout` ms. Earlier graphs of the page may be stored too, with a node of the same id.
+export async function workflowStored(page, nodeId, properties = [], timeout = 60_000) {
+  return holdsWithin(
+    page,
+    ({ nodeId, properties }) => {
+      const key = (n) => JSON.stringify([n.type, n.widgets_values ?? [], properties.map((p) => n.properties?.[p])]);
+      const graph = window.app.graph;
+      const want = key((graph.getNodeById(nodeId) ?? graph.getNodeById(Number(nodeId))).serialize());
+      for (let i = 0; i < localStorage.length; i++) {
+        const raw = localStorage.getItem(localStorage.key(i));
+        if (!raw?.startsWith("{")) continue;
+        const value = JSON.parse(raw);
+        const graph = typeof value.data === "string" && value.data.startsWith("{") ? JSON.parse(value.data) : value;
+        if (graph.nodes?.some?.((n) => String(n.id) === String(nodeId) && key(n) === want)) return true;
+      }
+      return false;
+    },
+    { nodeId, properties },
+    timeout,
+  );
+}
+
 // Resolves after the page painted a frame (two animation frames: the DOM changes made before it are on screen).
 export async function nextPaint(page) {
   await page.evaluate(() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r))));

@@ -18,6 +18,7 @@ import {
   switchRenderer,
   waitFor,
   waitReady,
+  workflowStored,
 } from "./comfy_page.mjs";
 
 const [url, profileDir, artifactsDir] = process.argv.slice(2);
@@ -28,6 +29,7 @@ const MIXER_TYPE = "KleinLabMixerGrid";
 const ROOT = '[data-testid="klein-scrub"][data-test-current]';
 const SETTLE_TIMEOUT_MS = 30_000; // for the page to reach a state it is heading to (loaded machines are slow)
 const RESTORE_TIMEOUT_MS = 60_000; // for the frontend to store the open workflow, or to restore it after a reload
+const SCRUB_PROPERTIES = ["klein_scrub_meta", "klein_scrub_frame", "klein_scrub_ab"]; // what the widget restores from
 
 // --- page helpers (run inside the page) ---------------------------------------------------------------------
 
@@ -461,27 +463,9 @@ async function workflowScenario(page, spec) {
   }
   // A real page reload: the frontend restores the open workflow, the widget its frame from the node properties.
   w.beforeReload = await observe(page);
-  // The frontend stores the open workflow (a draft in localStorage) a moment after the graph changed; reloading
-  // before that would restore an older state. Wait until a stored graph holds the scrub node as it is now: the
-  // same result, frame and A/B (earlier graphs of this page may be stored too, at the same frame number).
+  // Reload only once the frontend stored the workflow with the node as it is now (its result, frame and A/B).
   let t0 = Date.now();
-  w.persisted = await holdsWithin(
-    page,
-    (id) => {
-      const props = (p) => JSON.stringify([p?.klein_scrub_meta, p?.klein_scrub_frame, p?.klein_scrub_ab]);
-      const want = props(window.app.graph.getNodeById(id).properties);
-      for (let i = 0; i < localStorage.length; i++) {
-        const raw = localStorage.getItem(localStorage.key(i));
-        if (!raw?.startsWith("{")) continue;
-        const value = JSON.parse(raw);
-        const graph = typeof value.data === "string" && value.data.startsWith("{") ? JSON.parse(value.data) : value;
-        if (graph.nodes?.some?.((n) => String(n.id) === id && props(n.properties) === want)) return true;
-      }
-      return false;
-    },
-    prepared.scrubId,
-    RESTORE_TIMEOUT_MS,
-  );
+  w.persisted = await workflowStored(page, prepared.scrubId, SCRUB_PROPERTIES, RESTORE_TIMEOUT_MS);
   w.persistMs = Date.now() - t0;
   t0 = Date.now();
   await page.reload({ waitUntil: "domcontentloaded" });
