@@ -13,9 +13,10 @@ import {
   prepareStyleWorkflow,
   queuePrompt,
   runDriver,
-  setRenderer,
+  switchRenderer,
   waitFor,
   waitReady,
+  workflowStored,
 } from "./comfy_page.mjs";
 
 const [url, profileDir, artifactsDir] = process.argv.slice(2);
@@ -72,7 +73,7 @@ async function shotPanel(page, name) {
 async function scenario(page, mode) {
   const r = { mode };
   const run = config.runs[mode];
-  await setRenderer(page, mode, 400);
+  await switchRenderer(page, mode);
   const id = await prepare(page, config.workflow, config.album, run, config.widgets);
   await page.waitForTimeout(500);
   r.before = await observe(page);
@@ -94,10 +95,24 @@ async function scenario(page, mode) {
   // Hover the middle of the loss chart: the readout names the step and the values.
   const box = await page.locator(`${ROOT} [data-testid="klein-panel-chart"]`).boundingBox();
   await page.mouse.move(box.x + box.width * 0.7, box.y + box.height / 2);
-  await page.waitForTimeout(200);
+  await waitFor(
+    page,
+    (sel) => {
+      const hover = document.querySelector(`${sel} [data-testid="klein-panel-hover"]`);
+      return !!hover && !hover.hidden && hover.textContent !== "";
+    },
+    ROOT,
+    30_000,
+  );
   r.hover = await page.locator(`${ROOT} [data-testid="klein-panel-hover"]`).textContent();
+  const linear = (await observe(page)).scale;
   await page.locator(`${ROOT} [data-testid="klein-panel-scale"]`).click();
-  await page.waitForTimeout(200);
+  await waitFor(
+    page,
+    ([sel, was]) => document.querySelector(`${sel} [data-testid="klein-panel-chart"]`)?.dataset.scale !== was,
+    [ROOT, linear],
+    30_000,
+  );
   r.logScale = (await observe(page)).scale;
   // Click the newest image: it opens large with its label.
   await page.locator(`${ROOT} [data-testid="klein-panel-cell"]`).first().click();
@@ -112,7 +127,8 @@ async function scenario(page, mode) {
 
   // A page reload mid-run: the panel reads the history from the run folder and keeps following the run.
   r.beforeReload = await observe(page);
-  await page.waitForTimeout(1500); // the frontend persists the open workflow on a timer
+  // Reload only once the frontend stored the workflow with the Train node as it is now (its run name).
+  r.persisted = await workflowStored(page, id);
   await page.reload({ waitUntil: "domcontentloaded" });
   await waitReady(page);
   await waitFor(page, pointsAtLeast, [ROOT, r.beforeReload.points], 60000);
@@ -125,7 +141,16 @@ async function scenario(page, mode) {
     window.app.canvas.ds.offset = [90 - node.pos[0], 20 - node.pos[1]];
     window.app.graph.setDirtyCanvas(true, true);
   });
-  await page.waitForTimeout(300);
+  // The panel follows the canvas on its next draw: wait until the Stop button is inside the window.
+  await waitFor(
+    page,
+    (sel) => {
+      const box = document.querySelector(`${sel} [data-testid="klein-panel-stop"]`)?.getBoundingClientRect();
+      return !!box && box.top >= 0 && box.left >= 0 && box.bottom <= innerHeight && box.right <= innerWidth;
+    },
+    ROOT,
+    30_000,
+  );
   await page.locator(`${ROOT} [data-testid="klein-panel-stop"]`).click();
   await waitFor(page, statusIs, [ROOT, "stopped"], config.timeoutMs);
   r.stopped = await observe(page);
@@ -147,7 +172,7 @@ async function scenario(page, mode) {
 
 // s/step with the page connected: a run of config.bench.steps steps queued from the page, the panel following it.
 async function bench(page) {
-  await setRenderer(page, "classic", 400);
+  await switchRenderer(page, "classic");
   const widgets = structuredClone(config.widgets);
   Object.assign(widgets.KleinLabTrainLora, { steps: config.bench.steps, sample_every: 0, checkpoint_every: 0 });
   await prepare(page, config.workflow, config.album, config.bench.run, widgets);
@@ -160,7 +185,7 @@ async function bench(page) {
 
 // A planted run (its clinic records collapse onto the album at a known step): the panel shows the mark there.
 async function planted(page, mode) {
-  await setRenderer(page, mode, 400);
+  await switchRenderer(page, mode);
   await page.evaluate(async ({ run, type }) => {
     const app = window.app;
     app.graph.clear();
@@ -218,7 +243,7 @@ async function eventCost(page, n = 2000, events = 300) {
 // place, knob and value) show which run of the sweep trains. The first event of a run reads its history (none here),
 // the next ones fill the panel.
 async function sweepPanel(page) {
-  await setRenderer(page, "classic", 400);
+  await switchRenderer(page, "classic");
   return page.evaluate(async () => {
     const app = window.app;
     const api = window.comfyAPI.api.api;
@@ -283,7 +308,7 @@ async function presets(page) {
 
 // A failing prompt: the Train node with a hostile run name; the pack's message appears on the node.
 async function failing(page, mode) {
-  await setRenderer(page, mode, 400);
+  await switchRenderer(page, mode);
   const id = await prepare(page, config.workflow, config.album, "../escape", config.widgets);
   await queuePrompt(page);
   await waitFor(page, () => window.kleinLastError, null, config.timeoutMs);
