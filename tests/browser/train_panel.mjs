@@ -8,6 +8,8 @@
 import fs from "node:fs";
 import path from "node:path";
 import {
+  holdsWithin,
+  nextPaint,
   openBrowser,
   openFrontend,
   prepareStyleWorkflow,
@@ -62,6 +64,12 @@ async function observe(page) {
 
 const pointsAtLeast = ([sel, n]) => Number(document.querySelector(sel)?.dataset.points ?? 0) >= n;
 const statusIs = ([sel, s]) => document.querySelector(sel)?.dataset.status === s;
+// The panel read the history of run `run` (a new run name, a new node, a reload): nothing is loading any more.
+const historyRead = ([sel, run]) => {
+  const root = document.querySelector(sel);
+  const node = window.app.graph.nodes.find((n) => n.kleinPanel?.root === root);
+  return !!node && node.kleinPanel.loading == null && root.dataset.run === run;
+};
 
 async function shotPanel(page, name) {
   const file = path.join(artifactsDir, `${name}.png`);
@@ -75,7 +83,7 @@ async function scenario(page, mode) {
   const run = config.runs[mode];
   await switchRenderer(page, mode);
   const id = await prepare(page, config.workflow, config.album, run, config.widgets);
-  await page.waitForTimeout(500);
+  await waitFor(page, historyRead, [ROOT, run], 60_000);
   r.before = await observe(page);
   const t0 = Date.now();
   await queuePrompt(page);
@@ -200,7 +208,7 @@ async function planted(page, mode) {
     app.graph.setDirtyCanvas(true, true);
   }, { run: config.planted, type: TYPE });
   await page.waitForFunction((sel) => !document.querySelector(`${sel} [data-testid="klein-panel-mark"]`)?.hidden, ROOT, { timeout: 30000 });
-  await page.waitForTimeout(300);
+  await nextPaint(page);
   const obs = await observe(page);
   await shotPanel(page, `panel-${mode}-sweet-spot`);
   return obs;
@@ -219,7 +227,12 @@ async function eventCost(page, n = 2000, events = 300) {
       const panel = node.kleinPanel;
       const run = "bench_events";
       node.widgets.find((w) => w.name === "run_name").value = run;
-      await new Promise((r) => setTimeout(r, 1500)); // the panel's first history read (no such run) settles
+      // The panel's first history read (no such run) starts on a timer after the node is made; let it start,
+      // then wait until it is done (at most 60 s).
+      await new Promise((r) => setTimeout(r, 0));
+      for (const end = performance.now() + 60_000; panel.loading != null && performance.now() < end; ) {
+        await new Promise((r) => requestAnimationFrame(r));
+      }
       panel.state.run = run;
       const points = Array.from({ length: n }, (_, i) => [i + 1, 1 / (i + 1), null]);
       api.dispatchCustomEvent("klein_lab.train.step", { run, node: String(node.id), step: n, total: n + events, points, rate: 1, eta: 1, peak_vram: null, phase: "training" });
@@ -251,8 +264,17 @@ async function sweepPanel(page) {
     const node = window.LiteGraph.createNode("KleinLabSweep");
     node.pos = [90, 40];
     app.graph.add(node);
-    await new Promise((r) => setTimeout(r, 500));
-    const root = node.kleinPanel?.root;
+    const panel = node.kleinPanel;
+    // A new run's first event makes the panel read that run's history: wait until it is read (at most 60 s).
+    const settle = async (run) => {
+      await new Promise((r) => setTimeout(r, 0)); // the node's own first read starts on a timer
+      const end = performance.now() + 60_000;
+      while ((panel?.loading != null || (run && panel?.root.dataset.run !== run)) && performance.now() < end) {
+        await new Promise((r) => requestAnimationFrame(r));
+      }
+    };
+    await settle(null);
+    const root = panel?.root;
     const sweepLine = () => root?.querySelector('[data-testid="klein-panel-sweep"]');
     const before = { hidden: sweepLine()?.hidden ?? null };
     const send = (index, value, step) =>
@@ -268,16 +290,15 @@ async function sweepPanel(page) {
         peak_vram: null,
         phase: "training",
       });
-    const settle = () => new Promise((r) => setTimeout(r, 800));
     send(1, "5e-05", 1);
-    await settle();
+    await settle("lr-learning_rate-5e-05");
     send(1, "5e-05", 2);
-    await settle();
+    await settle("lr-learning_rate-5e-05");
     const second = { text: sweepLine()?.textContent, hidden: sweepLine()?.hidden, run: root?.dataset.run };
     send(2, "0.0002", 1);
-    await settle();
+    await settle("lr-learning_rate-0.0002");
     send(2, "0.0002", 2);
-    await settle();
+    await settle("lr-learning_rate-0.0002");
     const third = { text: sweepLine()?.textContent, hidden: sweepLine()?.hidden, run: root?.dataset.run };
     return { hasPanel: !!root, before, second, third };
   });
@@ -312,7 +333,16 @@ async function failing(page, mode) {
   const id = await prepare(page, config.workflow, config.album, "../escape", config.widgets);
   await queuePrompt(page);
   await waitFor(page, () => window.kleinLastError, null, config.timeoutMs);
-  await page.waitForTimeout(500);
+  // The pack's message on the node and the frontend's toast follow the error event.
+  await holdsWithin(
+    page,
+    (id) => {
+      const node = window.app.graph.getNodeById(id) ?? window.app.graph.getNodeById(Number(id));
+      return node?.kleinError?.hidden === false && !!document.querySelector(".p-toast-message");
+    },
+    id,
+    30_000,
+  );
   const out = await page.evaluate((id) => {
     const node = window.app.graph.getNodeById(id) ?? window.app.graph.getNodeById(Number(id));
     const box = node?.kleinError;
