@@ -47,14 +47,6 @@ export async function openFrontend(page, url) {
   await waitReady(page);
 }
 
-// Switches between the classic canvas and Vue nodes, then lets the DOM settle.
-export async function setRenderer(page, mode, settleMs = 500) {
-  await page.evaluate(async (vue) => {
-    await window.app.extensionManager.setting.set("Comfy.VueNodes.Enabled", vue);
-  }, mode === "vue");
-  await page.waitForTimeout(settleMs);
-}
-
 // Switches between the classic canvas and Vue nodes and waits until the new renderer draws the graph: with Vue
 // nodes the nodes `ids` (all the graph's by default) have their DOM element ([data-node-id]), on the classic canvas
 // no node of the graph has one.
