@@ -311,7 +311,10 @@ async function presets(page) {
     app.graph.clear();
     const node = window.LiteGraph.createNode(type);
     app.graph.add(node);
-    await new Promise((r) => setTimeout(r, 500));
+    // The preset values arrive with the presets table (fetched once): the node then has kleinPresetSync.
+    for (const end = performance.now() + 60_000; !node.kleinPresetSync && performance.now() < end; ) {
+      await new Promise((r) => requestAnimationFrame(r));
+    }
     const values = () => Object.fromEntries(node.widgets.filter((w) => ["rank", "alpha", "learning_rate", "steps"].includes(w.name)).map((w) => [w.name, w.value]));
     const preset = node.widgets.find((w) => w.name === "preset");
     const fresh = values();
