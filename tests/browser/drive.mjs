@@ -17,9 +17,9 @@ async function addModelInfoNode(page, mode) {
     node.pos = [120, 120];
     app.graph.add(node);
     app.graph.setDirtyCanvas(true, true);
-    // Vue nodes render asynchronously; give the DOM a few frames.
+    // Vue nodes render asynchronously: wait for the node's DOM element (at most 30 s on a loaded machine).
     let domNode = null;
-    for (let i = 0; i < 50 && mode === "vue" && !domNode; i++) {
+    for (const end = performance.now() + 30_000; mode === "vue" && !domNode && performance.now() < end; ) {
       await new Promise((r) => setTimeout(r, 100));
       domNode = document.querySelector(`[data-node-id="${node.id}"]`);
     }
