@@ -81,7 +81,8 @@ async function observe(page) {
   return page.evaluate(async (rootSel) => {
     const root = document.querySelector(rootSel);
     const q = (id) => root.querySelector(`[data-testid="${id}"]`);
-    for (let i = 0; i < 100; i++) {
+    // Until the image finished loading (or failed: `complete` either way); at most 30 s on a loaded machine.
+    for (const end = performance.now() + 30_000; performance.now() < end; ) {
       const img = q("klein-scrub-image");
       if (!img.getAttribute("src") || img.complete) break;
       await new Promise((r) => setTimeout(r, 50));
