@@ -124,7 +124,8 @@ async function observe(page) {
     const root = document.querySelector(rootSel);
     const q = (id) => root.querySelector(`[data-testid="${id}"]`);
     const imgs = [q("klein-scrub-image"), q("klein-scrub-image-b")];
-    for (let i = 0; i < 100; i++) {
+    // Until the shown images finished loading (or failed: `complete` either way); at most 30 s on a loaded machine.
+    for (const end = performance.now() + 30_000; performance.now() < end; ) {
       const pending = imgs.filter((img) => img.offsetParent && img.getAttribute("src") && !img.complete);
       if (!pending.length) break;
       await new Promise((r) => setTimeout(r, 50));
