@@ -43,7 +43,8 @@ async function readCards(page, names) {
       if (!card) continue;
       card.scrollIntoView();
       const img = card.querySelector("img");
-      for (let i = 0; i < 50 && img && !(img.complete && img.naturalWidth); i++) {
+      // Until the thumbnail loaded (at most 30 s on a loaded machine).
+      for (const end = performance.now() + 30_000; img && !(img.complete && img.naturalWidth) && performance.now() < end; ) {
         await new Promise((r) => setTimeout(r, 100));
       }
       // What the card asks for (the frontend builds <pack>/<name>.jpg for a pack's template).
