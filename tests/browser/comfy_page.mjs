@@ -1,6 +1,6 @@
 // How every browser driver opens the real ComfyUI frontend: Debian's Chromium through playwright-core (never a
 // downloaded browser), the flags of DESIGN.md §8, a fresh persistent profile, page and console errors collected.
-import { chromium } from "playwright-core";
+import { chromium, errors } from "playwright-core";
 
 const CHROMIUM = process.env.KLEIN_LAB_CHROMIUM || "/usr/bin/chromium";
 const FLAGS = [
@@ -47,12 +47,25 @@ export async function openFrontend(page, url) {
   await waitReady(page);
 }
 
-// Switches between the classic canvas and Vue nodes, then lets the DOM settle.
-export async function setRenderer(page, mode, settleMs = 500) {
+// Switches between the classic canvas and Vue nodes and waits until the new renderer draws the graph: with Vue
+// nodes the nodes `ids` (all the graph's by default) have their DOM element ([data-node-id]), on the classic canvas
+// no node of the graph has one.
+export async function switchRenderer(page, mode, ids = null, timeout = 30_000) {
+  const vue = mode === "vue";
   await page.evaluate(async (vue) => {
     await window.app.extensionManager.setting.set("Comfy.VueNodes.Enabled", vue);
-  }, mode === "vue");
-  await page.waitForTimeout(settleMs);
+  }, vue);
+  await waitFor(
+    page,
+    ({ vue, ids }) => {
+      const drawn = (id) => !!document.querySelector(`[data-node-id="${id}"]`);
+      const all = window.app.graph.nodes.map((n) => String(n.id));
+      if (window.app.extensionManager.setting.get("Comfy.VueNodes.Enabled") !== vue) return false;
+      return vue ? (ids ?? all).every(drawn) : !all.some(drawn);
+    },
+    { vue, ids },
+    timeout,
+  );
 }
 
 // Queues the open workflow as the Run button does.
@@ -63,6 +76,48 @@ export async function queuePrompt(page) {
 // Waits until `predicate(arg)` holds in the page (polled every 250 ms).
 export async function waitFor(page, predicate, arg, timeout) {
   await page.waitForFunction(predicate, arg, { timeout, polling: 250 });
+}
+
+// Like waitFor, but a timeout is an answer, not an error: true once `predicate(arg)` holds, false if it did not
+// within `timeout` ms (the driver reports it and the test names what did not happen).
+export async function holdsWithin(page, predicate, arg, timeout) {
+  try {
+    await waitFor(page, predicate, arg, timeout);
+    return true;
+  } catch (err) {
+    if (err instanceof errors.TimeoutError) return false;
+    throw err;
+  }
+}
+
+// The frontend stores the open workflow (a draft in localStorage) a moment after the graph changed, and a page
+// reload restores that draft: reloading before it is stored restores an older state. True once a stored graph holds
+// node `nodeId` as it is now (its type, its widgets' values and the `properties` named), false if none did within
+// `timeout` ms. Earlier graphs of the page may be stored too, with a node of the same id.
+export async function workflowStored(page, nodeId, properties = [], timeout = 60_000) {
+  return holdsWithin(
+    page,
+    ({ nodeId, properties }) => {
+      const key = (n) => JSON.stringify([n.type, n.widgets_values ?? [], properties.map((p) => n.properties?.[p])]);
+      const graph = window.app.graph;
+      const want = key((graph.getNodeById(nodeId) ?? graph.getNodeById(Number(nodeId))).serialize());
+      for (let i = 0; i < localStorage.length; i++) {
+        const raw = localStorage.getItem(localStorage.key(i));
+        if (!raw?.startsWith("{")) continue;
+        const value = JSON.parse(raw);
+        const graph = typeof value.data === "string" && value.data.startsWith("{") ? JSON.parse(value.data) : value;
+        if (graph.nodes?.some?.((n) => String(n.id) === String(nodeId) && key(n) === want)) return true;
+      }
+      return false;
+    },
+    { nodeId, properties },
+    timeout,
+  );
+}
+
+// Resolves after the page painted a frame (two animation frames: the DOM changes made before it are on screen).
+export async function nextPaint(page) {
+  await page.evaluate(() => new Promise((r) => requestAnimationFrame(() => requestAnimationFrame(r))));
 }
 
 // From now on the page keeps the execution_error events of its prompts in window.__kleinErrors (a predicate of

@@ -2,7 +2,7 @@
 // Usage: node drive.mjs <server-url> <profile-dir> <artifacts-dir>
 // Prints one JSON line: {modes: {classic: {...}, vue: {...}}, pageErrors: [...]}; pytest asserts on it.
 import path from "node:path";
-import { openBrowser, openFrontend, runDriver } from "./comfy_page.mjs";
+import { openBrowser, openFrontend, runDriver, switchRenderer } from "./comfy_page.mjs";
 
 const [url, profileDir, artifactsDir] = process.argv.slice(2);
 
@@ -17,9 +17,9 @@ async function addModelInfoNode(page, mode) {
     node.pos = [120, 120];
     app.graph.add(node);
     app.graph.setDirtyCanvas(true, true);
-    // Vue nodes render asynchronously; give the DOM a few frames.
+    // Vue nodes render asynchronously: wait for the node's DOM element (at most 30 s on a loaded machine).
     let domNode = null;
-    for (let i = 0; i < 50 && mode === "vue" && !domNode; i++) {
+    for (const end = performance.now() + 30_000; mode === "vue" && !domNode && performance.now() < end; ) {
       await new Promise((r) => setTimeout(r, 100));
       domNode = document.querySelector(`[data-node-id="${node.id}"]`);
     }
@@ -43,10 +43,7 @@ async function main() {
     await openFrontend(page, url);
     result.extensions = await page.evaluate(() => window.app.extensions.map((e) => e.name));
     for (const mode of ["classic", "vue"]) {
-      await page.evaluate(async (vue) => {
-        await window.app.extensionManager.setting.set("Comfy.VueNodes.Enabled", vue);
-      }, mode === "vue");
-      await page.waitForTimeout(500);
+      await switchRenderer(page, mode);
       result.modes[mode] = await addModelInfoNode(page, mode);
       await page.screenshot({ path: path.join(artifactsDir, `frontend-${mode}.png`) });
     }

@@ -9,7 +9,14 @@
 // {workflow, albums: {classic, vue}, runs: {classic, vue}, widgets, timeoutMs}. Prints one JSON line.
 import fs from "node:fs";
 import path from "node:path";
-import { openBrowser, openFrontend, prepareStyleWorkflow, runDriver, setRenderer } from "./comfy_page.mjs";
+import {
+  openBrowser,
+  openFrontend,
+  prepareStyleWorkflow,
+  runDriver,
+  switchRenderer,
+  waitFor,
+} from "./comfy_page.mjs";
 
 const [url, profileDir, artifactsDir] = process.argv.slice(2);
 const config = JSON.parse(fs.readFileSync(process.env.KLEIN_LAB_LIVE_CONFIG, "utf8"));
@@ -85,10 +92,20 @@ async function curveState(page) {
 
 async function scenario(page, mode) {
   const r = {};
-  await setRenderer(page, mode, 400);
+  await switchRenderer(page, mode);
   const ids = await prepare(page, config.albums[mode], config.runs[mode]);
   r.ids = ids;
-  await page.waitForTimeout(500);
+  // The new nodes' widgets in the page (with Vue nodes inside their node): the curve and the panel's status line.
+  await waitFor(
+    page,
+    ({ sels, vue }) =>
+      sels.every((sel) => {
+        const e = document.querySelector(sel);
+        return !!e && (!vue || !!e.closest("[data-node-id]"));
+      }),
+    { sels: [CURVE, `${PANEL} [data-testid="klein-panel-status"]`], vue: mode === "vue" },
+    30_000,
+  );
   await record(page);
   r.before = await curveState(page);
   await page.evaluate(() => window.app.extensionManager.command.execute("Comfy.QueuePrompt"));

@@ -8,17 +8,52 @@
 // {model, run, timeoutMs}. Prints one JSON line with what the page showed.
 import fs from "node:fs";
 import path from "node:path";
-import { openBrowser, openFrontend, runDriver } from "./comfy_page.mjs";
+import { holdsWithin, openBrowser, openFrontend, runDriver, switchRenderer, waitFor } from "./comfy_page.mjs";
 
 const [url, profileDir, artifactsDir] = process.argv.slice(2);
 const config = JSON.parse(fs.readFileSync(process.env.KLEIN_LAB_LORAS_CONFIG, "utf8"));
 const EDITOR = '[data-testid="klein-blocks"]';
+const SETTLE_TIMEOUT_MS = 30_000; // for the page to reach a state it is heading to (loaded machines are slow)
 
-async function setRenderer(page, mode) {
-  await page.evaluate(async (vue) => {
-    await window.app.extensionManager.setting.set("Comfy.VueNodes.Enabled", vue);
-  }, mode === "vue");
-  await page.waitForTimeout(400);
+// Waits until the block editor shows what the loader's widgets hold (its vector text and preset), with its sliders
+// drawn (a preset button, a slider or a widget change redraws it from the widgets).
+async function editorSynced(page) {
+  await waitFor(
+    page,
+    (sel) => {
+      const root = document.querySelector(sel);
+      const node = window.app.graph.nodes.find((n) => n.type === "KleinLabLoraLoaderBlocks");
+      const value = (name, fallback) => String(node?.widgets.find((w) => w.name === name)?.value ?? fallback);
+      return (
+        !!root &&
+        Number(root.dataset.count) > 0 &&
+        root.dataset.vector === value("block_vector", "") &&
+        root.dataset.preset === value("preset", "all")
+      );
+    },
+    EDITOR,
+    SETTLE_TIMEOUT_MS,
+  );
+}
+
+// Waits until the mixer's `more_loras` text holds `count` rows (when given) whose first row has the values in
+// `first`, and its rows widget draws that many rows.
+async function rowsHold(page, { count, first = {} }) {
+  await waitFor(
+    page,
+    ({ count, first }) => {
+      const node = window.app.graph.nodes.find((n) => n.type === "KleinLabLoraMixer");
+      const rows = JSON.parse(node?.widgets.find((w) => w.name === "more_loras")?.value || "[]");
+      const shown = Number(document.querySelector('[data-testid="klein-rows"]')?.dataset.rows ?? -1);
+      return (
+        shown === rows.length &&
+        (count === undefined || rows.length === count) &&
+        Object.entries(first).every(([key, value]) => rows[0]?.[key] === value)
+      );
+    },
+    { count, first },
+    SETTLE_TIMEOUT_MS,
+  );
 }
 
 // Records the server's executed / error / success events in the page (once).
@@ -142,7 +177,8 @@ async function setWidget(page, type, name, value) {
     },
     [type, name, value],
   );
-  await page.waitForTimeout(600); // the editor re-reads the text on its callback or within its sync period
+  // The editor re-reads the widgets on their callback (or within its sync period, for changes made without one).
+  if (type === "KleinLabLoraLoaderBlocks") await editorSynced(page);
 }
 
 async function editorScenario(page, mode) {
@@ -157,10 +193,16 @@ async function editorScenario(page, mode) {
     return { open: root.dataset.open, height: root.getBoundingClientRect().height, sliders: root.querySelectorAll("input[type=range]").length, visibleSliders: [...root.querySelectorAll("input[type=range]")].filter((x) => x.getClientRects().length).length };
   }, EDITOR);
   await page.locator('[data-testid="klein-blocks-toggle"]').click();
-  await page.waitForTimeout(300);
+  await waitFor(
+    page,
+    (sel) => document.querySelector(sel)?.dataset.open === "true",
+    EDITOR,
+    SETTLE_TIMEOUT_MS,
+  );
+  await editorSynced(page);
   r.before = await editorState(page);
   await page.locator('[data-testid="klein-blocks-preset-identity"]').click();
-  await page.waitForTimeout(300);
+  await editorSynced(page);
   r.identity = await editorState(page);
   r.identityPrompt = await promptInputs(page, ids.lora);
   // A hand-made 4B vector for the docs' picture: binding full, texture low, identity full, composition fading.
@@ -172,22 +214,28 @@ async function editorScenario(page, mode) {
   await setWidget(page, "KleinLabLoraLoaderBlocks", "block_vector", nine);
   r.nine = await editorState(page);
   await page.locator('[data-testid="klein-blocks-preset-reset"]').click();
-  await page.waitForTimeout(300);
+  await editorSynced(page);
   r.reset = await editorState(page);
   r.run1 = await queue(page, ids.lora);
-  await page.waitForTimeout(500);
+  // The node's ui output reaches the editor with the `executed` event: it shows what was loaded.
+  r.loadedShown = await holdsWithin(
+    page,
+    (sel) => document.querySelector(sel)?.querySelector('[data-testid="klein-blocks-loaded"]')?.hidden === false,
+    EDITOR,
+    SETTLE_TIMEOUT_MS,
+  );
   r.afterRun = await editorState(page);
   await page.locator('[data-testid="klein-blocks-preset-texture"]').click();
-  await page.waitForTimeout(300);
+  await editorSynced(page);
   const slider = page.locator('[data-testid="klein-blocks-col"][data-group="texture"] input').first();
   await slider.focus();
   for (let i = 0; i < 4; i++) await page.keyboard.press("ArrowDown"); // 1 -> 0.8, as a hand on the slider
-  await page.waitForTimeout(300);
+  await editorSynced(page);
   r.slid = await editorState(page);
   await setWidget(page, "KleinLabLoraLoaderBlocks", "preset", "identity");
   r.presetCombo = await editorState(page);
   await page.locator('[data-testid="klein-blocks-preset-texture"]').click();
-  await page.waitForTimeout(300);
+  await editorSynced(page);
   r.run2 = await queue(page, ids.lora);
   r.final = await editorState(page);
   await page.locator(EDITOR).screenshot({ path: path.join(artifactsDir, `block-editor-${mode}.png`) });
@@ -219,18 +267,18 @@ async function mixerScenario(page, mode) {
   await page.locator('[data-testid="klein-rows-lora"]').nth(1).selectOption(ids.loras[1]);
   await page.locator('[data-testid="klein-rows-scale"]').nth(0).fill("0.25");
   await page.locator('[data-testid="klein-rows-scale"]').nth(0).press("Enter");
-  await page.waitForTimeout(300);
+  await rowsHold(page, { count: 2, first: { scale: 0.25 } });
   r.rowsCount = await page.evaluate((sel) => Number(document.querySelector(sel)?.dataset.rows ?? -1), rows);
   r.rowsPrompt = await promptInputs(page, ids.lora);
   r.rowsRun = await queue(page, ids.lora);
   await page.locator('[data-testid="klein-rows-on"]').nth(0).uncheck();
-  await page.waitForTimeout(300);
+  await rowsHold(page, { first: { on: false } });
   r.rowOffPrompt = await promptInputs(page, ids.lora);
   r.rowOffRun = await queue(page, ids.lora);
   await page.screenshot({ path: path.join(artifactsDir, `mixer-rows-${mode}-page.png`) });
   await page.locator(rows).screenshot({ path: path.join(artifactsDir, `mixer-rows-${mode}.png`) });
   await page.locator('[data-testid="klein-rows-remove"]').nth(1).click();
-  await page.waitForTimeout(300);
+  await rowsHold(page, { count: 1 });
   r.removedPrompt = await promptInputs(page, ids.lora);
   // The row's own block editor: the model's map (from the runs above), a group button, the row back on, a run.
   await page.locator('[data-testid="klein-rows-blocks"]').nth(0).click();
@@ -240,7 +288,7 @@ async function mixerScenario(page, mode) {
   });
   await page.locator(`${rowEditor} [data-testid="klein-blocks-preset-texture"]`).click();
   await page.locator('[data-testid="klein-rows-on"]').nth(0).check();
-  await page.waitForTimeout(300);
+  await rowsHold(page, { first: { on: true } });
   r.rowEditor = await page.evaluate((sel) => {
     const root = document.querySelector(sel);
     const cols = [...root.querySelectorAll('[data-testid="klein-blocks-col"]')];
@@ -266,7 +314,7 @@ async function main() {
     await openFrontend(page, url);
     await recordEvents(page);
     for (const mode of ["classic", "vue"]) {
-      await setRenderer(page, mode);
+      await switchRenderer(page, mode);
       result.modes[mode] = { editor: await editorScenario(page, mode), mixer: await mixerScenario(page, mode) };
     }
   } finally {

@@ -8,14 +8,17 @@ import path from "node:path";
 import {
   collectExecutionErrors,
   executionErrors,
+  holdsWithin,
   loadWithTestClip,
+  nextPaint,
   openBrowser,
   openFrontend,
   queuePrompt,
   runDriver,
-  setRenderer,
+  switchRenderer,
   waitFor,
   waitReady,
+  workflowStored,
 } from "./comfy_page.mjs";
 
 const [url, profileDir, artifactsDir] = process.argv.slice(2);
@@ -24,6 +27,9 @@ const NODE_TYPE = "KleinLabScrubRun";
 const MIXER_TYPE = "KleinLabMixerGrid";
 // The widget of the node under test (addScrubNode marks it; earlier nodes' widgets may still be in the DOM).
 const ROOT = '[data-testid="klein-scrub"][data-test-current]';
+const SETTLE_TIMEOUT_MS = 30_000; // for the page to reach a state it is heading to (loaded machines are slow)
+const RESTORE_TIMEOUT_MS = 60_000; // for the frontend to store the open workflow, or to restore it after a reload
+const SCRUB_PROPERTIES = ["klein_scrub_meta", "klein_scrub_frame", "klein_scrub_ab"]; // what the widget restores from
 
 // --- page helpers (run inside the page) ---------------------------------------------------------------------
 
@@ -39,7 +45,7 @@ async function registeredTypes(page) {
 async function addScrubNode(page, nodeType = NODE_TYPE) {
   await page.evaluate(() => window.app.graph.clear());
   // Let the Vue renderer unmount the old nodes first: the new node may get the same id as a removed one.
-  await page.waitForTimeout(300);
+  await waitFor(page, () => !document.querySelector("[data-node-id]"), null, SETTLE_TIMEOUT_MS);
   const id = await page.evaluate((type) => {
     const app = window.app;
     app.canvas.ds.offset = [80, 40]; // clear of the side bar and the top menu
@@ -62,22 +68,30 @@ async function markCurrent(page, id) {
   }, id);
   await page.waitForSelector(ROOT, { state: "attached", timeout: 15_000 });
   // A node with many widgets can reach below the window: pan the canvas up until the whole widget shows.
-  for (let i = 0; i < 3; i++) {
-    const below = await page.evaluate((sel) => {
+  await page.evaluate(() => {
+    window.__kleinScrubBottom = (sel) => {
       const root = document.querySelector(sel);
-      const bottom = Math.max(
-        root.getBoundingClientRect().bottom,
-        root.querySelector('[data-testid="klein-scrub-thumbs"]').getBoundingClientRect().bottom,
-      );
+      const thumbs = root.querySelector('[data-testid="klein-scrub-thumbs"]');
+      return Math.max(root.getBoundingClientRect().bottom, thumbs.getBoundingClientRect().bottom);
+    };
+  });
+  for (let i = 0; i < 3; i++) {
+    const moved = await page.evaluate((sel) => {
+      const bottom = window.__kleinScrubBottom(sel);
       const over = bottom - (window.innerHeight - 20);
-      if (over > 0) {
-        window.app.canvas.ds.offset[1] -= over / window.app.canvas.ds.scale;
-        window.app.canvas.setDirty(true, true);
-      }
-      return over;
+      if (over <= 0) return null;
+      window.app.canvas.ds.offset[1] -= over / window.app.canvas.ds.scale;
+      window.app.canvas.setDirty(true, true);
+      return bottom;
     }, ROOT);
-    if (below <= 0) break;
-    await page.waitForTimeout(300);
+    if (moved === null) break;
+    // The widget follows the canvas on its next draw: wait until it moved up.
+    await waitFor(
+      page,
+      ({ sel, bottom }) => window.__kleinScrubBottom(sel) < bottom - 0.5,
+      { sel: ROOT, bottom: moved },
+      SETTLE_TIMEOUT_MS,
+    );
   }
   await page.waitForSelector(ROOT, { state: "visible", timeout: 15_000 });
 }
@@ -110,7 +124,8 @@ async function observe(page) {
     const root = document.querySelector(rootSel);
     const q = (id) => root.querySelector(`[data-testid="${id}"]`);
     const imgs = [q("klein-scrub-image"), q("klein-scrub-image-b")];
-    for (let i = 0; i < 100; i++) {
+    // Until the shown images finished loading (or failed: `complete` either way); at most 30 s on a loaded machine.
+    for (const end = performance.now() + 30_000; performance.now() < end; ) {
       const pending = imgs.filter((img) => img.offsetParent && img.getAttribute("src") && !img.complete);
       if (!pending.length) break;
       await new Promise((r) => setTimeout(r, 50));
@@ -160,7 +175,7 @@ async function dragSlider(page, selector, fraction) {
 }
 
 async function shot(page, name) {
-  await page.waitForTimeout(150);
+  await nextPaint(page); // the last change drawn (observe already waited for the images)
   await page.screenshot({ path: path.join(artifactsDir, `${name}.png`) });
   await page.locator(ROOT).first().screenshot({ path: path.join(artifactsDir, `${name}-widget.png`) });
 }
@@ -255,7 +270,7 @@ async function largeBatch(page, nodeId, meta) {
 
 async function scenario(page, mode, { small, large, mixer }) {
   const r = { mode };
-  await setRenderer(page, mode);
+  await switchRenderer(page, mode);
   r.vueNodesSetting = await page.evaluate(() => window.app.extensionManager.setting.get("Comfy.VueNodes.Enabled"));
   const nodeId = await addScrubNode(page);
   r.inVueNode = await page.evaluate(
@@ -417,7 +432,7 @@ async function queueAndWait(page, scrubId, timeoutMs) {
 
 async function workflowScenario(page, spec) {
   const w = {};
-  await setRenderer(page, "classic");
+  await switchRenderer(page, "classic");
   const prepared = await prepareWorkflow(page, spec.workflow, spec.widgets, spec.small);
   Object.assign(w, prepared);
   const run = await queueAndWait(page, prepared.scrubId, spec.timeoutMs);
@@ -426,8 +441,7 @@ async function workflowScenario(page, spec) {
   w.modes = {};
   for (const mode of ["classic", "vue"]) {
     const m = {};
-    await setRenderer(page, mode);
-    await page.waitForTimeout(500);
+    await switchRenderer(page, mode, [prepared.scrubId]);
     await markCurrent(page, prepared.scrubId);
     m.inVueNode = await page.evaluate(
       ({ id, sel }) => !!document.querySelector(`[data-node-id="${id}"] ${sel}`),
@@ -450,16 +464,26 @@ async function workflowScenario(page, spec) {
   }
   // A real page reload: the frontend restores the open workflow, the widget its frame from the node properties.
   w.beforeReload = await observe(page);
-  await page.waitForTimeout(1500); // the frontend persists the open workflow on a timer
+  // Reload only once the frontend stored the workflow with the node as it is now (its result, frame and A/B).
+  let t0 = Date.now();
+  w.persisted = await workflowStored(page, prepared.scrubId, SCRUB_PROPERTIES, RESTORE_TIMEOUT_MS);
+  w.persistMs = Date.now() - t0;
+  t0 = Date.now();
   await page.reload({ waitUntil: "domcontentloaded" });
   await waitReady(page);
-  await page.waitForTimeout(500);
-  const reloadedId = await page.evaluate((type) => {
-    const node = window.app.graph.nodes.find((n) => n.type === type);
-    return node ? String(node.id) : null;
-  }, NODE_TYPE);
-  w.reloadedFound = reloadedId !== null;
-  if (reloadedId !== null) {
+  // The app is ready before it has restored the stored workflow; the widget restores its result in onConfigure.
+  w.reloadedFound = await holdsWithin(
+    page,
+    (type) => !!window.app.graph.nodes.find((n) => n.type === type)?.kleinScrub?.meta,
+    NODE_TYPE,
+    RESTORE_TIMEOUT_MS,
+  );
+  w.reloadRestoreMs = Date.now() - t0;
+  if (w.reloadedFound) {
+    const reloadedId = await page.evaluate(
+      (type) => String(window.app.graph.nodes.find((n) => n.type === type).id),
+      NODE_TYPE,
+    );
     await markCurrent(page, reloadedId);
     w.afterReload = await observe(page);
     await shot(page, "scrub-workflow-reloaded");

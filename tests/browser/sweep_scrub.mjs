@@ -4,17 +4,19 @@
 // $KLEIN_LAB_SWEEP_SCRUB_CONFIG ({meta}). Prints one JSON line of observations per renderer.
 import fs from "node:fs";
 import path from "node:path";
-import { openBrowser, openFrontend, runDriver, setRenderer } from "./comfy_page.mjs";
+import { openBrowser, openFrontend, runDriver, switchRenderer, waitFor } from "./comfy_page.mjs";
 
 const [url, profileDir, artifactsDir] = process.argv.slice(2);
 const { meta } = JSON.parse(fs.readFileSync(process.env.KLEIN_LAB_SWEEP_SCRUB_CONFIG, "utf8"));
 const NODE_TYPE = "KleinLabScrubRun";
 const ROOT = '[data-testid="klein-scrub"][data-test-current]';
+const SETTLE_TIMEOUT_MS = 30_000; // for the page to reach a state it is heading to (loaded machines are slow)
 
 // An empty graph with one scrub node, its widget marked as the one under test and fully on screen.
 async function addScrubNode(page) {
   await page.evaluate(() => window.app.graph.clear());
-  await page.waitForTimeout(300);
+  // Let the Vue renderer unmount the old nodes first: the new node may get the same id as a removed one.
+  await waitFor(page, () => !document.querySelector("[data-node-id]"), null, SETTLE_TIMEOUT_MS);
   const id = await page.evaluate((type) => {
     const app = window.app;
     app.canvas.ds.offset = [80, 40];
@@ -31,19 +33,28 @@ async function addScrubNode(page) {
     window.app.graph.getNodeById(id).kleinScrub.root.dataset.testCurrent = "1";
   }, id);
   await page.waitForSelector(ROOT, { state: "attached", timeout: 15_000 });
+  // Pan the canvas up until the thumbnail strip (the widget's bottom) is on screen.
+  await page.evaluate(() => {
+    window.__kleinThumbsBottom = (sel) =>
+      document.querySelector(sel).querySelector('[data-testid="klein-scrub-thumbs"]').getBoundingClientRect().bottom;
+  });
   for (let i = 0; i < 3; i++) {
-    const over = await page.evaluate((sel) => {
-      const root = document.querySelector(sel);
-      const bottom = root.querySelector('[data-testid="klein-scrub-thumbs"]').getBoundingClientRect().bottom;
+    const moved = await page.evaluate((sel) => {
+      const bottom = window.__kleinThumbsBottom(sel);
       const over = bottom - (window.innerHeight - 20);
-      if (over > 0) {
-        window.app.canvas.ds.offset[1] -= over / window.app.canvas.ds.scale;
-        window.app.canvas.setDirty(true, true);
-      }
-      return over;
+      if (over <= 0) return null;
+      window.app.canvas.ds.offset[1] -= over / window.app.canvas.ds.scale;
+      window.app.canvas.setDirty(true, true);
+      return bottom;
     }, ROOT);
-    if (over <= 0) break;
-    await page.waitForTimeout(300);
+    if (moved === null) break;
+    // The widget follows the canvas on its next draw: wait until it moved up.
+    await waitFor(
+      page,
+      ({ sel, bottom }) => window.__kleinThumbsBottom(sel) < bottom - 0.5,
+      { sel: ROOT, bottom: moved },
+      SETTLE_TIMEOUT_MS,
+    );
   }
   await page.waitForSelector(ROOT, { state: "visible", timeout: 15_000 });
   return id;
@@ -70,7 +81,8 @@ async function observe(page) {
   return page.evaluate(async (rootSel) => {
     const root = document.querySelector(rootSel);
     const q = (id) => root.querySelector(`[data-testid="${id}"]`);
-    for (let i = 0; i < 100; i++) {
+    // Until the image finished loading (or failed: `complete` either way); at most 30 s on a loaded machine.
+    for (const end = performance.now() + 30_000; performance.now() < end; ) {
       const img = q("klein-scrub-image");
       if (!img.getAttribute("src") || img.complete) break;
       await new Promise((r) => setTimeout(r, 50));
@@ -109,7 +121,7 @@ const STEP_SLIDER = '[data-testid="klein-scrub-axis-slider"][data-axis="step"]';
 
 async function scenario(page, mode) {
   const r = { mode };
-  await setRenderer(page, mode);
+  await switchRenderer(page, mode);
   const nodeId = await addScrubNode(page);
   r.inVueNode = await page.evaluate(
     ({ id, sel }) => !!document.querySelector(`[data-node-id="${id}"] ${sel}`),

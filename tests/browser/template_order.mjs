@@ -3,10 +3,13 @@
 // entry under Extensions, and reads the cards in page order; then the same for a "Klein" search.
 // Usage: node template_order.mjs <server-url> <profile-dir> <artifacts-dir>. Prints one JSON line.
 import path from "node:path";
-import { openBrowser, openFrontend, runDriver } from "./comfy_page.mjs";
+import { holdsWithin, openBrowser, openFrontend, runDriver, waitFor } from "./comfy_page.mjs";
 
 const [url, profileDir, artifactsDir] = process.argv.slice(2);
 const PACK = process.env.KLEIN_LAB_PACK_DIR || "klein_lora_lab";
+const SETTLE_TIMEOUT_MS = 30_000; // for the dialog to show what was asked (loaded machines are slow)
+// The search applies after the frontend's debounce and changes only the cards' order: wait for that up to here.
+const SEARCH_TIMEOUT_MS = 10_000;
 
 // The template names of the cards shown now, in page order (top to bottom, left to right).
 async function cardOrder(page) {
@@ -32,11 +35,34 @@ async function main() {
     const search = page.getByPlaceholder("Search ...").first();
     await search.waitFor({ timeout: 120_000 });
     await page.getByText(PACK, { exact: true }).first().click();
-    await page.waitForTimeout(1500);
+    // The category shows exactly the pack's templates (the cards of the previous view gone).
+    await waitFor(
+      page,
+      (names) => {
+        const cards = [...document.querySelectorAll('[data-testid^="template-workflow-"]')];
+        const shown = cards.map((card) => card.dataset.testid.replace("template-workflow-", ""));
+        return shown.length === names.length && names.every((n) => shown.includes(n));
+      },
+      result.server[PACK] ?? [],
+      SETTLE_TIMEOUT_MS,
+    );
     result.category = await cardOrder(page);
     await page.screenshot({ path: path.join(artifactsDir, "template-order-category.png") });
     await search.fill("Klein");
-    await page.waitForTimeout(1500);
+    // Nothing on the page marks the search as applied (the pack's cards stay, "15 of 15 templates" stays); the
+    // ranked order replacing the category's is the sign. Where the two orders happen to agree it never comes:
+    // then the wait ends at SEARCH_TIMEOUT_MS and the test reads the cards as they are.
+    result.searchReordered = await holdsWithin(
+      page,
+      (category) =>
+        [...document.querySelectorAll('[data-testid^="template-workflow-"]')]
+          .map((card) => ({ name: card.dataset.testid.replace("template-workflow-", ""), box: card.getBoundingClientRect() }))
+          .sort((a, b) => a.box.top - b.box.top || a.box.left - b.box.left)
+          .map((c) => c.name)
+          .join("\n") !== category.join("\n"),
+      result.category,
+      SEARCH_TIMEOUT_MS,
+    );
     result.search = await cardOrder(page);
     await page.screenshot({ path: path.join(artifactsDir, "template-order-search.png") });
   } finally {

@@ -8,20 +8,30 @@
 // Usage: node templates.mjs <server-url> <profile-dir> <artifacts-dir>
 // Prints one JSON line: {pack, cards, templates, modes: {classic: {<name>: report}, vue: {...}}, pageErrors}.
 import path from "node:path";
-import { openBrowser, openFrontend, runDriver } from "./comfy_page.mjs";
+import { nextPaint, openBrowser, openFrontend, runDriver, switchRenderer, waitFor } from "./comfy_page.mjs";
 
 const [url, profileDir, artifactsDir] = process.argv.slice(2);
 const PACK = process.env.KLEIN_LAB_PACK_DIR || "klein_lora_lab";
 const SEARCH = "Klein";
-const SETTLE_MS = 2500;
+// After a template opened (its nodes in the graph), the frontend checks its models against the server and marks
+// nodes red and shows a notice, with nothing on the page saying the check is over: the test looks for red nodes
+// that should not be, so this much time passes before the page is read (an absence is checked by waiting).
+const CHECKS_MS = 2500;
+const SETTLE_TIMEOUT_MS = 60_000; // for the page to reach a state it is heading to (loaded machines are slow)
 const SHOT = { timeout: 180_000 };
 
-async function openDialogAndSearch(page) {
+// Opens the templates dialog, searches SEARCH and waits until the cards of the pack's `names` are shown.
+async function openDialogAndSearch(page, names) {
   await page.evaluate(() => window.app.extensionManager.command.execute("Comfy.BrowseTemplates"));
   const search = page.getByPlaceholder("Search ...").first();
   await search.waitFor({ timeout: 120_000 });
   await search.fill(SEARCH);
-  await page.waitForTimeout(1500);
+  await waitFor(
+    page,
+    (names) => names.every((name) => document.querySelector(`[data-testid="template-workflow-${CSS.escape(name)}"]`)),
+    names,
+    SETTLE_TIMEOUT_MS,
+  );
 }
 
 // The cards the dialog shows for the search, with their title, description and whether the thumbnail loaded.
@@ -33,7 +43,8 @@ async function readCards(page, names) {
       if (!card) continue;
       card.scrollIntoView();
       const img = card.querySelector("img");
-      for (let i = 0; i < 50 && img && !(img.complete && img.naturalWidth); i++) {
+      // Until the thumbnail loaded (at most 30 s on a loaded machine).
+      for (const end = performance.now() + 30_000; img && !(img.complete && img.naturalWidth) && performance.now() < end; ) {
         await new Promise((r) => setTimeout(r, 100));
       }
       // What the card asks for (the frontend builds <pack>/<name>.jpg for a pack's template).
@@ -76,9 +87,13 @@ async function inspect(page) {
 
 // Opens a template the way the dialog does: a click on its card after the search (classic canvas), or the
 // same frontend call the card makes (app.loadGraphData with openSource "template") where `viaDialog` is false.
-async function openTemplate(page, name, viaDialog) {
+async function openTemplate(page, name, viaDialog, nodes) {
+  // Mark the nodes shown now: the opened template's nodes are new ones.
+  await page.evaluate(() => {
+    for (const node of window.app.graph.nodes) node.kleinTestStale = true;
+  });
   if (viaDialog) {
-    await openDialogAndSearch(page);
+    await openDialogAndSearch(page, [name]);
     const card = page.locator(`[data-testid="template-workflow-${name}"]`);
     // The result grid re-renders while the search settles: a card can be replaced between finding and clicking.
     for (let attempt = 1; ; attempt++) {
@@ -88,7 +103,7 @@ async function openTemplate(page, name, viaDialog) {
         break;
       } catch (err) {
         if (attempt === 5) throw err;
-        await page.waitForTimeout(1000);
+        await page.waitForTimeout(1000); // a pause before trying again: the grid is re-rendering, nothing to wait on
       }
     }
   } else {
@@ -97,11 +112,22 @@ async function openTemplate(page, name, viaDialog) {
       await window.app.loadGraphData(await res.json(), true, true, name, { openSource: "template" });
     }, { pack: PACK, name });
   }
-  await page.waitForTimeout(SETTLE_MS);
+  // The graph holds the template's nodes (new ones, its ids and types), drawn; then the model checks get their time.
+  await waitFor(
+    page,
+    (nodes) => {
+      const now = window.app.graph.nodes;
+      return !now.some((n) => n.kleinTestStale) && JSON.stringify(now.map((n) => [String(n.id), n.type]).sort()) === nodes;
+    },
+    nodes,
+    SETTLE_TIMEOUT_MS,
+  );
+  await nextPaint(page);
+  await page.waitForTimeout(CHECKS_MS);
 }
 
 async function dialogPass(page, result) {
-  await openDialogAndSearch(page);
+  await openDialogAndSearch(page, result.templates);
   result.cards = await readCards(page, result.templates);
   // The dialog as the guide shows it: the search's first rows, where this pack's cards rank.
   await page.evaluate((first) => {
@@ -111,17 +137,36 @@ async function dialogPass(page, result) {
     }
     if (box) box.scrollTop = 0;
   }, [...result.templates].sort()[0]);
-  await page.waitForTimeout(1000);
+  // The first rows drawn with their thumbnails loaded.
+  await waitFor(
+    page,
+    () =>
+      [...document.querySelectorAll('[data-testid^="template-workflow-"] img')]
+        .filter((img) => {
+          const box = img.getBoundingClientRect();
+          return box.bottom > 0 && box.top < window.innerHeight;
+        })
+        .every((img) => img.complete && img.naturalWidth > 0),
+    null,
+    SETTLE_TIMEOUT_MS,
+  );
+  await nextPaint(page);
   result.dialogShot = path.join(artifactsDir, "templates-dialog.png");
   await page.screenshot({ path: result.dialogShot, ...SHOT });
 }
 
 async function openPass(page, result) {
   for (const mode of ["classic", "vue"]) {
-    await page.evaluate((vue) => window.app.extensionManager.setting.set("Comfy.VueNodes.Enabled", vue), mode === "vue");
+    await switchRenderer(page, mode);
     result.modes[mode] = {};
     for (const name of result.templates) {
-      await openTemplate(page, name, mode === "classic");
+      // What the graph holds once the template opened: its nodes' ids and types.
+      const nodes = await page.evaluate(async ({ pack, name }) => {
+        const res = await fetch(`/api/workflow_templates/${pack}/${encodeURIComponent(name)}.json`);
+        const { nodes } = await res.json();
+        return JSON.stringify(nodes.map((n) => [String(n.id), n.type]).sort());
+      }, { pack: PACK, name });
+      await openTemplate(page, name, mode === "classic", nodes);
       const opened = await inspect(page);
       opened.screenshot = path.join(artifactsDir, `template-${name}-${mode}.png`);
       await page.screenshot({ path: opened.screenshot, ...SHOT });
@@ -129,7 +174,8 @@ async function openPass(page, result) {
       const saved = await page.evaluate(async ({ pack, name }) => {
         const res = await fetch(`/api/workflow_templates/${pack}/${encodeURIComponent(name)}.json`);
         await window.app.loadGraphData(await res.json(), true, true, name);
-        await new Promise((r) => setTimeout(r, 500));
+        // The canvas decides low detail when it draws: read it after a drawn frame.
+        for (let i = 0; i < 2; i++) await new Promise((r) => requestAnimationFrame(r));
         return { scale: window.app.canvas.ds.scale, lowQuality: Boolean(window.app.canvas.low_quality) };
       }, { pack: PACK, name });
       saved.screenshot = path.join(artifactsDir, `template-${name}-${mode}-saved.png`);

@@ -111,6 +111,7 @@ def test_run_shows_what_was_loaded_and_the_models_blocks(page, mode: str) -> Non
     (sent,) = run["output"]["klein_blocks"]
     assert sent["layout"]["double"] == TINY_BLOCKS[0] and sent["layout"]["single"] == TINY_BLOCKS[1]
     (lora,) = sent["loaded"]
+    assert editor["loadedShown"], "the editor did not show what the run loaded"
     after = editor["afterRun"]
     assert after["count"] == sum(TINY_BLOCKS) and after["layout"] == "this model (last run)"
     assert after["loaded"]["modules"] == lora["modules"] > 0

@@ -147,6 +147,7 @@ def scrub_case(comfy_server, tmp_path_factory) -> dict[str, Any]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("KLEIN_LAB_SCRUB_CONFIG", str(config))
         result = run_driver("scrub.mjs", comfy_server.url, timeout_s=400)
+    (ARTIFACTS / "scrub-result.json").write_text(json.dumps(result))  # what the driver saw, for a failure's report
     figures = _figures(result)
     (ARTIFACTS / "scrub-figures.json").write_text(json.dumps(figures, indent=2))
     print(json.dumps(figures, indent=2))
@@ -190,7 +191,13 @@ def _figures(result: dict[str, Any]) -> dict[str, Any]:
             "large_long_tasks_ms": [round(t) for t in large["longTasksMs"]],
         }
     if result.get("workflow", {}).get("meta"):
-        out["workflow"] = {"queue_to_widget_ms": result["workflow"]["runMs"], "frame_size_px": FRAME_SIZE}
+        w = result["workflow"]
+        out["workflow"] = {
+            "queue_to_widget_ms": w["runMs"],
+            "frame_size_px": FRAME_SIZE,
+            "workflow_stored_after_ms": w["persistMs"],  # last widget move -> draft in localStorage
+            "reload_to_restored_widget_ms": w["reloadRestoreMs"],
+        }
     return out
 
 
@@ -392,9 +399,11 @@ def test_workflow_scrubber_mouse_and_keys(workflow_run, mode: str) -> None:
 
 
 def test_workflow_position_survives_page_reload(workflow_run) -> None:
-    """After a real page reload the frontend restores the workflow and the widget shows the same frame and label
-    from the node's properties, without running it again."""
+    """The frontend stores the open workflow with the widget's frame in the node's properties; after a real page
+    reload it restores the workflow and the widget shows the same frame and label, without running it again."""
     before, after = workflow_run["beforeReload"], workflow_run.get("afterReload")
-    assert workflow_run["reloadedFound"] and after is not None
+    assert workflow_run["persisted"], "no stored workflow held the scrub node at the shown frame before the reload"
+    assert workflow_run["reloadedFound"], "after the reload no scrub node restored its result"
+    assert after is not None
     frame_of(workflow_run["meta"], after, before["frame"])
     assert after["label"] == before["label"] and before["frame"] > 0

@@ -154,6 +154,7 @@ def test_reload_mid_run_restores_the_history(panel, mode: str) -> None:
     from the run folder, and keeps following the running run."""
     r = panel["result"]["modes"][mode]
     before, after = r["beforeReload"], r["afterReload"]
+    assert r["persisted"], "no stored workflow held the Train node as it was before the reload"
     assert after["run"] == f"panel_{mode}"
     assert after["points"] >= before["points"] > 0
     assert set(before["rows"]) <= set(after["rows"])

@@ -8,14 +8,17 @@
 import fs from "node:fs";
 import path from "node:path";
 import {
+  holdsWithin,
+  nextPaint,
   openBrowser,
   openFrontend,
   prepareStyleWorkflow,
   queuePrompt,
   runDriver,
-  setRenderer,
+  switchRenderer,
   waitFor,
   waitReady,
+  workflowStored,
 } from "./comfy_page.mjs";
 
 const [url, profileDir, artifactsDir] = process.argv.slice(2);
@@ -61,6 +64,12 @@ async function observe(page) {
 
 const pointsAtLeast = ([sel, n]) => Number(document.querySelector(sel)?.dataset.points ?? 0) >= n;
 const statusIs = ([sel, s]) => document.querySelector(sel)?.dataset.status === s;
+// The panel read the history of run `run` (a new run name, a new node, a reload): nothing is loading any more.
+const historyRead = ([sel, run]) => {
+  const root = document.querySelector(sel);
+  const node = window.app.graph.nodes.find((n) => n.kleinPanel?.root === root);
+  return !!node && node.kleinPanel.loading == null && root.dataset.run === run;
+};
 
 async function shotPanel(page, name) {
   const file = path.join(artifactsDir, `${name}.png`);
@@ -72,9 +81,9 @@ async function shotPanel(page, name) {
 async function scenario(page, mode) {
   const r = { mode };
   const run = config.runs[mode];
-  await setRenderer(page, mode, 400);
+  await switchRenderer(page, mode);
   const id = await prepare(page, config.workflow, config.album, run, config.widgets);
-  await page.waitForTimeout(500);
+  await waitFor(page, historyRead, [ROOT, run], 60_000);
   r.before = await observe(page);
   const t0 = Date.now();
   await queuePrompt(page);
@@ -94,10 +103,24 @@ async function scenario(page, mode) {
   // Hover the middle of the loss chart: the readout names the step and the values.
   const box = await page.locator(`${ROOT} [data-testid="klein-panel-chart"]`).boundingBox();
   await page.mouse.move(box.x + box.width * 0.7, box.y + box.height / 2);
-  await page.waitForTimeout(200);
+  await waitFor(
+    page,
+    (sel) => {
+      const hover = document.querySelector(`${sel} [data-testid="klein-panel-hover"]`);
+      return !!hover && !hover.hidden && hover.textContent !== "";
+    },
+    ROOT,
+    30_000,
+  );
   r.hover = await page.locator(`${ROOT} [data-testid="klein-panel-hover"]`).textContent();
+  const linear = (await observe(page)).scale;
   await page.locator(`${ROOT} [data-testid="klein-panel-scale"]`).click();
-  await page.waitForTimeout(200);
+  await waitFor(
+    page,
+    ([sel, was]) => document.querySelector(`${sel} [data-testid="klein-panel-chart"]`)?.dataset.scale !== was,
+    [ROOT, linear],
+    30_000,
+  );
   r.logScale = (await observe(page)).scale;
   // Click the newest image: it opens large with its label.
   await page.locator(`${ROOT} [data-testid="klein-panel-cell"]`).first().click();
@@ -112,7 +135,8 @@ async function scenario(page, mode) {
 
   // A page reload mid-run: the panel reads the history from the run folder and keeps following the run.
   r.beforeReload = await observe(page);
-  await page.waitForTimeout(1500); // the frontend persists the open workflow on a timer
+  // Reload only once the frontend stored the workflow with the Train node as it is now (its run name).
+  r.persisted = await workflowStored(page, id);
   await page.reload({ waitUntil: "domcontentloaded" });
   await waitReady(page);
   await waitFor(page, pointsAtLeast, [ROOT, r.beforeReload.points], 60000);
@@ -125,7 +149,16 @@ async function scenario(page, mode) {
     window.app.canvas.ds.offset = [90 - node.pos[0], 20 - node.pos[1]];
     window.app.graph.setDirtyCanvas(true, true);
   });
-  await page.waitForTimeout(300);
+  // The panel follows the canvas on its next draw: wait until the Stop button is inside the window.
+  await waitFor(
+    page,
+    (sel) => {
+      const box = document.querySelector(`${sel} [data-testid="klein-panel-stop"]`)?.getBoundingClientRect();
+      return !!box && box.top >= 0 && box.left >= 0 && box.bottom <= innerHeight && box.right <= innerWidth;
+    },
+    ROOT,
+    30_000,
+  );
   await page.locator(`${ROOT} [data-testid="klein-panel-stop"]`).click();
   await waitFor(page, statusIs, [ROOT, "stopped"], config.timeoutMs);
   r.stopped = await observe(page);
@@ -147,7 +180,7 @@ async function scenario(page, mode) {
 
 // s/step with the page connected: a run of config.bench.steps steps queued from the page, the panel following it.
 async function bench(page) {
-  await setRenderer(page, "classic", 400);
+  await switchRenderer(page, "classic");
   const widgets = structuredClone(config.widgets);
   Object.assign(widgets.KleinLabTrainLora, { steps: config.bench.steps, sample_every: 0, checkpoint_every: 0 });
   await prepare(page, config.workflow, config.album, config.bench.run, widgets);
@@ -160,7 +193,7 @@ async function bench(page) {
 
 // A planted run (its clinic records collapse onto the album at a known step): the panel shows the mark there.
 async function planted(page, mode) {
-  await setRenderer(page, mode, 400);
+  await switchRenderer(page, mode);
   await page.evaluate(async ({ run, type }) => {
     const app = window.app;
     app.graph.clear();
@@ -175,7 +208,7 @@ async function planted(page, mode) {
     app.graph.setDirtyCanvas(true, true);
   }, { run: config.planted, type: TYPE });
   await page.waitForFunction((sel) => !document.querySelector(`${sel} [data-testid="klein-panel-mark"]`)?.hidden, ROOT, { timeout: 30000 });
-  await page.waitForTimeout(300);
+  await nextPaint(page);
   const obs = await observe(page);
   await shotPanel(page, `panel-${mode}-sweet-spot`);
   return obs;
@@ -194,7 +227,12 @@ async function eventCost(page, n = 2000, events = 300) {
       const panel = node.kleinPanel;
       const run = "bench_events";
       node.widgets.find((w) => w.name === "run_name").value = run;
-      await new Promise((r) => setTimeout(r, 1500)); // the panel's first history read (no such run) settles
+      // The panel's first history read (no such run) starts on a timer after the node is made; let it start,
+      // then wait until it is done (at most 60 s).
+      await new Promise((r) => setTimeout(r, 0));
+      for (const end = performance.now() + 60_000; panel.loading != null && performance.now() < end; ) {
+        await new Promise((r) => requestAnimationFrame(r));
+      }
       panel.state.run = run;
       const points = Array.from({ length: n }, (_, i) => [i + 1, 1 / (i + 1), null]);
       api.dispatchCustomEvent("klein_lab.train.step", { run, node: String(node.id), step: n, total: n + events, points, rate: 1, eta: 1, peak_vram: null, phase: "training" });
@@ -218,7 +256,7 @@ async function eventCost(page, n = 2000, events = 300) {
 // place, knob and value) show which run of the sweep trains. The first event of a run reads its history (none here),
 // the next ones fill the panel.
 async function sweepPanel(page) {
-  await setRenderer(page, "classic", 400);
+  await switchRenderer(page, "classic");
   return page.evaluate(async () => {
     const app = window.app;
     const api = window.comfyAPI.api.api;
@@ -226,8 +264,17 @@ async function sweepPanel(page) {
     const node = window.LiteGraph.createNode("KleinLabSweep");
     node.pos = [90, 40];
     app.graph.add(node);
-    await new Promise((r) => setTimeout(r, 500));
-    const root = node.kleinPanel?.root;
+    const panel = node.kleinPanel;
+    // A new run's first event makes the panel read that run's history: wait until it is read (at most 60 s).
+    const settle = async (run) => {
+      await new Promise((r) => setTimeout(r, 0)); // the node's own first read starts on a timer
+      const end = performance.now() + 60_000;
+      while ((panel?.loading != null || (run && panel?.root.dataset.run !== run)) && performance.now() < end) {
+        await new Promise((r) => requestAnimationFrame(r));
+      }
+    };
+    await settle(null);
+    const root = panel?.root;
     const sweepLine = () => root?.querySelector('[data-testid="klein-panel-sweep"]');
     const before = { hidden: sweepLine()?.hidden ?? null };
     const send = (index, value, step) =>
@@ -243,16 +290,15 @@ async function sweepPanel(page) {
         peak_vram: null,
         phase: "training",
       });
-    const settle = () => new Promise((r) => setTimeout(r, 800));
     send(1, "5e-05", 1);
-    await settle();
+    await settle("lr-learning_rate-5e-05");
     send(1, "5e-05", 2);
-    await settle();
+    await settle("lr-learning_rate-5e-05");
     const second = { text: sweepLine()?.textContent, hidden: sweepLine()?.hidden, run: root?.dataset.run };
     send(2, "0.0002", 1);
-    await settle();
+    await settle("lr-learning_rate-0.0002");
     send(2, "0.0002", 2);
-    await settle();
+    await settle("lr-learning_rate-0.0002");
     const third = { text: sweepLine()?.textContent, hidden: sweepLine()?.hidden, run: root?.dataset.run };
     return { hasPanel: !!root, before, second, third };
   });
@@ -265,7 +311,10 @@ async function presets(page) {
     app.graph.clear();
     const node = window.LiteGraph.createNode(type);
     app.graph.add(node);
-    await new Promise((r) => setTimeout(r, 500));
+    // The preset values arrive with the presets table (fetched once): the node then has kleinPresetSync.
+    for (const end = performance.now() + 60_000; !node.kleinPresetSync && performance.now() < end; ) {
+      await new Promise((r) => requestAnimationFrame(r));
+    }
     const values = () => Object.fromEntries(node.widgets.filter((w) => ["rank", "alpha", "learning_rate", "steps"].includes(w.name)).map((w) => [w.name, w.value]));
     const preset = node.widgets.find((w) => w.name === "preset");
     const fresh = values();
@@ -283,11 +332,20 @@ async function presets(page) {
 
 // A failing prompt: the Train node with a hostile run name; the pack's message appears on the node.
 async function failing(page, mode) {
-  await setRenderer(page, mode, 400);
+  await switchRenderer(page, mode);
   const id = await prepare(page, config.workflow, config.album, "../escape", config.widgets);
   await queuePrompt(page);
   await waitFor(page, () => window.kleinLastError, null, config.timeoutMs);
-  await page.waitForTimeout(500);
+  // The pack's message on the node and the frontend's toast follow the error event.
+  await holdsWithin(
+    page,
+    (id) => {
+      const node = window.app.graph.getNodeById(id) ?? window.app.graph.getNodeById(Number(id));
+      return node?.kleinError?.hidden === false && !!document.querySelector(".p-toast-message");
+    },
+    id,
+    30_000,
+  );
   const out = await page.evaluate((id) => {
     const node = window.app.graph.getNodeById(id) ?? window.app.graph.getNodeById(Number(id));
     const box = node?.kleinError;

@@ -5,7 +5,7 @@
 // Usage: node workflows.mjs <server-url> <profile-dir> <artifacts-dir>
 // Prints one JSON line: {pack, modes: {classic: {<name>: report}, vue: {...}}, pageErrors}.
 import path from "node:path";
-import { openBrowser, openFrontend, runDriver } from "./comfy_page.mjs";
+import { nextPaint, openBrowser, openFrontend, runDriver, switchRenderer } from "./comfy_page.mjs";
 
 const [url, profileDir, artifactsDir] = process.argv.slice(2);
 const PACK = process.env.KLEIN_LAB_PACK_DIR || "klein_lora_lab";
@@ -40,11 +40,12 @@ async function inspectWorkflow(page, workflow, mode) {
       }
       let domNodes = null;
       if (mode === "vue") {
-        // Vue nodes render asynchronously; wait until every graph node has its DOM node (or give up after 5 s).
-        for (let i = 0; i < 50; i++) {
+        // Vue nodes render asynchronously; wait until every graph node has its DOM node (or give up after 30 s,
+        // long enough for a loaded machine: the count then tells the test which nodes never showed).
+        for (const end = performance.now() + 30_000; ; ) {
           domNodes = nodes.filter((n) => document.querySelector(`[data-node-id="${n.id}"]`)).length;
-          if (domNodes === nodes.length) break;
-          await new Promise((r) => setTimeout(r, 100));
+          if (domNodes === nodes.length || performance.now() > end) break;
+          await new Promise((r) => requestAnimationFrame(r));
         }
       }
       const { output } = await app.graphToPrompt();
@@ -84,14 +85,11 @@ async function main() {
       await window.app.extensionManager.setting.set("Comfy.Minimap.Visible", false);
     });
     for (const mode of ["classic", "vue"]) {
-      await page.evaluate(async (vue) => {
-        await window.app.extensionManager.setting.set("Comfy.VueNodes.Enabled", vue);
-      }, mode === "vue");
-      await page.waitForTimeout(300);
+      await switchRenderer(page, mode);
       result.modes[mode] = {};
       for (const [name, workflow] of Object.entries(templates)) {
         const report = await inspectWorkflow(page, workflow, mode);
-        await page.waitForTimeout(200);
+        await nextPaint(page); // the fitted view drawn
         report.screenshot = path.join(artifactsDir, `workflow-${name}-${mode}.png`);
         await page.screenshot({ path: report.screenshot });
         result.modes[mode][name] = report;
