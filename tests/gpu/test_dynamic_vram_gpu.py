@@ -10,7 +10,6 @@ Run on its own (`pytest tests/gpu/test_dynamic_vram_gpu.py -s`): dynamic VRAM is
 from __future__ import annotations
 
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,19 +19,15 @@ import torch
 @pytest.fixture(scope="module")
 def dynamic_comfy():
     """ComfyUI imported for the GPU with dynamic VRAM turned on as main.py turns it on."""
-    from harness.comfy_env import comfy_path, import_comfy_inprocess
+    from harness.comfy_env import import_comfy_for_cuda
 
     if not torch.cuda.is_available():
         pytest.skip("needs an NVIDIA GPU")
-    root = comfy_path()
-    if root is None:
-        pytest.skip("needs ComfyUI: set COMFYUI_PATH")
-    if "comfy.model_management" in sys.modules:
-        pytest.skip("ComfyUI was already imported in this process: run this file on its own")
-    import_comfy_inprocess(root)
+    why_not = import_comfy_for_cuda()
+    if why_not is not None:
+        pytest.skip(why_not)
     import comfy.cli_args
 
-    comfy.cli_args.args.cpu = False
     aimdo = pytest.importorskip("comfy_aimdo.control", reason="dynamic VRAM needs comfy-aimdo")
     try:
         aimdo.init(simple_vram_headroom=None)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import re
 import statistics
-import sys
 from pathlib import Path
 
 import pytest
@@ -27,17 +26,11 @@ KLEIN_9B = (4096, 8, 24, 12288)  # hidden, double blocks, single blocks, context
 @pytest.fixture(scope="module")
 def comfy_on_cuda():
     """ComfyUI imported in this process for the GPU (its model management reads the device when imported)."""
-    from harness.comfy_env import comfy_path, import_comfy_inprocess
+    from harness.comfy_env import import_comfy_for_cuda
 
-    root = comfy_path()
-    if root is None:
-        pytest.skip("needs ComfyUI: set COMFYUI_PATH")
-    if "comfy.model_management" in sys.modules:
-        pytest.skip("ComfyUI was already imported for the CPU in this process: run tests/gpu on its own")
-    import_comfy_inprocess(root)
-    import comfy.cli_args
-
-    comfy.cli_args.args.cpu = False
+    why_not = import_comfy_for_cuda()
+    if why_not is not None:
+        pytest.skip(why_not)
     import comfy.model_management as mm
 
     return mm

@@ -32,3 +32,20 @@ def import_comfy_inprocess(root: Path) -> None:
 
     comfy.cli_args.args.cpu = True
     comfy.cli_args.args.disable_api_nodes = True
+
+
+def import_comfy_for_cuda() -> str | None:
+    """Import ComfyUI in this process for the GPU, or say why not (a reason for pytest.skip).
+
+    ComfyUI's model management reads the device once, when first imported, so this only works in a process that
+    has not imported it for the CPU already (run a tests/gpu file on its own)."""
+    root = comfy_path()
+    if root is None:
+        return "needs ComfyUI: set COMFYUI_PATH"
+    if "comfy.model_management" in sys.modules:
+        return "ComfyUI was already imported in this process (for the CPU?): run this tests/gpu file on its own"
+    import_comfy_inprocess(root)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = False
+    return None

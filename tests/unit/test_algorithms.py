@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from harness.callbacks import StopAt
 from klein_lora_lab.trainer_core.lora.adapter_math import place
 from klein_lora_lab.trainer_core.lora.adapters import AdapterStack
 from klein_lora_lab.trainer_core.lora.lora_formats import read_lora_file
@@ -54,17 +55,6 @@ def _assert_same(model: torch.nn.Module, before: tuple[dict, list, list]) -> Non
         assert v.dtype == before[0][k].dtype and torch.equal(v, before[0][k]), k
 
 
-class _StopAt(TrainCallbacks):
-    def __init__(self, step: int) -> None:
-        self.step, self.current = step, 0
-
-    def on_step(self, step: int, total: int, loss: float, lr: float, seconds: float) -> None:
-        self.current = step
-
-    def should_stop(self) -> bool:
-        return self.current == self.step
-
-
 class _Boom(TrainCallbacks):
     def on_step(self, step: int, total: int, loss: float, lr: float, seconds: float) -> None:
         if step == 2:
@@ -100,7 +90,7 @@ def test_stop_and_resume_is_exact_and_the_model_is_untouched(tmp_path: Path, alg
     full_run, full = _train(tmp_path / "full", s, model)
     _assert_same(model, before)
     assert full.steps_done == 4
-    _, part = _train(tmp_path / "part", s, callbacks=_StopAt(2))
+    _, part = _train(tmp_path / "part", s, callbacks=StopAt(2))
     assert part.stopped_early and part.steps_done == 2
     resumed_run, resumed = _train(tmp_path / "part", s, resume=True)
     assert resumed.steps_done == 4

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from harness.callbacks import StopAt
 from klein_lora_lab.trainer_core.files.atomic import DiskFullError, atomic_write_bytes
 from klein_lora_lab.trainer_core.lora.lora_file import load_lora
 from klein_lora_lab.trainer_core.model.tiny import TinySpec, tiny_klein
@@ -141,23 +142,12 @@ def test_torn_metrics_line_from_a_crash_is_repaired_on_resume(tmp_path: Path) ->
     resuming: the resumed run's metrics have exactly one record per step."""
     s = TrainSettings(**{**SETTINGS.to_dict(), "steps": 4})
     run = RunFolder.create(tmp_path / "run", s, {})
-    train(tiny_klein(SPEC), _items(), s, run, callbacks=_StopAt(2))
+    train(tiny_klein(SPEC), _items(), s, run, callbacks=StopAt(2))
     with open(run.metrics_path, "ab") as f:
         f.write(b'{"loss": 0.3, "st')
     assert [r["step"] for r in run.read_metrics()] == [1, 2]
     train(tiny_klein(SPEC), _items(), s, RunFolder.open(run.path), resume=True)
     assert [r["step"] for r in RunFolder.open(run.path).read_metrics()] == [1, 2, 3, 4]
-
-
-class _StopAt(TrainCallbacks):
-    def __init__(self, step: int) -> None:
-        self.stop_step, self.current = step, 0
-
-    def on_step(self, step: int, total: int, loss: float, lr: float, seconds: float) -> None:
-        self.current = step
-
-    def should_stop(self) -> bool:
-        return self.current == self.stop_step
 
 
 class _KeepLora(TrainCallbacks):

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from harness.callbacks import StopAt
 from harness.preservation import SPEC, constructed_album
 from klein_lora_lab.trainer_core.lora.adapters import LoraTrainable
 from klein_lora_lab.trainer_core.model.klein import klein_forward
@@ -17,7 +18,7 @@ from klein_lora_lab.trainer_core.training.data import TrainItem, pad_context
 from klein_lora_lab.trainer_core.training.options import TrainingOptions, with_options
 from klein_lora_lab.trainer_core.training.preservation import preservation_loss
 from klein_lora_lab.trainer_core.training.settings import SettingsError, TrainSettings
-from klein_lora_lab.trainer_core.training.trainer import TrainCallbacks, train
+from klein_lora_lab.trainer_core.training.trainer import train
 
 BASE = dict(rank=4, alpha=4, learning_rate=1e-2, steps=6, checkpoint_every=3, save_dtype="fp32", targets="regex:.*")
 
@@ -104,17 +105,6 @@ def test_training_with_preservation_keeps_trigger_free_captions_nearer_the_base(
     assert final[1.0] < 1.1 * final[0.0]
 
 
-class _StopAt(TrainCallbacks):
-    def __init__(self, step: int) -> None:
-        self.step, self.current = step, 0
-
-    def on_step(self, step: int, total: int, loss: float, lr: float, seconds: float) -> None:
-        self.current = step
-
-    def should_stop(self) -> bool:
-        return self.current == self.step
-
-
 def test_preservation_resumes_bit_identical_and_preserves_on_a_share_of_steps(tmp_path: Path) -> None:
     """Which steps preserve is drawn from the seed: a run stopped and resumed preserves on the same steps and ends
     with the same losses and weights as one that never stopped; share 0.5 preserves on some steps, not all."""
@@ -123,7 +113,7 @@ def test_preservation_resumes_bit_identical_and_preserves_on_a_share_of_steps(tm
     full_run = RunFolder.create(tmp_path / "full", s, {})
     full = train(tiny_klein(SPEC), album.items, s, full_run)
     part_run = RunFolder.create(tmp_path / "part", s, {})
-    train(tiny_klein(SPEC), album.items, s, part_run, _StopAt(4))
+    train(tiny_klein(SPEC), album.items, s, part_run, StopAt(4))
     resumed = train(tiny_klein(SPEC), album.items, s, RunFolder.open(tmp_path / "part"), resume=True)
 
     def without_time(run: RunFolder) -> list[dict]:
@@ -173,7 +163,7 @@ def test_per_image_losses_are_recorded_at_each_validation_and_cut_on_resume(tmp_
     album = constructed_album()
     s = TrainSettings(**{**BASE, "steps": 6, "checkpoint_every": 2}, validation_every=2)
     run = RunFolder.create(tmp_path / "run", s, {})
-    train(tiny_klein(SPEC), album.items, s, run, _StopAt(5))
+    train(tiny_klein(SPEC), album.items, s, run, StopAt(5))
     records = RunFolder.open(run.path).read_per_image()
     assert [r["step"] for r in records] == [2, 4]
     names = [item.name for item in album.items]

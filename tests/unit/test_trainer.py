@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from harness.callbacks import StopAt
 from klein_lora_lab.trainer_core.lora.adapters import LoraTrainable
 from klein_lora_lab.trainer_core.lora.lora_file import load_lora
 from klein_lora_lab.trainer_core.model.klein import klein_forward
@@ -34,17 +35,6 @@ def _items(n: int = 4, refs: bool = False) -> list[TrainItem]:
 def _train(path: Path, settings: TrainSettings, items=None, callbacks=None, resume=False, **kw):
     run = RunFolder.open(path) if resume else RunFolder.create(path, settings, {"trigger": "TOK"})
     return run, train(tiny_klein(SPEC), items or _items(), settings, run, callbacks, resume=resume, **kw)
-
-
-class _StopAt(TrainCallbacks):
-    def __init__(self, step: int) -> None:
-        self.step, self.current = step, 0
-
-    def on_step(self, step: int, total: int, loss: float, lr: float, seconds: float) -> None:
-        self.current = step
-
-    def should_stop(self) -> bool:
-        return self.current == self.step
 
 
 def _losses(run: RunFolder) -> list[float]:
@@ -90,7 +80,7 @@ def test_stop_and_resume_is_bit_identical(tmp_path: Path) -> None:
     items = _items(5, refs=True)
     empty = torch.zeros(1, 16)
     full_run, full = _train(tmp_path / "full", s, items, empty_context=empty)
-    part_run, part = _train(tmp_path / "part", s, items, _StopAt(3), empty_context=empty)
+    part_run, part = _train(tmp_path / "part", s, items, StopAt(3), empty_context=empty)
     assert part.stopped_early and part.steps_done == 3
     assert part.last_checkpoint == part_run.checkpoint_path(3)
     resumed_run, resumed = _train(tmp_path / "part", s, items, resume=True, empty_context=empty)
