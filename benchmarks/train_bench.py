@@ -376,6 +376,8 @@ def main() -> None:
                             "tflops": flops / r["s_per_step"] / 1e12,
                             "mfu_vs_peak": flops / r["s_per_step"] / 1e12 / peak,
                         }
+                        if which.startswith("ours") and args.compile != "off":
+                            row["compile"] = compile_report()
                         rows.append(row)
                         line = json.dumps(row)
                         print(line, flush=True)
@@ -385,6 +387,22 @@ def main() -> None:
         del patcher
         torch.cuda.empty_cache()
     print(markdown_table(rows))
+
+
+def compile_report() -> dict:
+    """Where this process's compile time went so far: seconds per compile phase torch records (Dynamo tracing,
+    AOTAutograd, inductor's codegen, cache lookups and loads; phases nest, so they do not add up) and the cache
+    counters (inductor's FX graph cache and AOTAutograd's cache: hits, misses, bypasses)."""
+    from torch._dynamo import utils
+
+    seconds = {name: round(sum(times), 3) for name, times in utils.compilation_time_metrics.items()}
+    counters = {
+        f"{group}.{name}": count
+        for group in ("inductor", "aot_autograd", "stats")
+        for name, count in utils.counters[group].items()
+        if "cache" in name or "hit" in name or "miss" in name or name in ("unique_graphs", "calls_captured")
+    }
+    return {"seconds": seconds, "counters": counters}
 
 
 def use_compile_cache(folder: Path) -> str:
