@@ -10,11 +10,14 @@ import torch
 from klein_lora_lab.trainer_core.lora.adapters import LoraTrainable
 from klein_lora_lab.trainer_core.model.fp8_compute import (
     FP8_MAX,
+    block_weight_scales,
     fp8_eligible,
     fp8_linear,
     frozen_fp8_mm,
     quantize,
+    quantize_weight,
     resolve_compute,
+    weight_scale,
 )
 from klein_lora_lab.trainer_core.model.klein import klein_forward
 from klein_lora_lab.trainer_core.model.targeting import resolve_targets
@@ -62,10 +65,11 @@ def test_fp8_matmul_forward_and_input_gradient_match_bf16_and_leave_the_weight_w
     assert lin.weight.grad is None
 
 
-def test_input_gradient_is_the_fp8_product_of_dy_and_the_weight_and_only_the_weight_is_saved() -> None:
-    """dx is exactly dy W with both operands quantized (dy per row or tensor, W per input column): the math of
-    the autograd.Function this op replaced, bit for bit; it tracks the bf16 reference within fp8's precision
-    (cosine ≥ 0.998); and backward keeps the stored weight itself, no other tensor (no quantized copy, no x)."""
+def test_input_gradient_is_the_fp8_product_of_scaled_dy_and_forwards_weight_and_only_the_weight_is_saved() -> None:
+    """dx = dy W computed as (dy · s_wᵀ) W_q: W's scales move onto dy's columns, dy is quantized per row (or
+    tensor) and W_q is forward's quantization of W, bit for bit; it tracks the bf16 reference within fp8's
+    precision (cosine ≥ 0.998); and backward keeps the stored weight itself and its scales, no other tensor (no
+    quantized copy, no x)."""
     gen = torch.Generator().manual_seed(5)
     lin = nn.Linear(64, 96, bias=True).requires_grad_(False)
     with torch.no_grad():
@@ -76,14 +80,66 @@ def test_input_gradient_is_the_fp8_product_of_dy_and_the_weight_and_only_the_wei
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = fp8_linear(lin, x, rowwise=False)
     y.backward(dy)
-    qdy, sdy = quantize(dy.reshape(-1, 96), rowwise=False)
-    qwt, swt = quantize(lin.weight.t(), rowwise=False)
-    expected = torch._scaled_mm(qdy, qwt.t(), scale_a=sdy, scale_b=swt, out_dtype=torch.float32)
+    scale = weight_scale(lin.weight, rowwise=False)
+    qdy, sdy = quantize(dy.reshape(-1, 96) * scale.reciprocal(), rowwise=False)
+    qw = quantize_weight(lin.weight, scale)
+    expected = torch._scaled_mm(qdy, qw, scale_a=sdy, scale_b=torch.ones(()), out_dtype=torch.float32)
     assert torch.equal(x.grad, expected.view(3, 16, 64))
     reference = dy.bfloat16() @ lin.weight.bfloat16()
     assert _cosine(x.grad, reference) > 0.998
-    assert [t.data_ptr() for t in saved] == [lin.weight.data_ptr()]
+    assert saved[0].data_ptr() == lin.weight.data_ptr()
+    assert len(saved) == 3 and all(t.numel() == 1 for t in saved[1:])  # per tensor here: one scale each
     assert lin.weight.grad is None
+
+
+def test_scales_found_once_per_run_give_what_scales_found_at_every_call_give() -> None:
+    """The block Linears' weight scales computed once (block_weight_scales, one per output row) give klein_forward
+    the prediction and LoRA gradients it computes when each call finds them itself, bit for bit: the run-constant
+    path changes where the work happens, not the math. Every eligible block Linear has a scale, nothing else."""
+    spec = TinySpec(hidden=128, double_blocks=2, single_blocks=2, context_dim=32)
+    model = tiny_klein(spec).requires_grad_(False)
+    gen = torch.Generator().manual_seed(4)
+    x, sigma, ctx = torch.randn(1, 128, 4, 4, generator=gen), torch.tensor([0.4]), tiny_conditioning(spec, 16, 1)
+    scales = block_weight_scales(model, rowwise=False)
+    blocks = [
+        n
+        for n, m in model.named_modules()
+        if n.startswith(("double_blocks.", "single_blocks.")) and isinstance(m, nn.Linear)
+    ]
+    assert sorted(scales) == sorted(blocks) and all(t.shape == () for t in scales.values())
+
+    def run(fp8_scales) -> tuple[torch.Tensor, torch.Tensor]:
+        lora = LoraTrainable(resolve_targets(model, "all_linear"), 4, 4, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            for p in lora.up.values():
+                p.normal_(generator=torch.Generator().manual_seed(1))
+        out = klein_forward(model, x, sigma, ctx, None, lora, 0.5, False, "fp8", fp8_scales=fp8_scales)
+        out.square().mean().backward()
+        return out.detach(), torch.cat([p.grad.flatten() for p in lora.parameters()])
+
+    (out_once, grad_once), (out_each, grad_each) = run(scales), run(None)
+    assert torch.equal(out_once, out_each) and torch.equal(grad_once, grad_each)
+
+
+def test_a_stored_e4m3_weight_is_used_as_it_is() -> None:
+    """A Linear whose weight is stored in e4m3 (a model loaded with fp8 weights) multiplies with those exact
+    values at scale 1 in forward and backward: no second rounding of an already fp8 weight."""
+    gen = torch.Generator().manual_seed(8)
+    lin = nn.Linear(64, 96, bias=False).requires_grad_(False)
+    lin.weight = nn.Parameter((torch.randn(96, 64, generator=gen) * 40).to(torch.float8_e4m3fn), requires_grad=False)
+    x = torch.randn(2, 8, 64, generator=gen, requires_grad=True)
+    dy = torch.randn(2, 8, 96, generator=gen)
+    assert fp8_eligible(lin, x)
+    assert torch.equal(weight_scale(lin.weight, rowwise=False), torch.ones(()))
+    assert quantize_weight(lin.weight, torch.ones(())) is lin.weight
+    y = fp8_linear(lin, x, rowwise=False)
+    y.backward(dy)
+    w = lin.weight.float()
+    assert _cosine(y.detach(), x.detach() @ w.t()) > 0.998
+    assert _cosine(x.grad, dy @ w) > 0.998
+    qx, sx = quantize(x.detach().reshape(-1, 64), rowwise=False)
+    exact = torch._scaled_mm(qx, lin.weight.t(), scale_a=sx, scale_b=torch.ones(()), out_dtype=torch.float32)
+    assert torch.equal(y.detach(), exact.view(2, 8, 96))
 
 
 class _TwoLinears(nn.Module):
@@ -136,7 +192,8 @@ def test_frozen_fp8_mm_fake_gives_the_output_shape_and_dtype() -> None:
     with FakeTensorMode():
         x, w = torch.empty(32, 64), torch.empty(96, 64)
         qx, qw = torch.empty(32, 64, dtype=torch.float8_e4m3fn), torch.empty(96, 64, dtype=torch.float8_e4m3fn)
-        y = frozen_fp8_mm(x, w, qx, torch.empty(32, 1), qw, torch.empty(96, 1), torch.bfloat16, True)
+        ones = torch.empty(96, 1)
+        y = frozen_fp8_mm(x, w, qx, torch.empty(32, 1), ones, qw, ones, torch.bfloat16, True)
     assert y.shape == (32, 96) and y.dtype == torch.bfloat16
 
 
@@ -190,9 +247,11 @@ def test_klein_forward_in_fp8_tracks_bf16_and_its_lora_gradients() -> None:
 
 
 def test_compiled_block_regions_with_fp8_compute_are_as_many_graphs_as_bf16_and_all_cacheable() -> None:
-    """The Klein block regions compiled with fp8 compute (half the blocks recomputed, a LoRA on every Linear)
-    trace as many graphs as with bf16 compute (the fp8 op breaks no graph) and AOTAutograd's cache accepts each
-    of them: a new process reuses the compiled fp8 regions instead of tracing them again."""
+    """The Klein block regions compiled with fp8 compute (half the blocks recomputed, a LoRA on every Linear,
+    the weight scales found once for the run as the trainer passes them) trace as many graphs as with bf16
+    compute (neither the fp8 op nor the scales break a graph or make a block compile on its own) and
+    AOTAutograd's cache accepts each of them: a new process reuses the compiled fp8 regions instead of tracing
+    them again."""
     spec = TinySpec(hidden=128, double_blocks=2, single_blocks=2, context_dim=32)
     model = tiny_klein(spec).requires_grad_(False)
     gen = torch.Generator().manual_seed(7)
@@ -205,7 +264,9 @@ def test_compiled_block_regions_with_fp8_compute_are_as_many_graphs_as_bf16_and_
             return gm.forward
 
         lora = LoraTrainable(resolve_targets(model, "all_linear"), 4, 4, generator=torch.Generator().manual_seed(0))
-        klein_forward(model, x, sigma, ctx, None, lora, 0.5, backend, compute).square().mean().backward()
+        scales = block_weight_scales(model, rowwise=False) if compute == "fp8" else None
+        out = klein_forward(model, x, sigma, ctx, None, lora, 0.5, backend, compute, fp8_scales=scales)
+        out.square().mean().backward()
     assert 0 < len(graphs["fp8"]) == len(graphs["bf16"])
     fp8_ops = 0
     for gm in graphs["fp8"]:

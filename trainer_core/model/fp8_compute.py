@@ -9,7 +9,15 @@ path (`add_lora`), the norms and attention stay bf16; so do the Linears of the e
 Why hand-written: torchao's float8 training is not installed with ComfyUI and is built for Linears whose
 weights train (it also computes the weight gradient in fp8); ComfyUI's own fp8 paths serve inference. What a
 frozen Linear needs is one fp8 matmul whose backward returns only the input gradient. Weights are quantized on
-the fly from the stored weight (bf16 or fp8 e4m3fn), so no second copy of the model is kept.
+the fly from the stored weight, so no second copy of the model is kept; a stored e4m3fn weight (a model loaded
+with fp8 weights) is used as it is, with scale 1: its values are already what the matmul needs.
+
+Why the weight's scales are computed once per run (`block_weight_scales`): the base weights are frozen, so each
+Linear's row scales are constants of the run. Finding them at every call is a reduction over the whole weight
+in forward and, for backward's per-column scales, a transposed reduction over it again; on Klein 4B at 1024² the
+quantization kernels took ~24 of the step's 143 GPU ms. With the scales given, quantizing W is one element-wise
+pass (fused with its cast), and backward reuses forward's row scales: dx = dy W = (dy · s_wᵀ) W_q, so W's
+scales move onto dy's columns before dy is quantized per row, and W_q is forward's quantization, transposed.
 
 Why a custom op (`torch.library.custom_op`, ``klein_lora_lab::frozen_fp8_mm``) and not an autograd.Function:
 inside the compiled block regions Dynamo turns an autograd.Function into the `autograd_function_apply`
@@ -24,9 +32,9 @@ temporaries in eager, one or two fused passes when inductor sees them. So `fp8_l
 torch ops (fused by inductor in the compiled regions) and hands the op the e4m3 operands and their scales;
 the op holds only the `_scaled_mm` (a cuBLAS call either way). x and W are passed to the op as well, unread by
 its forward: x so that autograd routes its gradient through the op's backward (the quantization itself is
-not differentiated: it is done on x.detach()), W so the backward can quantize Wᵀ from the stored weight
-(saved as the parameter itself, no copy). The backward (quantize dy and Wᵀ, `_scaled_mm`) is plain torch ops
-too, so inductor fuses its quantization the same way.
+not differentiated: it is done on x.detach()), W and its scales so the backward can make W_q again from the
+stored weight (saved as the parameter itself, no copy). The backward (scale and quantize dy, W_q transposed,
+`_scaled_mm`) is plain torch ops too, so inductor fuses its quantization the same way.
 """
 
 from __future__ import annotations
@@ -58,6 +66,38 @@ def fp8_unsupported_reason(device: torch.device) -> str | None:
     return None
 
 
+def weight_scale(weight: Tensor, rowwise: bool = True) -> Tensor:
+    """The scale that maps `weight` [n, k] onto e4m3 (see `quantize`): [n, 1] fp32 per output row, or [] per tensor;
+    ones for a weight stored in e4m3 already (used as it is)."""
+    if weight.dtype == FP8:
+        return torch.ones((weight.shape[0], 1) if rowwise else (), dtype=torch.float32, device=weight.device)
+    w = weight.detach()
+    amax = w.abs().amax(dim=-1, keepdim=True) if rowwise else w.abs().amax()
+    return FP8_MAX / amax.float().clamp(min=1e-12)
+
+
+def quantize_weight(weight: Tensor, scale: Tensor) -> Tensor:
+    """`weight` [n, k] in e4m3 at its `weight_scale` (one element-wise pass; a stored e4m3 weight as it is)."""
+    if weight.dtype == FP8:
+        return weight
+    return (weight.detach().float() * scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+
+
+def block_weight_scales(model: nn.Module, rowwise: bool | None = None) -> dict[str, Tensor]:
+    """The `weight_scale` of every block Linear fp8 compute can stand in for ({"double_blocks.0.img_attn.qkv":
+    [n, 1]}), on the weight's device: constants of a run, since the base weights are frozen."""
+    scales: dict[str, Tensor] = {}
+    for name, module in model.named_modules():
+        if not name.startswith(("double_blocks.", "single_blocks.")) or not isinstance(module, nn.Linear):
+            continue
+        if fp8_eligible(module, module.weight):
+            kind = module.weight.device.type
+            rows = (kind == "cuda" and CUDA_ROWWISE) if rowwise is None else rowwise
+            with torch.no_grad():
+                scales[name] = weight_scale(module.weight, rows)
+    return scales
+
+
 def quantize(t: Tensor, rowwise: bool = True) -> tuple[Tensor, Tensor]:
     """t [m, k] -> (e4m3 [m, k] row-major, inverse scale [m, 1] fp32, or [] with rowwise False).
 
@@ -77,40 +117,59 @@ def _fp8_mm(qa: Tensor, sa: Tensor, qb: Tensor, sb: Tensor, out_dtype: torch.dty
     return torch._scaled_mm(qa, qb.t(), scale_a=sa, scale_b=sb.t() if rowwise else sb, out_dtype=out_dtype)
 
 
-def _scaled_matmul(a: Tensor, b: Tensor, out_dtype: torch.dtype, rowwise: bool) -> Tensor:
-    """a [m, k] @ bᵀ for b [n, k], both quantized here: [m, n] in `out_dtype`."""
-    return _fp8_mm(*quantize(a, rowwise), *quantize(b, rowwise), out_dtype, rowwise)
-
-
 @torch.library.custom_op("klein_lora_lab::frozen_fp8_mm", mutates_args=())
 def frozen_fp8_mm(
-    x2d: Tensor, weight: Tensor, qx: Tensor, sx: Tensor, qw: Tensor, sw: Tensor, out_dtype: torch.dtype, rowwise: bool
+    x2d: Tensor,
+    weight: Tensor,
+    qx: Tensor,
+    sx: Tensor,
+    w_scale: Tensor,
+    qw: Tensor,
+    sw: Tensor,
+    out_dtype: torch.dtype,
+    rowwise: bool,
 ) -> Tensor:
     """y [m, n] = (qx·sx) (qw·sw)ᵀ in `out_dtype`, from qx [m, k] and qw [n, k] e4m3 with their inverse scales
-    ([m, 1] and [n, 1] row-wise, [] per tensor). x2d [m, k] and weight [n, k] are what qx and qw quantize: the
-    backward gives x2d its gradient dy W (in fp8 too) and the frozen weight none; the forward does not read them.
+    ([m, 1] and [n, 1] row-wise, [] per tensor). x2d [m, k] and weight [n, k] are what qx and qw quantize, and
+    w_scale the scale qw was made with (`quantize_weight`): the backward gives x2d its gradient dy W (in fp8 too)
+    and the frozen weight none; the forward does not read them.
     """
     return _fp8_mm(qx, sx, qw, sw, out_dtype, rowwise)
 
 
 @frozen_fp8_mm.register_fake
 def _frozen_fp8_mm_fake(
-    x2d: Tensor, weight: Tensor, qx: Tensor, sx: Tensor, qw: Tensor, sw: Tensor, out_dtype: torch.dtype, rowwise: bool
+    x2d: Tensor,
+    weight: Tensor,
+    qx: Tensor,
+    sx: Tensor,
+    w_scale: Tensor,
+    qw: Tensor,
+    sw: Tensor,
+    out_dtype: torch.dtype,
+    rowwise: bool,
 ) -> Tensor:
     return qx.new_empty((qx.shape[0], qw.shape[0]), dtype=out_dtype)
 
 
 def _frozen_fp8_mm_setup(ctx, inputs: tuple, output: Tensor) -> None:
-    x2d, weight, *_, rowwise = inputs
-    ctx.save_for_backward(weight)  # the stored parameter itself: no copy is kept for backward
+    x2d, weight, _, _, w_scale, _, sw, _, rowwise = inputs
+    # The stored parameter itself and its scales ([n, 1] each): no quantized copy is kept for backward.
+    ctx.save_for_backward(weight, w_scale, sw)
     ctx.x_dtype, ctx.rowwise = x2d.dtype, rowwise
 
 
 def _frozen_fp8_mm_backward(ctx, dy: Tensor) -> tuple[Tensor | None, ...]:
-    (weight,) = ctx.saved_tensors
-    # dx [m, k] = dy [m, n] @ W [n, k]: W's rows become columns, so it is scaled per input column (Wᵀ rows).
-    dx = _scaled_matmul(dy.contiguous(), weight.t(), dy.dtype, ctx.rowwise)
-    return dx.to(ctx.x_dtype), None, None, None, None, None, None, None
+    weight, w_scale, sw = ctx.saved_tensors
+    rowwise = ctx.rowwise
+    # dx [m, k] = dy [m, n] @ W [n, k] ≈ (dy · swᵀ) @ W_q: W's row scales move onto dy's columns, dy is then
+    # quantized per row, and W_q is forward's quantization (made again from the weight, transposed to [k, n]).
+    dy_scaled = dy.float() * (sw.t() if rowwise else sw)
+    qdy, sdy = quantize(dy_scaled.contiguous(), rowwise)
+    qwt = quantize_weight(weight, w_scale).t().contiguous()
+    ones = torch.ones((qwt.shape[0], 1) if rowwise else (), dtype=torch.float32, device=qwt.device)
+    dx = _fp8_mm(qdy, sdy, qwt, ones, dy.dtype, rowwise)
+    return dx.to(ctx.x_dtype), None, None, None, None, None, None, None, None
 
 
 frozen_fp8_mm.register_autograd(_frozen_fp8_mm_backward, setup_context=_frozen_fp8_mm_setup)
@@ -133,12 +192,13 @@ def fp8_eligible(module: nn.Module, x: Tensor) -> bool:
     return w.shape[0] % _ALIGN == 0 and w.shape[1] % _ALIGN == 0
 
 
-def fp8_linear(module: nn.Module, x: Tensor, rowwise: bool | None = None) -> Tensor:
+def fp8_linear(module: nn.Module, x: Tensor, w_scale: Tensor | None = None, rowwise: bool | None = None) -> Tensor:
     """module(x) with the matmul in fp8 (see the module docstring); module(x) itself where not eligible.
 
     x [..., in] -> [..., out] in the autocast dtype when autocast is on (as nn.Linear under autocast), else in
     x's dtype. rowwise None: row-wise scales on CUDA, one scale per tensor elsewhere (the CPU's _scaled_mm has
-    only that; it serves the tests).
+    only that; it serves the tests). w_scale: the weight's `weight_scale` computed beforehand (per run), else it
+    is computed here.
     """
     if not fp8_eligible(module, x):
         return module(x)
@@ -147,8 +207,10 @@ def fp8_linear(module: nn.Module, x: Tensor, rowwise: bool | None = None) -> Ten
     out_dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
     x2d, weight = x.reshape(-1, x.shape[-1]), module.weight
     qx, sx = quantize(x2d.detach(), rowwise)
-    qw, sw = quantize(weight.detach(), rowwise)
-    y = frozen_fp8_mm(x2d, weight, qx, sx, qw, sw, out_dtype, rowwise)
+    if w_scale is None or w_scale.dim() != (2 if rowwise else 0):
+        w_scale = weight_scale(weight, rowwise)
+    qw = quantize_weight(weight, w_scale)
+    y = frozen_fp8_mm(x2d, weight, qx, sx, w_scale, qw, w_scale.reciprocal(), out_dtype, rowwise)
     if module.bias is not None:
         y = y + module.bias.to(out_dtype)
     return y.view(*x.shape[:-1], y.shape[-1])

@@ -17,7 +17,7 @@ reference images on axis 0 at index 10, 20, ...), patch size 1 on 128 latent cha
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -144,25 +144,31 @@ def timestep_embedding(t: Tensor, dim: int = TIME_EMBED_DIM, max_period: float =
 Linear = Callable[[nn.Module, str, Tensor], Tensor]
 
 
-def _call_module(module: nn.Module, x: Tensor) -> Tensor:
+# The fp8 weight scales of a run (fp8_compute.block_weight_scales): by the Linear's full name in klein_forward,
+# by its name inside the block ({".img_attn.qkv": [n, 1]}) in a block region.
+Fp8Scales = Mapping[str, Tensor]
+
+
+def _call_module(module: nn.Module, x: Tensor, w_scale: Tensor | None = None) -> Tensor:
     return module(x)
 
 
-def _base_linear(compute: str) -> Callable[[nn.Module, Tensor], Tensor]:
+def _base_linear(compute: str) -> Callable[[nn.Module, Tensor, Tensor | None], Tensor]:
     """How a frozen base Linear is computed: the module itself (bf16 under autocast) or fp8 (fp8_compute.py)."""
     if compute not in ("bf16", "fp8"):
         raise ValueError(f"compute={compute!r}: use 'bf16' or 'fp8'.")
     return fp8_linear if compute == "fp8" else _call_module
 
 
-def _make_lin(adapters: AdapterDeltas, compute: str = "bf16") -> Linear:
+def _make_lin(adapters: AdapterDeltas, compute: str = "bf16", scales: Fp8Scales | None = None) -> Linear:
     """The `lin` the blocks call. With fp8 compute only the block Linears (names starting with 'double_blocks.'
     or 'single_blocks.') use fp8: the embedders and modulation are small and stay bf16."""
     base = _base_linear(compute)
+    scales = scales or {}
 
     def lin(module: nn.Module, name: str, x: Tensor) -> Tensor:
         in_block = name.startswith(("double_blocks.", "single_blocks."))
-        y = base(module, x) if in_block else module(x)
+        y = base(module, x, scales.get(name)) if in_block else module(x)
         return adapters.apply(name, x, y)
 
     return lin
@@ -253,18 +259,20 @@ def _bind_single(
     return run
 
 
-def _bind_double_region(region: Callable, block: nn.Module, lora: BlockLora, heads: int, compute: str) -> Callable:
+def _bind_double_region(
+    region: Callable, block: nn.Module, lora: BlockLora, heads: int, compute: str, scales: Fp8Scales
+) -> Callable:
     def run(img: Tensor, txt: Tensor, pe: Tensor, *mods: Tensor) -> tuple[Tensor, Tensor]:
-        return region(block, img, txt, pe, mods, lora, heads, compute)
+        return region(block, img, txt, pe, mods, lora, heads, compute, scales)
 
     return run
 
 
 def _bind_single_region(
-    region: Callable, block: nn.Module, lora: BlockLora, heads: int, hidden: int, compute: str
+    region: Callable, block: nn.Module, lora: BlockLora, heads: int, hidden: int, compute: str, scales: Fp8Scales
 ) -> Callable:
     def run(x: Tensor, pe: Tensor, *mods: Tensor) -> Tensor:
-        return region(block, x, pe, mods, lora, heads, hidden, compute)
+        return region(block, x, pe, mods, lora, heads, hidden, compute, scales)
 
     return run
 
@@ -308,11 +316,12 @@ def _block_functions(compiled: bool | str | Callable) -> tuple[Callable, Callabl
 BlockLora = dict[str, tuple[Tensor, Tensor, float]]
 
 
-def _dict_lin(lora: BlockLora, compute: str = "bf16") -> Linear:
+def _dict_lin(lora: BlockLora, compute: str = "bf16", scales: Fp8Scales | None = None) -> Linear:
     base = _base_linear(compute)
+    scales = scales or {}
 
     def lin(module: nn.Module, name: str, x: Tensor) -> Tensor:
-        y = base(module, x)
+        y = base(module, x, scales.get(name))
         entry = lora.get(name)
         return y if entry is None else add_lora(x, y, *entry)
 
@@ -328,8 +337,9 @@ def _double_region(
     lora: BlockLora,
     heads: int,
     compute: str = "bf16",
+    scales: Fp8Scales | None = None,
 ) -> tuple[Tensor, Tensor]:
-    return double_block(_dict_lin(lora, compute), block, "", img, txt, mods, pe, heads)
+    return double_block(_dict_lin(lora, compute, scales), block, "", img, txt, mods, pe, heads)
 
 
 def _single_region(
@@ -341,8 +351,9 @@ def _single_region(
     heads: int,
     hidden: int,
     compute: str = "bf16",
+    scales: Fp8Scales | None = None,
 ) -> Tensor:
-    return single_block(_dict_lin(lora, compute), block, "", x, mods, pe, heads, hidden)
+    return single_block(_dict_lin(lora, compute, scales), block, "", x, mods, pe, heads, hidden)
 
 
 def _region_functions(compiled: bool | str | Callable) -> tuple[Callable, Callable]:
@@ -354,6 +365,12 @@ def _region_functions(compiled: bool | str | Callable) -> tuple[Callable, Callab
             torch.compile(_single_region, dynamic=None, backend=backend),
         )
     return _REGIONS[backend]
+
+
+def _block_scales(scales: Fp8Scales | None, prefix: str) -> dict[str, Tensor]:
+    """The fp8 weight scales of the block at `prefix`, keyed by the Linear's name inside it ('.img_attn.qkv')."""
+    start = prefix + "."
+    return {name[len(prefix) :]: t for name, t in (scales or {}).items() if name.startswith(start)}
 
 
 def _block_lora(adapters: AdapterDeltas | None, block: nn.Module, prefix: str) -> BlockLora:
@@ -421,6 +438,7 @@ def klein_forward(
     compile_blocks: bool | str = False,
     compute: str = "bf16",
     offload_inputs: bool = False,
+    fp8_scales: Fp8Scales | None = None,
 ) -> Tensor:
     """Velocity prediction v ≈ noise − x0 of a Klein model.
 
@@ -433,14 +451,16 @@ def klein_forward(
     through torch.compile (True = inductor, or a backend name; worth it on CUDA, the first steps pay the compile
     time). compute: "bf16", or "fp8" for the block Linears' matmuls (fp8_compute.py; the caller checks the GPU
     supports it). offload_inputs: the recomputed blocks' inputs wait in host memory until backward.
+    fp8_scales: with fp8 compute, the block Linears' weight scales computed once for the run
+    (fp8_compute.block_weight_scales), so no step looks for them again.
     """
     args = (model, x, sigma, context, ref_latents, adapters, checkpointing)
     if not compile_blocks:
-        return _klein_forward(*args, False, compute, offload_inputs)
+        return _klein_forward(*args, False, compute, offload_inputs, fp8_scales)
     import torch._dynamo
 
     with torch._dynamo.config.patch(recompile_limit=COMPILE_RECOMPILE_LIMIT):
-        return _klein_forward(*args, compile_blocks, compute, offload_inputs)
+        return _klein_forward(*args, compile_blocks, compute, offload_inputs, fp8_scales)
 
 
 def _klein_forward(
@@ -454,11 +474,13 @@ def _klein_forward(
     compile_blocks: bool | str,
     compute: str = "bf16",
     offload: bool = False,
+    fp8_scales: Fp8Scales | None = None,
 ) -> Tensor:
     shape = read_shape(model)
+    fp8_scales = fp8_scales if compute == "fp8" else None
     n_blocks = shape.double_blocks + shape.single_blocks
     n_checkpointed = round(checkpoint_fraction(checkpointing) * n_blocks)  # the first n blocks are checkpointed
-    lin = _make_lin(adapters or NoAdapters(), compute)
+    lin = _make_lin(adapters or NoAdapters(), compute, fp8_scales)
     # Regional compilation where the adapters can hand out their tensors (see _region_functions).
     regional = bool(compile_blocks) and (adapters is None or hasattr(adapters, "fused"))
     double_fn, single_fn = _block_functions(False if regional else compile_blocks)
@@ -484,9 +506,9 @@ def _klein_forward(
     double_mods += _modulation(lin, model.double_stream_modulation_txt, "double_stream_modulation_txt", vec, 6)
     for i, block in enumerate(model.double_blocks):
         if double_region is not None:
-            fn = _bind_double_region(
-                double_region, block, _block_lora(adapters, block, f"double_blocks.{i}"), shape.heads, compute
-            )
+            prefix = f"double_blocks.{i}"
+            lora, scales = _block_lora(adapters, block, prefix), _block_scales(fp8_scales, prefix)
+            fn = _bind_double_region(double_region, block, lora, shape.heads, compute, scales)
         else:
             fn = _bind_double(lin, block, f"double_blocks.{i}", shape.heads, double_fn)
         img, txt = _run_block(i < n_checkpointed, fn, img, txt, pe, *double_mods, offload=offload)
@@ -495,8 +517,9 @@ def _klein_forward(
     single_mods = _modulation(lin, model.single_stream_modulation, "single_stream_modulation", vec, 3)
     for i, block in enumerate(model.single_blocks):
         if single_region is not None:
-            lora = _block_lora(adapters, block, f"single_blocks.{i}")
-            fn = _bind_single_region(single_region, block, lora, shape.heads, shape.hidden, compute)
+            prefix = f"single_blocks.{i}"
+            lora, scales = _block_lora(adapters, block, prefix), _block_scales(fp8_scales, prefix)
+            fn = _bind_single_region(single_region, block, lora, shape.heads, shape.hidden, compute, scales)
         else:
             fn = _bind_single(lin, block, f"single_blocks.{i}", shape.heads, shape.hidden, single_fn)
         joint = _run_block(shape.double_blocks + i < n_checkpointed, fn, joint, pe, *single_mods, offload=offload)

@@ -18,7 +18,7 @@ switched off by handing klein_forward no adapters, the same forward the validati
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -35,10 +35,13 @@ def base_prediction(
     refs: Sequence[Tensor] | None = None,
     compile_blocks: bool = False,
     compute: str = "bf16",
+    fp8_scales: Mapping[str, Tensor] | None = None,
 ) -> Tensor:
     """v of the model without any adapter [b, 128, h, w], under no_grad (a target, never trained through)."""
     with torch.no_grad():
-        return klein_forward(model, x_t, sigma, context, refs, None, False, compile_blocks, compute)
+        return klein_forward(
+            model, x_t, sigma, context, refs, None, False, compile_blocks, compute, fp8_scales=fp8_scales
+        )
 
 
 def preservation_loss(
@@ -52,14 +55,15 @@ def preservation_loss(
     compile_blocks: bool = False,
     compute: str = "bf16",
     offload_inputs: bool = False,
+    fp8_scales: Mapping[str, Tensor] | None = None,
 ) -> Tensor:
     """MSE between the adapted and the base model's velocity for one trigger-free conditioning.
 
     x_t [b, 128, h, w] is the noisy latent of the training step, sigma [b] its σ, context [b, L, ctx] the
     trigger-free captions. Exactly 0 with adapters None (the same forward twice) or a LoRA whose B is still 0.
     """
-    target = base_prediction(model, x_t, sigma, context, refs, compile_blocks, compute)
+    target = base_prediction(model, x_t, sigma, context, refs, compile_blocks, compute, fp8_scales)
     v = klein_forward(
-        model, x_t, sigma, context, refs, adapters, checkpointing, compile_blocks, compute, offload_inputs
+        model, x_t, sigma, context, refs, adapters, checkpointing, compile_blocks, compute, offload_inputs, fp8_scales
     )
     return flow_loss(v, target)

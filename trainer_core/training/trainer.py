@@ -25,7 +25,7 @@ from ..files.atomic import DiskFullError
 from ..lora.adapters import LoraTrainable
 from ..lora.lora_file import save_adapter_file, save_lora
 from ..lora.peft_trainable import PEFT_ALGORITHMS, PeftTrainable
-from ..model.fp8_compute import resolve_compute
+from ..model.fp8_compute import block_weight_scales, resolve_compute
 from ..model.klein import LATENT_CHANNELS, klein_forward, read_shape
 from ..model.targeting import resolve_targets
 from ..model.variants import detect_variant
@@ -252,6 +252,7 @@ class _Run:
         self.compile_blocks = compiles_blocks(settings, device)
         # fp8 compute where the GPU has fp8 tensor cores; elsewhere bf16 and `compute_notice` says why.
         self.compute, self.compute_notice = resolve_compute(settings.compute, device)
+        self._fp8_scales: dict[str, Tensor] | None = None
         self.order = BatchOrder(self.items, settings.batch_size, settings.seed)
         self.targets = resolve_targets(model, settings.targets)
         self.lora = _trainable(model, self.targets, settings, device)
@@ -354,8 +355,18 @@ class _Run:
                 self.compiled,
                 self.compute,
                 self.plan.offload,
+                self.fp8_scales(),
             )
         return flow_loss(v, velocity_target(x0, noise))
+
+    def fp8_scales(self) -> dict[str, Tensor] | None:
+        """fp8 compute's block weight scales, found at the first step and kept: the base weights are frozen for
+        the run (a Linear whose weight is not on the GPU then computes in bf16 and needs none)."""
+        if self.compute != "fp8":
+            return None
+        if self._fp8_scales is None:
+            self._fp8_scales = block_weight_scales(self.model)
+        return self._fp8_scales
 
     def preserves(self, step: int, micro: int) -> bool:
         """Whether micro-batch `micro` of step `step` also trains preservation: a seeded draw per (step, micro), so
@@ -383,6 +394,7 @@ class _Run:
                 self.compiled,
                 self.compute,
                 self.plan.offload,
+                self.fp8_scales(),
             )
 
     def step(self, step: int) -> tuple[float, float]:
