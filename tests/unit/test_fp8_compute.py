@@ -95,7 +95,8 @@ def test_input_gradient_is_the_fp8_product_of_scaled_dy_and_forwards_weight_and_
 def test_scales_found_once_per_run_give_what_scales_found_at_every_call_give() -> None:
     """The block Linears' weight scales computed once (block_weight_scales, one per output row) give klein_forward
     the prediction and LoRA gradients it computes when each call finds them itself, bit for bit: the run-constant
-    path changes where the work happens, not the math. Every eligible block Linear has a scale, nothing else."""
+    path changes where the work happens, not the math. Every eligible block Linear has a scale, nothing else, and
+    only where its weight is on the run's device (a weight streamed from host memory computes in bf16)."""
     spec = TinySpec(hidden=128, double_blocks=2, single_blocks=2, context_dim=32)
     model = tiny_klein(spec).requires_grad_(False)
     gen = torch.Generator().manual_seed(4)
@@ -107,6 +108,8 @@ def test_scales_found_once_per_run_give_what_scales_found_at_every_call_give() -
         if n.startswith(("double_blocks.", "single_blocks.")) and isinstance(m, nn.Linear)
     ]
     assert sorted(scales) == sorted(blocks) and all(t.shape == () for t in scales.values())
+    assert block_weight_scales(model, torch.device("cpu"), rowwise=False).keys() == scales.keys()
+    assert block_weight_scales(model, torch.device("meta"), rowwise=False) == {}  # weights elsewhere: none
 
     def run(fp8_scales) -> tuple[torch.Tensor, torch.Tensor]:
         lora = LoraTrainable(resolve_targets(model, "all_linear"), 4, 4, generator=torch.Generator().manual_seed(0))

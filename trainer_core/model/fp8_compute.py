@@ -83,12 +83,17 @@ def quantize_weight(weight: Tensor, scale: Tensor) -> Tensor:
     return (weight.detach().float() * scale).clamp(-FP8_MAX, FP8_MAX).to(FP8)
 
 
-def block_weight_scales(model: nn.Module, rowwise: bool | None = None) -> dict[str, Tensor]:
+def block_weight_scales(
+    model: nn.Module, device: torch.device | None = None, rowwise: bool | None = None
+) -> dict[str, Tensor]:
     """The `weight_scale` of every block Linear fp8 compute can stand in for ({"double_blocks.0.img_attn.qkv":
-    [n, 1]}), on the weight's device: constants of a run, since the base weights are frozen."""
+    [n, 1]}), on the weight's device: constants of a run, since the base weights are frozen. With `device`, only
+    the weights on it (a weight streamed from host memory computes in bf16 and needs none)."""
     scales: dict[str, Tensor] = {}
     for name, module in model.named_modules():
         if not name.startswith(("double_blocks.", "single_blocks.")) or not isinstance(module, nn.Linear):
+            continue
+        if device is not None and not _on(module.weight, torch.device(device)):
             continue
         if fp8_eligible(module, module.weight):
             kind = module.weight.device.type
@@ -96,6 +101,11 @@ def block_weight_scales(model: nn.Module, rowwise: bool | None = None) -> dict[s
             with torch.no_grad():
                 scales[name] = weight_scale(module.weight, rows)
     return scales
+
+
+def _on(t: Tensor, device: torch.device) -> bool:
+    """Whether t lives on `device` ("cuda" means the current CUDA device's kind, any index)."""
+    return t.device.type == device.type and (device.index is None or t.device.index == device.index)
 
 
 def quantize(t: Tensor, rowwise: bool = True) -> tuple[Tensor, Tensor]:

@@ -150,6 +150,7 @@ Fp8Scales = Mapping[str, Tensor]
 
 
 def _call_module(module: nn.Module, x: Tensor, w_scale: Tensor | None = None) -> Tensor:
+    """The module's own forward (bf16 compute): called as fp8_linear is, its w_scale unused."""
     return module(x)
 
 

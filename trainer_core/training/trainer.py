@@ -365,7 +365,7 @@ class _Run:
         if self.compute != "fp8":
             return None
         if self._fp8_scales is None:
-            self._fp8_scales = block_weight_scales(self.model)
+            self._fp8_scales = block_weight_scales(self.model, self.device)
         return self._fp8_scales
 
     def preserves(self, step: int, micro: int) -> bool:
