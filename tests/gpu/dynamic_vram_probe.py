@@ -30,9 +30,7 @@ def _load_aimdo():
 def _enable_dynamic_vram(aimdo) -> str | None:
     """Hand the GPUs to comfy-aimdo and make ModelPatcherDynamic the default patcher; the reason if it cannot."""
     import comfy.cli_args
-    import comfy.memory_management
     import comfy.model_management as mm
-    import comfy.model_patcher
 
     if aimdo is None:
         return "dynamic VRAM needs comfy-aimdo (pip install comfy-aimdo)"
@@ -43,8 +41,7 @@ def _enable_dynamic_vram(aimdo) -> str | None:
         ready = aimdo.init_devices(d.index for d in devices)
     if not ready:
         return f"comfy-aimdo did not initialise on this GPU (library loaded: {aimdo.lib is not None})"
-    comfy.model_patcher.CoreModelPatcher = comfy.model_patcher.ModelPatcherDynamic
-    comfy.memory_management.aimdo_enabled = True
+    _set_dynamic(True)
     return None
 
 
@@ -91,39 +88,23 @@ def _lora_file(model, path: Path, dora: bool) -> None:
     save_file(sd, str(path))
 
 
-def _predict(patcher, context_dim: int):
-    """The prediction at a fixed input as ComfyUI's sampler computes it, on the patcher's load device."""
-    import comfy.model_management
-    import comfy.patcher_extension
-    import torch
-
-    comfy.model_management.load_models_gpu([patcher])
-    gen = torch.Generator().manual_seed(7)
-    device = patcher.load_device
-    x = torch.randn(1, 128, 4, 4, generator=gen).to(device)
-    ctx = torch.randn(1, 6, context_dim, generator=gen).to(device)
-    options = {"wrappers": comfy.patcher_extension.copy_nested_dicts(patcher.wrappers)}
-    with torch.no_grad():
-        sigma = torch.tensor([0.7], device=device)
-        return patcher.model.apply_model(x, sigma, c_crossattn=ctx, transformer_options=options).float().cpu()
-
-
 def _loaders(patcher, loras: Path) -> dict:
     """Base, the pack's block loader and core's LoraLoader predictions for the plain and the DoRA file."""
     import comfy.sd
+    from harness.predict import predict
     from klein_lora_lab.nodes.loras.lora_loader_blocks import KleinLabLoraLoaderBlocks
     from safetensors.torch import load_file
 
     ctx = patcher.model.diffusion_model.txt_in.weight.shape[1]
     groups = {f"{g}_strength": 1.0 for g in ("binding", "texture", "identity", "composition")}
-    out = {"base": _predict(patcher, ctx)}
+    out = {"base": predict(patcher, ctx)}
     for kind in ("lora", "dora"):
         name = f"dyn_{kind}.safetensors"
         if not (loras / name).exists():
             _lora_file(patcher.model.diffusion_model, loras / name, kind == "dora")
         ours = KleinLabLoraLoaderBlocks.execute(patcher, name, 1.0, "all", 1.0, "", **groups)[0]
         core = comfy.sd.load_lora_for_models(patcher, None, load_file(str(loras / name)), 1.0, 0.0)[0]
-        out[f"ours {kind}"], out[f"core {kind}"] = _predict(ours, ctx), _predict(core, ctx)
+        out[f"ours {kind}"], out[f"core {kind}"] = predict(ours, ctx), predict(core, ctx)
     return out
 
 

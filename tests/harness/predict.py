@@ -6,16 +6,20 @@ import torch
 
 
 def predict(patcher, context_dim: int) -> torch.Tensor:
-    """The model's prediction at a fixed input (patcher loaded, its wrappers in `transformer_options`)."""
+    """The model's prediction at a fixed input (patcher loaded, its wrappers in `transformer_options`), computed on
+    the patcher's load device (the CPU or a GPU) and returned on the CPU as float32."""
     import comfy.model_management
     import comfy.patcher_extension
 
     comfy.model_management.load_models_gpu([patcher])
     gen = torch.Generator().manual_seed(7)
-    x, ctx = torch.randn(1, 128, 4, 4, generator=gen), torch.randn(1, 6, context_dim, generator=gen)
+    device = patcher.load_device
+    x = torch.randn(1, 128, 4, 4, generator=gen).to(device)
+    ctx = torch.randn(1, 6, context_dim, generator=gen).to(device)
+    sigma = torch.tensor([0.7], device=device)
     options = {"wrappers": comfy.patcher_extension.copy_nested_dicts(patcher.wrappers)}
     with torch.no_grad():
-        return patcher.model.apply_model(x, torch.tensor([0.7]), c_crossattn=ctx, transformer_options=options).float()
+        return patcher.model.apply_model(x, sigma, c_crossattn=ctx, transformer_options=options).float().cpu()
 
 
 def core_merged(model, sd: dict, strength: float):

@@ -48,15 +48,21 @@ def test_rowwise_quantize_uses_each_rows_full_range() -> None:
     assert ((back - t).abs() <= t.abs() / 16)[big].all()
 
 
+def _frozen_linear_and_inputs(seed: int, batch: int, bias: bool) -> tuple[nn.Linear, torch.Tensor, torch.Tensor]:
+    """A frozen Linear 64 → 96 (weights ~N(0, 1/64)), an input x [batch, 16, 64] that requires grad and an output
+    gradient dy [batch, 16, 96], drawn in that order from one seeded generator."""
+    gen = torch.Generator().manual_seed(seed)
+    lin = nn.Linear(64, 96, bias=bias).requires_grad_(False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(96, 64, generator=gen) / 8)
+    x = torch.randn(batch, 16, 64, generator=gen, requires_grad=True)
+    return lin, x, torch.randn(batch, 16, 96, generator=gen)
+
+
 def test_fp8_matmul_forward_and_input_gradient_match_bf16_and_leave_the_weight_without_gradient() -> None:
     """y = x Wᵀ and dx = dy W through fp8 agree with the full-precision matmuls (cosine ≥ 0.998); the frozen
     weight gets no gradient and is not copied for backward."""
-    gen = torch.Generator().manual_seed(1)
-    lin = nn.Linear(64, 96, bias=False).requires_grad_(False)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(96, 64, generator=gen) / 8)
-    x = torch.randn(2, 16, 64, generator=gen, requires_grad=True)
-    dy = torch.randn(2, 16, 96, generator=gen)
+    lin, x, dy = _frozen_linear_and_inputs(seed=1, batch=2, bias=False)
     y = fp8_linear(lin, x)
     y.backward(dy)
     assert y.shape == (2, 16, 96) and y.dtype == x.dtype
@@ -70,12 +76,7 @@ def test_input_gradient_is_the_fp8_product_of_scaled_dy_and_forwards_weight_and_
     tensor) and W_q is forward's quantization of W, bit for bit; it tracks the bf16 reference within fp8's
     precision (cosine ≥ 0.998); and backward keeps the stored weight itself and its scales, no other tensor (no
     quantized copy, no x)."""
-    gen = torch.Generator().manual_seed(5)
-    lin = nn.Linear(64, 96, bias=True).requires_grad_(False)
-    with torch.no_grad():
-        lin.weight.copy_(torch.randn(96, 64, generator=gen) / 8)
-    x = torch.randn(3, 16, 64, generator=gen, requires_grad=True)
-    dy = torch.randn(3, 16, 96, generator=gen)
+    lin, x, dy = _frozen_linear_and_inputs(seed=5, batch=3, bias=True)
     saved: list[torch.Tensor] = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         y = fp8_linear(lin, x, rowwise=False)
